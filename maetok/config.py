@@ -1,0 +1,311 @@
+"""Configuration: frozen, hashable dataclasses with a JSON round trip and validation.
+
+Three parts, stored together in every checkpoint:
+
+- ``ModelConfig``: shapes of the tokenizer (SPEC §3, §8).
+- ``LossConfig``: loss terms and weights (SPEC §4–5).
+- ``TrainConfig``: optimiser, schedules, masking, batch (SPEC §6–7).
+
+The dataclasses are frozen so they can be static arguments under ``jax.jit`` and so a
+config can never change under a running train step. Bad values raise ``ConfigError``
+with a message that names the field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from maetok.errors import ConfigError
+
+BUILTIN_TARGETS = ("hog", "conv", "pixel")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 256  # H = W, pixels
+    channels: int = 3  # C
+    patch_size: int = 16  # p
+    num_latent_tokens: int = 128  # L
+    latent_dim: int = 32  # width of each latent token h
+    enc_width: int = 256  # D_enc
+    enc_depth: int = 12
+    enc_heads: int = 8
+    dec_width: int = 256  # D_dec
+    dec_depth: int = 8
+    dec_heads: int = 8
+    mlp_ratio: int = 4  # hidden width of each MLP = mlp_ratio * D
+    rope_theta: float = 100.0  # base of the axial 2D RoPE frequencies
+    ln_eps: float = 1e-6  # LayerNorm epsilon, pinned in both backends
+    aux_targets: tuple[str, ...] = BUILTIN_TARGETS  # one auxiliary decoder per target
+    aux_kind: str = "vit"  # "vit": shallow ViT on h; "mlp": 3-layer MLP on decoder features
+    aux_width: int = 192
+    aux_depth: int = 3
+    aux_heads: int = 3
+    aux_mlp_hidden: int = 256  # hidden width of the "mlp" aux heads
+    disc_width: int = 64  # patch-GAN: first conv width, doubled at each stride-2 conv
+    disc_depth: int = 3  # number of stride-2 convs
+    compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32
+    attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side, H / p."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """N, the number of image tokens."""
+        return self.grid * self.grid
+
+    @property
+    def patch_dim(self) -> int:
+        """p·p·C, the length of one flattened patch."""
+        return self.patch_size * self.patch_size * self.channels
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    rec: str = "mse"  # "mse" or "l1"
+    lambda_percep: float = 1.0  # λ1
+    lambda_adv: float = 0.4  # λ2
+    use_adv: bool = False  # train the patch-GAN discriminator and add L_adv
+    disc_start: int = 0  # step from which L_adv and the discriminator update are on
+    adaptive_weight: bool = False  # scale L_adv by ‖∇L_tok‖/‖∇L_adv‖ at the last layer
+    lecam_weight: float = 0.001
+    lecam_decay: float = 0.999
+    # γ_j per auxiliary target as (name, weight) pairs; a target not listed gets 1.0.
+    gamma: tuple[tuple[str, float], ...] = ()
+
+    def gamma_for(self, name: str) -> float:
+        return dict(self.gamma).get(name, 1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: int = 1  # 1: masked training with aux decoders; 2: encoder frozen, annealed masks
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    optimizer: str = "adamw"  # "adamw", "adam" or "sgd"
+    lr: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 1e-4  # decoupled for adamw; L2 added to the gradient for adam/sgd
+    momentum: float = 0.9  # sgd only; 0 disables
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    warmup_steps: int = 100
+    lr_schedule: str = "cosine"  # "cosine" or "constant" after warm-up
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    ema_decay: float = 0.9999  # parameter EMA; 0 disables
+    disc_lr: float = 1e-4
+    mask_min: float = 0.4  # stage 1: r ~ U[mask_min, mask_max] per step
+    mask_max: float = 0.6
+    mask_mode: str = "bernoulli"  # "bernoulli" per token or "exact" ceil(N·r) per image
+    anneal_start: float = 0.6  # stage 2: r goes from anneal_start to 0
+    anneal_steps: int = 1000
+    anneal_schedule: str = "linear"  # "linear", "cosine" or "exponential"
+    log_every: int = 10
+    ckpt_every: int = 500
+    sample_every: int = 500
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def replace(self, **parts: Mapping[str, Any]) -> "Config":
+        """Return a copy with fields changed, e.g. ``cfg.replace(train={"steps": 10})``."""
+        new = {}
+        for part, changes in parts.items():
+            if part not in ("model", "loss", "train"):
+                raise ConfigError(f"unknown config section {part!r}; use model, loss or train")
+            new[part] = _replace_checked(getattr(self, part), changes, part)
+        return validate(dataclasses.replace(self, **new))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": _section_to_dict(self.model),
+            "loss": _section_to_dict(self.loss),
+            "train": _section_to_dict(self.train),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "Config":
+        unknown = set(d) - {"model", "loss", "train"}
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use model, loss, train")
+        parts = {}
+        for name, cls in (("model", ModelConfig), ("loss", LossConfig), ("train", TrainConfig)):
+            parts[name] = _replace_checked(cls(), d.get(name, {}), name)
+        return validate(Config(**parts))
+
+    @staticmethod
+    def from_json(text: str) -> "Config":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from e
+        return Config.from_dict(d)
+
+
+def _section_to_dict(section) -> dict:
+    d = dataclasses.asdict(section)
+    if "gamma" in d:
+        d["gamma"] = {k: v for k, v in section.gamma}
+    if "aux_targets" in d:
+        d["aux_targets"] = list(section.aux_targets)
+    return d
+
+
+def _replace_checked(section, changes: Mapping[str, Any], where: str):
+    names = {f.name: f for f in dataclasses.fields(section)}
+    unknown = set(changes) - set(names)
+    if unknown:
+        raise ConfigError(
+            f"unknown {where} option(s) {sorted(unknown)}; known: {', '.join(sorted(names))}"
+        )
+    fixed = {}
+    for key, value in changes.items():
+        default = getattr(section, key)
+        if key == "gamma":
+            items = value.items() if isinstance(value, Mapping) else value
+            value = tuple(sorted((str(k), float(v)) for k, v in items))
+        elif key == "aux_targets":
+            if isinstance(value, str):
+                value = tuple(t for t in value.split(",") if t)
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not (isinstance(value, int) or float(value).is_integer()):
+                raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
+        fixed[key] = value
+    return dataclasses.replace(section, **fixed)
+
+
+def _require(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _choice(value: str, options: tuple[str, ...], name: str) -> None:
+    _require(value in options, f"{name} must be one of {', '.join(options)}; got {value!r}")
+
+
+def validate(cfg: Config) -> Config:
+    """Reject impossible configurations with a message naming the field; return ``cfg``."""
+    from maetok.targets import known_targets, target_dim  # late import: targets reads config
+
+    m, lo, t = cfg.model, cfg.loss, cfg.train
+    for name in ("image_size", "channels", "patch_size", "num_latent_tokens", "latent_dim",
+                 "enc_width", "enc_depth", "enc_heads", "dec_width", "dec_depth", "dec_heads",
+                 "mlp_ratio", "aux_width", "aux_depth", "aux_heads", "aux_mlp_hidden",
+                 "disc_width", "disc_depth"):
+        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _require(m.image_size % m.patch_size == 0,
+             f"model.image_size {m.image_size} is not divisible by model.patch_size {m.patch_size}")
+    for part in ("enc", "dec", "aux"):
+        width, heads = getattr(m, f"{part}_width"), getattr(m, f"{part}_heads")
+        _require(width % heads == 0,
+                 f"model.{part}_heads {heads} does not divide model.{part}_width {width}")
+        _require((width // heads) % 4 == 0,
+                 f"model.{part} head dim {width // heads} must be a multiple of 4 "
+                 "(2D RoPE rotates pairs of dims, half for rows and half for columns)")
+    _require(m.rope_theta > 1.0, f"model.rope_theta must be > 1, got {m.rope_theta}")
+    _require(m.ln_eps > 0, f"model.ln_eps must be positive, got {m.ln_eps}")
+    _choice(m.aux_kind, ("vit", "mlp"), "model.aux_kind")
+    _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
+    _choice(m.attention, ("plain", "fused"), "model.attention")
+    _require(len(set(m.aux_targets)) == len(m.aux_targets),
+             f"model.aux_targets has duplicates: {list(m.aux_targets)}")
+    for name in m.aux_targets:
+        _require(name in known_targets(),
+                 f"unknown auxiliary target {name!r}; known: {', '.join(known_targets())}")
+    if "hog" in m.aux_targets:
+        target_dim("hog", m)  # raises if the patch size does not fit HOG cells
+    _require(m.image_size >= 2 ** (m.disc_depth + 1),
+             f"model.image_size {m.image_size} is too small for a {m.disc_depth}-level discriminator")
+
+    _choice(lo.rec, ("mse", "l1"), "loss.rec")
+    for name in ("lambda_percep", "lambda_adv", "lecam_weight"):
+        _require(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    _require(0 <= lo.lecam_decay < 1, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")
+    _require(lo.disc_start >= 0, f"loss.disc_start must be >= 0, got {lo.disc_start}")
+    for name, weight in lo.gamma:
+        _require(name in m.aux_targets,
+                 f"loss.gamma names {name!r}, which is not in model.aux_targets {list(m.aux_targets)}")
+        _require(weight >= 0, f"loss.gamma[{name!r}] must be >= 0, got {weight}")
+
+    _require(t.stage in (1, 2), f"train.stage must be 1 or 2, got {t.stage}")
+    _require(t.steps >= 0, f"train.steps must be >= 0, got {t.steps}")
+    _require(t.batch_size > 0, f"train.batch_size must be positive, got {t.batch_size}")
+    _choice(t.optimizer, ("adamw", "adam", "sgd"), "train.optimizer")
+    _choice(t.lr_schedule, ("cosine", "constant"), "train.lr_schedule")
+    _choice(t.mask_mode, ("bernoulli", "exact"), "train.mask_mode")
+    _choice(t.anneal_schedule, ("linear", "cosine", "exponential"), "train.anneal_schedule")
+    _require(t.lr > 0 and t.disc_lr > 0, f"train.lr and train.disc_lr must be positive")
+    _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
+    _require(t.eps > 0, f"train.eps must be positive, got {t.eps}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    for name in ("mask_min", "mask_max", "anneal_start"):
+        value = getattr(t, name)
+        _require(0.0 <= value <= 1.0, f"train.{name} must be a mask ratio in [0, 1], got {value}")
+    _require(t.mask_min <= t.mask_max,
+             f"train.mask_min {t.mask_min} is larger than train.mask_max {t.mask_max}")
+    _require(t.anneal_steps >= 0, f"train.anneal_steps must be >= 0, got {t.anneal_steps}")
+    for name in ("log_every", "ckpt_every", "sample_every"):
+        _require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+    return cfg
+
+
+# SPEC §8. Train settings differ by use: `tiny` is sized for tests and CPU demos.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(image_size=32, patch_size=4, num_latent_tokens=16, latent_dim=8,
+                      enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2,
+                      dec_heads=4, aux_width=32, aux_depth=1, aux_heads=2, aux_mlp_hidden=64,
+                      disc_width=16, disc_depth=2),
+        "train": dict(batch_size=16, steps=300, lr=1e-3, warmup_steps=20, ema_decay=0.99,
+                      anneal_steps=300, log_every=10, ckpt_every=100, sample_every=100),
+    },
+    "seed": {
+        "model": dict(image_size=256, patch_size=16, num_latent_tokens=128, latent_dim=32,
+                      enc_width=256, enc_depth=12, enc_heads=8, dec_width=256, dec_depth=8,
+                      dec_heads=8),
+        "train": dict(batch_size=32, lr=3e-4, warmup_steps=200),
+    },
+    "base": {
+        "model": dict(image_size=256, patch_size=16, num_latent_tokens=128, latent_dim=32,
+                      enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=12,
+                      dec_heads=12),
+        "train": dict(batch_size=64, lr=1e-4, warmup_steps=500),
+    },
+}
+
+
+def preset(name: str, **overrides: Mapping[str, Any]) -> Config:
+    """The preset ``name`` (``tiny``, ``seed``, ``base``) with optional section overrides."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = Config.from_dict(PRESETS[name])
+    return cfg.replace(**overrides) if overrides else cfg

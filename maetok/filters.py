@@ -1,0 +1,81 @@
+"""Fixed filter banks as numpy, built by one function so both backends use the same numbers.
+
+- Sobel kernels and the per-patch Gaussian window for HOG (SPEC §4).
+- A Gabor bank (quadrature pairs at several scales and orientations) for the multi-scale
+  conv target.
+- Gaussian-derivative kernels for the frozen perceptual feature pyramid (SPEC §5).
+
+Kernels are ``(kh, kw, 1, F)`` and are applied to each colour channel separately.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from maetok.targets import GABOR_ORIENTATIONS, GABOR_SCALES
+
+PERCEP_LEVELS = 3  # pyramid levels: full, 1/2, 1/4 resolution
+PERCEP_SIGMA = 1.0
+
+
+def _grid(radius: int) -> tuple[np.ndarray, np.ndarray]:
+    r = np.arange(-radius, radius + 1, dtype=np.float64)
+    return np.meshgrid(r, r, indexing="ij")  # (y, x)
+
+
+def gaussian_window(size: int, sigma: float) -> np.ndarray:
+    """A ``size × size`` Gaussian centred on the window, summing to 1."""
+    r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
+    g = np.exp(-(r ** 2) / (2 * sigma ** 2))
+    w = np.outer(g, g)
+    return (w / w.sum()).astype(np.float32)
+
+
+def gabor_bank() -> np.ndarray:
+    """Quadrature Gabor pairs ``(k, k, 1, 2·S·O)``: for each scale then orientation, [even, odd].
+
+    Wavelength is 4σ; the even filter has its mean removed so flat regions give zero.
+    """
+    radius = int(np.ceil(3 * max(GABOR_SCALES)))
+    y, x = _grid(radius)
+    kernels = []
+    for sigma in GABOR_SCALES:
+        envelope = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+        for o in range(GABOR_ORIENTATIONS):
+            theta = np.pi * o / GABOR_ORIENTATIONS
+            u = x * np.cos(theta) + y * np.sin(theta)
+            phase = 2 * np.pi * u / (4 * sigma)
+            even = envelope * np.cos(phase)
+            even -= envelope * (even.sum() / envelope.sum())
+            odd = envelope * np.sin(phase)
+            norm = np.sqrt((even ** 2).sum() + (odd ** 2).sum())
+            kernels += [even / norm, odd / norm]
+    return np.stack(kernels, -1)[:, :, None, :].astype(np.float32)
+
+
+def percep_bank() -> np.ndarray:
+    """Gaussian-derivative kernels ``(5, 5, 1, 5)``: ∂x, ∂y, ∂xx, ∂yy, ∂xy at σ = 1."""
+    y, x = _grid(2)
+    s2 = PERCEP_SIGMA ** 2
+    g = np.exp(-(x ** 2 + y ** 2) / (2 * s2))
+    g /= g.sum()
+    kernels = [-x / s2 * g, -y / s2 * g, (x ** 2 / s2 - 1) / s2 * g, (y ** 2 / s2 - 1) / s2 * g,
+               x * y / s2 ** 2 * g]
+    kernels = [k - k.mean() for k in kernels]  # no response to a constant image
+    kernels = [k / np.abs(k).sum() for k in kernels]
+    return np.stack(kernels, -1)[:, :, None, :].astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
+    """Every fixed kernel the targets and the perceptual loss use, for one patch size."""
+    return {
+        "sobel_x": np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32),  # gx
+        "sobel_y": np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], np.float32),  # gy = gxᵀ
+        # SPEC §4: a 16×16 window with σ = 8 for p = 16; in general p × p with σ = p/2.
+        "hog_window": gaussian_window(patch_size, patch_size / 2.0),
+        "gabor": gabor_bank(),
+        "percep": percep_bank(),
+    }

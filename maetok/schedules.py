@@ -1,0 +1,45 @@
+"""Learning-rate and mask-ratio schedules (SPEC §6–7), as plain functions of the step.
+
+They are written with ``math`` only and evaluated on the host, so both backends see the
+same numbers: the learning rate enters each train step as an argument.
+"""
+
+from __future__ import annotations
+
+import math
+
+from maetok.config import TrainConfig
+
+
+def learning_rate(step: int, t: TrainConfig, base_lr: float | None = None) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine to ``min_lr_ratio·lr`` or flat."""
+    lr = t.lr if base_lr is None else base_lr
+    if t.warmup_steps and step < t.warmup_steps:
+        return lr * (step + 1) / t.warmup_steps
+    if t.lr_schedule == "constant":
+        return lr
+    decay_steps = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / decay_steps)
+    floor = t.min_lr_ratio * lr
+    return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def anneal_ratio(step: int, t: TrainConfig) -> float:
+    """Stage-2 mask ratio: from ``anneal_start`` at step 0 down to 0 at ``anneal_steps``.
+
+    linear:      r0·(1 − s)
+    cosine:      r0·½(1 + cos πs)          (a half cosine, so it ends at 0 and never goes below)
+    exponential: r0·exp(−5s), and exactly 0 from ``anneal_steps`` on
+    with s = step / anneal_steps clipped to [0, 1].
+    """
+    r0 = t.anneal_start
+    if t.anneal_steps == 0:
+        return 0.0
+    s = min(1.0, max(0.0, step / t.anneal_steps))
+    if s >= 1.0:
+        return 0.0
+    if t.anneal_schedule == "linear":
+        return r0 * (1.0 - s)
+    if t.anneal_schedule == "cosine":
+        return r0 * 0.5 * (1.0 + math.cos(math.pi * s))
+    return r0 * math.exp(-5.0 * s)
