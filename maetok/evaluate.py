@@ -1,0 +1,118 @@
+"""``maetok eval``: reconstruction quality on a folder, against an equal-size thumbnail.
+
+For each centre crop it reports PSNR and SSIM of the tokenizer's reconstruction (no mask)
+and of a *thumbnail baseline*: the image shrunk to a thumbnail that holds as many numbers
+as the latent tokens (L·latent_dim ≈ side²·C) and enlarged back with bicubic resampling.
+A tokenizer that does not beat its thumbnail is not working. It also reports latent
+statistics, with the fraction of latent dimensions whose variance is negligible as a
+collapse indicator, and writes a PNG sheet: originals, reconstructions, |error| maps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from maetok.data import load_eval_images, to_uint8
+from maetok.metrics import psnr, ssim
+
+COLLAPSE_REL_VAR = 1e-3  # a latent dim with variance below this × the median dim's is "dead"
+
+
+def thumbnail_side(m) -> int:
+    """Side of the square RGB thumbnail holding as many values as L·latent_dim."""
+    return max(1, int(round(math.sqrt(m.num_latent_tokens * m.latent_dim / m.channels))))
+
+
+def thumbnail_baseline(images: np.ndarray, side: int) -> np.ndarray:
+    """(B, H, W, C) in [-1, 1] → the same images through a side×side bicubic thumbnail."""
+    out = []
+    for img in to_uint8(images):
+        h, w = img.shape[:2]
+        small = Image.fromarray(img).resize((side, side), Image.BICUBIC, reducing_gap=None)
+        out.append(np.asarray(small.resize((w, h), Image.BICUBIC), np.float32))
+    return np.stack(out) / 127.5 - 1.0
+
+
+def latent_stats(latents: np.ndarray) -> dict:
+    """latents (B, L, d) → mean/std overall, per-token std spread, dead-dimension fraction."""
+    flat = latents.reshape(-1, latents.shape[-1])  # (B·L, d)
+    var = flat.var(axis=0)
+    ref = max(float(np.median(var)), 1e-12)
+    per_token_std = latents.std(axis=(0, 2))  # (L,)
+    return {
+        "mean": float(latents.mean()), "std": float(latents.std()),
+        "per_token_std_min": float(per_token_std.min()),
+        "per_token_std_max": float(per_token_std.max()),
+        "dead_dim_fraction": float(np.mean(var < COLLAPSE_REL_VAR * ref)),
+    }
+
+
+def save_sheet(path, images, recons, names, psnrs, ssims, max_images: int = 8, scale: int = 1):
+    """Rows: original / reconstruction / |error| (amplified ×4), one column per image."""
+    n = min(max_images, len(images))
+    h, w = images.shape[1:3]
+    cell_w, cell_h, label_h = w * scale, h * scale, 14
+    sheet = Image.new("RGB", (n * cell_w, 3 * (cell_h + label_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    err = np.clip(np.abs(recons - images).mean(-1) * 4.0, 0, 2) - 1.0  # 4× amplified, mono
+    rows = [to_uint8(images[:n]), to_uint8(recons[:n]),
+            np.repeat(to_uint8(err[:n, ..., None]), 3, axis=-1)]
+    titles = ["original", "reconstruction", "|error| ×4"]
+    for r, (row, title) in enumerate(zip(rows, titles)):
+        y = r * (cell_h + label_h)
+        for i in range(n):
+            tile = Image.fromarray(row[i]).resize((cell_w, cell_h), Image.NEAREST)
+            sheet.paste(tile, (i * cell_w, y + label_h))
+            text = (Path(names[i]).stem[:14] if r == 0 else
+                    f"{psnrs[i]:.2f} dB  {ssims[i]:.3f}" if r == 1 else title)
+            draw.text((i * cell_w + 2, y + 1), text, fill="black")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16) -> dict:
+    """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
+    m = cfg.model
+    images, names = load_eval_images(folder, m.image_size)
+    recons, latents = [], []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        recons.append(backend.reconstruct(params, chunk))
+        latents.append(backend.encode(params, chunk))
+    recon, latents = np.concatenate(recons), np.concatenate(latents)
+    side = thumbnail_side(m)
+    thumb = thumbnail_baseline(images, side)
+    p_model, s_model = psnr(images, recon), ssim(images, recon)
+    p_thumb, s_thumb = psnr(images, thumb), ssim(images, thumb)
+    report = {
+        "images": len(images), "folder": str(folder),
+        "tokenizer": {"psnr": float(p_model.mean()), "ssim": float(s_model.mean())},
+        "thumbnail": {"side": side, "values": side * side * m.channels,
+                      "psnr": float(p_thumb.mean()), "ssim": float(s_thumb.mean())},
+        "latent_values": m.num_latent_tokens * m.latent_dim,
+        "latents": latent_stats(latents),
+        "per_image": [{"name": n, "psnr": float(a), "ssim": float(b),
+                       "thumb_psnr": float(c), "thumb_ssim": float(d)}
+                      for n, a, b, c, d in zip(names, p_model, s_model, p_thumb, s_thumb)],
+    }
+    print(f"{'':24s}{'PSNR (dB)':>10s}{'SSIM':>8s}")
+    print(f"{'tokenizer':24s}{report['tokenizer']['psnr']:10.2f}{report['tokenizer']['ssim']:8.3f}")
+    print(f"{f'thumbnail {side}x{side} bicubic':24s}{report['thumbnail']['psnr']:10.2f}"
+          f"{report['thumbnail']['ssim']:8.3f}")
+    st = report["latents"]
+    print(f"latents: mean {st['mean']:.3f} std {st['std']:.3f}, per-token std "
+          f"{st['per_token_std_min']:.3f}–{st['per_token_std_max']:.3f}, "
+          f"dead dims {100 * st['dead_dim_fraction']:.1f}%")
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(report, indent=2))
+        save_sheet(out / "eval_sheet.png", images, recon, names, p_model, s_model,
+                   scale=max(1, 128 // m.image_size))
+        print(f"maetok: wrote {out / 'eval.json'} and {out / 'eval_sheet.png'}")
+    return report

@@ -1,0 +1,150 @@
+"""The training loop, written once for every backend.
+
+It owns what is not numerics: batches from the data pipeline (prefetched), the learning
+rate and mask schedules (through ``maetok.masks``/``schedules``), progress, the metrics log,
+atomic checkpoints, reconstruction pictures, and stopping cleanly on a NaN loss. The
+backend (``maetok_jax.backend`` or ``maetok_torch.backend``) runs the compiled step.
+
+Output folder layout::
+
+    out/checkpoint.safetensors   latest good state (atomic: a crash never leaves half a file)
+    out/metrics.jsonl            one JSON object per logged step
+    out/samples/step_XXXXXX.png  originals / masked input / reconstructions
+    out/curves.png               loss curves, written at the end
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from maetok import checkpoint as ckpt
+from maetok.config import Config
+from maetok.data import BatchSource, Prefetcher
+from maetok.errors import CheckpointError, NonFiniteLossError
+from maetok.schedules import learning_rate
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+def get_backend(name: str):
+    """The ``Backend`` class of ``jax`` or ``torch`` (imported on demand)."""
+    if name not in ("jax", "torch"):
+        raise ValueError(f"unknown backend {name!r}; use jax or torch")
+    return importlib.import_module(f"maetok_{name}.backend").Backend
+
+
+def expected_layout(backend, cfg: Config) -> dict:
+    """The flat key → (shape, dtype) layout a checkpoint of ``cfg`` must have."""
+    return ckpt.layout(backend.state_to_numpy(backend.init_state(0)))
+
+
+def load_state(backend, path, cfg: Config):
+    """Load a full train state written by either backend, checking it against ``cfg``."""
+    tree, _, _ = ckpt.load_checkpoint(path, cfg, expected_layout(backend, cfg))
+    return backend.state_from_numpy(tree)
+
+
+def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
+    """Only the tokenizer parameters (or their EMA) of a checkpoint, as numpy, checked."""
+    tree, file_cfg, _ = ckpt.load_checkpoint(path, cfg)
+    key = "ema" if use_ema else "params"
+    if key not in tree:
+        raise CheckpointError(f"{path} holds no {key!r} (EMA was off when it was trained)")
+    from maetok.params import flatten, spec_params
+    want = {k: v.shape for k, v in flatten(spec_params(cfg.model)).items()}
+    have = {k: v.shape for k, v in flatten(tree[key]).items()}
+    if want != have:
+        missing = sorted(set(want) - set(have))[:5]
+        wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:5]
+        raise CheckpointError(f"{path}: parameters do not match the config "
+                              f"(missing {missing}, wrong shape {wrong})")
+    return tree[key]
+
+
+def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        where = (f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}"
+                 if last_saved is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"training stopped and {where}. Try a lower --lr or more warm-up.")
+
+
+def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
+          resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          device: str | None = None) -> dict:
+    """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics."""
+    from tqdm import tqdm
+
+    from maetok.viz import plot_curves, save_grid
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    backend = get_backend(backend_name)(cfg, device)
+    path = out / CHECKPOINT_NAME
+    if resume:
+        if not path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {path}")
+        state = load_state(backend, path, cfg)
+    elif init_from is not None:
+        params = params_from_checkpoint(init_from, cfg)
+        state = backend.init_state(cfg.train.seed, params)
+        if "ema" in state:  # start the EMA from the loaded weights, not from the initialiser
+            state = backend.state_from_numpy({**backend.state_to_numpy(state), "ema": params})
+    else:
+        state = backend.init_state(cfg.train.seed)
+    start = int(backend.state_to_numpy({"step": state["step"]})["step"])
+    end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+
+    t = cfg.train
+    source = BatchSource(dataset, cfg, train=True)
+    preview = BatchSource(dataset, cfg, train=False).batch(0)
+    log = open(out / "metrics.jsonl", "a")
+    last_saved, metrics, host = None, None, {}
+    pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
+    t0, seen = time.perf_counter(), 0
+    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
+               unit="step", dynamic_ncols=True)
+    try:
+        with Prefetcher(source, start, end) as batches:
+            for step, batch in zip(range(start, end), batches):
+                state, metrics = backend.train_step(state, batch, step)
+                pending.append((step, batch["mask_ratio"], metrics))
+                seen += batch["images"].shape[0]
+                last = step + 1 == end
+                if (step + 1) % t.log_every == 0 or last or (step + 1) % t.ckpt_every == 0:
+                    elapsed = time.perf_counter() - t0
+                    for s, ratio, dm in pending:
+                        host = backend.metrics_to_host(dm)
+                        _check_finite(host, s, out, last_saved)
+                        host.update(step=s, mask_ratio=ratio, lr=learning_rate(s, t),
+                                    images_per_s=seen / max(elapsed, 1e-9))
+                        log.write(json.dumps(host) + "\n")
+                    pending.clear()
+                    log.flush()
+                    bar.set_postfix(loss=f"{host['loss']:.4f}", rec=f"{host['rec']:.4f}",
+                                    img_s=f"{host['images_per_s']:.1f}")
+                bar.update(1)
+                if (step + 1) % t.ckpt_every == 0 or last:
+                    ckpt.save_checkpoint(path, backend.state_to_numpy(state), cfg,
+                                         {"backend": backend.name, "stage": t.stage})
+                    last_saved = step + 1
+                if (step + 1) % t.sample_every == 0 or last:
+                    numpy_params = backend.state_to_numpy(state)["params"]
+                    params = backend.to_device_tree(numpy_params)
+                    recon = backend.reconstruct(params, preview["images"], preview["mask"])
+                    save_grid(out / "samples" / f"step_{step + 1:06d}.png", preview["images"],
+                              recon, masks=preview["mask"], patch_size=cfg.model.patch_size)
+    finally:
+        bar.close()
+        log.close()
+    if (out / "metrics.jsonl").stat().st_size:
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+    return host

@@ -1,0 +1,26 @@
+"""Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (SPEC §3.3)."""
+
+import jax.numpy as jnp
+
+from maetok.rope import rope_tables
+
+
+def rope_for(m, width: int, heads: int, num_tokens_latent: int):
+    """The (cos, sin) constants, float32 (N + L, K), for a stack of width ``width``."""
+    cos, sin = rope_tables(m.grid, num_tokens_latent, width // heads, m.rope_theta)
+    return jnp.asarray(cos), jnp.asarray(sin)
+
+
+def rotate_half(x):
+    """Within each axis half (rows, columns) of the head dim: [a, b] → [−b, a]."""
+    k = x.shape[-1]
+    q = k // 4
+    a_r, b_r, a_c, b_c = x[..., :q], x[..., q:2 * q], x[..., 2 * q:3 * q], x[..., 3 * q:]
+    return jnp.concatenate([-b_r, a_r, -b_c, a_c], axis=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (B, T, heads, K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype."""
+    c = cos[None, :, None, :].astype(x.dtype)
+    s = sin[None, :, None, :].astype(x.dtype)
+    return x * c + rotate_half(x) * s

@@ -1,0 +1,134 @@
+"""Shapes and structural properties of the JAX tokenizer (SPEC §3)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maetok.params import init_params
+from maetok.rope import rope_tables
+from maetok.targets import target_dim
+from maetok_jax import model
+from maetok_jax.patches import patchify, unpatchify
+from maetok_jax.rope import apply_rope
+from tests.conftest import random_images
+
+
+def _setup(cfg, rng, batch=2, ratio=0.5):
+    params = jax.tree_util.tree_map(jnp.asarray, init_params(cfg, 0))
+    images = jnp.asarray(random_images(rng, cfg, batch))
+    mask = jnp.asarray((rng.random((batch, cfg.model.num_patches)) < ratio).astype(np.float32))
+    return params, images, mask
+
+
+def test_patchify_round_trip_and_layout(tiny, rng):
+    m = tiny.model
+    x = jnp.asarray(random_images(rng, tiny, 3))
+    tokens = patchify(x, m.patch_size)
+    assert tokens.shape == (3, m.num_patches, m.patch_dim)
+    np.testing.assert_array_equal(unpatchify(tokens, m.patch_size, 32, 32, 3), x)
+    # token 1 is the second patch of the first row: pixels [0:p, p:2p]
+    p = m.patch_size
+    np.testing.assert_array_equal(tokens[0, 1].reshape(p, p, 3), x[0, :p, p:2 * p])
+
+
+def test_every_unit_has_the_documented_shape(tiny, rng):
+    m = tiny.model
+    params, images, mask = _setup(tiny, rng)
+    x = model.patch_embed(params["encoder"]["patch_embed"], images, m)
+    assert x.shape == (2, m.num_patches, m.enc_width)
+    h = model.encode(params["encoder"], images, mask, m)
+    assert h.shape == (2, m.num_latent_tokens, m.latent_dim) and h.dtype == jnp.float32
+    recon, feats = model.decode(params["decoder"], h, m)
+    assert recon.shape == images.shape and feats.shape == (2, m.num_patches, m.dec_width)
+    preds = model.aux_predict(params["aux"], h, feats, m)
+    assert set(preds) == set(m.aux_targets)
+    for name, pred in preds.items():
+        assert pred.shape == (2, m.num_patches, target_dim(name, m))
+    assert np.isfinite(np.asarray(recon)).all()
+
+
+def test_mlp_aux_heads_have_target_shapes(tiny, rng):
+    cfg = tiny.replace(model={"aux_kind": "mlp"})
+    params, images, mask = _setup(cfg, rng)
+    recon, h, preds = model.forward(params, images, mask, cfg.model)
+    for name, pred in preds.items():
+        assert pred.shape == (2, cfg.model.num_patches, target_dim(name, cfg.model))
+
+
+def test_masked_positions_receive_the_mask_token(tiny, rng):
+    m = tiny.model
+    params, images, mask = _setup(tiny, rng)
+    enc = params["encoder"]
+    x = model.patch_embed(enc["patch_embed"], images, m)
+    out = np.asarray(model.apply_mask(x, mask, enc["mask_token"]))
+    masked = np.asarray(mask) > 0
+    assert masked.any() and (~masked).any()
+    np.testing.assert_array_equal(out[masked], np.broadcast_to(enc["mask_token"], out[masked].shape))
+    np.testing.assert_array_equal(out[~masked], np.asarray(x)[~masked])
+
+
+def test_latents_ignore_pixels_under_the_mask(tiny, rng):
+    """Changing only masked patches must not change h: the encoder never sees them."""
+    m = tiny.model
+    params, images, mask = _setup(tiny, rng)
+    h1 = model.encode(params["encoder"], images, mask, m)
+    noise = jnp.asarray(rng.normal(size=images.shape).astype(np.float32))
+    pix_mask = unpatchify(jnp.repeat(mask[..., None], m.patch_dim, -1), m.patch_size, 32, 32, 3)
+    h2 = model.encode(params["encoder"], images + noise * pix_mask, mask, m)
+    np.testing.assert_allclose(h1, h2, rtol=0, atol=1e-6)
+    h3 = model.encode(params["encoder"], images + noise * (1 - pix_mask), mask, m)
+    assert np.abs(np.asarray(h3 - h1)).max() > 1e-4
+
+
+def test_latent_tokens_never_receive_rope(tiny, rng):
+    m = tiny.model
+    k = m.enc_width // m.enc_heads
+    cos, sin = rope_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
+    x = jnp.asarray(rng.normal(size=(2, m.num_patches + m.num_latent_tokens, m.enc_heads, k)),
+                    jnp.float32)
+    y = np.asarray(apply_rope(x, jnp.asarray(cos), jnp.asarray(sin)))
+    np.testing.assert_array_equal(y[:, m.num_patches:], np.asarray(x)[:, m.num_patches:])
+    # image tokens (but the one at row 0, column 0) are rotated, norms preserved
+    assert np.abs(y[:, 1:m.num_patches] - np.asarray(x)[:, 1:m.num_patches]).max() > 1e-3
+    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(np.asarray(x), axis=-1),
+                               rtol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position(tiny, rng):
+    """q·k after RoPE is unchanged when both tokens shift by the same (row, column) offset."""
+    m = tiny.model
+    k = 16
+    cos, sin = rope_tables(m.grid, 0, k, m.rope_theta)
+    q = rng.normal(size=k).astype(np.float32)
+    kk = rng.normal(size=k).astype(np.float32)
+    g = m.grid
+
+    def score(i, j):
+        qs = jnp.broadcast_to(jnp.asarray(q), (1, g * g, 1, k))
+        ks = jnp.broadcast_to(jnp.asarray(kk), (1, g * g, 1, k))
+        rq = apply_rope(qs, jnp.asarray(cos), jnp.asarray(sin))[0, i, 0]
+        rk = apply_rope(ks, jnp.asarray(cos), jnp.asarray(sin))[0, j, 0]
+        return float(rq @ rk)
+
+    a = score(0 * g + 1, 2 * g + 3)  # (0,1) vs (2,3)
+    b = score(3 * g + 2, 5 * g + 4)  # (3,2) vs (5,4): same offset (2,2)
+    c = score(3 * g + 2, 5 * g + 5)  # different offset
+    assert abs(a - b) < 1e-4 and abs(a - c) > 1e-3
+
+
+def test_bfloat16_compute_keeps_float32_outputs(tiny, rng):
+    cfg = tiny.replace(model={"compute_dtype": "bfloat16"})
+    params, images, mask = _setup(cfg, rng)
+    recon, h, preds = model.forward(params, images, mask, cfg.model)
+    ref, _, _ = model.forward(params, images, mask, tiny.model)
+    assert recon.dtype == jnp.float32 and h.dtype == jnp.float32
+    err = float(jnp.abs(recon - ref).max() / jnp.abs(ref).max())
+    assert 0 < err < 0.1  # bf16 differs, but only by rounding
+
+
+def test_fused_attention_matches_plain(tiny, rng):
+    cfg = tiny.replace(model={"attention": "fused"})
+    params, images, mask = _setup(cfg, rng)
+    a = model.forward(params, images, mask, cfg.model)[0]
+    b = model.forward(params, images, mask, tiny.model)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
