@@ -79,6 +79,11 @@ def cmd_train(args) -> int:
             cfg = cfg.replace(train={"steps": args.steps})
     else:
         cfg = _train_config(args)
+        if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
+            raise MAETokError(f"{out} already holds a checkpoint; pass --resume to continue it, "
+                              "--overwrite to start again, or choose another --out")
+        if args.overwrite and (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
         if cfg.train.stage == 2 and not args.init_from:
             raise ConfigError("stage 2 starts from a Stage-1 checkpoint: pass --init-from PATH")
     dataset = _dataset(args.data, cfg)
@@ -202,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--init-from", help="stage 2: the Stage-1 checkpoint to start from")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
+    p.add_argument("--overwrite", action="store_true", help="start afresh over an existing OUT")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set loss.use_adv=true (repeatable)")
     p.add_argument("--no-progress", action="store_true")

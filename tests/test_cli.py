@@ -1,0 +1,141 @@
+"""The command line: the main job end to end, and one clear line for every bad input."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maetok.cli import main
+from maetok.config import preset
+
+FAST = ["--preset", "tiny", "--no-progress", "--set", "train.log_every=2",
+        "--set", "train.ckpt_every=4", "--set", "train.sample_every=4", "--batch-size", "4"]
+
+
+def _error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.startswith("maetok: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _photos(folder, rng, n=3, size=40, mode="RGB"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = rng.integers(0, 256, (size, size + 3 * i, 3), dtype=np.uint8)
+        Image.fromarray(arr).convert(mode).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step tiny run on synthetic data, shared by the inference commands."""
+    out = tmp_path_factory.mktemp("run")
+    assert main(["train", *FAST, "--steps", "4", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_metrics_and_pictures(trained):
+    assert (trained / "checkpoint.safetensors").exists()
+    lines = [json.loads(l) for l in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 1, 2, 3]
+    assert all(np.isfinite(l["loss"]) and l["images_per_s"] > 0 for l in lines)
+    assert (trained / "samples" / "step_000004.png").exists()
+    assert (trained / "curves.png").exists()
+
+
+def test_reconstruct_encode_decode_eval(trained, tmp_path, rng, capsys):
+    photos = _photos(tmp_path / "photos", rng)
+    ck = str(trained / "checkpoint.safetensors")
+    assert main(["reconstruct", "--checkpoint", ck, "--input", str(photos),
+                 "--out", str(tmp_path / "rec")]) == 0
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["img0.png", "img1.png", "img2.png"]
+    assert main(["encode", "--checkpoint", ck, "--input", str(photos),
+                 "--out", str(tmp_path / "lat.npy")]) == 0
+    m = preset("tiny").model
+    assert np.load(tmp_path / "lat.npy").shape == (3, m.num_latent_tokens, m.latent_dim)
+    assert main(["decode", "--checkpoint", ck, "--latents", str(tmp_path / "lat.npy"),
+                 "--out", str(tmp_path / "dec")]) == 0
+    assert len(list((tmp_path / "dec").glob("*.png"))) == 3
+    assert main(["eval", "--checkpoint", ck, "--data", str(photos), "--out", str(tmp_path / "ev")]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["images"] == 3 and np.isfinite(report["tokenizer"]["psnr"])
+    assert (tmp_path / "ev" / "eval_sheet.png").exists()
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")])
+    assert "does not exist" in line
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(tmp_path / "empty"),
+                           "--out", str(tmp_path / "o")])
+    assert "empty" in line or "no image" in line
+
+
+def test_unreadable_images_are_skipped_then_fail_if_none(capsys, tmp_path, rng):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"not a jpeg at all")
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad),
+                           "--out", str(tmp_path / "o")])
+    assert "readable" in line
+    _photos(bad, rng, n=2)
+    with pytest.warns(UserWarning, match="a.jpg"):
+        assert main(["train", *FAST, "--steps", "1", "--data", str(bad),
+                     "--out", str(tmp_path / "o2")]) == 0
+
+
+def test_image_smaller_than_the_crop(capsys, tmp_path, rng):
+    small = _photos(tmp_path / "small", rng, n=1, size=20)
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(small),
+                           "--out", str(tmp_path / "o")])
+    assert "img0.png" in line and "32" in line
+
+
+def test_checkpoint_from_another_config(capsys, trained, tmp_path):
+    line = _error(capsys, ["train", *FAST, "--steps", "2", "--stage", "2", "--set",
+                           "model.enc_width=32", "--init-from",
+                           str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "o")])
+    assert "enc_width" in line
+
+
+def test_impossible_config(capsys, tmp_path):
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--set", "model.patch_size=5",
+                           "--out", str(tmp_path / "o")])
+    assert "divisible" in line
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--set", "train.mask_max=1.5",
+                           "--out", str(tmp_path / "o")])
+    assert "mask_max" in line
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
+    out = tmp_path / "nan"
+    assert main(["train", *FAST, "--steps", "4", "--out", str(out)]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    line = _error(capsys, ["train", *FAST, "--steps", "8", "--lr", "1e30", "--overwrite", "--set",
+                           "train.grad_clip=0", "--set", "train.warmup_steps=0",
+                           "--set", "train.optimizer=sgd", "--out", str(out)])
+    assert "non-finite loss" in line and "checkpoint" in line
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+def test_existing_run_is_not_overwritten_silently(capsys, trained):
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--out", str(trained)])
+    assert "--resume" in line and "--overwrite" in line
+
+
+def test_resume_without_checkpoint(capsys, tmp_path):
+    line = _error(capsys, ["train", "--resume", "--out", str(tmp_path / "none"), "--no-progress"])
+    assert "no checkpoint" in line
+
+
+def test_stage2_needs_init_from(capsys, tmp_path):
+    line = _error(capsys, ["train", *FAST, "--stage", "2", "--out", str(tmp_path / "o")])
+    assert "--init-from" in line

@@ -1,0 +1,71 @@
+"""Config: presets, JSON round trip, and a clear message for every impossible value."""
+
+import pytest
+
+from maetok.config import Config, preset
+from maetok.errors import ConfigError
+from maetok.masks import mask_for_step, sample_mask
+from maetok.params import count, init_params
+
+
+@pytest.mark.parametrize("name", ["tiny", "seed", "base"])
+def test_presets_round_trip_through_json(name):
+    cfg = preset(name)
+    again = Config.from_json(cfg.to_json())
+    assert again == cfg and hash(again) == hash(cfg)
+
+
+def test_preset_sizes_follow_the_spec():
+    base = preset("base").model
+    assert (base.enc_width, base.enc_depth, base.enc_heads) == (768, 12, 12)
+    assert base.num_patches == 256 and base.num_latent_tokens == 128
+    assert 19e6 < count(init_params(preset("seed"), 0)) < 22e6  # seed: ~20.6 M parameters
+
+
+@pytest.mark.parametrize("section,changes,needle", [
+    ("model", {"patch_size": 5}, "not divisible"),
+    ("model", {"enc_heads": 5}, "does not divide"),
+    ("model", {"dec_width": 72, "dec_heads": 4}, "multiple of 4"),
+    ("model", {"aux_targets": ["hog", "sift"]}, "unknown auxiliary target"),
+    ("model", {"compute_dtype": "float16"}, "compute_dtype"),
+    ("model", {"enc_width": 0}, "positive"),
+    ("train", {"mask_min": -0.1}, "mask_min"),
+    ("train", {"mask_max": 1.2}, "mask_max"),
+    ("train", {"mask_min": 0.7, "mask_max": 0.6}, "larger than"),
+    ("train", {"anneal_start": 2.0}, "anneal_start"),
+    ("train", {"optimizer": "lamb"}, "optimizer"),
+    ("train", {"steps": 1.5}, "integer"),
+    ("train", {"stage": 3}, "stage"),
+    ("loss", {"gamma": {"sift": 1.0}}, "gamma"),
+    ("loss", {"rec": "huber"}, "loss.rec"),
+])
+def test_impossible_values_are_rejected_by_name(section, changes, needle):
+    with pytest.raises(ConfigError, match=needle):
+        preset("tiny", **{section: changes})
+
+
+def test_unknown_preset_and_unknown_field():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
+    with pytest.raises(ConfigError, match="unknown model option"):
+        preset("tiny", model={"widht": 3})
+
+
+def test_hog_needs_patches_made_of_cells():
+    with pytest.raises(ConfigError, match="HOG"):
+        preset("tiny", model={"image_size": 36, "patch_size": 12})
+    ok = preset("tiny", model={"image_size": 36, "patch_size": 12, "aux_targets": ["pixel"]})
+    assert ok.model.aux_targets == ("pixel",)
+
+
+def test_masks_are_a_pure_function_of_seed_and_step():
+    t = preset("tiny").train
+    a, ra = mask_for_step(5, t, 64)
+    b, rb = mask_for_step(5, t, 64)
+    c, rc = mask_for_step(6, t, 64)
+    assert (a == b).all() and ra == rb and (a != c).any() and ra != rc
+    assert 0.4 <= ra <= 0.6 and a.shape == (t.batch_size, 64)
+    exact = sample_mask(0, 1, 4, 64, 0.45, "exact")
+    assert (exact.sum(1) == 29).all()  # ceil(64·0.45)
+    many = sample_mask(0, 2, 64, 64, 0.5)
+    assert abs(many.mean() - 0.5) < 0.05
