@@ -96,7 +96,10 @@ def cmd_train(args) -> int:
                  progress=not args.no_progress, device=args.device)
     if last:
         print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
-              f"rec {last['rec']:.4f}; checkpoint {out / CHECKPOINT_NAME}")
+              f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
+              + (f", peak device memory {last['peak_memory_gib']:.2f} GiB"
+                 if "peak_memory_gib" in last else "")
+              + f"; checkpoint {out / CHECKPOINT_NAME}")
     return 0
 
 

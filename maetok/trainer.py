@@ -107,7 +107,7 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     source = BatchSource(dataset, cfg, train=True)
     preview = BatchSource(dataset, cfg, train=False).batch(0)
     log = open(out / "metrics.jsonl", "a")
-    last_saved, metrics, host = None, None, {}
+    last_saved, host = None, {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0
     bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
@@ -115,20 +115,23 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     try:
         with Prefetcher(source, start, end) as batches:
             for step, batch in zip(range(start, end), batches):
-                state, metrics = backend.train_step(state, batch, step)
-                pending.append((step, batch["mask_ratio"], metrics))
+                state, device_metrics = backend.train_step(state, batch, step)
+                pending.append((step, batch["mask_ratio"], device_metrics))
                 seen += batch["images"].shape[0]
                 last = step + 1 == end
                 if (step + 1) % t.log_every == 0 or last or (step + 1) % t.ckpt_every == 0:
-                    elapsed = time.perf_counter() - t0
-                    for s, ratio, dm in pending:
-                        host = backend.metrics_to_host(dm)
+                    pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
+                    # throughput over the interval since the last pull (the pull above waits
+                    # for the device), so compilation and checkpoints stay out of later ones
+                    rate = seen / max(time.perf_counter() - t0, 1e-9)
+                    for s, ratio, host in pulled:
                         _check_finite(host, s, out, last_saved)
                         host.update(step=s, mask_ratio=ratio, lr=learning_rate(s, t),
-                                    images_per_s=seen / max(elapsed, 1e-9))
+                                    images_per_s=rate)
                         log.write(json.dumps(host) + "\n")
                     pending.clear()
                     log.flush()
+                    t0, seen = time.perf_counter(), 0
                     bar.set_postfix(loss=f"{host['loss']:.4f}", rec=f"{host['rec']:.4f}",
                                     img_s=f"{host['images_per_s']:.1f}")
                 bar.update(1)
@@ -137,14 +140,18 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
                                          {"backend": backend.name, "stage": t.stage})
                     last_saved = step + 1
                 if (step + 1) % t.sample_every == 0 or last:
-                    numpy_params = backend.state_to_numpy(state)["params"]
-                    params = backend.to_device_tree(numpy_params)
-                    recon = backend.reconstruct(params, preview["images"], preview["mask"])
+                    recon = backend.reconstruct(state["params"], preview["images"],
+                                                preview["mask"])
                     save_grid(out / "samples" / f"step_{step + 1:06d}.png", preview["images"],
                               recon, masks=preview["mask"], patch_size=cfg.model.patch_size)
+                if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
+                    t0 = time.perf_counter()
     finally:
         bar.close()
         log.close()
+    peak = getattr(backend, "peak_memory_bytes", lambda: None)()
+    if peak is not None:
+        host["peak_memory_gib"] = peak / 2 ** 30
     if (out / "metrics.jsonl").stat().st_size:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return host

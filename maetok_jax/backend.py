@@ -79,5 +79,11 @@ class Backend:
         fn = self._jit("decode", lambda p, h: model.decode(p["decoder"], h, m)[0])
         return np.asarray(fn(params, jnp.asarray(latents, jnp.float32)))
 
+    @staticmethod
+    def peak_memory_bytes() -> int | None:
+        """Peak device memory in use so far (None where the platform does not say)."""
+        stats = jax.devices()[0].memory_stats() or {}
+        return stats.get("peak_bytes_in_use")
+
     def to_device_tree(self, tree: dict):
         return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -1,0 +1,70 @@
+"""The frozen in-project perceptual feature pyramid and its loss (SPEC §5).
+
+No downloaded weights: level 0 is the image, level l+1 the 2×2 average-pooled level l,
+and each level is passed through the fixed Gaussian-derivative bank
+``maetok.filters.percep_bank`` (∂x, ∂y, ∂xx, ∂yy, ∂xy at σ = 1) per colour channel.
+Mirrored function for function in ``maetok_torch/perceptual.py``.
+
+Pinned numerics (identical in the torch backend):
+
+- reflect padding (numpy ``'reflect'``, edge not repeated) of 2 pixels for the 5×5 bank;
+- 2×2 average pooling as a reshape then ``mean`` over the two 2-axes (not a pooling op);
+- smooth energy ``φ = sqrt(f² + PERCEP_EPS)``, ``PERCEP_EPS = 1e-6``, so the gradient is
+  finite where a filter response is zero;
+- loss = ``Σ_l mean((φ_l(I) − φ_l(Î))²)``, levels summed in order l = 0, 1, ….
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from maetok.config import ModelConfig
+from maetok.filters import PERCEP_LEVELS, filter_banks
+
+PERCEP_EPS = 1e-6
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
+    """(B, H, W, C) → (B, H/2, W/2, C)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+
+
+def _level_features(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+    """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f."""
+    b, h, w, c = x.shape
+    r, nf = kernel.shape[0] // 2, kernel.shape[-1]
+    y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, h, w, 1)
+    y = jnp.pad(y, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    y = jax.lax.conv_general_dilated(y, kernel, (1, 1), "VALID", dimension_numbers=_DN,
+                                     precision=jax.lax.Precision.HIGHEST)  # (B·C, h, w, F)
+    y = jnp.sqrt(y * y + PERCEP_EPS)
+    return y.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
+
+
+def perceptual_features(images: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:
+    """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
+    kernel = jnp.asarray(filter_banks(m.patch_size)["percep"])  # (5, 5, 1, 5)
+    feats, x = [], images
+    for level in range(PERCEP_LEVELS):
+        if level:
+            x = _avg_pool2(x)
+        feats.append(_level_features(x, kernel))
+    return feats
+
+
+def perceptual_loss(images: jnp.ndarray, recon: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
+    """Σ_l mean((φ_l(images) − φ_l(recon))²), a scalar; gradients flow to ``recon`` only.
+
+    images, recon: (B, H, W, C). Both go through the pyramid as one batch of 2B.
+    """
+    b = images.shape[0]
+    both = jnp.concatenate([jax.lax.stop_gradient(images), recon], axis=0)  # (2B, H, W, C)
+    loss = None
+    for f in perceptual_features(both, m):
+        term = jnp.mean((f[:b] - f[b:]) ** 2)
+        loss = term if loss is None else loss + term
+    return loss

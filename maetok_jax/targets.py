@@ -1,0 +1,143 @@
+"""Auxiliary targets (SPEC §4): fixed features of the image, one vector per image token.
+
+Every target maps ``images (B, H, W, C) → (B, N, D_j)`` with ``D_j =
+maetok.targets.target_dim(name, m)``. They are computed from the clean image, never
+differentiated, and mirrored function for function in ``maetok_torch/targets.py``.
+
+Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
+each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W, 1)``.
+All convolutions are cross-correlations (the convention of both ``lax.conv`` and
+``F.conv2d``) in float32 at HIGHEST precision, after reflect padding.
+
+Pinned numerics (identical in the torch backend, checked by the parity tests):
+
+- reflect padding = numpy ``'reflect'`` (edge pixel not repeated) for Sobel and Gabor;
+- HOG magnitude ``sqrt(gx² + gy²)`` with no eps (targets are not differentiated);
+- HOG orientation ``atan2(gx, gy)``; soft voting to the two nearest of 9 bin centres
+  ``(k + ½)·π/9`` with weight ``relu(1 − circular distance in bins)``, circular modulo
+  9 bins, which also folds the signed angle onto unsigned [0, π);
+- HOG cell normalisation ``h / sqrt(Σ_bins h² + HOG_EPS)``, ``HOG_EPS = 1e-6``;
+- Gabor magnitude ``sqrt(even² + odd² + GABOR_EPS)``, ``GABOR_EPS = 1e-6``;
+- normalised pixels ``(x − mean) / sqrt(var + PIXEL_EPS)``, population variance
+  computed two-pass as ``mean((x − mean)²)``, ``PIXEL_EPS = 1e-6``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import maetok.targets as core
+from maetok.config import ModelConfig
+from maetok.errors import ConfigError
+from maetok.filters import filter_banks
+from maetok_jax.patches import patchify
+
+HOG_EPS = 1e-6
+GABOR_EPS = 1e-6
+PIXEL_EPS = 1e-6
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray) -> jnp.ndarray:
+    """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
+
+    (B, H, W, C) → (B, C, H, W, F).
+    """
+    b, h, w, c = images.shape
+    r = kernel.shape[0] // 2
+    x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, H, W, 1)
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    y = jax.lax.conv_general_dilated(x, jnp.asarray(kernel), (1, 1), "VALID",
+                                     dimension_numbers=_DN,
+                                     precision=jax.lax.Precision.HIGHEST)
+    return y.reshape(b, c, h, w, kernel.shape[-1])
+
+
+def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
+    """HOG target: (B, H, W, C) → (B, N, C·9·(p/cell)²).
+
+    Feature order within a token: cell row, cell column (row-major over the patch's
+    cells), then colour channel, then orientation bin — i.e. index
+    ``((i·(p/cell) + j)·C + c)·9 + k``. Bin k is centred on the unsigned orientation
+    ``(k + ½)·π/9`` of ``atan2(gx, gy)``: a vertical edge (gx ≠ 0, gy = 0) lands in bin 4.
+    """
+    b, h, w, c = images.shape
+    p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
+    f = filter_banks(p)
+    sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
+    g = _per_channel_conv(images, sobel)  # (B, C, H, W, 2)
+    gx, gy = g[..., 0], g[..., 1]
+    mag = jnp.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
+    # Continuous position on the bin axis; bin k's centre sits at t = k.
+    t = jnp.arctan2(gx, gy) * (nb / np.pi) - 0.5
+    d = jnp.mod(t[..., None] - jnp.arange(nb, dtype=t.dtype), float(nb))  # (B, C, H, W, 9)
+    vote = jax.nn.relu(1.0 - jnp.minimum(d, nb - d))  # two neighbours, weights sum to 1
+    window = jnp.asarray(np.tile(f["hog_window"], (h // p, w // p)))  # (H, W), one per patch
+    v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
+    hc, wc = h // cell, w // cell
+    v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(axis=(3, 5))  # (B, C, H/cell, W/cell, 9)
+    v = v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + HOG_EPS)
+    # Group the cells of each patch: (B, gh, gw, cells_h, cells_w, C, 9).
+    u, gh, gw = p // cell, h // p, w // p
+    v = v.reshape(b, c, gh, u, gw, u, nb).transpose(0, 2, 4, 3, 5, 1, 6)
+    return v.reshape(b, gh * gw, u * u * c * nb)
+
+
+def conv_features(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
+    """Multi-scale Gabor energy target: (B, H, W, C) → (B, N, C·S·O).
+
+    Feature order within a token: channel, then scale, then orientation — index
+    ``(c·S + s)·O + o`` (the order of ``maetok.filters.gabor_bank``'s pairs). Each value is
+    the quadrature-pair energy averaged over the p×p patch.
+    """
+    b, h, w, c = images.shape
+    p = m.patch_size
+    bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
+    y = _per_channel_conv(images, bank)  # (B, C, H, W, 2·S·O)
+    so = bank.shape[-1] // 2
+    y = y.reshape(b, c, h, w, so, 2)
+    e = jnp.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)
+    gh, gw = h // p, w // p
+    e = e.reshape(b, c, gh, p, gw, p, so).mean(axis=(3, 5))  # (B, C, gh, gw, S·O)
+    return e.transpose(0, 2, 3, 1, 4).reshape(b, gh * gw, c * so)
+
+
+def normalized_pixels(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
+    """MAE pixel target: each patch standardised by its own mean and variance. → (B, N, p·p·C)."""
+    x = patchify(images, m.patch_size)  # (B, N, p·p·C)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + PIXEL_EPS)
+
+
+# -------------------------------------------------------------------------------- registry
+
+TARGETS: dict[str, Callable] = {"hog": hog, "conv": conv_features, "pixel": normalized_pixels}
+
+
+def register_target(name: str, fn: Callable, dim) -> None:
+    """Add a user target ``fn(images (B,H,W,C), m) → (B, N, dim)``; ``dim`` an int or fn(m)."""
+    TARGETS[name] = fn
+    core.register_target_dim(name, dim)
+
+
+def compute_targets(images: jnp.ndarray, m: ModelConfig) -> dict[str, jnp.ndarray]:
+    """Every target named in ``m.aux_targets``: ``{name: (B, N, D_j)}``, gradient-free."""
+    missing = [n for n in m.aux_targets if n not in TARGETS]
+    if missing:
+        raise ConfigError(f"auxiliary target(s) {missing} have no JAX implementation; "
+                          "call maetok_jax.targets.register_target first")
+    b, h, w, _ = images.shape
+    n = (h // m.patch_size) * (w // m.patch_size)
+    images = jax.lax.stop_gradient(images)
+    out = {}
+    for name in m.aux_targets:
+        y = jax.lax.stop_gradient(TARGETS[name](images, m))
+        assert y.shape == (b, n, core.target_dim(name, m)), (name, y.shape)
+        out[name] = y
+    return out

@@ -1,0 +1,72 @@
+"""The frozen in-project perceptual feature pyramid and its loss (SPEC §5).
+
+No downloaded weights: level 0 is the image, level l+1 the 2×2 average-pooled level l,
+and each level is passed through the fixed Gaussian-derivative bank
+``maetok.filters.percep_bank`` (∂x, ∂y, ∂xx, ∂yy, ∂xy at σ = 1) per colour channel.
+Mirrored function for function in ``maetok_jax/perceptual.py``; images stay (B, H, W, C)
+at the boundary and are folded to NCHW ``(B·C, 1, h, w)`` only around the convolution.
+
+Pinned numerics (identical in the JAX backend):
+
+- reflect padding (numpy ``'reflect'``, edge not repeated) of 2 pixels for the 5×5 bank;
+- 2×2 average pooling as a reshape then ``mean`` over the two 2-axes (not a pooling op);
+- smooth energy ``φ = sqrt(f² + PERCEP_EPS)``, ``PERCEP_EPS = 1e-6``, so the gradient is
+  finite where a filter response is zero;
+- loss = ``Σ_l mean((φ_l(I) − φ_l(Î))²)``, levels summed in order l = 0, 1, ….
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from maetok.config import ModelConfig
+from maetok.filters import PERCEP_LEVELS, filter_banks
+
+PERCEP_EPS = 1e-6
+
+
+def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) → (B, H/2, W/2, C)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4))
+
+
+def _level_features(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
+
+    ``kernel`` is already in torch layout (F, 1, k, k).
+    """
+    b, h, w, c = x.shape
+    nf, r = kernel.shape[0], kernel.shape[-1] // 2
+    y = x.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, h, w)
+    y = F.pad(y, (r, r, r, r), mode="reflect")
+    y = F.conv2d(y, kernel)  # (B·C, F, h, w)
+    y = torch.sqrt(y * y + PERCEP_EPS)
+    return y.reshape(b, c, nf, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c * nf)
+
+
+def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
+    """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
+    kernel = torch.as_tensor(filter_banks(m.patch_size)["percep"], dtype=images.dtype,
+                             device=images.device).permute(3, 2, 0, 1)  # (5, 1, 5, 5)
+    feats, x = [], images
+    for level in range(PERCEP_LEVELS):
+        if level:
+            x = _avg_pool2(x)
+        feats.append(_level_features(x, kernel))
+    return feats
+
+
+def perceptual_loss(images: torch.Tensor, recon: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    """Σ_l mean((φ_l(images) − φ_l(recon))²), a scalar; gradients flow to ``recon`` only.
+
+    images, recon: (B, H, W, C). Both go through the pyramid as one batch of 2B.
+    """
+    b = images.shape[0]
+    both = torch.cat([images.detach(), recon], dim=0)  # (2B, H, W, C)
+    loss = None
+    for f in perceptual_features(both, m):
+        term = torch.mean((f[:b] - f[b:]) ** 2)
+        loss = term if loss is None else loss + term
+    return loss

@@ -1,0 +1,145 @@
+"""Auxiliary targets (SPEC §4): fixed features of the image, one vector per image token.
+
+Every target maps ``images (B, H, W, C) → (B, N, D_j)`` with ``D_j =
+maetok.targets.target_dim(name, m)``. They are computed from the clean image, never
+differentiated, and mirrored function for function in ``maetok_jax/targets.py``.
+
+Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
+each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, 1, H, W)``
+(NCHW inside only; the kernel ``(kh, kw, 1, F)`` is used as ``w.permute(3, 2, 0, 1)``).
+All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
+``lax.conv``) in float32, after reflect padding.
+
+Pinned numerics (identical in the JAX backend, checked by the parity tests):
+
+- reflect padding = numpy ``'reflect'`` (edge pixel not repeated) for Sobel and Gabor;
+- HOG magnitude ``sqrt(gx² + gy²)`` with no eps (targets are not differentiated);
+- HOG orientation ``atan2(gx, gy)``; soft voting to the two nearest of 9 bin centres
+  ``(k + ½)·π/9`` with weight ``relu(1 − circular distance in bins)``, circular modulo
+  9 bins, which also folds the signed angle onto unsigned [0, π);
+- HOG cell normalisation ``h / sqrt(Σ_bins h² + HOG_EPS)``, ``HOG_EPS = 1e-6``;
+- Gabor magnitude ``sqrt(even² + odd² + GABOR_EPS)``, ``GABOR_EPS = 1e-6``;
+- normalised pixels ``(x − mean) / sqrt(var + PIXEL_EPS)``, population variance
+  computed two-pass as ``mean((x − mean)²)``, ``PIXEL_EPS = 1e-6``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import maetok.targets as core
+from maetok.config import ModelConfig
+from maetok.errors import ConfigError
+from maetok.filters import filter_banks
+from maetok_torch.patches import patchify
+
+HOG_EPS = 1e-6
+GABOR_EPS = 1e-6
+PIXEL_EPS = 1e-6
+
+
+def _per_channel_conv(images: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
+    """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
+
+    (B, H, W, C) → (B, C, H, W, F).
+    """
+    b, h, w, c = images.shape
+    r = kernel.shape[0] // 2
+    k = torch.as_tensor(kernel, dtype=images.dtype, device=images.device).permute(3, 2, 0, 1)
+    x = images.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, H, W)
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    y = F.conv2d(x, k)  # (B·C, F, H, W)
+    return y.reshape(b, c, kernel.shape[-1], h, w).permute(0, 1, 3, 4, 2)
+
+
+def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    """HOG target: (B, H, W, C) → (B, N, C·9·(p/cell)²).
+
+    Feature order within a token: cell row, cell column (row-major over the patch's
+    cells), then colour channel, then orientation bin — i.e. index
+    ``((i·(p/cell) + j)·C + c)·9 + k``. Bin k is centred on the unsigned orientation
+    ``(k + ½)·π/9`` of ``atan2(gx, gy)``: a vertical edge (gx ≠ 0, gy = 0) lands in bin 4.
+    """
+    b, h, w, c = images.shape
+    p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
+    f = filter_banks(p)
+    sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
+    g = _per_channel_conv(images, sobel)  # (B, C, H, W, 2)
+    gx, gy = g[..., 0], g[..., 1]
+    mag = torch.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
+    # Continuous position on the bin axis; bin k's centre sits at t = k.
+    t = torch.atan2(gx, gy) * (nb / math.pi) - 0.5
+    bins = torch.arange(nb, dtype=t.dtype, device=t.device)
+    d = torch.remainder(t[..., None] - bins, float(nb))  # (B, C, H, W, 9)
+    vote = torch.relu(1.0 - torch.minimum(d, nb - d))  # two neighbours, weights sum to 1
+    window = torch.as_tensor(np.tile(f["hog_window"], (h // p, w // p)),
+                             dtype=images.dtype, device=images.device)  # (H, W), one per patch
+    v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
+    hc, wc = h // cell, w // cell
+    v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(dim=(3, 5))  # (B, C, H/cell, W/cell, 9)
+    v = v / torch.sqrt(torch.sum(v * v, dim=-1, keepdim=True) + HOG_EPS)
+    # Group the cells of each patch: (B, gh, gw, cells_h, cells_w, C, 9).
+    u, gh, gw = p // cell, h // p, w // p
+    v = v.reshape(b, c, gh, u, gw, u, nb).permute(0, 2, 4, 3, 5, 1, 6)
+    return v.reshape(b, gh * gw, u * u * c * nb)
+
+
+def conv_features(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    """Multi-scale Gabor energy target: (B, H, W, C) → (B, N, C·S·O).
+
+    Feature order within a token: channel, then scale, then orientation — index
+    ``(c·S + s)·O + o`` (the order of ``maetok.filters.gabor_bank``'s pairs). Each value is
+    the quadrature-pair energy averaged over the p×p patch.
+    """
+    b, h, w, c = images.shape
+    p = m.patch_size
+    bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
+    y = _per_channel_conv(images, bank)  # (B, C, H, W, 2·S·O)
+    so = bank.shape[-1] // 2
+    y = y.reshape(b, c, h, w, so, 2)
+    e = torch.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)
+    gh, gw = h // p, w // p
+    e = e.reshape(b, c, gh, p, gw, p, so).mean(dim=(3, 5))  # (B, C, gh, gw, S·O)
+    return e.permute(0, 2, 3, 1, 4).reshape(b, gh * gw, c * so)
+
+
+def normalized_pixels(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    """MAE pixel target: each patch standardised by its own mean and variance. → (B, N, p·p·C)."""
+    x = patchify(images, m.patch_size)  # (B, N, p·p·C)
+    mean = torch.mean(x, dim=-1, keepdim=True)
+    var = torch.mean((x - mean) ** 2, dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + PIXEL_EPS)
+
+
+# -------------------------------------------------------------------------------- registry
+
+TARGETS: dict[str, Callable] = {"hog": hog, "conv": conv_features, "pixel": normalized_pixels}
+
+
+def register_target(name: str, fn: Callable, dim) -> None:
+    """Add a user target ``fn(images (B,H,W,C), m) → (B, N, dim)``; ``dim`` an int or fn(m)."""
+    TARGETS[name] = fn
+    core.register_target_dim(name, dim)
+
+
+def compute_targets(images: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every target named in ``m.aux_targets``: ``{name: (B, N, D_j)}``, gradient-free."""
+    missing = [n for n in m.aux_targets if n not in TARGETS]
+    if missing:
+        raise ConfigError(f"auxiliary target(s) {missing} have no torch implementation; "
+                          "call maetok_torch.targets.register_target first")
+    b, h, w, _ = images.shape
+    n = (h // m.patch_size) * (w // m.patch_size)
+    out = {}
+    with torch.no_grad():
+        images = images.detach()
+        for name in m.aux_targets:
+            y = TARGETS[name](images, m).detach()
+            assert y.shape == (b, n, core.target_dim(name, m)), (name, tuple(y.shape))
+            out[name] = y
+    return out

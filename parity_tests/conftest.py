@@ -1,0 +1,131 @@
+"""Shared setup for the JAX-vs-torch parity tests: the ONE tolerance table, device choice,
+seeded inputs and comparison helpers.
+
+Run on CPU (default) or a GPU with ``pytest parity_tests --device cuda``. On a GPU, TF32 is
+turned off in both frameworks so fp32 means fp32; JAX matmuls/convs run at "highest"
+precision everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Must happen before jax is imported anywhere in the session: do not grab all GPU memory
+# (torch shares the device).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import sys  # noqa: E402
+import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+try:  # the repository root, when the package is not installed
+    import maetok  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import torch  # noqa: E402
+
+# Relative errors (rel_err below): max|a − b| / max|b|, per array.
+TOL = {
+    "forward_fp32": 1e-5,  # one forward pass, float32
+    "grad_fp32": 1e-4,  # gradients through one forward/backward, float32
+    "trajectory_fp32": 1e-4,  # parameters after a few optimiser steps, float32
+    "loss_bf16": 2e-2,  # losses with compute_dtype = bfloat16
+}
+
+_DEVICE = {"name": "cpu"}  # set once from --device in pytest_configure
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where both backends run the parity tests (default: cpu)")
+
+
+def pytest_configure(config):
+    device = config.getoption("--device", default="cpu")
+    _DEVICE["name"] = device
+    jax.config.update("jax_default_matmul_precision", "highest")
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(scope="session")
+def device(pytestconfig) -> str:
+    """"cpu" or "cuda", from --device."""
+    name = pytestconfig.getoption("--device")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail("--device cuda, but torch sees no CUDA device")
+        try:
+            jax.devices("gpu")
+        except RuntimeError as e:
+            pytest.fail(f"--device cuda, but jax sees no GPU: {e}")
+    return name
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A fresh generator per test, seeded from the test's node id (its own inputs)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _map(fn, tree):
+    if isinstance(tree, dict):
+        return {k: _map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def to_jax(np_tree, device: str | None = None):
+    """numpy tree → jax arrays, on the GPU when the session (or ``device``) is cuda."""
+    dev = jax.devices("gpu")[0] if (device or _DEVICE["name"]) == "cuda" else jax.devices("cpu")[0]
+    return _map(lambda a: jax.device_put(np.asarray(a), dev), np_tree)
+
+
+def to_torch(np_tree, device: str | None = None):
+    """numpy tree → torch tensors on ``device`` (default: the session's device)."""
+    dev = torch.device(device or _DEVICE["name"])
+    return _map(lambda a: torch.as_tensor(np.array(a), device=dev), np_tree)
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def rel_err(a, b) -> float:
+    """max|a − b| / max(max|b|, tiny) for one array (b is the reference)."""
+    a = to_numpy(a).astype(np.float64)
+    b = to_numpy(b).astype(np.float64)
+    assert a.shape == b.shape, f"shape mismatch {a.shape} vs {b.shape}"
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), np.finfo(np.float64).tiny))
+
+
+def assert_close(a, b, tol: float, name: str) -> None:
+    """Every leaf of ``a`` within ``tol`` relative error (rel_err) of the same leaf of ``b``."""
+    if isinstance(b, dict):
+        assert set(a) == set(b), f"{name}: keys differ {sorted(a)} vs {sorted(b)}"
+        for k in sorted(b):
+            assert_close(a[k], b[k], tol, f"{name}/{k}")
+        return
+    if isinstance(b, (list, tuple)):
+        assert len(a) == len(b), f"{name}: length {len(a)} vs {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, tol, f"{name}[{i}]")
+        return
+    an, bn = to_numpy(a), to_numpy(b)
+    assert an.shape == bn.shape, f"{name}: shape {an.shape} vs {bn.shape}"
+    assert np.all(np.isfinite(an)) and np.all(np.isfinite(bn)), f"{name}: non-finite values"
+    err = rel_err(an, bn)
+    assert err <= tol, (f"{name}: relative error {err:.3e} > tol {tol:.1e} "
+                        f"(max|a-b| = {np.max(np.abs(an.astype(np.float64) - bn)):.3e}, "
+                        f"max|b| = {np.max(np.abs(bn)):.3e})")
