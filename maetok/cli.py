@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except MAETokError as e:
-        print(f"maetok: error: {e}", file=sys.stderr)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"maetok: error: {' '.join(lines)}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("maetok: interrupted", file=sys.stderr)

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maetok_jax import model, train
+from maetok_jax import enable_compilation_cache, model, train
 
 
 class Backend:
     name = "jax"
 
     def __init__(self, cfg, device: str | None = None):
+        enable_compilation_cache()
         self.cfg = cfg
         self.device = device or jax.default_backend()
         self._step = None

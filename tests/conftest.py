@@ -23,3 +23,9 @@ def random_images(rng, cfg, batch=2):
     """(B, H, W, C) float32 uniformly spread over [-1, 1]."""
     m = cfg.model
     return rng.uniform(-1, 1, (batch, m.image_size, m.image_size, m.channels)).astype(np.float32)
+
+
+def pytest_configure(config):
+    # Tests build the same few train steps again and again: compile each once per machine.
+    from maetok_jax import enable_compilation_cache
+    enable_compilation_cache()

@@ -1,0 +1,249 @@
+"""Time the MAETok train step per backend and print a table (and write JSON).
+
+    python benchmarks/train_step.py --preset base --stage 1 --dtype bfloat16 --batch 128 \
+        --backends jax,torch,torch-compile [--data ../shared/data/bsds500/train] [--gan]
+
+Each backend runs in its own subprocess, so peak memory is its own. Per backend it
+reports images/s (median over timed steps, each step synchronised with the device),
+model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dense peak
+(989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
+memory, and the time of the first step (compilation included).
+
+FLOP formula (per image): a transformer block over n tokens of width D costs
+``n·(24·D² + 4·n·D)`` forward (QKV, projection and MLP matmuls, plus scores and weighted
+sum), training costs 3× forward. Stage 1 trains encoder, pixel decoder and the ViT aux
+decoders (3×); Stage 2 runs the encoder forward (1×) and trains the decoder (3×). Dense
+layers outside blocks (patch embed, bottleneck, latent projections, heads) count
+``2·n·in·out``. Convolutional parts (HOG/Gabor targets, perceptual pyramid,
+discriminator) are counted separately and reported, not included in model TFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from maetok.config import preset  # noqa: E402
+from maetok.filters import PERCEP_LEVELS, filter_banks  # noqa: E402
+from maetok.params import disc_widths  # noqa: E402
+from maetok.targets import target_dim  # noqa: E402
+
+H100_BF16_DENSE = 989.0  # TFLOP/s, H100 SXM spec sheet
+
+
+def _blocks(depth, n, d):
+    return depth * n * (24 * d * d + 4 * n * d)
+
+
+def transformer_flops(m, stage: int) -> dict:
+    """Forward FLOPs per image of each part, and the training total for ``stage``."""
+    n = m.num_patches + m.num_latent_tokens
+    enc = _blocks(m.enc_depth, n, m.enc_width) + 2 * m.num_patches * m.patch_dim * m.enc_width \
+        + 2 * m.num_latent_tokens * m.enc_width * m.latent_dim
+    dec = _blocks(m.dec_depth, n, m.dec_width) + 2 * m.num_patches * m.dec_width * m.patch_dim \
+        + 2 * m.num_latent_tokens * m.latent_dim * m.dec_width
+    aux = 0
+    for name in m.aux_targets:
+        if m.aux_kind == "vit":
+            aux += _blocks(m.aux_depth, n, m.aux_width) \
+                + 2 * m.num_patches * m.aux_width * target_dim(name, m)
+    train = 3 * (enc + dec + aux) if stage == 1 else enc + 3 * dec
+    return {"encoder_fwd": enc, "decoder_fwd": dec, "aux_fwd": aux, "train_step": train}
+
+
+def conv_flops(cfg, stage: int) -> float:
+    """Approximate FLOPs per image of the convolutional parts (not in model TFLOP/s)."""
+    m, hw = cfg.model, cfg.model.image_size ** 2
+    banks = filter_banks(m.patch_size)
+    total = 0.0
+    if stage == 1:
+        k = banks["gabor"].shape[0]
+        total += 2 * hw * m.channels * (k * k * banks["gabor"].shape[-1] + 2 * 9)  # gabor + sobel
+    per = 2 * sum(hw / 4 ** l for l in range(PERCEP_LEVELS)) * m.channels * 25 * 5
+    total += per * 2 * 3  # images and recon, forward + backward through recon
+    if cfg.loss.use_adv:
+        w = disc_widths(m)
+        size, d = m.image_size, 0.0
+        for i in range(m.disc_depth):
+            size //= 2
+            d += 2 * size * size * 16 * w[i] * w[i + 1]
+        d += 2 * size * size * 16 * w[-1]
+        total += d * 3 * 3  # real + fake for D, fake for G, each forward + backward
+    return total
+
+
+def measure_matmul_ceiling(backend: str) -> float:
+    """TFLOP/s of an 8192³ bf16 matmul on this device (median of 10)."""
+    n = 8192
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+        a = jnp.ones((n, n), jnp.bfloat16) * 0.01
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            f(a, a).block_until_ready()
+            times.append(time.perf_counter() - t)
+    else:
+        import torch
+        a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+        a @ a
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(10):
+            t = time.perf_counter()
+            a @ a
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def run_single(args) -> dict:
+    """Time one backend in this process."""
+    import numpy as np
+
+    from maetok.data import BatchSource, ImageFolder, Prefetcher, SyntheticImages
+    from maetok.masks import mask_for_step
+
+    name = args.single
+    overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention},
+                 "train": {"batch_size": args.batch, "stage": args.stage,
+                           "steps": args.warmup + args.steps, "anneal_steps": 1000},
+                 "loss": {"use_adv": args.gan}}
+    cfg = preset(args.preset, **overrides)
+    if name == "jax":
+        from maetok_jax.backend import Backend
+        backend = Backend(cfg)
+
+        def sync(x):
+            import jax
+            jax.block_until_ready(x)
+    else:
+        import torch
+        from maetok_torch.backend import Backend
+        torch.backends.cuda.matmul.allow_tf32 = True
+        backend = Backend(cfg, compile=name == "torch-compile")
+
+        def sync(x):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+
+    total = args.warmup + args.steps
+    if args.data:
+        source = BatchSource(ImageFolder(args.data, cfg.model.image_size), cfg)
+        batches = Prefetcher(source, 0, total, depth=8, workers=min(8, os.cpu_count() or 2))
+    else:  # a few distinct in-memory batches, cycled
+        source = BatchSource(SyntheticImages(cfg.model.image_size, count=4 * args.batch), cfg)
+        pool = [source.batch(s) for s in range(4)]
+        n = cfg.model.num_patches  # a fresh mask and ratio every step, as in training
+        batches = ({**pool[s % 4], "mask": mask_for_step(s, cfg.train, n)[0]} for s in range(total))
+    state = backend.init_state(0)
+    times, first = [], None
+    for step, batch in zip(range(total), batches):
+        t = time.perf_counter()
+        state, metrics = backend.train_step(state, batch, step)
+        sync(metrics)
+        dt = time.perf_counter() - t
+        if step == 0:
+            first = dt
+        elif step >= args.warmup:
+            times.append(dt)
+    loss = float(backend.metrics_to_host(metrics)["loss"])
+    med = statistics.median(times)
+    flops = transformer_flops(cfg.model, args.stage)
+    ips = args.batch / med
+    result = {
+        "backend": name, "preset": args.preset, "stage": args.stage, "dtype": args.dtype,
+        "batch": args.batch, "gan": args.gan, "attention": args.attention,
+        "data": args.data or "in-memory synthetic",
+        "images_per_s": ips, "step_ms_median": med * 1e3,
+        "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
+        "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
+        "model_tflops": ips * flops["train_step"] / 1e12,
+        "model_gflop_per_image": flops["train_step"] / 1e9,
+        "conv_gflop_per_image": conv_flops(cfg, args.stage) / 1e9,
+        "first_step_s": first, "final_loss": loss,
+        "peak_memory_gib": (backend.peak_memory_bytes() or 0) / 2 ** 30,
+        "device": backend.describe(),
+    }
+    if args.ceiling:
+        result["matmul_ceiling_tflops"] = measure_matmul_ceiling("jax" if name == "jax" else "torch")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--stage", type=int, default=1, choices=(1, 2))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--attention", default="plain", choices=("plain", "fused"))
+    p.add_argument("--gan", action="store_true", help="discriminator and L_adv on")
+    p.add_argument("--data", help="time real images through the data pipeline (a folder)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--ceiling", action="store_true", help="also time an 8192³ bf16 matmul")
+    p.add_argument("--json", help="append results to this JSON-lines file")
+    p.add_argument("--single", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.single:
+        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        return 0
+    results = []
+    for name in args.backends.split(","):
+        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+               "--single", name]
+        proc = subprocess.run(cmd, capture_output=True, text=True,
+                              env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
+        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            print(f"{name}: failed: {' | '.join(tail)}")
+            results.append({"backend": name, "error": " | ".join(tail)})
+            continue
+        results.append(json.loads(lines[-1][7:]))
+    print_table(results)
+    if args.json:
+        with open(args.json, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def print_table(results) -> None:
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return
+    r0 = ok[0]
+    print(f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}, "
+          f"gan {'on' if r0['gan'] else 'off'}, attention {r0['attention']}, data: {r0['data']}")
+    print(f"model {r0['model_gflop_per_image']:.1f} GFLOP/image per train step "
+          f"(+ {r0['conv_gflop_per_image']:.2f} GFLOP convolutional, not counted)")
+    head = (f"{'backend':15s}{'img/s':>9s}{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
+            f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'loss':>9s}")
+    print(head + "\n" + "-" * len(head))
+    ceiling = max((r.get("matmul_ceiling_tflops", 0) for r in ok), default=0)
+    for r in ok:
+        mm = f"{100 * r['model_tflops'] / ceiling:6.1f}%" if ceiling else "     -"
+        print(f"{r['backend']:15s}{r['images_per_s']:9.1f}{r['step_ms_median']:9.1f}"
+              f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / H100_BF16_DENSE:6.1f}%"
+              f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}{r['final_loss']:9.4f}")
+    if ceiling:
+        print(f"measured 8192³ bf16 matmul: {ceiling:.0f} TFLOP/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

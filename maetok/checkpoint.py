@@ -1,0 +1,213 @@
+"""Checkpoints: one safetensors file holding the whole training state and its config.
+
+The state is a nested dict of arrays (parameters, optimiser moments, EMA, step counter),
+stored flat under ``/``-joined keys (SPEC §2), so a checkpoint written by one backend loads
+unchanged in the other. The metadata carries ``format``, the full config as JSON, and any
+caller entries (e.g. the step or wall time).
+
+Saving is atomic: the file is written next to its destination, flushed to disk and then
+renamed over it, so a crash or a refused save never leaves a half-written or NaN
+checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from maetok.config import Config
+from maetok.errors import CheckpointError, ConfigError
+from maetok.params import flatten, unflatten
+
+FORMAT = "maetok-checkpoint/1"
+_RESERVED = ("format", "config", "meta_json")  # metadata keys the format itself uses
+_LIST = 10  # how many offending keys a mismatch message names per kind
+
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+def _dtype_name(dtype) -> str:
+    """``float32`` for numpy, JAX and torch dtypes alike (torch prints ``torch.float32``)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def layout(state: dict) -> Layout:
+    """Flat key → (shape, dtype name) of a state tree whose leaves have .shape and .dtype.
+
+    Build the ``expected`` argument of ``load_checkpoint`` from a freshly initialised state.
+    """
+    out = {}
+    for key, leaf in flatten(state).items():
+        if not hasattr(leaf, "shape"):
+            leaf = np.asarray(leaf)
+        out[key] = (tuple(int(d) for d in leaf.shape), _dtype_name(leaf.dtype))
+    return out
+
+
+def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) -> Path:
+    """Write ``state`` (nested dict of numpy arrays; scalars as 0-d arrays) to ``path``.
+
+    ``meta`` values that are not strings are stored as JSON and decoded again on load.
+    Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
+    already at ``path``, if any, is left as it was.
+    """
+    path = Path(path)
+    tensors = {}
+    for key, leaf in flatten(state).items():
+        arr = np.asarray(leaf)
+        if not arr.flags.c_contiguous:  # (ascontiguousarray alone would turn 0-d into (1,))
+            arr = np.ascontiguousarray(arr)
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            raise CheckpointError(f"refusing to save {path}: {key} holds NaN or infinite values "
+                                  "(training diverged); the previous checkpoint is kept")
+        tensors[key] = arr
+    metadata = {"format": FORMAT, "config": cfg.to_json()}
+    encoded = []
+    for key, value in (meta or {}).items():
+        if key in _RESERVED:
+            raise ValueError(f"checkpoint metadata key {key!r} is reserved")
+        if not isinstance(value, str):
+            value = json.dumps(value)
+            encoded.append(key)
+        metadata[key] = value
+    metadata["meta_json"] = json.dumps(encoded)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # same folder: atomic rename
+    try:
+        with open(tmp, "xb"):
+            pass
+        mode = tmp.stat().st_mode & 0o777  # a plain file's mode here; save_file would use 0600
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)  # the data must be on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist the rename itself; not possible (nor needed) on every platform."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open(path: Path):
+    """A safetensors handle on ``path``, for use in a ``with`` block."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return safe_open(str(path), framework="numpy")
+    except Exception as e:  # noqa: BLE001 - safetensors raises several unrelated types
+        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({e}); it may "
+                              "be truncated or corrupt: use an earlier checkpoint") from e
+
+
+def _metadata(path: Path, handle) -> dict[str, str]:
+    metadata = handle.metadata() or {}
+    if metadata.get("format") != FORMAT:
+        found = repr(metadata["format"]) if "format" in metadata else "no format tag"
+        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {FORMAT!r}, "
+                              f"found {found}")
+    return metadata
+
+
+def _config_of(path: Path, metadata: dict) -> Config:
+    try:
+        return Config.from_json(metadata["config"])
+    except (KeyError, ConfigError) as e:
+        raise CheckpointError(f"checkpoint {path} has a missing or invalid config: {e}") from e
+
+
+def read_config(path) -> Config:
+    """The config stored in a checkpoint, read from its metadata without loading tensors."""
+    path = Path(path)
+    with _open(path) as handle:
+        return _config_of(path, _metadata(path, handle))
+
+
+def load_checkpoint(path, cfg: Config | None = None,
+                    expected: Layout | None = None) -> tuple[dict, Config, dict]:
+    """Read a checkpoint; returns ``(state, cfg_in_file, meta)``.
+
+    ``state`` is the nested dict of numpy arrays that was saved. With ``cfg``, the model
+    section of the file must equal ``cfg.model``; with ``expected`` (see ``layout``), the
+    keys, shapes and dtypes must match exactly. Any problem raises CheckpointError with
+    every difference listed.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _metadata(path, handle)
+        file_cfg = _config_of(path, metadata)
+        if cfg is not None:
+            _check_model(path, file_cfg, cfg)
+        try:
+            flat = {key: handle.get_tensor(key) for key in handle.keys()}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
+                                  "truncated or corrupt: use an earlier checkpoint") from e
+    if expected is not None:
+        _check_layout(path, layout(flat), expected)
+    try:
+        encoded = set(json.loads(metadata.get("meta_json", "[]")))
+        meta = {k: json.loads(v) if k in encoded else v
+                for k, v in metadata.items() if k not in _RESERVED}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+    return unflatten(flat), file_cfg, meta
+
+
+def _fmt(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _check_model(path: Path, found: Config, want: Config) -> None:
+    a, b = found.to_dict()["model"], want.to_dict()["model"]
+    diffs = [f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"
+             for k in sorted(a) if a[k] != b[k]]
+    if diffs:  # one line: the command line prints user errors as a single line
+        raise CheckpointError(f"checkpoint {path} was saved with a different model config "
+                              f"({'; '.join(diffs)}); use a matching checkpoint, or the model "
+                              "options it was saved with")
+
+
+def _listing(title: str, items: list[str], sep: str) -> str:
+    more = f"{sep}... and {len(items) - _LIST} more" if len(items) > _LIST else ""
+    return f"{len(items)} {title} [{sep.join(items[:_LIST])}{more}]"
+
+
+def _check_layout(path: Path, got: Layout, expected: Layout) -> None:
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    common = sorted(set(got) & set(expected))
+    shapes = [f"{k}: checkpoint {got[k][0]}, expected {tuple(expected[k][0])}"
+              for k in common if got[k][0] != tuple(expected[k][0])]
+    dtypes = [f"{k}: checkpoint {got[k][1]}, expected {_dtype_name(expected[k][1])}"
+              for k in common if got[k][1] != _dtype_name(expected[k][1])]
+    parts = [_listing(title, items, sep) for title, items, sep in (
+        ("missing key(s)", missing, ", "), ("unexpected key(s)", unexpected, ", "),
+        ("shape mismatch(es)", shapes, "; "), ("dtype mismatch(es)", dtypes, "; ")) if items]
+    if parts:
+        raise CheckpointError(f"checkpoint {path} does not match the state this config and "
+                              f"backend expect: {'; '.join(parts)}")

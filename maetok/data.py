@@ -1,0 +1,391 @@
+"""The image pipeline: datasets, reproducible batches with crops and masks, prefetching.
+
+Everything random here is a pure function of ``(cfg.train.seed, step)`` (SPEC §6): which
+images a step sees, where they are cropped, whether they are flipped and which tokens are
+masked. A resumed run therefore sees exactly the batches it would have seen, and the JAX
+and torch backends can be fed the same numbers.
+
+Images leave this module channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (SPEC §2).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections import Counter, OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from maetok.config import Config
+from maetok.errors import ConfigError, DataError
+from maetok.masks import STREAM_AUGMENT, STREAM_DATA, mask_for_step, step_rng
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_SYNTH_STREAM = 0x53594E  # "SYN": keeps synthetic content apart from the per-step streams
+_SYNTH_CACHE_BYTES = 256 << 20
+
+
+def from_uint8(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels in [0, 255] → float32 in [-1, 1], any shape."""
+    return np.asarray(images, np.float32) / 127.5 - 1.0
+
+
+def to_uint8(images) -> np.ndarray:
+    """float in [-1, 1] (anything ``np.asarray`` accepts) → uint8, clipped and rounded."""
+    x = (np.asarray(images, np.float32) + 1.0) * 127.5
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class SyntheticImages:
+    """``count`` procedurally drawn RGB images of ``size``², the project's default data.
+
+    Item ``i`` is a uint8 ``(size, size, 3)`` array determined by ``(seed, i)`` alone:
+    a colour-gradient background with several shaded or textured shapes and mild noise
+    (``_render_synthetic``). The ``cache_items`` most recently used items are kept (by
+    default as many as fit in about 256 MB), so small images are drawn once and large ones
+    stay cheap on memory. Returned arrays are read-only: the cache may share them.
+    """
+
+    def __init__(self, size: int, count: int = 4096, seed: int = 0,
+                 cache_items: int | None = None):
+        if size < 8:
+            raise ConfigError(f"synthetic images must be at least 8 pixels wide, got {size}")
+        if count < 1:
+            raise ConfigError(f"a synthetic dataset needs at least one image, got count={count}")
+        self.size, self.count, self.seed = size, count, seed
+        if cache_items is None:
+            cache_items = min(count, _SYNTH_CACHE_BYTES // (size * size * 3))
+        self.cache_items = max(1, cache_items)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # the Prefetcher reads from several threads
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return f"synthetic image {i}"
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if not 0 <= i < self.count:
+            raise IndexError(f"synthetic image {i} out of range [0, {self.count})")
+        with self._lock:
+            if i in self._cache:
+                self._cache.move_to_end(i)
+                return self._cache[i]
+        image = _render_synthetic(self.size, np.random.default_rng([self.seed, i, _SYNTH_STREAM]))
+        image.flags.writeable = False
+        with self._lock:
+            self._cache[i] = image
+            if len(self._cache) > self.cache_items:
+                self._cache.popitem(last=False)
+        return image
+
+
+def _render_synthetic(s: int, rng: np.random.Generator) -> np.ndarray:
+    """One (s, s, 3) uint8 image: a colour gradient, 4–9 shapes on top, mild noise."""
+    # Scalars stay Python floats (math, .tolist()): a NumPy float64 scalar would promote
+    # the float32 arrays to float64 and double the cost.
+    c = np.arange(s, dtype=np.float32) + 0.5  # pixel centres
+    a = rng.uniform(0, 2 * math.pi)
+    t = ((c[None, :] - s / 2) * math.cos(a) + (c[:, None] - s / 2) * math.sin(a)) / (1.42 * s) + 0.5
+    c0, c1 = rng.uniform(0, 255, (2, 3, 1, 1)).astype(np.float32)
+    # Drawn channel-first: numpy broadcasts over a trailing axis of 3 many times slower.
+    img = c0 + t * (c1 - c0)  # (C, H, W), t in [0, 1] across the diagonal
+    for _ in range(rng.integers(4, 10)):
+        _draw_shape(img, s, rng)
+    # Uniform noise from raw bytes (a Gaussian draw would cost as much as all the shapes),
+    # centred, with the +0.5 that makes the final cast round to nearest; in place throughout.
+    noise = np.frombuffer(rng.bytes(img.size), np.uint8).reshape(img.shape).astype(np.float32)
+    k = rng.uniform(0.015, 0.05)
+    noise *= k
+    noise += 0.5 - 127.5 * k
+    img += noise
+    np.clip(img, 0, 255, out=img)
+    return img.transpose(1, 2, 0).astype(np.uint8, order="C")  # (H, W, C)
+
+
+def _draw_shape(img: np.ndarray, s: int, rng: np.random.Generator) -> None:
+    """Blend one ellipse, rectangle, convex polygon or line into ``img`` in place.
+
+    Each shape is a signed distance ``sdf`` (pixels, < 0 inside) evaluated on its bounding
+    box only, which keeps a 256² image within a few milliseconds; ``0.5 - sdf`` clipped to
+    [0, 1] is the pixel coverage, so edges are anti-aliased like a photographed edge.
+    """
+    cx, cy = rng.uniform(0, s, 2).tolist()
+    r = rng.uniform(0.06, 0.3) * s  # every shape fits in a disc of radius r (+ line width)
+    kind, phi = rng.integers(4), rng.uniform(0, 2 * math.pi)
+    width = rng.uniform(0.5, 0.5 + 0.015 * s)  # lines only
+    ext = r + width + 2
+    y0, y1 = max(0, int(cy - ext)), min(s, int(cy + ext) + 1)
+    x0, x1 = max(0, int(cx - ext)), min(s, int(cx + ext) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return
+    y = np.arange(y0, y1, dtype=np.float32)[:, None] + 0.5 - cy  # (h, 1), centred on the shape
+    x = np.arange(x0, x1, dtype=np.float32)[None, :] + 0.5 - cx  # (1, w)
+    cos, sin = math.cos(phi), math.sin(phi)
+    u, v = x * cos + y * sin, y * cos - x * sin  # (h, w) coordinates in the shape's frame
+    if kind == 0:  # ellipse; the distance is exact along the minor axis, close enough elsewhere
+        rb = r * rng.uniform(0.4, 1.0)
+        sdf = (np.sqrt((u / r) ** 2 + (v / rb) ** 2) - 1) * rb
+    elif kind == 1:  # rectangle with half-sides up to r/√2, so its corners stay within r
+        ha, hb = (r * rng.uniform(0.3, 0.707, 2)).tolist()
+        sdf = np.maximum(np.abs(u) - ha, np.abs(v) - hb)
+    elif kind == 2:  # convex polygon: the intersection of the half-planes of its edges
+        k = rng.integers(3, 7)
+        ang = phi + 2 * np.pi * (np.arange(k) + rng.uniform(-0.3, 0.3, k)) / k
+        px, py = (r * rng.uniform(0.6, 1.0, k) * np.stack([np.cos(ang), np.sin(ang)])).tolist()
+        sdf = np.full(u.shape, -np.inf, np.float32)
+        for i in range(k):
+            ex, ey = px[(i + 1) % k] - px[i], py[(i + 1) % k] - py[i]
+            nx, ny = ey / math.hypot(ex, ey), -ex / math.hypot(ex, ey)
+            if nx * px[i] + ny * py[i] < 0:  # point the normal away from the centre
+                nx, ny = -nx, -ny
+            sdf = np.maximum(sdf, nx * (x - px[i]) + ny * (y - py[i]))
+    else:  # line segment of half-length up to r along u
+        half = r * rng.uniform(0.5, 1.0)
+        sdf = np.sqrt(np.maximum(np.abs(u) - half, 0) ** 2 + v ** 2) - width
+    cover = np.clip(0.5 - sdf, 0, 1) * rng.uniform(0.6, 1.0)  # (h, w), translucent
+    patch = img[:, y0:y1, x0:x1]  # (C, h, w) view: the blend writes into img
+    patch += cover * (_fill(u, v, r, rng) - patch)
+
+
+def _fill(u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
+    """(C, h, w) colours of a shape: linear shading, stripes, checkerboard or a sinusoid."""
+    ca, cb = rng.uniform(0, 255, (2, 3, 1, 1)).astype(np.float32)
+    kind = rng.integers(4)
+    if kind == 0:
+        return ca + (u / r) * rng.uniform(-40, 40, (3, 1, 1)).astype(np.float32)
+    period = rng.uniform(3.0, max(4.0, r))
+    if kind == 1:
+        tex = np.sin(2 * math.pi * u / period) > 0
+    elif kind == 2:
+        tex = (np.floor(u / period) + np.floor(v / period)) % 2
+    else:
+        tex = 0.5 + 0.5 * np.sin(2 * math.pi * u / period) * np.cos(2 * math.pi * v / period)
+    return ca + tex.astype(np.float32) * (cb - ca)
+
+
+class ImageFolder:
+    """Every .jpg/.jpeg/.png under ``root`` (recursive, sorted), each at least ``min_size``².
+
+    The folder is checked up front so that a bad dataset fails before training starts:
+    unreadable files are skipped with a warning, and an image too small to crop raises.
+    ``names[i]`` is the path of item ``i`` relative to ``root``.
+    """
+
+    def __init__(self, root, min_size: int):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataError(f"data folder {self.root} does not exist (or is not a folder)")
+        found = sorted(p for p in self.root.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not found:
+            raise DataError(f"no images in data folder {self.root}: looked for "
+                            f"{', '.join(IMAGE_EXTENSIONS)} files (any case, in sub-folders too)")
+        self.paths: list[Path] = []
+        too_small = []
+        for path in found:
+            try:  # Image.open reads the header only, so this stays cheap for big folders
+                with Image.open(path) as im:
+                    width, height = im.size
+            except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this file"
+                warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+                continue
+            if min(width, height) < min_size:
+                too_small.append(f"{path} is {width}×{height}")
+            self.paths.append(path)
+        if not self.paths:
+            raise DataError(f"none of the {len(found)} image files in {self.root} could be read")
+        if too_small:
+            more = f" (and {len(too_small) - 3} more)" if len(too_small) > 3 else ""
+            raise DataError(f"image {'; '.join(too_small[:3])}{more}: smaller than the "
+                            f"{min_size}×{min_size} crop; use a smaller --image-size or "
+                            "remove the file(s)")
+        self.names = [p.relative_to(self.root).as_posix() for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return str(self.paths[i])
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """uint8 ``(H, W, 3)`` RGB, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                return _to_rgb(ImageOps.exif_transpose(im))
+        except Exception as e:  # noqa: BLE001 - report any decoder failure with the file name
+            raise DataError(f"cannot decode image {path}: {e}; remove or replace the file") from e
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I"):
+        # Pillow clips 16-bit values to 255 when converting to RGB; rescale instead.
+        grey = np.rint(np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the direct P → RGB conversion warns about such palettes
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
+def _crop(image: np.ndarray, top: int, left: int, size: int, what: str) -> np.ndarray:
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise DataError(f"{what} is {w}×{h}, smaller than the {size}×{size} crop; use a "
+                        "smaller --image-size or remove the file")
+    return image[top:top + size, left:left + size]
+
+
+def center_crop(image: np.ndarray, size: int, what: str = "image") -> np.ndarray:
+    """The central ``size``² window of a ``(H, W, C)`` image (no resizing)."""
+    h, w = image.shape[:2]
+    return _crop(image, (h - size) // 2, (w - size) // 2, size, what)
+
+
+class BatchSource:
+    """Batches for training step ``step``, a pure function of ``(cfg.train.seed, step)``.
+
+    Sample ``g = step·B + i`` of the run is item ``perm_e[g mod len]`` of epoch
+    ``e = g // len``, each epoch drawing its own permutation. With ``train=True`` each image
+    gets a uniformly placed crop and a horizontal flip with probability 0.5; with
+    ``train=False`` a centre crop and no flip.
+
+    ``dataset`` needs ``len()``, ``dataset[i]`` → uint8 (H, W, 3) and, for error messages,
+    optionally ``name(i)``; ``SyntheticImages`` and ``ImageFolder`` have all three.
+    """
+
+    def __init__(self, dataset, cfg: Config, train: bool = True):
+        if cfg.model.channels != 3:
+            raise ConfigError(f"the image pipeline yields RGB images, so model.channels must "
+                              f"be 3, got {cfg.model.channels}")
+        if len(dataset) == 0:
+            raise DataError("the dataset is empty")
+        self.dataset, self.cfg, self.train = dataset, cfg, train
+        self._name = getattr(dataset, "name", lambda i: f"dataset item {i}")
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.cfg.train.seed, epoch, STREAM_DATA]).permutation(
+                len(self.dataset))
+            with self._lock:  # a step spans at most a few epochs; keep only recent ones
+                self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+                self._perms[epoch] = perm
+        return perm
+
+    def indices(self, step: int) -> np.ndarray:
+        """(B,) dataset indices of the samples of ``step``."""
+        n, b = len(self.dataset), self.cfg.train.batch_size
+        g = step * b + np.arange(b)
+        return np.array([self._perm(int(e))[r] for e, r in zip(g // n, g % n)], np.int64)
+
+    def batch(self, step: int) -> dict:
+        """``images`` (B, H, W, C) float32 in [-1, 1]; ``mask`` (B, N) float32, 1 = masked;
+        ``mask_ratio`` (float) and ``step`` (int)."""
+        size, b = self.cfg.model.image_size, self.cfg.train.batch_size
+        # One draw per sample whatever its image size, so the stream is stable.
+        u = step_rng(self.cfg.train.seed, step, STREAM_AUGMENT).random((b, 3))
+        crops = []
+        for i, idx in enumerate(self.indices(step)):
+            image, what = self.dataset[int(idx)], self._name(int(idx))
+            if self.train:
+                h, w = image.shape[:2]
+                top, left = int(u[i, 0] * (h - size + 1)), int(u[i, 1] * (w - size + 1))
+                crop = _crop(image, top, left, size, what)
+                crops.append(crop[:, ::-1] if u[i, 2] < 0.5 else crop)
+            else:
+                crops.append(center_crop(image, size, what))
+        mask, ratio = mask_for_step(step, self.cfg.train, self.cfg.model.num_patches)
+        return {"images": from_uint8(np.stack(crops)),  # (B, H, W, C)
+                "mask": mask,  # (B, N)
+                "mask_ratio": float(ratio), "step": int(step)}
+
+
+class Prefetcher:
+    """Iterate ``source.batch(s)`` for ``s`` in ``[start, stop)``, computed ahead in threads.
+
+    Up to ``depth`` batches are in flight on ``workers`` threads; batches come out in step
+    order, and an exception raised while building one is re-raised here. Use it as a
+    context manager (or call ``close()``) so no worker thread outlives the loop.
+    """
+
+    def __init__(self, source, start: int, stop: int, depth: int = 4, workers: int = 2):
+        if depth < 1 or workers < 1:
+            raise ValueError(f"depth and workers must be >= 1, got {depth} and {workers}")
+        self._source, self._next, self._stop, self._depth = source, start, stop, depth
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maetok-data")
+        self._pending: deque = deque()
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and self._next < self._stop:
+            self._pending.append(self._pool.submit(self._source.batch, self._next))
+            self._next += 1
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> dict:
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        try:
+            batch = self._pending.popleft().result()
+        except BaseException:
+            self.close()
+            raise
+        self._fill()
+        return batch
+
+    def close(self) -> None:
+        """Cancel batches not started yet and wait for the running ones; idempotent."""
+        self._next = self._stop
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_eval_images(folder, size: int) -> tuple[np.ndarray, list[str]]:
+    """Centre ``size``² crops of every readable image in ``folder``, sorted by name.
+
+    Returns ``(images, names)``: images (B, size, size, 3) float32 in [-1, 1] and the
+    file names relative to ``folder``. Images are cropped from full resolution, not resized.
+    """
+    ds = ImageFolder(folder, min_size=size)
+    # Filled in place: a list of crop views would keep every full-size image alive.
+    crops = np.empty((len(ds), size, size, 3), np.uint8)
+    for i in range(len(ds)):
+        crops[i] = center_crop(ds[i], size, ds.name(i))
+    return from_uint8(crops), list(ds.names)
+
+
+def save_images(folder, images, names: list[str]) -> list[Path]:
+    """Write (B, H, W, 3) images in [-1, 1] as ``folder/<name>.png``; returns the paths.
+
+    A name's extension is replaced by .png and its sub-folders are created.
+    """
+    pixels = to_uint8(images)
+    if len(pixels) != len(names):
+        raise ValueError(f"{len(pixels)} images but {len(names)} names")
+    out = [Path(folder) / Path(name).with_suffix(".png") for name in names]
+    seen = Counter(out)
+    clashes = sorted(n for n, p in zip(names, out) if seen[p] > 1)
+    if clashes:
+        raise DataError(f"images {clashes} would be written to the same .png; rename them")
+    for path, image in zip(out, pixels):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    return out

@@ -1,0 +1,141 @@
+"""Checkpoints: exact round trip, atomic saves, and precise messages for every mismatch."""
+
+import os
+
+import numpy as np
+import pytest
+
+from maetok.checkpoint import layout, load_checkpoint, read_config, save_checkpoint
+from maetok.config import preset
+from maetok.errors import CheckpointError
+from maetok.params import flatten
+
+
+def _state(rng):
+    """A small train-state-shaped tree of random values with several dtypes."""
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    return {
+        "step": np.int64(1234),
+        "params": {"enc": {"w": w, "b": rng.standard_normal(4).astype(np.float32)},
+                   "flag": np.array([True, False])},
+        "opt": {"count": np.array(1234, np.int32),
+                "mu": {"enc": {"w": 0.1 * w, "b": rng.standard_normal(4).astype(np.float32)}}},
+        "ema": {"x": rng.standard_normal((2, 2)).astype(np.float64)},
+    }
+
+
+def test_round_trip_is_bit_exact(tmp_path, rng, tiny):
+    state = _state(rng)
+    path = save_checkpoint(tmp_path / "run" / "ckpt.safetensors", state, tiny,
+                           meta={"backend": "jax", "stage": 1, "extra": {"a": [1, 2]}, "n": "7"})
+    loaded, cfg, meta = load_checkpoint(path, tiny, layout(state))
+    assert cfg == tiny and read_config(path) == tiny
+    assert meta == {"backend": "jax", "stage": 1, "extra": {"a": [1, 2]}, "n": "7"}
+    want, got = flatten(state), flatten(loaded)
+    assert sorted(want) == sorted(got)
+    for key in want:
+        expected = np.asarray(want[key])
+        assert got[key].dtype == expected.dtype and got[key].shape == expected.shape, key
+        assert got[key].tobytes() == expected.tobytes(), key
+    assert loaded["step"].shape == () and int(loaded["step"]) == 1234
+    (tmp_path / "run" / "plain").touch()  # the checkpoint gets a plain file's permissions
+    assert path.stat().st_mode == (tmp_path / "run" / "plain").stat().st_mode
+
+
+def test_layout_normalises_dtype_names():
+    class FakeTorch:  # torch tensors print their dtype as "torch.float32"
+        shape, dtype = (2, 3), "torch.float32"
+    assert layout({"a": {"b": FakeTorch()}, "s": np.int64(3)}) == {
+        "a/b": ((2, 3), "float32"), "s": ((), "int64")}
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_non_finite_state_is_refused_and_the_old_file_kept(tmp_path, rng, tiny):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
+    before = path.read_bytes()
+    bad = _state(rng)
+    bad["opt"]["mu"]["enc"]["b"][2] = np.nan
+    with pytest.raises(CheckpointError, match="opt/mu/enc/b"):
+        save_checkpoint(path, bad, tiny)
+    assert path.read_bytes() == before
+    assert _files(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, _state(rng), tiny)
+    assert path.read_bytes() == before
+    assert _files(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_model_mismatch_names_every_field(tmp_path, rng, tiny):
+    path = save_checkpoint(tmp_path / "c.safetensors", _state(rng), tiny)
+    other = tiny.replace(model={"enc_width": 128, "dec_depth": 3}, train={"lr": 0.5})
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, other)
+    msg = str(e.value)
+    assert "model.enc_width: checkpoint 64, expected 128" in msg
+    assert "model.dec_depth: checkpoint 2, expected 3" in msg and "\n" not in msg
+    assert "lr" not in msg  # train settings may change between runs
+    # Only the train section differs: loads fine.
+    load_checkpoint(path, tiny.replace(train={"lr": 0.5}))
+
+
+def test_layout_mismatches_are_listed(tmp_path, rng, tiny):
+    state = _state(rng)
+    path = save_checkpoint(tmp_path / "c.safetensors", state, tiny)
+    expected = layout(state)
+    del expected["ema/x"]  # in the file, not expected
+    expected["params/extra"] = ((5,), "float32")  # expected, not in the file
+    expected["params/enc/w"] = ((4, 3), "float32")
+    expected["opt/count"] = ((), "int64")
+    for i in range(12):
+        expected[f"params/more{i:02d}"] = ((1,), "float32")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path, tiny, expected)
+    msg = str(e.value)
+    assert "\n" not in msg  # the command line prints it as one line
+    assert "13 missing key(s) [params/extra, params/more00," in msg and "... and 3 more]" in msg
+    assert "1 unexpected key(s) [ema/x]" in msg
+    assert "params/enc/w: checkpoint (3, 4), expected (4, 3)" in msg
+    assert "opt/count: checkpoint int32, expected int64" in msg
+
+
+def test_unreadable_files_raise_checkpoint_errors(tmp_path, rng, tiny):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(rng.bytes(4096))
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(junk)
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        read_config(junk)
+    good = save_checkpoint(tmp_path / "good.safetensors", _state(rng), tiny)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-40])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_checkpoint(cut)
+
+
+def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
+    from safetensors.numpy import save_file
+    tensors = {"w": rng.standard_normal(3).astype(np.float32)}
+    save_file(tensors, tmp_path / "plain.safetensors")
+    with pytest.raises(CheckpointError, match="no format tag"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+    save_file(tensors, tmp_path / "other.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="'pt'"):
+        read_config(tmp_path / "other.safetensors")
+    save_file(tensors, tmp_path / "cfg.safetensors",
+              metadata={"format": "maetok-checkpoint/1", "config": '{"model": {"patch_size": 5}}'})
+    with pytest.raises(CheckpointError, match="invalid config.*not divisible"):
+        load_checkpoint(tmp_path / "cfg.safetensors")
