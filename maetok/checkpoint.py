@@ -182,10 +182,14 @@ def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
+# How the model computes, not what its parameters are: a checkpoint may change these.
+COMPUTE_ONLY = ("compute_dtype", "attention")
+
+
 def _check_model(path: Path, found: Config, want: Config) -> None:
     a, b = found.to_dict()["model"], want.to_dict()["model"]
     diffs = [f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"
-             for k in sorted(a) if a[k] != b[k]]
+             for k in sorted(a) if a[k] != b[k] and k not in COMPUTE_ONLY]
     if diffs:  # one line: the command line prints user errors as a single line
         raise CheckpointError(f"checkpoint {path} was saved with a different model config "
                               f"({'; '.join(diffs)}); use a matching checkpoint, or the model "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -113,7 +114,8 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
                unit="step", dynamic_ncols=True)
     try:
-        with Prefetcher(source, start, end) as batches:
+        workers = min(8, os.cpu_count() or 2)  # decoding and cropping run in numpy threads
+        with Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches:
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
