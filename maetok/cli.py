@@ -53,6 +53,8 @@ def _train_config(args) -> Config:
             train[field] = getattr(args, flag)
     if args.dtype:
         changes.setdefault("model", {})["compute_dtype"] = args.dtype
+    if args.image_size:
+        changes.setdefault("model", {})["image_size"] = args.image_size
     if args.stage == 2 and "anneal_steps" not in train and args.steps:
         train["anneal_steps"] = args.steps
     return cfg.replace(**{k: v for k, v in changes.items() if v})
@@ -208,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
+    p.add_argument("--image-size", type=int, help="crop size (a multiple of the patch size)")
     p.add_argument("--init-from", help="stage 2: the Stage-1 checkpoint to start from")
     p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing OUT")

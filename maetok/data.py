@@ -177,8 +177,13 @@ class ImageFolder:
     ``names[i]`` is the path of item ``i`` relative to ``root``.
     """
 
-    def __init__(self, root, min_size: int):
+    def __init__(self, root, min_size: int, cache_bytes: int = 2 << 30):
         self.root = Path(root)
+        # Decoded images are kept (up to ``cache_bytes``) so small datasets such as
+        # BSDS500 are decoded once, not once per epoch; read-only as they are shared.
+        self._cache: dict[int, np.ndarray] = {}
+        self._cache_left = cache_bytes
+        self._lock = threading.Lock()
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (or is not a folder)")
         found = sorted(p for p in self.root.rglob("*")
@@ -215,12 +220,21 @@ class ImageFolder:
 
     def __getitem__(self, i: int) -> np.ndarray:
         """uint8 ``(H, W, 3)`` RGB, whatever the file's mode (grey, RGBA, palette, 16-bit)."""
+        cached = self._cache.get(i)
+        if cached is not None:
+            return cached
         path = self.paths[i]
         try:
             with Image.open(path) as im:
-                return _to_rgb(ImageOps.exif_transpose(im))
+                image = _to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:  # noqa: BLE001 - report any decoder failure with the file name
             raise DataError(f"cannot decode image {path}: {e}; remove or replace the file") from e
+        image.flags.writeable = False
+        with self._lock:
+            if image.nbytes <= self._cache_left and i not in self._cache:
+                self._cache[i] = image
+                self._cache_left -= image.nbytes
+        return image
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
