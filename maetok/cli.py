@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--out", help="folder for eval.json and the sheet (default: next to the checkpoint)")
     p.set_defaults(fn=cmd_eval)
+
+    from maetok.parity import add_parser as add_parity_parser
+    add_parity_parser(sub)
     return parser
 
 

@@ -68,6 +68,24 @@ def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
     return tree[key]
 
 
+def init_from_checkpoint(backend, path, cfg: Config):
+    """A fresh train state (step 0, fresh optimiser) starting from a checkpoint's weights.
+
+    The tokenizer parameters seed both ``params`` and the EMA; a discriminator and its
+    LeCAM statistics are carried over too when the checkpoint has them and ``cfg`` uses one.
+    """
+    params = params_from_checkpoint(path, cfg)
+    state = backend.state_to_numpy(backend.init_state(cfg.train.seed, params))
+    if "ema" in state:
+        state["ema"] = params
+    if cfg.loss.use_adv:
+        tree, _, _ = ckpt.load_checkpoint(path, cfg)
+        for key in ("disc", "lecam"):
+            if key in tree:
+                state[key] = tree[key]
+    return backend.state_from_numpy(state)
+
+
 def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
@@ -95,10 +113,7 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
             raise CheckpointError(f"--resume: no checkpoint at {path}")
         state = load_state(backend, path, cfg)
     elif init_from is not None:
-        params = params_from_checkpoint(init_from, cfg)
-        state = backend.init_state(cfg.train.seed, params)
-        if "ema" in state:  # start the EMA from the loaded weights, not from the initialiser
-            state = backend.state_from_numpy({**backend.state_to_numpy(state), "ema": params})
+        state = init_from_checkpoint(backend, init_from, cfg)
     else:
         state = backend.init_state(cfg.train.seed)
     start = int(backend.state_to_numpy({"step": state["step"]})["step"])

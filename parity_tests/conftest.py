@@ -1,5 +1,5 @@
-"""Shared setup for the JAX-vs-torch parity tests: the ONE tolerance table, device choice,
-seeded inputs and comparison helpers.
+"""Shared setup for the JAX-vs-torch parity tests: the ONE tolerance table (imported from
+``maetok.parity``), device choice, seeded inputs and comparison helpers.
 
 Run on CPU (default) or a GPU with ``pytest parity_tests --device cuda``. On a GPU, TF32 is
 turned off in both frameworks so fp32 means fp32; JAX matmuls/convs run at "highest"
@@ -14,6 +14,7 @@ import os
 # (torch shares the device).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
+import functools  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -29,13 +30,9 @@ except ImportError:
 import jax  # noqa: E402
 import torch  # noqa: E402
 
-# Relative errors (rel_err below): max|a − b| / max|b|, per array.
-TOL = {
-    "forward_fp32": 1e-5,  # one forward pass, float32
-    "grad_fp32": 1e-4,  # gradients through one forward/backward, float32
-    "trajectory_fp32": 1e-4,  # parameters after a few optimiser steps, float32
-    "loss_bf16": 2e-2,  # losses with compute_dtype = bfloat16
-}
+# THE tolerance table lives in maetok/parity.py, so the `maetok parity` report and this suite
+# hold the backends to the same numbers. Relative errors (rel_err below): max|a − b| / max|b|.
+from maetok.parity import TOL  # noqa: E402,F401
 
 _DEVICE = {"name": "cpu"}  # set once from --device in pytest_configure
 
@@ -129,3 +126,20 @@ def assert_close(a, b, tol: float, name: str) -> None:
     assert err <= tol, (f"{name}: relative error {err:.3e} > tol {tol:.1e} "
                         f"(max|a-b| = {np.max(np.abs(an.astype(np.float64) - bn)):.3e}, "
                         f"max|b| = {np.max(np.abs(bn)):.3e})")
+
+
+# ------------------------------------------------------------------------ train-step helpers
+
+def jax_device(device: str | None = None):
+    """The jax device of the session (or of ``device``): where JAX states are put."""
+    return jax.devices("gpu")[0] if (device or _DEVICE["name"]) == "cuda" else jax.devices("cpu")[0]
+
+
+@functools.lru_cache(maxsize=None)
+def jax_step(cfg):
+    """``jax.jit(make_train_step(cfg))``, built once per config for the whole session: a
+    train-step compile takes 10–20 s on a 2-core CPU, and the trajectory and checkpoint
+    tests run the same configs. No buffer donation, so a test may keep old states."""
+    from maetok_jax.train import make_train_step
+
+    return jax.jit(make_train_step(cfg))

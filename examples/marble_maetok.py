@@ -1,0 +1,113 @@
+"""Train the MAETok tokenizer inside Marble: one tokenizer iteration per Wanderer step.
+
+    python examples/marble_maetok.py                 # in a Marble installation
+    python examples/marble_maetok.py --host test     # under tests/marble_host.py (no Marble)
+
+The script registers the paradigm, builds a small Brain (a chain of neurons), loads the
+paradigm with ``brain.load_paradigm("maetok", {...})``, walks a few times with a
+Wanderer, and prints what the paradigm reported (``training/maetok``, ``maetok/tokens``,
+``maetok/aux``) after each walk. With ``--save PATH`` the tokenizer is written in the
+project's checkpoint format, for ``maetok reconstruct --checkpoint PATH`` or the JAX
+backend. Without Marble (and without ``--host test``) it says how to get Marble and
+exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing it
+    sys.path.insert(0, str(ROOT))
+
+
+def marble_host(kind: str):
+    """A context manager yielding ``marble.marblemain`` (or None when Marble is missing)."""
+    if kind == "test":
+        from tests import marble_host as host
+        return host.installed()
+    try:
+        import marble.marblemain as marblemain
+    except ImportError as e:
+        print(f"Marble is not available ({e}).\n"
+              "Marble is not on the package index: clone its repository (the one providing "
+              "marble/marblemain.py, github.com/FreddyE1982/_marble at the time of writing), "
+              "run `pip install -e .` inside it (or put it on PYTHONPATH), and run this script "
+              "again; `--host test` runs the same flow under the test suite's stand-in host.")
+        return None
+    return contextlib.nullcontext(marblemain)
+
+
+def fmt(d: dict, keys) -> str:
+    return "  ".join(f"{k}={d[k]:.4g}" for k in keys if isinstance(d.get(k), (int, float)))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", choices=("marble", "test"), default="marble")
+    ap.add_argument("--walks", type=int, default=6)
+    ap.add_argument("--neurons", type=int, default=6, help="length of the neuron chain")
+    ap.add_argument("--stage2-start", type=int, default=20, help="iteration of the Stage-2 switch")
+    ap.add_argument("--save", help="write the trained tokenizer to this checkpoint")
+    args = ap.parse_args(argv)
+
+    ctx = marble_host(args.host)
+    if ctx is None:
+        return 0
+    from maetok_torch.marble import register
+
+    with ctx as marblemain:
+        register()  # MAETokParadigm under "maetok"
+        brain = marblemain.Brain(2, size=(args.neurons, 1))
+        for i in range(args.neurons):
+            brain.add_neuron((i, 0), tensor=[0.1 * (i + 1)])
+        for i in range(args.neurons - 1):
+            brain.connect((i, 0), (i + 1, 0), direction="uni")
+        tok = brain.load_paradigm("maetok", {
+            "preset": "tiny", "batch_size": 8, "lr": 2e-3, "warmup_steps": 5,
+            "stage2_start": args.stage2_start, "anneal_steps": 20, "pretrain_steps": 4,
+            "stats_every": 5})
+        w = marblemain.Wanderer(brain, seed=0)  # on_wanderer, on_init: the state is built
+        if tok.stopped:  # e.g. a rejected config: the host fell back to cls()
+            print(f"the maetok paradigm is stopped: {tok.last_error}")
+            return 1
+        print(f"maetok paradigm on {tok.summary()['device']}: "
+              f"{tok.settings.source.description}, stage 2 from iteration {args.stage2_start}")
+        seen = 0
+        for k in range(args.walks):
+            stats = w.walk(max_steps=20, start=brain.get_neuron((0, 0)), lr=1e-2)
+            new = [r for r in tok.history if r["iteration"] >= seen]
+            seen = tok.iteration
+            mean = {key: sum(r[key] for r in new) / len(new)
+                    for key in ("loss", "rec", "mask_ratio") if new}
+            pre = sum(r["pretrain"] for r in new)
+            print(f"walk {k + 1}: host loss {stats['loss']:.4f} over {stats['steps']} steps | "
+                  f"maetok: {len(new)} iterations" + (f" ({pre} pretraining)" if pre else "")
+                  + f", stage {tok.stage}, " + fmt(mean, mean))
+        last = tok.history[-1] if tok.history else {}
+        print("training/maetok (last):", fmt(last, ("iteration", "stage", "loss", "rec", "percep",
+                                                   "lr", "mask_ratio", "grad_norm")))
+        tokens = tok.token_stats(tok.settings.source.batch(0))
+        print("maetok/tokens:", fmt(tokens, ("mean", "std", "token_var_mean", "token_usage",
+                                             "collapse")))
+        aux = [r for r in tok.history if "aux/hog" in r]
+        if aux:
+            print("maetok/aux (last stage-1 iteration):",
+                  fmt({k[4:]: v for k, v in aux[-1].items() if k.startswith("aux/")},
+                      ("hog", "conv", "pixel")))
+        reporter = getattr(marblemain, "REPORTER", None)
+        if args.host == "test" and reporter is not None:
+            paths = sorted(f"{g}/{sub}" for g, items in reporter.tree.items() for sub in items)
+            print("reported paths:", ", ".join(paths))
+        print(f"errors: {tok.error_count}" + (f" (last: {tok.last_error.splitlines()[0]})"
+                                              if tok.last_error else ""))
+        if args.save:
+            print(f"saved {tok.save(args.save)} (stage {tok.stage}, iteration {tok.iteration})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

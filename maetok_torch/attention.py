@@ -1,0 +1,47 @@
+"""Multi-head self-attention with 2D RoPE on q/k (SPEC §3.3). Mirrors ``maetok_jax/attention.py``.
+
+Two implementations give the same function:
+- ``plain``: explicit ``softmax(q kᵀ / √K) v`` with the softmax in float32 and the scale
+  applied to the logits after the matmul, as the JAX reference path does — the path the
+  parity tests pin;
+- ``fused``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU),
+  on (B, heads, T, K) views.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from maetok_torch.layers import dense
+from maetok_torch.rope import apply_rope
+
+
+def split_heads(qkv, heads: int):
+    """(B, T, 3·D) → three (B, T, heads, K) tensors; the columns are laid out [q | k | v]."""
+    b, t, d3 = qkv.shape
+    k = d3 // (3 * heads)
+    qkv = qkv.reshape(b, t, 3, heads, k)
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _plain(q, k, v):
+    # 1/√K rounded the way JAX computes it (float32 sqrt, float32 division).
+    scale = float(np.float32(1.0) / np.sqrt(np.float32(q.shape[-1])))
+    logits = torch.einsum("bqhk,bthk->bhqt", q, k).to(torch.float32) * scale
+    probs = torch.softmax(logits, dim=-1).to(v.dtype)
+    return torch.einsum("bhqt,bthk->bqhk", probs, v)
+
+
+def _fused(q, k, v):
+    # SDPA wants (B, heads, T, K); its default scale is 1/√K, as in the plain path.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)  # (B, T, heads, K)
+
+
+def attention(params, x, cos, sin, heads: int, impl: str = "plain"):
+    """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D)."""
+    b, t, d = x.shape
+    q, k, v = split_heads(dense(params["qkv"], x), heads)  # each (B, T, heads, K)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
+    return dense(params["proj"], out.reshape(b, t, d))

@@ -1,0 +1,105 @@
+"""The torch backend as the command line and the trainer see it. Mirrors ``maetok_jax/backend.py``.
+
+Every backend module (``maetok_jax.backend``, ``maetok_torch.backend``) offers the same
+``Backend`` class, so ``maetok.trainer`` and ``maetok.cli`` are written once. Inputs and
+outputs at this boundary are numpy arrays (images channel-last, as everywhere); the state
+lives on one device, ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from maetok_torch import model, train
+from maetok_torch.optim import tree_map
+
+
+class Backend:
+    name = "torch"
+
+    def __init__(self, cfg, device: str | None = None, compile: bool = False):
+        self.cfg = cfg
+        self.device = torch.device(device or train.default_device())
+        self.compile = compile
+        self._step = None
+
+    def describe(self) -> str:
+        where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                 else "cpu")
+        mode = "torch.compile" if self.compile else "eager"
+        return f"torch {torch.__version__} on {where} ({mode})"
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, seed: int, params: dict | None = None):
+        return train.init_state(self.cfg, seed, params, self.device)
+
+    def state_to_numpy(self, state) -> dict:
+        return train.state_to_numpy(state)
+
+    def state_from_numpy(self, tree: dict):
+        return train.state_from_numpy(tree, self.device)
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, state, batch: dict, step: int):
+        """One step; returns the new state and device-side metrics (no host sync)."""
+        if self._step is None:
+            self._step = (train.compile_train_step(self.cfg) if self.compile
+                          else train.make_train_step(self.cfg))
+        return self._step(state, *train.step_inputs(batch, self.cfg, step, self.device))
+
+    def compiled_count(self) -> int:
+        """How many programs the train step has built: 0 before the first step.
+
+        Eager: 1 once the step function exists (nothing is ever recompiled). With
+        ``compile=True``: the number of graphs ``torch.compile`` has built, which stays
+        constant across steps unless something recompiles (a graph break adds a graph once).
+        """
+        if self._step is None:
+            return 0
+        return self._step.graphs if self.compile else 1
+
+    @staticmethod
+    def metrics_to_host(metrics) -> dict[str, float]:
+        keys = list(metrics)
+        if not keys:
+            return {}
+        values = torch.stack([metrics[k].to(torch.float32) for k in keys]).cpu().tolist()
+        return dict(zip(keys, values))  # one transfer for all metrics
+
+    # ------------------------------------------------------------------ inference
+    def _tensor(self, x: np.ndarray) -> torch.Tensor:
+        return torch.tensor(np.asarray(x, np.float32), device=self.device)
+
+    @torch.no_grad()
+    def reconstruct(self, params, images: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """images (B, H, W, C) in [-1, 1] → reconstructions, with ``mask`` (B, N) or none."""
+        m = self.cfg.model
+        if mask is None:
+            mask = np.zeros((images.shape[0], m.num_patches), np.float32)
+        recon = model.forward(params, self._tensor(images), self._tensor(mask), m,
+                              with_aux=False)[0]
+        return recon.cpu().numpy()
+
+    @torch.no_grad()
+    def encode(self, params, images: np.ndarray) -> np.ndarray:
+        """images (B, H, W, C) → latent tokens (B, L, latent_dim), no mask."""
+        m = self.cfg.model
+        mask = torch.zeros((images.shape[0], m.num_patches), dtype=torch.float32,
+                           device=self.device)
+        return model.encode(params["encoder"], self._tensor(images), mask, m).cpu().numpy()
+
+    @torch.no_grad()
+    def decode(self, params, latents: np.ndarray) -> np.ndarray:
+        """latent tokens (B, L, latent_dim) → images (B, H, W, C)."""
+        images, _ = model.decode(params["decoder"], self._tensor(latents), self.cfg.model)
+        return images.cpu().numpy()
+
+    def to_device_tree(self, tree: dict):
+        return tree_map(lambda a: train._to_tensor(a, self.device), tree)
+
+    def peak_memory_bytes(self) -> int | None:
+        """Peak CUDA memory allocated so far (None on the CPU)."""
+        if torch.device(self.device).type != "cuda":
+            return None
+        return int(torch.cuda.max_memory_allocated(self.device))

@@ -1,0 +1,66 @@
+"""Loss terms (SPEC §4–5): L_rec, L_mask, the adaptive adversarial weight, and the totals.
+
+Mirrors ``maetok_jax/losses.py``. The perceptual pyramid and the discriminator's own
+losses live in ``perceptual`` and ``discriminator``; this module combines them into the
+Stage-1 and Stage-2 objectives:
+
+    L_tok = L_rec + λ1·L_percep + λ2·L_adv          Stage 1: L_tok + L_mask     Stage 2: L_tok
+"""
+
+import torch
+
+from maetok_torch.discriminator import discriminator, generator_adv_loss
+from maetok_torch.patches import patchify
+from maetok_torch.perceptual import perceptual_loss
+
+
+def reconstruction_loss(images, recon, kind: str = "mse"):
+    """Mean over every pixel and channel of (I − Î)² (``mse``) or |I − Î| (``l1``)."""
+    diff = recon - images
+    return torch.mean(torch.abs(diff)) if kind == "l1" else torch.mean(torch.square(diff))
+
+
+def mask_loss(preds, targets, mask, lo):
+    """L_mask = Σ_j γ_j · mean over masked tokens of the per-token mean squared error.
+
+    preds/targets: {name: (B, N, D_j)}; mask (B, N), 1 = masked. The per-token error is
+    averaged over D_j so targets of different widths weigh alike; with no masked token the
+    term is 0. Returns (total, {name: term}).
+    """
+    count = torch.clamp(torch.sum(mask), min=1.0)
+    terms = {}
+    for name, pred in preds.items():
+        per_token = torch.mean(torch.square(pred - targets[name]), dim=-1)  # (B, N)
+        terms[name] = torch.sum(per_token * mask) / count
+    total = sum(lo.gamma_for(name) * term for name, term in terms.items())
+    return torch.as_tensor(total, dtype=torch.float32, device=mask.device), terms
+
+
+def nll_loss(images, recon, m, lo):
+    """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
+    rec = reconstruction_loss(images, recon, lo.rec)
+    percep = (perceptual_loss(images, recon, m) if lo.lambda_percep > 0
+              else torch.zeros((), device=recon.device))
+    return rec + lo.lambda_percep * percep, rec, percep
+
+
+def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
+    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + 1e-4), clipped to [0, 1e4], W the decoder's last dense.
+
+    With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
+    networks are differentiated, not the decoder. The weight carries no gradient: both
+    inner gradients (``torch.func.grad``, which nests inside the step's own) are taken
+    with respect to a detached copy of Î.
+    """
+    feats = feats.detach().to(torch.float32)
+    disc_params = {k: {n: v.detach() for n, v in layer.items()} for k, layer in disc_params.items()}
+    recon = recon.detach()
+    g_nll = torch.func.grad(lambda r: nll_loss(images, r, m, lo)[0])(recon)
+    g_adv = torch.func.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
+
+    def weight_grad_norm(g):
+        gw = torch.einsum("bnd,bno->do", feats, patchify(g, m.patch_size))
+        return torch.sqrt(torch.sum(torch.square(gw)))
+
+    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + 1e-4)
+    return torch.clamp(w, 0.0, 1e4).detach()

@@ -1,0 +1,105 @@
+"""Hand-written optimisers over parameter trees (SPEC §7): Adam/AdamW, SGD, clipping, EMA.
+
+Mirrors ``maetok_jax/optim.py`` (no ``torch.optim``). Each optimiser is a pair
+``init(params) -> OptState`` and ``update(grads, state, params, lr, t) -> (params, state)``,
+with the one operation order shared with the JAX backend, written out term by term in the
+same association so both round alike:
+
+    g ← g + wd·p                             (adam, sgd: L2 through the gradient)
+    mu ← b1·mu + (1 − b1)·g                  nu ← b2·nu + (1 − b2)·g·g
+    mu_hat ← mu / (1 − b1^t)                 nu_hat ← nu / (1 − b2^t)
+    p ← p − lr·(mu_hat / (sqrt(nu_hat) + eps) + wd·p)      (wd term: adamw only)
+    sgd: mu ← momentum·mu + g;  p ← p − lr·mu
+
+``t`` counts updates from 1. ``lr`` may be a float or a 0-d float32 tensor on the device,
+so a host-side schedule changes it without a recompile under ``torch.compile``. Updates
+are pure: new tensors are returned and the inputs are left as they were. Call them under
+``torch.no_grad()`` (the train step does).
+"""
+
+from typing import NamedTuple
+
+import torch
+
+
+def tree_map(fn, tree, *rest):
+    """``fn`` over the leaves of nested dicts (the structure of ``tree``), like jax's."""
+    if isinstance(tree, dict):
+        return {k: tree_map(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
+    return fn(tree, *rest)
+
+
+def tree_leaves(tree) -> list:
+    """Leaves in jax's order (dict keys sorted), so sums over leaves run in the same order."""
+    if isinstance(tree, dict):
+        return [leaf for k in sorted(tree) for leaf in tree_leaves(tree[k])]
+    return [tree]
+
+
+class OptState(NamedTuple):
+    count: torch.Tensor  # int32 scalar, number of updates applied
+    mu: dict  # first moment (adam) or momentum buffer (sgd)
+    nu: dict  # second moment (adam); empty for sgd
+
+
+def opt_init(params, t_cfg) -> OptState:
+    zeros = tree_map(torch.zeros_like, params)
+    nu = tree_map(torch.zeros_like, params) if t_cfg.optimizer != "sgd" else {}
+    device = tree_leaves(params)[0].device if tree_leaves(params) else None
+    return OptState(torch.zeros((), dtype=torch.int32, device=device), zeros, nu)
+
+
+def global_norm(grads):
+    leaves = tree_leaves(grads)
+    return torch.sqrt(sum(torch.sum(torch.square(g.to(torch.float32))) for g in leaves))
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + 1e-6))``; returns (grads, ‖g‖ before)."""
+    norm = global_norm(grads)
+    if max_norm <= 0:
+        return grads, norm
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return tree_map(lambda g: g * scale, grads), norm
+
+
+def adam_update(grads, state: OptState, params, lr, t_cfg):
+    count = state.count + 1
+    t = count.to(torch.float32)
+    b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
+    decoupled = t_cfg.optimizer == "adamw"
+    if not decoupled and wd:
+        grads = tree_map(lambda g, p: g + wd * p, grads, params)
+    mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+    nu = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+    c1 = 1 - b1 ** t
+    c2 = 1 - b2 ** t
+
+    def step(p, m, v):
+        upd = (m / c1) / (torch.sqrt(v / c2) + eps)
+        if decoupled and wd:
+            upd = upd + wd * p
+        return p - lr * upd
+
+    return tree_map(step, params, mu, nu), OptState(count, mu, nu)
+
+
+def sgd_update(grads, state: OptState, params, lr, t_cfg):
+    wd, momentum = t_cfg.weight_decay, t_cfg.momentum
+    if wd:
+        grads = tree_map(lambda g, p: g + wd * p, grads, params)
+    mu = tree_map(lambda m, g: momentum * m + g, state.mu, grads) if momentum else grads
+    new_params = tree_map(lambda p, m: p - lr * m, params, mu)
+    return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
+
+
+def opt_update(grads, state: OptState, params, lr, t_cfg):
+    """One optimiser step (after clipping) → (new params, new state)."""
+    if t_cfg.optimizer == "sgd":
+        return sgd_update(grads, state, params, lr, t_cfg)
+    return adam_update(grads, state, params, lr, t_cfg)
+
+
+def ema_update(ema, params, decay: float):
+    """``ema ← decay·ema + (1 − decay)·params``."""
+    return tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)

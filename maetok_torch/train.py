@@ -1,0 +1,263 @@
+"""Train state and the Stage-1 / Stage-2 train steps (SPEC §5–7). Mirrors ``maetok_jax/train.py``.
+
+The train state is a plain dict of tensors, all on one device::
+
+    {"step": int32, "params": {...}, "opt": OptState, "ema": {...}?,
+     "disc": {...}?, "disc_opt": OptState?, "lecam": {"real", "fake"}?}
+
+``make_train_step(cfg)`` returns the eager step; ``compile_train_step`` wraps it with
+``torch.compile`` at the edge (STYLE habit 6). Learning rates and the ``adv_on`` switch
+enter as 0-d float32 tensors on the device and masks as tensors of a fixed shape, so the
+step never reads a value back to the host (no ``.item()``, no Python branch on a tensor)
+and a compiled step does not recompile when they change.
+
+Gradients come from ``torch.autograd.grad`` over the leaves of the trainable groups
+(``value_and_grad``, the counterpart of ``jax.value_and_grad(..., has_aux=True)``); the
+optimiser then runs under ``torch.no_grad`` and returns new tensors, so a step is a pure
+function of its inputs like the JAX one (the old state stays valid).
+
+Stage 1 trains encoder, decoder and auxiliary decoders on ``L_tok + L_mask``. Stage 2
+differentiates the decoder only: the encoder runs under ``torch.no_grad`` (JAX:
+``stop_gradient``), its parameters, optimiser moments and EMA are carried through as the
+very same tensors, and the auxiliary decoders are not evaluated.
+"""
+
+import numpy as np
+import torch
+
+from maetok import params as param_spec
+from maetok_torch.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
+                                        lecam_loss, update_lecam)
+from maetok_torch.losses import adaptive_adv_weight, mask_loss, nll_loss
+from maetok_torch.model import aux_predict, decode, encode
+from maetok_torch.optim import (OptState, clip_by_global_norm, ema_update, opt_init, opt_update,
+                                tree_map)
+from maetok_torch.targets import compute_targets
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def trainable_keys(stage: int) -> tuple[str, ...]:
+    """Top-level parameter groups updated in ``stage``."""
+    return ("encoder", "decoder", "aux") if stage == 1 else ("decoder",)
+
+
+def _to_tensor(a, device) -> torch.Tensor:
+    """numpy / scalar / tensor → tensor on ``device``; 64-bit numbers become 32-bit as in
+    JAX (x64 off), so both backends hold the same dtypes."""
+    if isinstance(a, torch.Tensor):
+        return a.to(device)
+    a = np.asarray(a)
+    if a.dtype == np.float64:
+        a = a.astype(np.float32)
+    elif a.dtype == np.int64:
+        a = a.astype(np.int32)
+    return torch.tensor(a, device=device)  # a copy: checkpoint arrays may be read-only
+
+
+def init_state(cfg, seed: int, params=None, device=None):
+    """A fresh train state from the shared numpy initialiser (or from given ``params``)."""
+    device = torch.device(device or default_device())
+    if params is None:
+        params = param_spec.init_params(cfg, seed)
+    params = tree_map(lambda a: _to_tensor(a, device), params)
+    state = {"step": torch.zeros((), dtype=torch.int32, device=device), "params": params,
+             "opt": opt_init(params, cfg.train)}
+    if cfg.train.ema_decay > 0:
+        state["ema"] = tree_map(torch.clone, params)
+    if cfg.loss.use_adv:
+        disc = tree_map(lambda a: _to_tensor(a, device), param_spec.init_disc(cfg, seed))
+        state["disc"] = disc
+        state["disc_opt"] = opt_init(disc, cfg.train)
+        state["lecam"] = {"real": torch.zeros((), device=device),
+                          "fake": torch.zeros((), device=device)}
+    return state
+
+
+def value_and_grad(fn, tree, *args):
+    """``jax.value_and_grad(fn, has_aux=True)(tree, *args)``: → ((value, aux), grads).
+
+    ``fn(tree, *args) → (scalar, aux)``; ``grads`` has the structure of ``tree``, with zeros
+    for leaves that do not reach the value, as in JAX. Built on ``torch.func`` so that
+    ``torch.compile`` traces the backward pass into the step's graph.
+    """
+    def inner(t):
+        value, aux = fn(t, *args)
+        return value, (value, aux)
+
+    grads, (value, aux) = torch.func.grad(inner, has_aux=True)(tree)
+    return (value, aux), grads
+
+
+def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
+    """The stage's total loss over the trainable groups → (total, (metrics, recon))."""
+    m, lo, stage = cfg.model, cfg.loss, cfg.train.stage
+    params = {**frozen, **trainable}
+    if stage == 2:
+        with torch.no_grad():
+            h = encode(params["encoder"], images, mask, m)
+    else:
+        h = encode(params["encoder"], images, mask, m)
+    recon, feats = decode(params["decoder"], h, m)
+    nll, rec, percep = nll_loss(images, recon, m, lo)
+    total, metrics = nll, {"rec": rec, "percep": percep}
+    if lo.use_adv:
+        g_adv = generator_adv_loss(discriminator(disc, recon, m))
+        weight = lo.lambda_adv * adv_on
+        if lo.adaptive_weight:
+            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo)
+        total = total + weight * g_adv
+        metrics.update(adv=g_adv, adv_weight=weight)
+    if stage == 1:
+        preds = aux_predict(params["aux"], h, feats, m)
+        l_mask, terms = mask_loss(preds, targets, mask, lo)
+        total = total + l_mask
+        metrics["mask"] = l_mask
+        metrics.update({f"aux/{name}": term for name, term in terms.items()})
+    metrics["loss"] = total
+    return total, (metrics, recon)
+
+
+def disc_loss(disc, images, recon, lecam, lo, m):
+    """Hinge loss + LeCAM on real images and (gradient-free) reconstructions."""
+    real = discriminator(disc, images, m)
+    fake = discriminator(disc, recon.detach(), m)
+    hinge = hinge_d_loss(real, fake)
+    reg = lecam_loss(real, fake, lecam["real"], lecam["fake"])
+    return hinge + lo.lecam_weight * reg, (hinge, reg, real, fake)
+
+
+def _scalar(x, device) -> torch.Tensor:
+    """A float or 0-d tensor → 0-d float32 tensor on ``device`` (no host round trip)."""
+    return torch.as_tensor(x, dtype=torch.float32, device=device)
+
+
+def make_train_step(cfg):
+    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``.
+
+    ``lr``, ``disc_lr`` and ``adv_on`` are floats or 0-d float32 tensors; ``metrics`` is a
+    dict of 0-d float32 tensors still on the device.
+    """
+    m, lo, t = cfg.model, cfg.loss, cfg.train
+    keys = trainable_keys(t.stage)
+
+    def step(state, images, mask, lr, disc_lr, adv_on):
+        dev = images.device
+        lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
+        params = state["params"]
+        trainable = {k: params[k] for k in keys}
+        frozen = {k: v for k, v in params.items() if k not in keys}
+        targets = compute_targets(images, m) if t.stage == 1 else {}
+        (_, (metrics, recon)), grads = value_and_grad(
+            generator_loss, trainable, frozen, state.get("disc"), images, mask, targets,
+            adv_on, cfg)
+        metrics = {k: v.detach() for k, v in metrics.items()}
+        recon = recon.detach()
+        with torch.no_grad():
+            grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
+            opt = state["opt"]
+            sub = OptState(opt.count, {k: opt.mu[k] for k in keys},
+                           {k: opt.nu[k] for k in keys} if opt.nu else {})
+            new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
+            new_state = dict(state)
+            new_state["params"] = {**params, **new_trainable}
+            new_state["opt"] = OptState(sub.count, {**opt.mu, **sub.mu},
+                                        {**opt.nu, **sub.nu} if opt.nu else {})
+            if "ema" in state:
+                new_ema = ema_update({k: state["ema"][k] for k in keys}, new_trainable,
+                                     t.ema_decay)
+                new_state["ema"] = {**state["ema"], **new_ema}
+            metrics["grad_norm"] = gnorm
+        if lo.use_adv:
+            new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))
+        new_state["step"] = state["step"] + 1
+        return new_state, {k: _scalar(v, dev).detach() for k, v in metrics.items()}
+
+    def disc_update(state, images, recon, disc_lr, adv_on, metrics):
+        (d_total, (hinge, reg, real, fake)), d_grads = value_and_grad(
+            disc_loss, state["disc"], images, recon, state["lecam"], lo, m)
+        with torch.no_grad():
+            d_grads, _ = clip_by_global_norm(d_grads, t.grad_clip)
+            disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr, t)
+            ema_real, ema_fake = update_lecam(state["lecam"]["real"], state["lecam"]["fake"],
+                                              real, fake, lo.lecam_decay)
+            on = adv_on > 0  # before disc_start the discriminator and its EMA stay as they are
+
+            def keep(new, old):
+                if isinstance(new, OptState):
+                    return OptState(*(keep(a, b) for a, b in zip(new, old)))
+                return tree_map(lambda a, b: torch.where(on, a, b), new, old)
+
+            metrics.update(disc=d_total, disc_hinge=hinge.detach(), lecam=reg.detach())
+            return {"disc": keep(disc, state["disc"]),
+                    "disc_opt": keep(disc_opt, state["disc_opt"]),
+                    "lecam": keep({"real": ema_real, "fake": ema_fake}, state["lecam"])}
+
+    return step
+
+
+def compile_train_step(cfg, backend: str = "inductor"):
+    """The train step under ``torch.compile`` (optional; eager is the default path).
+
+    The returned callable has a ``graphs`` attribute: how many graphs the compiler has
+    built so far (a graph break counts as one more graph, a recompilation as one more).
+    """
+    from torch._dynamo import lookup_backend
+
+    compiler = lookup_backend(backend)
+
+    def counting(gm, example_inputs):
+        compiled.graphs += 1
+        return compiler(gm, example_inputs)
+
+    fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
+
+    def compiled(*args):
+        return fn(*args)
+
+    compiled.graphs = 0
+    return compiled
+
+
+def step_inputs(batch, cfg, step: int, device):
+    """Host-side arguments of one step, on ``device``: images, mask, and lr, disc_lr and
+    the adv switch as 0-d float32 tensors (one host→device copy for the three)."""
+    from maetok.schedules import learning_rate
+
+    lr = learning_rate(step, cfg.train)
+    disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
+    adv_on = float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
+    scalars = torch.tensor([lr, disc_lr, adv_on], dtype=torch.float32).to(device)
+    images = torch.tensor(np.asarray(batch["images"], np.float32), device=device)
+    mask = torch.tensor(np.asarray(batch["mask"], np.float32), device=device)
+    return images, mask, scalars[0], scalars[1], scalars[2]
+
+
+def state_to_numpy(state) -> dict:
+    """The state as a nested dict of numpy arrays (OptState → {count, mu, nu}) for checkpoints.
+
+    Exactly the JAX backend's tree: same keys, float32 parameters, int32 counts and step.
+    """
+    def conv(x):
+        if isinstance(x, OptState):
+            return {"count": conv(x.count), "mu": conv(x.mu), "nu": conv(x.nu)}
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return conv(state)
+
+
+def state_from_numpy(tree: dict, device=None) -> dict:
+    """Inverse of ``state_to_numpy``, onto ``device``."""
+    device = torch.device(device or default_device())
+
+    def conv(x, key=""):
+        if isinstance(x, dict):
+            if key in ("opt", "disc_opt"):
+                return OptState(_to_tensor(x["count"], device), conv(x["mu"]),
+                                conv(x.get("nu", {})))
+            return {k: conv(v, k) for k, v in x.items()}
+        return _to_tensor(x, device)
+    return conv(tree)
