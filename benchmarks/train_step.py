@@ -117,7 +117,8 @@ def run_single(args) -> dict:
     from maetok.masks import mask_for_step
 
     name = args.single
-    overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention},
+    overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention,
+                           "unroll": args.unroll},
                  "train": {"batch_size": args.batch, "stage": args.stage,
                            "steps": args.warmup + args.steps, "anneal_steps": 1000},
                  "loss": {"use_adv": args.gan}}
@@ -157,6 +158,7 @@ def run_single(args) -> dict:
         dt = time.perf_counter() - t
         if step == 0:
             first = dt
+            print(f"   {name}: first step (compile) {dt:.1f} s", file=sys.stderr, flush=True)
         elif step >= args.warmup:
             times.append(dt)
     loss = float(backend.metrics_to_host(metrics)["loss"])
@@ -165,7 +167,7 @@ def run_single(args) -> dict:
     ips = args.batch / med
     result = {
         "backend": name, "preset": args.preset, "stage": args.stage, "dtype": args.dtype,
-        "batch": args.batch, "gan": args.gan, "attention": args.attention,
+        "batch": args.batch, "gan": args.gan, "attention": args.attention, "unroll": args.unroll,
         "data": args.data or "in-memory synthetic",
         "images_per_s": ips, "step_ms_median": med * 1e3,
         "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--stage", type=int, default=1, choices=(1, 2))
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", default="8", help="batch size, or a comma list to sweep")
     p.add_argument("--backends", default="jax,torch")
     p.add_argument("--attention", default="plain", choices=("plain", "fused"))
     p.add_argument("--gan", action="store_true", help="discriminator and L_adv on")
@@ -196,26 +198,29 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ceiling", action="store_true", help="also time an 8192³ bf16 matmul")
     p.add_argument("--json", help="append results to this JSON-lines file")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
+    p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.single:
-        print("RESULT " + json.dumps(run_single(args)), flush=True)
+        args.batch = _ints(args.batch)[-1]
+        try:
+            result = run_single(args)
+        except Exception as e:  # noqa: BLE001 — out-of-memory among others: report, not crash
+            text = " ".join(str(e).split())
+            oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+            print("ERROR " + ("out of memory" if oom else f"{type(e).__name__}: {text[:300]}"),
+                  flush=True)
+            raise
+        print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
-    for name in args.backends.split(","):
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
-               "--single", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True,
-                              env={**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"})
-        lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            print(f"{name}: failed: {' | '.join(tail)}")
-            results.append({"backend": name, "error": " | ".join(tail)})
-            continue
-        results.append(json.loads(lines[-1][7:]))
-    print_table(results)
+    base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    for batch in _ints(args.batch):
+        for name in args.backends.split(","):
+            results.append(_run_backend(name, batch, base, args.timeout))
+        print_table([r for r in results if r.get("batch") == batch])
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
@@ -223,8 +228,32 @@ def main(argv=None) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def _ints(text) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x]
+
+
+def _run_backend(name: str, batch: int, argv: list[str], timeout: float) -> dict:
+    """One backend at one batch size in a fresh subprocess; its stderr streams through."""
+    cmd = [sys.executable, __file__, *argv, "--single", name, "--batch", str(batch)]
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    print(f"-- {name}, batch {batch}", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"backend": name, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        err = next((l[6:] for l in proc.stdout.splitlines() if l.startswith("ERROR ")),
+                   f"exit status {proc.returncode} (see the log above)")
+        return {"backend": name, "batch": batch, "error": err}
+    return json.loads(lines[-1][7:])
+
+
 def print_table(results) -> None:
     ok = [r for r in results if "error" not in r]
+    for r in results:
+        if "error" in r:
+            print(f"{r['backend']}, batch {r.get('batch')}: {r['error']}")
     if not ok:
         return
     r0 = ok[0]

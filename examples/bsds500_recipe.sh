@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # A realistic small run on one GPU: Stage 1 on random 256² crops of BSDS500/train with the
 # `seed` preset, Stage 2 from its checkpoint with mask annealing, then `maetok eval` on
-# BSDS500/val against the equal-size thumbnail baseline. About 8 minutes on one H100.
+# BSDS500/val against the equal-size thumbnail baseline.
 #
 #   DATA=../shared/data/bsds500 OUT=runs/bsds500 bash examples/bsds500_recipe.sh [variant]
 #
-# variant: full (default: Stage 1 + Stage 2), stage1 (Stage 1 only), plain_ae (mask ratio 0,
-# no auxiliary decoders), gan (Stage 1 + Stage 2 with the adversarial loss on).
+# variant: full (default: Stage 1 + Stage 2, and the Stage-1 checkpoint evaluated too),
+# plain_ae (mask ratio 0, no auxiliary decoders), gan (Stage 1 + Stage 2 with the adversarial
+# loss on), all (the three at once on the same GPU — the `seed` model is too small to fill an
+# H100 alone — then the table of examples/quality_table.py).
 set -euo pipefail
 DATA=${DATA:-../shared/data/bsds500}
 OUT=${OUT:-runs/bsds500}
@@ -14,25 +16,40 @@ VARIANT=${1:-full}
 S1=${S1_STEPS:-2400}      # Stage-1 steps
 S2=${S2_STEPS:-800}       # Stage-2 steps (mask ratio annealed 0.6 → 0 over them)
 BATCH=${BATCH:-64}
+LR1=${LR1:-1e-3}
+LR2=${LR2:-3e-4}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+if [ "$VARIANT" = all ]; then
+  mkdir -p "$OUT"
+  for v in full plain_ae gan; do
+    bash "$0" "$v" > "$OUT/$v.log" 2>&1 &
+  done
+  status=0
+  for job in $(jobs -p); do wait "$job" || status=1; done
+  python "$HERE/quality_table.py" "$OUT" | tee "$OUT/table.md"
+  exit $status
+fi
+
 COMMON=(--preset seed --data "$DATA/train" --batch-size "$BATCH" --dtype bfloat16 --no-progress
         --overwrite --set model.attention=fused --set train.log_every=50
-        --set train.ckpt_every=100000 --set train.sample_every=400 --set train.ema_decay=0)
+        --set train.ckpt_every=100000 --set train.sample_every=500 --set train.ema_decay=0)
 EXTRA=()
 case "$VARIANT" in
   full|stage1) ;;
   plain_ae) EXTRA=(--set train.mask_min=0 --set train.mask_max=0 --set 'model.aux_targets=[]') ;;
-  gan) EXTRA=(--set loss.use_adv=true --set loss.disc_start=800 --set loss.adaptive_weight=true) ;;
-  *) echo "unknown variant $VARIANT (full, stage1, plain_ae, gan)"; exit 2 ;;
+  gan) EXTRA=(--set loss.use_adv=true --set loss.disc_start=$((S1 / 3)) --set loss.adaptive_weight=true) ;;
+  *) echo "unknown variant $VARIANT (full, stage1, plain_ae, gan, all)"; exit 2 ;;
 esac
 RUN="$OUT/$VARIANT"
+evaluate() { maetok eval --checkpoint "$1/checkpoint.safetensors" --data "$DATA/val" --batch-size 50 --out "$1/eval"; }
 
-maetok train "${COMMON[@]}" "${EXTRA[@]}" --steps "$S1" --lr 1e-3 \
+maetok train "${COMMON[@]}" "${EXTRA[@]}" --steps "$S1" --lr "$LR1" \
     --set train.warmup_steps=200 --out "$RUN/stage1"
-FINAL="$RUN/stage1"
+evaluate "$RUN/stage1"
 if [ "$VARIANT" != stage1 ] && [ "$VARIANT" != plain_ae ]; then
-  maetok train "${COMMON[@]}" "${EXTRA[@]}" --stage 2 --steps "$S2" --lr 3e-4 \
-      --set train.warmup_steps=50 --set loss.disc_start=0 --init-from "$RUN/stage1/checkpoint.safetensors" --out "$RUN/stage2"
-  FINAL="$RUN/stage2"
+  maetok train "${COMMON[@]}" "${EXTRA[@]}" --stage 2 --steps "$S2" --lr "$LR2" \
+      --set train.warmup_steps=50 --set loss.disc_start=0 \
+      --init-from "$RUN/stage1/checkpoint.safetensors" --out "$RUN/stage2"
+  evaluate "$RUN/stage2"
 fi
-maetok eval --checkpoint "$FINAL/checkpoint.safetensors" --data "$DATA/val" --out "$RUN/eval" \
-    --batch-size 50

@@ -49,6 +49,7 @@ class ModelConfig:
     disc_depth: int = 3  # number of stride-2 convs
     compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32
     attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
+    unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
 
     @property
     def grid(self) -> int:
@@ -231,6 +232,7 @@ def validate(cfg: Config) -> Config:
     _choice(m.aux_kind, ("vit", "mlp"), "model.aux_kind")
     _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
     _choice(m.attention, ("plain", "fused"), "model.attention")
+    _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
     _require(len(set(m.aux_targets)) == len(m.aux_targets),
              f"model.aux_targets has duplicates: {list(m.aux_targets)}")
     for name in m.aux_targets:
