@@ -118,7 +118,7 @@ def run_single(args) -> dict:
 
     name = args.single
     overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention,
-                           "unroll": args.unroll},
+                           "unroll": args.unroll, "remat": args.remat},
                  "train": {"batch_size": args.batch, "stage": args.stage,
                            "steps": args.warmup + args.steps, "anneal_steps": 1000},
                  "loss": {"use_adv": args.gan}}
@@ -168,6 +168,7 @@ def run_single(args) -> dict:
     result = {
         "backend": name, "preset": args.preset, "stage": args.stage, "dtype": args.dtype,
         "batch": args.batch, "gan": args.gan, "attention": args.attention, "unroll": args.unroll,
+        "remat": args.remat,
         "data": args.data or "in-memory synthetic",
         "images_per_s": ips, "step_ms_median": med * 1e3,
         "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
@@ -200,6 +201,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append results to this JSON-lines file")
     p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
     p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
+    p.add_argument("--remat", action="store_true", help="recompute block internals in backward")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -235,7 +237,9 @@ def _ints(text) -> list[int]:
 def _run_backend(name: str, batch: int, argv: list[str], timeout: float) -> dict:
     """One backend at one batch size in a fresh subprocess; its stderr streams through."""
     cmd = [sys.executable, __file__, *argv, "--single", name, "--batch", str(batch)]
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    # JAX may use 95% of the device (its default cap is 75% even without preallocation)
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ,
+           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
     print(f"-- {name}, batch {batch}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)

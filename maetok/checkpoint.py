@@ -183,7 +183,7 @@ def _fmt(value) -> str:
 
 
 # How the model computes, not what its parameters are: a checkpoint may change these.
-COMPUTE_ONLY = ("compute_dtype", "attention", "unroll")
+COMPUTE_ONLY = ("compute_dtype", "attention", "unroll", "remat")
 
 
 def _check_model(path: Path, found: Config, want: Config) -> None:

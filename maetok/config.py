@@ -50,6 +50,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32
     attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
     unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
+    remat: bool = False  # recompute block internals in the backward pass (memory for compute)
 
     @property
     def grid(self) -> int:

@@ -76,19 +76,58 @@ def init_state(cfg, seed: int, params=None, device=None):
     return state
 
 
-def value_and_grad(fn, tree, *args):
+def value_and_grad(fn, tree, *args, autograd: bool = False):
     """``jax.value_and_grad(fn, has_aux=True)(tree, *args)``: → ((value, aux), grads).
 
     ``fn(tree, *args) → (scalar, aux)``; ``grads`` has the structure of ``tree``, with zeros
     for leaves that do not reach the value, as in JAX. Built on ``torch.func`` so that
-    ``torch.compile`` traces the backward pass into the step's graph.
+    ``torch.compile`` traces the backward pass into the step's graph; ``autograd=True`` uses
+    ``torch.autograd.grad`` instead, which rematerialised blocks (``model.remat``, through
+    ``torch.utils.checkpoint``'s saved-tensor hooks) need.
     """
+    if autograd:
+        leaves = dict(_leaves(tree))
+        inputs = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
+        with torch.enable_grad():
+            value, aux = fn(_unflatten(inputs), *args)
+        found = torch.autograd.grad(value, list(inputs.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g
+                 for (k, v), g in zip(inputs.items(), found)}
+        detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        return (value.detach(), _map_tensors(detach, aux)), _unflatten(grads)
+
     def inner(t):
         value, aux = fn(t, *args)
         return value, (value, aux)
 
     grads, (value, aux) = torch.func.grad(inner, has_aux=True)(tree)
     return (value, aux), grads
+
+
+def _leaves(tree, prefix=()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _map_tensors(fn, x):
+    if isinstance(x, dict):
+        return {k: _map_tensors(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_map_tensors(fn, v) for v in x)
+    return fn(x)
 
 
 def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
@@ -152,7 +191,7 @@ def make_train_step(cfg):
         targets = compute_targets(images, m) if t.stage == 1 else {}
         (_, (metrics, recon)), grads = value_and_grad(
             generator_loss, trainable, frozen, state.get("disc"), images, mask, targets,
-            adv_on, cfg)
+            adv_on, cfg, autograd=m.remat)
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
         with torch.no_grad():

@@ -2,7 +2,11 @@
 
 ``x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x))``. Mirrors ``maetok_jax/transformer.py``; where
 JAX scans over the stacked tree, this loops over the depth index and slices every leaf.
+``remat`` recomputes each block in the backward pass (``torch.utils.checkpoint``): the
+whole block, where JAX keeps the dense matmul outputs; the numbers are the same either way.
 """
+
+from torch.utils.checkpoint import checkpoint
 
 from maetok_torch.attention import attention
 from maetok_torch.layers import layer_norm, mlp
@@ -22,7 +26,7 @@ def _slice(tree, i: int):
 
 
 def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain",
-                unroll: int = 1):
+                unroll: int = 1, remat: bool = False):
     """Run every block of the stacked tree ``blocks`` (leaves (depth, ...)) over x (B, T, D).
 
     ``unroll`` is accepted for the JAX signature and has no effect: eager torch and
@@ -30,5 +34,9 @@ def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain"
     """
     depth = blocks["qkv"]["w"].shape[0]
     for i in range(depth):
-        x = block(_slice(blocks, i), x, cos, sin, heads, eps, impl)
+        if remat and x.requires_grad:
+            x = checkpoint(block, _slice(blocks, i), x, cos, sin, heads, eps, impl,
+                           use_reentrant=False)
+        else:
+            x = block(_slice(blocks, i), x, cos, sin, heads, eps, impl)
     return x

@@ -29,6 +29,7 @@ CONFIGS = {
     "tiny": TINY,
     "mlp": TINY.replace(model={"aux_kind": "mlp"}),
     "adv": TINY.replace(loss={"use_adv": True, "adaptive_weight": True}),
+    "remat": TINY.replace(model={"remat": True}),
 }
 B = 2
 
@@ -62,7 +63,7 @@ def _grads(cfg, params, disc, x, mask, device):
     (loss_t, (met_t, _)), g_t = tt.value_and_grad(
         tt.generator_loss, {k: pt[k] for k in keys}, {k: pt[k] for k in pt if k not in keys},
         to_torch(disc, device) if disc else None, xt, kt, tg,
-        torch.tensor(adv_on, device=device), cfg)
+        torch.tensor(adv_on, device=device), cfg, autograd=m.remat)
     return (loss_t, met_t, g_t), (loss_jx, met_j, g_j)
 
 

@@ -1,0 +1,148 @@
+"""Where a JAX train step spends its time: each part compiled and timed on its own.
+
+    python benchmarks/breakdown.py --preset base --batch 64 --dtype bfloat16 --attention fused
+
+Parts: encoder forward and forward+backward, pixel decoder forward+backward, the auxiliary
+decoders forward+backward, the targets (HOG, conv, pixels), the perceptual loss
+forward+backward, the optimiser (clip + AdamW + EMA over every parameter), and the whole
+Stage-1 and Stage-2 steps. Each row: median ms over the timed runs and, for the transformer
+parts, TFLOP/s by the formula of ``train_step.py``. The rows of a step do not add up
+exactly to the step (XLA fuses across them), but they show what dominates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.train_step import _blocks, transformer_flops  # noqa: E402
+from maetok.config import preset  # noqa: E402
+from maetok.data import BatchSource, SyntheticImages  # noqa: E402
+from maetok.masks import mask_for_step  # noqa: E402
+from maetok.targets import target_dim  # noqa: E402
+from maetok_jax import train  # noqa: E402
+from maetok_jax.model import aux_predict, decode, encode  # noqa: E402
+from maetok_jax.optim import clip_by_global_norm, ema_update, opt_update  # noqa: E402
+from maetok_jax.perceptual import perceptual_loss  # noqa: E402
+from maetok_jax.targets import compute_targets  # noqa: E402
+
+
+def timed(fn, *args, runs: int = 10) -> float:
+    """Median seconds of ``fn(*args)`` after one compiling call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default="plain", choices=("plain", "fused"))
+    p.add_argument("--unroll", type=int, default=1)
+    p.add_argument("--remat", action="store_true")
+    p.add_argument("--runs", type=int, default=10)
+    p.add_argument("--trace", help="also write a profiler trace of 3 Stage-1 steps to this folder "
+                                   "(with a Perfetto JSON, summarised by benchmarks/trace_summary.py)")
+    args = p.parse_args(argv)
+    cfg = preset(args.preset, model={"compute_dtype": args.dtype, "attention": args.attention,
+                                     "unroll": args.unroll, "remat": args.remat},
+                 train={"batch_size": args.batch})
+    m, b = cfg.model, args.batch
+    state = train.init_state(cfg, 0)
+    params = state["params"]
+    batch = BatchSource(SyntheticImages(m.image_size, count=b), cfg).batch(0)
+    images = jnp.asarray(batch["images"])
+    mask = jnp.asarray(mask_for_step(0, cfg.train, m.num_patches)[0])
+    h = jax.jit(lambda p_, x, k: encode(p_, x, k, m))(params["encoder"], images, mask)
+    recon, feats = jax.jit(lambda p_, z: decode(p_, z, m))(params["decoder"], h)
+    flops = transformer_flops(m, 1)
+    n = m.num_patches + m.num_latent_tokens
+    aux_fwd = flops["aux_fwd"]
+
+    rows = []
+
+    def row(name, seconds, gflop=None):
+        tf = f"{b * gflop / seconds / 1e3:8.1f}" if gflop else "       -"
+        rows.append((name, seconds))
+        print(f"{name:42s}{seconds * 1e3:9.2f} ms {tf} TFLOP/s", flush=True)
+
+    print(f"preset {args.preset}, batch {b}, {args.dtype}, attention {args.attention}, "
+          f"unroll {args.unroll}, remat {args.remat}, device {jax.devices()[0].device_kind}")
+    enc_fwd = jax.jit(lambda p_, x, k: encode(p_, x, k, m))
+    row("encoder forward", timed(enc_fwd, params["encoder"], images, mask, runs=args.runs),
+        flops["encoder_fwd"] / 1e9)
+    enc_grad = jax.jit(jax.grad(lambda p_, x, k: jnp.sum(encode(p_, x, k, m) ** 2)))
+    row("encoder forward+backward", timed(enc_grad, params["encoder"], images, mask,
+                                          runs=args.runs), 3 * flops["encoder_fwd"] / 1e9)
+    row("  (one encoder block, forward, by formula)", 0.0 + 1e-9, None) if False else None
+    dec_grad = jax.jit(jax.grad(lambda p_, z: jnp.sum(decode(p_, z, m)[0] ** 2)))
+    row("pixel decoder forward+backward", timed(dec_grad, params["decoder"], h, runs=args.runs),
+        3 * flops["decoder_fwd"] / 1e9)
+    if m.aux_targets:
+        aux_grad = jax.jit(jax.grad(lambda p_, z, f: sum(
+            jnp.sum(v ** 2) for v in aux_predict(p_, z, f, m).values())))
+        row(f"aux decoders ×{len(m.aux_targets)} forward+backward",
+            timed(aux_grad, params["aux"], h, feats, runs=args.runs), 3 * aux_fwd / 1e9)
+        row("targets (" + ", ".join(m.aux_targets) + ")",
+            timed(jax.jit(lambda x: compute_targets(x, m)), images, runs=args.runs))
+    row("perceptual loss forward+backward",
+        timed(jax.jit(jax.grad(lambda r, x: perceptual_loss(x, r, m))), recon, images,
+              runs=args.runs))
+
+    keys = train.trainable_keys(1)
+
+    def optimise(state, grads):
+        g, _ = clip_by_global_norm(grads, cfg.train.grad_clip)
+        trainable = {k: state["params"][k] for k in keys}
+        new, opt = opt_update(g, state["opt"], trainable, jnp.float32(1e-4), cfg.train)
+        ema = ema_update({k: state["ema"][k] for k in keys}, new, 0.999) if "ema" in state else None
+        return new, opt, ema
+
+    grads = jax.tree_util.tree_map(lambda a: a * 1e-3, {k: params[k] for k in keys})
+    sub_state = {"params": params, "opt": state["opt"], **({"ema": state["ema"]} if "ema" in state else {})}
+    row("optimiser: clip + AdamW + EMA (all params)", timed(jax.jit(optimise), sub_state, grads,
+                                                             runs=args.runs))
+    for stage in (1, 2):
+        c = cfg.replace(train={"stage": stage})
+        st = train.init_state(c, 0)
+        step = jax.jit(train.make_train_step(c), donate_argnums=0)
+        inputs = train.step_inputs(batch, c, 5)
+        st, _ = step(st, *inputs)
+        jax.block_until_ready(st)
+        times = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            st, met = step(st, *inputs)
+            jax.block_until_ready(met)
+            times.append(time.perf_counter() - t)
+        mem = step.lower(st, *inputs).compile().memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 30
+        row(f"whole Stage-{stage} step (temp {temp:.1f} GiB)", statistics.median(times),
+            transformer_flops(m, stage)["train_step"] / 1e9)
+        if args.trace and stage == 1:
+            with jax.profiler.trace(args.trace, create_perfetto_trace=True):
+                for _ in range(3):
+                    st, met = step(st, *inputs)
+                jax.block_until_ready(met)
+        del st
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
