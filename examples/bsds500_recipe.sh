@@ -13,11 +13,11 @@ set -euo pipefail
 DATA=${DATA:-../shared/data/bsds500}
 OUT=${OUT:-runs/bsds500}
 VARIANT=${1:-full}
-S1=${S1_STEPS:-2400}      # Stage-1 steps
-S2=${S2_STEPS:-800}       # Stage-2 steps (mask ratio annealed 0.6 → 0 over them)
+S1=${S1_STEPS:-1100}      # Stage-1 steps
+S2=${S2_STEPS:-1200}      # Stage-2 steps (mask ratio annealed 0.6 → 0 over the first 3/4)
 BATCH=${BATCH:-64}
-LR1=${LR1:-1e-3}
-LR2=${LR2:-3e-4}
+LR1=${LR1:-2e-3}
+LR2=${LR2:-2e-3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 if [ "$VARIANT" = all ]; then
@@ -45,11 +45,12 @@ RUN="$OUT/$VARIANT"
 evaluate() { maetok eval --checkpoint "$1/checkpoint.safetensors" --data "$DATA/val" --batch-size 50 --out "$1/eval"; }
 
 maetok train "${COMMON[@]}" "${EXTRA[@]}" --steps "$S1" --lr "$LR1" \
-    --set train.warmup_steps=200 --out "$RUN/stage1"
+    --set train.warmup_steps=100 --out "$RUN/stage1"
 evaluate "$RUN/stage1"
 if [ "$VARIANT" != stage1 ] && [ "$VARIANT" != plain_ae ]; then
   maetok train "${COMMON[@]}" "${EXTRA[@]}" --stage 2 --steps "$S2" --lr "$LR2" \
-      --set train.warmup_steps=50 --set loss.disc_start=0 \
+      --set train.warmup_steps=50 --set train.anneal_steps=$((S2 * 3 / 4)) \
+      --set loss.disc_start=0 \
       --init-from "$RUN/stage1/checkpoint.safetensors" --out "$RUN/stage2"
   evaluate "$RUN/stage2"
 fi

@@ -62,7 +62,7 @@ def save_sheet(path, images, recons, names, psnrs, ssims, max_images: int = 8, s
     err = np.clip(np.abs(recons - images).mean(-1) * 4.0, 0, 2) - 1.0  # 4× amplified, mono
     rows = [to_uint8(images[:n]), to_uint8(recons[:n]),
             np.repeat(to_uint8(err[:n, ..., None]), 3, axis=-1)]
-    titles = ["original", "reconstruction", "|error| ×4"]
+    titles = ["original", "reconstruction", "|error| x4"]
     for r, (row, title) in enumerate(zip(rows, titles)):
         y = r * (cell_h + label_h)
         for i in range(n):

@@ -1,0 +1,58 @@
+"""The speed benchmark runs on CPU with the tiny preset, and its FLOP count is the documented one."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.train_step import transformer_flops
+from maetok.config import preset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flop_formula_matches_hand_count_for_base():
+    m = preset("base").model
+    n = m.num_patches + m.num_latent_tokens  # 384 tokens in every stack
+
+    def blocks(depth, d):  # forward FLOPs of a block stack: (24·D² + 4·n·D) per token
+        return depth * n * (24 * d * d + 4 * n * d)
+
+    stacks = blocks(12, 768) + blocks(12, 768) + 3 * blocks(3, 192)
+    flops = transformer_flops(m, stage=1)
+    # The embeddings and heads add under 1 %; the blocks are the count.
+    assert 3 * stacks < flops["train_step"] < 1.01 * 3 * stacks
+    assert abs(flops["train_step"] / 1e9 - 438.3) < 0.1
+    s2 = transformer_flops(m, stage=2)["train_step"]
+    assert 1.5 < flops["train_step"] / s2 < 1.6  # Stage 2: encoder forward only, no aux
+
+
+def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "tiny",
+           "--backends", "jax,torch", "--batch", "4", "--steps", "2", "--warmup", "1",
+           "--json", str(out), "--timeout", "300"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "img/s" in proc.stdout and "TFLOP/s" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["backend"] for r in rows] == ["jax", "torch"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["step_ms_median"] > 0
+        assert math.isfinite(r["final_loss"])
+        assert r["batch"] == 4 and r["preset"] == "tiny"
+    # Same initial parameters, batches and masks: the two backends end on the same loss.
+    assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 1e-3 * abs(rows[0]["final_loss"])
+
+
+def test_breakdown_times_every_part_on_cpu():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "breakdown.py"), "--preset", "tiny",
+           "--batch", "2", "--runs", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for part in ("encoder forward", "pixel decoder", "aux decoders", "targets", "perceptual",
+                 "optimiser", "whole Stage-1 step", "whole Stage-2 step"):
+        line = next((x for x in proc.stdout.splitlines() if x.startswith(part)), None)
+        assert line is not None, f"no {part!r} row in:\n{proc.stdout}"
+        assert float(line.split(" ms")[0].split()[-1]) > 0
