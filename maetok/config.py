@@ -51,6 +51,9 @@ class ModelConfig:
     attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
     unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     remat: bool = False  # recompute block internals in the backward pass (memory for compute)
+    # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
+    # positions are told apart by RoPE alone (SPEC §3.4); on, training converges faster.
+    query_pos: bool = False
 
     @property
     def grid(self) -> int:

@@ -70,7 +70,7 @@ def spec_encoder(m: ModelConfig) -> Tree:
 
 def spec_latent_decoder(m: ModelConfig, width: int, depth: int, out_dim: int) -> Tree:
     """A ViT that reads the latent tokens h and predicts ``out_dim`` values per image token."""
-    return {
+    tree = {
         "query": ParamSpec((width,), "normal"),  # e: one vector for every image position
         "latent_proj": _dense(m.latent_dim, width),
         "latent_pos": ParamSpec((m.num_latent_tokens, width), "normal"),
@@ -78,6 +78,9 @@ def spec_latent_decoder(m: ModelConfig, width: int, depth: int, out_dim: int) ->
         "norm": _norm(width),
         "head": _dense(width, out_dim),
     }
+    if m.query_pos:  # e + query_pos[i] at image position i (row-major patch order)
+        tree["query_pos"] = ParamSpec((m.num_patches, width), "normal")
+    return tree
 
 
 def spec_aux(m: ModelConfig) -> Tree:

@@ -62,13 +62,15 @@ def decode_latents(params, h, m, heads: int):
     """A latent decoder: h (B, L, latent_dim) → (head output (B, N, out), features (B, N, D)).
 
     Shared by the pixel decoder and the ViT auxiliary decoders; image positions start as
-    the same learnable query ``e`` and are told apart by RoPE alone.
+    the same learnable query ``e`` and are told apart by RoPE alone, unless
+    ``m.query_pos`` adds a learnable absolute position (N, D) to each.
     """
     dt = compute_dtype(m)
     p = cast_tree(params, dt)
     b, n = h.shape[0], m.num_patches
     width = p["query"].shape[0]
-    e = p["query"].expand(b, n, width)
+    q = p["query"] + p["query_pos"] if m.query_pos else p["query"]  # (D,) or (N, D)
+    e = q.expand(b, n, width)
     lat = dense(p["latent_proj"], h.to(dt)) + p["latent_pos"]  # (B, L, D)
     t = torch.cat([e, lat], dim=1)  # (B, N + L, D)
     cos, sin = rope_for(m, width, heads, m.num_latent_tokens, h.device)

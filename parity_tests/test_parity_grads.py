@@ -30,6 +30,7 @@ CONFIGS = {
     "mlp": TINY.replace(model={"aux_kind": "mlp"}),
     "adv": TINY.replace(loss={"use_adv": True, "adaptive_weight": True}),
     "remat": TINY.replace(model={"remat": True}),
+    "query_pos": TINY.replace(model={"query_pos": True}),
 }
 B = 2
 

@@ -171,9 +171,12 @@ def test_encode(rng, device):
     assert_close(h_t, h_j, FWD, "encode")
 
 
-def test_decode(rng, device):
-    m = TINY.model
-    dec = _params(rng, TINY)["decoder"]
+@pytest.mark.parametrize("query_pos", [False, True])
+def test_decode(query_pos, rng, device):
+    cfg = TINY.replace(model={"query_pos": query_pos})
+    m = cfg.model
+    dec = _params(rng, cfg)["decoder"]
+    assert ("query_pos" in dec) == query_pos
     h = _normal(rng, B, m.num_latent_tokens, m.latent_dim)
     (img_j, feats_j) = jax.jit(jm.decode, static_argnums=2)(to_jax(dec), to_jax(h), m)
     img_t, feats_t = tm.decode(to_torch(dec, device), to_torch(h, device), m)

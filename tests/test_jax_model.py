@@ -150,3 +150,19 @@ def test_remat_and_unroll_change_memory_not_numbers(tiny, rng):
         for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
             err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
             assert err < 1e-5, (change, err)
+
+
+def test_query_pos_is_an_additive_per_position_query(tiny, rng):
+    """``model.query_pos`` adds one (N, D) leaf per latent decoder: zero, it is the plain model."""
+    cfg = tiny.replace(model={"query_pos": True})
+    params, images, _ = _setup(cfg, rng)
+    plain = jax.tree_util.tree_map(jnp.asarray, init_params(tiny, 0))
+    for dec in [params["decoder"]] + [params["aux"][k] for k in cfg.model.aux_targets]:
+        assert dec["query_pos"].shape == (cfg.model.num_patches, dec["query"].shape[0])
+    h = model.encode(params["encoder"], images, jnp.zeros((2, cfg.model.num_patches)), cfg.model)
+    zeroed = dict(params["decoder"], query_pos=jnp.zeros_like(params["decoder"]["query_pos"]))
+    out_zero, _ = model.decode(zeroed, h, cfg.model)
+    out_plain, _ = model.decode(plain["decoder"], h, tiny.model)
+    np.testing.assert_allclose(out_zero, out_plain, rtol=1e-6, atol=1e-6)
+    out_pos, _ = model.decode(params["decoder"], h, cfg.model)
+    assert float(jnp.abs(out_pos - out_plain).max()) > 1e-3
