@@ -181,8 +181,21 @@ def cmd_eval(args) -> int:
 
     cfg, backend, params = _load_for_inference(args)
     out = args.out or Path(args.checkpoint).parent / "eval"
-    evaluate(cfg, backend, params, args.data, out, batch_size=args.batch_size)
+    ratios = _ratios(args.mask_ratios)
+    evaluate(cfg, backend, params, args.data, out, batch_size=args.batch_size,
+             mask_ratios=ratios)
     return 0
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--mask-ratios takes numbers separated by commas, got {text!r}")
+    bad = [r for r in ratios if not 0.0 <= r <= 1.0]
+    if bad:
+        raise ConfigError(f"--mask-ratios must lie in [0, 1], got {bad}")
+    return ratios
 
 
 def _common(p, checkpoint: bool = True):
@@ -243,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--data", required=True, help="image folder")
     p.add_argument("--out", help="folder for eval.json and the sheet (default: next to the checkpoint)")
+    p.add_argument("--mask-ratios", default="", metavar="R,R,...",
+                   help="also report PSNR with this fraction of tokens masked (e.g. 0.1,0.5): "
+                        "shows how the encoder depends on the mask tokens it was trained with")
     p.set_defaults(fn=cmd_eval)
 
     from maetok.parity import add_parser as add_parity_parser

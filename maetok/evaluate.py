@@ -75,7 +75,30 @@ def save_sheet(path, images, recons, names, psnrs, ssims, max_images: int = 8, s
     sheet.save(path)
 
 
-def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16) -> dict:
+def psnr_by_mask_ratio(backend, params, images, ratios, batch_size: int = 16,
+                       seed: int = 0) -> dict[str, float]:
+    """Mean PSNR of reconstructions from inputs with a fraction ``r`` of tokens masked.
+
+    A Stage-1 encoder only ever sees 40–60 % of its tokens replaced by the mask token; how
+    its reconstructions change as ``r`` goes to 0 shows how much it leans on them. Masks are
+    Bernoulli(r) per token, seeded, the same for every checkpoint.
+    """
+    from maetok.masks import sample_mask
+
+    n = backend.cfg.model.num_patches
+    out = {}
+    for r in ratios:
+        recons = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i:i + batch_size]
+            mask = sample_mask(seed, i, len(chunk), n, r) if r > 0 else None
+            recons.append(backend.reconstruct(params, chunk, mask))
+        out[f"{r:g}"] = float(psnr(images, np.concatenate(recons)).mean())  # as the main row
+    return out
+
+
+def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16,
+             mask_ratios: tuple[float, ...] = ()) -> dict:
     """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
     m = cfg.model
     images, names = load_eval_images(folder, m.image_size)
@@ -104,6 +127,11 @@ def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16) -
     print(f"{'tokenizer':24s}{report['tokenizer']['psnr']:10.2f}{report['tokenizer']['ssim']:8.3f}")
     print(f"{f'thumbnail {side}x{side} bicubic':24s}{report['thumbnail']['psnr']:10.2f}"
           f"{report['thumbnail']['ssim']:8.3f}")
+    if mask_ratios:
+        report["psnr_by_mask_ratio"] = psnr_by_mask_ratio(backend, params, images, mask_ratios,
+                                                          batch_size)
+        print("PSNR by input mask ratio: " + ", ".join(
+            f"r={r} {v:.2f} dB" for r, v in report["psnr_by_mask_ratio"].items()))
     st = report["latents"]
     print(f"latents: mean {st['mean']:.3f} std {st['std']:.3f}, per-token std "
           f"{st['per_token_std_min']:.3f}–{st['per_token_std_max']:.3f}, "

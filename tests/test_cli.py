@@ -64,6 +64,23 @@ def test_reconstruct_encode_decode_eval(trained, tmp_path, rng, capsys):
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["images"] == 3 and np.isfinite(report["tokenizer"]["psnr"])
     assert (tmp_path / "ev" / "eval_sheet.png").exists()
+    assert "psnr_by_mask_ratio" not in report
+
+
+def test_eval_reports_psnr_by_mask_ratio(trained, tmp_path, rng, capsys):
+    photos = _photos(tmp_path / "photos", rng)
+    ck = str(trained / "checkpoint.safetensors")
+    assert main(["eval", "--checkpoint", ck, "--data", str(photos), "--out", str(tmp_path / "ev"),
+                 "--mask-ratios", "0,0.5,1"]) == 0
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    by_r = report["psnr_by_mask_ratio"]
+    assert list(by_r) == ["0", "0.5", "1"]
+    assert abs(by_r["0"] - report["tokenizer"]["psnr"]) < 1e-4  # r = 0 is the plain eval
+    assert by_r["1"] != by_r["0"]  # every token masked: the input is gone
+    assert "PSNR by input mask ratio" in capsys.readouterr().out
+    line = _error(capsys, ["eval", "--checkpoint", ck, "--data", str(photos),
+                           "--mask-ratios", "0.2,1.5"])
+    assert "--mask-ratios" in line and "1.5" in line
 
 
 def test_missing_data_folder(capsys, tmp_path):
