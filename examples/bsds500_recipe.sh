@@ -11,6 +11,10 @@
 # the same GPU — the `seed` model fills about 6 % of an H100/H200 alone — then the table of
 # examples/quality_table.py).
 #
+# tuned: Stage 1 + Stage 2 with r ~ U[0, 0.6] in Stage 1 and γ = 0.1 for every auxiliary
+# target, the settings that close the gap to the plain autoencoder on the CPU proxy
+# (examples/cpu_proxy.py); see the README's Quality section.
+#
 # The decoders get learnable absolute query positions (model.query_pos): at this budget they
 # converge faster than with RoPE alone (see the README's Quality section).
 set -euo pipefail
@@ -43,10 +47,12 @@ case "$VARIANT" in
   full|stage1) ;;
   plain_ae) EXTRA=(--set train.mask_min=0 --set train.mask_max=0 --set 'model.aux_targets=[]') ;;
   gan) EXTRA=(--set loss.use_adv=true --set loss.disc_start=$((S1 / 3)) --set loss.adaptive_weight=true) ;;
-  *) echo "unknown variant $VARIANT (full, stage1, plain_ae, gan, all)"; exit 2 ;;
+  tuned) EXTRA=(--set train.mask_min=0 --set 'loss.gamma={"hog": 0.1, "conv": 0.1, "pixel": 0.1}') ;;
+  *) echo "unknown variant $VARIANT (full, stage1, plain_ae, gan, tuned, all)"; exit 2 ;;
 esac
 RUN="$OUT/$VARIANT"
-evaluate() { maetok eval --checkpoint "$1/checkpoint.safetensors" --data "$DATA/val" --batch-size 50 --out "$1/eval"; }
+evaluate() { maetok eval --checkpoint "$1/checkpoint.safetensors" --data "$DATA/val" --batch-size 50 \
+                     --mask-ratios 0.02,0.1,0.5 --out "$1/eval"; }
 
 STEPS1=$S1
 [ "$VARIANT" = plain_ae ] && STEPS1=$((S1 + S2))

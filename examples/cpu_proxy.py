@@ -7,11 +7,13 @@ block. One run of 600 steps at batch 32 takes 4–6 minutes on two cores. It pri
 validation PSNR at four points of the run, the PSNR of the final model at several mask
 ratios, and the thumbnail baseline:
 
-    python examples/cpu_proxy.py NAME '{"steps": 600, "model": {"query_pos": true}}'
+    python examples/cpu_proxy.py NAME '{"steps": 600, "model": {"query_pos": true}}' [BSDS500]
     python examples/cpu_proxy.py ae '{"train": {"mask_min": 0, "mask_max": 0},
                                       "model": {"aux_targets": []}}'
 
-The JSON holds config overrides per section (``model``, ``loss``, ``train``) and ``steps``.
+The JSON holds config overrides per section (``model``, ``loss``, ``train``) and ``steps``;
+BSDS500 is the folder holding ``train/`` and ``val/`` (default: ``../shared/data/bsds500``
+beside the repository).
 """
 
 from __future__ import annotations
@@ -92,6 +94,6 @@ def main(name: str, overrides: dict, data=DATA) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         sys.exit(__doc__)
-    main(sys.argv[1], json.loads(sys.argv[2]))
+    main(sys.argv[1], json.loads(sys.argv[2]), *sys.argv[3:])

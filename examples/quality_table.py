@@ -14,6 +14,7 @@ ROWS = [  # (label, report path under the run folder)
     ("(a) Stage 1 only", "full/stage1/eval/eval.json"),
     ("(b) plain autoencoder (r = 0, no aux)", "plain_ae/stage1/eval/eval.json"),
     ("(c) with adversarial loss, Stage 1 + 2", "gan/stage2/eval/eval.json"),
+    ("tuned: r ~ U[0, 0.6], γ = 0.1, Stage 1 + 2", "tuned/stage2/eval/eval.json"),
 ]
 
 
