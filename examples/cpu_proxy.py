@@ -11,9 +11,11 @@ ratios, and the thumbnail baseline:
     python examples/cpu_proxy.py ae '{"train": {"mask_min": 0, "mask_max": 0},
                                       "model": {"aux_targets": []}}'
 
-The JSON holds config overrides per section (``model``, ``loss``, ``train``) and ``steps``;
-BSDS500 is the folder holding ``train/`` and ``val/`` (default: ``../shared/data/bsds500``
-beside the repository).
+The JSON holds config overrides per section (``model``, ``loss``, ``train``), ``steps``, and
+optionally ``"init": "OTHER"`` to start from the parameters a run named OTHER left in
+``runs/proxy/OTHER.npz`` (for Stage 2: ``"train": {"stage": 2}``, as ``maetok train
+--init-from`` does). BSDS500 is the folder holding ``train/`` and ``val/`` (default:
+``../shared/data/bsds500`` beside the repository).
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from maetok.config import preset
 from maetok.data import BatchSource, center_crop, from_uint8
 from maetok.evaluate import thumbnail_baseline, thumbnail_side
 from maetok.metrics import psnr
+from maetok.params import flatten, unflatten
 from maetok_jax.model import forward
 from maetok_jax.train import init_state, jit_train_step, step_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bsds500"
+SAVED = ROOT / "runs" / "proxy"
 MODEL = dict(image_size=64, patch_size=8, num_latent_tokens=32, latent_dim=8, enc_width=128,
              enc_depth=4, enc_heads=4, dec_width=128, dec_depth=4, dec_heads=4, aux_width=64,
              aux_depth=1, aux_heads=2)
@@ -61,7 +65,7 @@ class Shrunk:
         return self.images[i]
 
 
-def main(name: str, overrides: dict, data=DATA) -> dict:
+def main(name: str, overrides: dict, data=DATA, saved=SAVED) -> dict:
     steps = int(overrides.get("steps", 600))
     cfg = preset("seed", model={**MODEL, **overrides.get("model", {})},
                  train={**TRAIN, "steps": steps, "anneal_steps": steps,
@@ -69,7 +73,11 @@ def main(name: str, overrides: dict, data=DATA) -> dict:
                  loss=overrides.get("loss", {}))
     train_set = Shrunk(Path(data) / "train")
     val = from_uint8(np.stack([center_crop(x, 64) for x in Shrunk(Path(data) / "val").images]))
-    state, step = init_state(cfg, 0), jit_train_step(cfg)
+    params = None
+    if "init" in overrides:
+        with np.load(Path(saved) / f"{overrides['init']}.npz") as f:
+            params = unflatten(dict(f))
+    state, step = init_state(cfg, 0, params=params), jit_train_step(cfg)
     fwd = jax.jit(lambda p, x, mk: forward(p, x, mk, cfg.model, with_aux=False)[0])
 
     def val_psnr(params, ratio=0.0):
@@ -89,6 +97,8 @@ def main(name: str, overrides: dict, data=DATA) -> dict:
             val, thumbnail_side(cfg.model))).mean()), 2),
         "rec": round(float(metrics["rec"]), 4), "seconds": round(time.time() - t0),
     }
+    Path(saved).mkdir(parents=True, exist_ok=True)
+    np.savez(Path(saved) / f"{name}.npz", **flatten(jax.device_get(state["params"])))
     print(json.dumps(result), flush=True)
     return result
 

@@ -16,8 +16,16 @@ def _photos(folder, rng, n):
 def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
     _photos(tmp_path / "train", rng, 6)
     _photos(tmp_path / "val", rng, 3)
-    r = main("smoke", {"steps": 4, "train": {"batch_size": 2}}, tmp_path)
+    r = main("smoke", {"steps": 4, "train": {"batch_size": 2}}, tmp_path, tmp_path / "saved")
     assert len(r["val_psnr_curve"]) == 4 and all(np.isfinite(r["val_psnr_curve"]))
     assert set(r["by_mask_ratio"]) == {0.0, 0.02, 0.1, 0.5}
     assert r["by_mask_ratio"][0.0] == r["val_psnr_curve"][-1]  # r = 0 is the plain evaluation
     assert 5 < r["thumbnail_psnr"] < 60 and np.isfinite(r["rec"])
+    # Stage 2 from the saved parameters: the encoder starts where the first run ended
+    r2 = main("s2", {"steps": 2, "init": "smoke", "train": {"batch_size": 2, "stage": 2}},
+              tmp_path, tmp_path / "saved")
+    a, b = (np.load(tmp_path / "saved" / f"{n}.npz") for n in ("smoke", "s2"))
+    enc = [k for k in a.files if k.startswith("encoder/")]
+    assert enc and all(np.array_equal(a[k], b[k]) for k in enc)  # frozen in Stage 2
+    assert any(not np.array_equal(a[k], b[k]) for k in a.files if k.startswith("decoder/"))
+    assert np.isfinite(r2["val_psnr_curve"]).all()
