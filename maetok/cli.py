@@ -72,6 +72,9 @@ def cmd_train(args) -> int:
     from maetok.trainer import CHECKPOINT_NAME, train
 
     out = Path(args.out)
+    if args.compile and args.backend != "torch":
+        raise ConfigError("--compile applies to --backend torch; the JAX step is always "
+                          "jit-compiled")
     if args.resume:
         path = out / CHECKPOINT_NAME
         if not path.exists():
@@ -95,7 +98,7 @@ def cmd_train(args) -> int:
           f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
           f"backend {args.backend} → {out}")
     last = train(cfg, dataset, out, args.backend, init_from=args.init_from, resume=args.resume,
-                 progress=not args.no_progress, device=args.device)
+                 progress=not args.no_progress, device=args.device, compile=args.compile)
     if last:
         print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
               f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
@@ -230,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set loss.use_adv=true (repeatable)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch: run the train step under torch.compile (minutes to compile; "
+                        "the fastest path on a GPU). The JAX step is always jit-compiled")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("reconstruct", help="images in → reconstructions out (PNG)")

@@ -98,7 +98,7 @@ def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
 
 def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          device: str | None = None) -> dict:
+          device: str | None = None, compile: bool = False) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics."""
     from tqdm import tqdm
 
@@ -106,7 +106,8 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(backend_name)(cfg, device)
+    # compile: torch.compile of the torch step (the JAX step is jit-compiled regardless)
+    backend = get_backend(backend_name)(cfg, device, **({"compile": True} if compile else {}))
     path = out / CHECKPOINT_NAME
     if resume:
         if not path.exists():

@@ -156,3 +156,26 @@ def test_resume_without_checkpoint(capsys, tmp_path):
 def test_stage2_needs_init_from(capsys, tmp_path):
     line = _error(capsys, ["train", *FAST, "--stage", "2", "--out", str(tmp_path / "o")])
     assert "--init-from" in line
+
+
+def test_compile_runs_the_torch_step_under_torch_compile(capsys, tmp_path, monkeypatch):
+    import maetok_torch.train as tt
+
+    made = []
+    real = tt.compile_train_step
+
+    def traced_only(cfg):  # dynamo's graph capture without Inductor's code generation
+        step = real(cfg, backend="eager")
+        made.append(step)
+        return step
+
+    monkeypatch.setattr(tt, "compile_train_step", traced_only)
+    out = tmp_path / "compiled"
+    assert main(["train", *FAST, "--steps", "2", "--backend", "torch", "--compile",
+                 "--out", str(out)]) == 0
+    assert len(made) == 1 and made[0].graphs >= 1  # the step went through torch.compile
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2 and all(np.isfinite(l["loss"]) for l in lines)
+    line = _error(capsys, ["train", *FAST, "--steps", "1", "--compile", "--out",
+                           str(tmp_path / "j")])
+    assert "--compile" in line and "torch" in line
