@@ -28,14 +28,18 @@ def main(root: str) -> int:
     thumb = reports[0][1]["thumbnail"]
     n = reports[0][1]["images"]
     print(f"BSDS500 val, {n} centre crops; latent budget {reports[0][1]['latent_values']} values\n")
-    print("| model | PSNR (dB) | SSIM | latent std | dead latent dims |")
-    print("|---|---|---|---|---|")
+    # PSNR with a fraction of the input tokens masked (`maetok eval --mask-ratios`), if reported
+    ratios = sorted({k for _, r in reports for k in r.get("psnr_by_mask_ratio", {})}, key=float)
+    extra = "".join(f" PSNR at r = {k} |" for k in ratios)
+    print(f"| model | PSNR (dB) | SSIM |{extra} latent std | dead latent dims |")
+    print("|---|---|---|" + "---|" * len(ratios) + "---|---|")
     print(f"| thumbnail {thumb['side']}×{thumb['side']} bicubic ({thumb['values']} values) "
-          f"| {thumb['psnr']:.2f} | {thumb['ssim']:.3f} | – | – |")
+          f"| {thumb['psnr']:.2f} | {thumb['ssim']:.3f} |" + " – |" * len(ratios) + " – | – |")
     for label, r in reports:
-        st = r["latents"]
-        print(f"| {label} | {r['tokenizer']['psnr']:.2f} | {r['tokenizer']['ssim']:.3f} "
-              f"| {st['std']:.3f} | {100 * st['dead_dim_fraction']:.1f}% |")
+        st, by_r = r["latents"], r.get("psnr_by_mask_ratio", {})
+        cells = "".join(f" {by_r[k]:.2f} |" if k in by_r else " – |" for k in ratios)
+        print(f"| {label} | {r['tokenizer']['psnr']:.2f} | {r['tokenizer']['ssim']:.3f} |{cells}"
+              f" {st['std']:.3f} | {100 * st['dead_dim_fraction']:.1f}% |")
     return 0
 
 

@@ -29,3 +29,29 @@ def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
     assert enc and all(np.array_equal(a[k], b[k]) for k in enc)  # frozen in Stage 2
     assert any(not np.array_equal(a[k], b[k]) for k in a.files if k.startswith("decoder/"))
     assert np.isfinite(r2["val_psnr_curve"]).all()
+
+
+def test_quality_table_collects_the_recipe_reports(tmp_path, capsys):
+    import json
+
+    from examples.quality_table import main as table
+
+    def report(folder, psnr, by_r=None):
+        folder.mkdir(parents=True)
+        r = {"images": 100, "latent_values": 4096,
+             "tokenizer": {"psnr": psnr, "ssim": 0.3},
+             "thumbnail": {"side": 37, "values": 4107, "psnr": 22.07, "ssim": 0.476},
+             "latents": {"std": 4.2, "dead_dim_fraction": 0.0}}
+        if by_r:
+            r["psnr_by_mask_ratio"] = by_r
+        (folder / "eval.json").write_text(json.dumps(r))
+
+    assert table(str(tmp_path)) == 1  # nothing to collect
+    report(tmp_path / "full/stage2/eval", 17.36, {"0.1": 18.5})
+    report(tmp_path / "plain_ae/stage1/eval", 22.5)
+    assert table(str(tmp_path)) == 0
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
+    assert "PSNR at r = 0.1" in rows[0]
+    assert rows[2].startswith("| thumbnail 37×37") and "22.07" in rows[2]
+    assert "17.36" in rows[3] and "18.50" in rows[3]
+    assert "22.50" in rows[4] and "| – |" in rows[4]  # no mask-ratio report for this one
