@@ -125,16 +125,12 @@ def _batches(n: int, size: int):
 
 def cmd_reconstruct(args) -> int:
     from maetok.data import load_eval_images, save_images
-    from maetok.masks import sample_mask
+    from maetok.evaluate import reconstruct_all
 
     cfg, backend, params = _load_for_inference(args)
     images, names = load_eval_images(args.input, cfg.model.image_size)
-    outs = []
-    for sl in _batches(len(images), args.batch_size):
-        mask = sample_mask(args.seed, sl.start, sl.stop - sl.start, cfg.model.num_patches,
-                           args.mask_ratio) if args.mask_ratio > 0 else None
-        outs.append(backend.reconstruct(params, images[sl], mask))
-    save_images(args.out, np.concatenate(outs), [Path(n).stem + ".png" for n in names])
+    recon = reconstruct_all(backend, params, images, args.batch_size, args.mask_ratio, args.seed)
+    save_images(args.out, recon, [Path(n).stem + ".png" for n in names])
     print(f"maetok: wrote {len(names)} reconstructions to {args.out}")
     return 0
 

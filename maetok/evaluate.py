@@ -83,18 +83,22 @@ def psnr_by_mask_ratio(backend, params, images, ratios, batch_size: int = 16,
     its reconstructions change as ``r`` goes to 0 shows how much it leans on them. Masks are
     Bernoulli(r) per token, seeded, the same for every checkpoint.
     """
+    # unclipped, as the main row of the report
+    return {f"{r:g}": float(psnr(images, reconstruct_all(backend, params, images, batch_size,
+                                                          r, seed)).mean()) for r in ratios}
+
+
+def reconstruct_all(backend, params, images, batch_size: int = 16, ratio: float = 0.0,
+                    seed: int = 0) -> np.ndarray:
+    """Reconstructions of ``images`` (B, H, W, C) in batches, a fraction ``ratio`` masked."""
     from maetok.masks import sample_mask
 
-    n = backend.cfg.model.num_patches
-    out = {}
-    for r in ratios:
-        recons = []
-        for i in range(0, len(images), batch_size):
-            chunk = images[i:i + batch_size]
-            mask = sample_mask(seed, i, len(chunk), n, r) if r > 0 else None
-            recons.append(backend.reconstruct(params, chunk, mask))
-        out[f"{r:g}"] = float(psnr(images, np.concatenate(recons)).mean())  # as the main row
-    return out
+    n, recons = backend.cfg.model.num_patches, []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        mask = sample_mask(seed, i, len(chunk), n, ratio) if ratio > 0 else None
+        recons.append(backend.reconstruct(params, chunk, mask))
+    return np.concatenate(recons)
 
 
 def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16,
@@ -102,12 +106,9 @@ def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16,
     """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
     m = cfg.model
     images, names = load_eval_images(folder, m.image_size)
-    recons, latents = [], []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        recons.append(backend.reconstruct(params, chunk))
-        latents.append(backend.encode(params, chunk))
-    recon, latents = np.concatenate(recons), np.concatenate(latents)
+    recon = reconstruct_all(backend, params, images, batch_size)
+    latents = np.concatenate([backend.encode(params, images[i:i + batch_size])
+                              for i in range(0, len(images), batch_size)])
     side = thumbnail_side(m)
     thumb = thumbnail_baseline(images, side)
     p_model, s_model = psnr(images, recon), ssim(images, recon)

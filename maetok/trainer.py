@@ -99,15 +99,18 @@ def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
 def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
           device: str | None = None, compile: bool = False) -> dict:
-    """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics."""
+    """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
+
+    ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
+    either way.
+    """
     from tqdm import tqdm
 
     from maetok.viz import plot_curves, save_grid
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # compile: torch.compile of the torch step (the JAX step is jit-compiled regardless)
-    backend = get_backend(backend_name)(cfg, device, **({"compile": True} if compile else {}))
+    backend = get_backend(backend_name)(cfg, device, compile=compile)
     path = out / CHECKPOINT_NAME
     if resume:
         if not path.exists():

@@ -17,7 +17,8 @@ from maetok_jax import enable_compilation_cache, model, train
 class Backend:
     name = "jax"
 
-    def __init__(self, cfg, device: str | None = None):
+    def __init__(self, cfg, device: str | None = None, compile: bool = False):
+        # ``compile`` mirrors the torch Backend's switch; the JAX step is always jit-compiled.
         enable_compilation_cache()
         self.cfg = cfg
         self.device = device or jax.default_backend()
