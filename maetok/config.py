@@ -300,6 +300,18 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       dec_heads=8),
         "train": dict(batch_size=32, lr=3e-4, warmup_steps=200),
     },
+    # CIFAR-10 (32²) for the diffusability study: 4-px patches (an 8×8 grid, as in the
+    # 256²/16 setting), 16 tokens × 8 channels = 128 numbers for 3,072 pixel values, a 24×
+    # compression in the middle of the 12–48× range of the 256² tokenizers. Short token
+    # sequences keep the latent diffusion model cheap.
+    "cifar": {
+        "model": dict(image_size=32, patch_size=4, num_latent_tokens=16, latent_dim=8,
+                      enc_width=256, enc_depth=6, enc_heads=4, dec_width=256, dec_depth=6,
+                      dec_heads=4, aux_width=128, aux_depth=2, aux_heads=2,
+                      disc_width=32, disc_depth=2, query_pos=True),
+        "train": dict(batch_size=256, steps=6000, lr=1e-3, warmup_steps=300, ema_decay=0.999,
+                      log_every=100, ckpt_every=1000, sample_every=1000),
+    },
     "base": {
         "model": dict(image_size=256, patch_size=16, num_latent_tokens=128, latent_dim=32,
                       enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=12,
