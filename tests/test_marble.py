@@ -41,11 +41,11 @@ def no_marble(monkeypatch):
 
 
 def walk_many(paradigm_cfg, walks, seed=0, neurons=8, brain=None, paradigm=None):
-    brain = brain or host.Brain(chain=neurons)
+    brain = brain or host.chain_brain(neurons)
     if paradigm is None and paradigm_cfg is not None:
         paradigm = brain.load_paradigm(MAETokParadigm, paradigm_cfg)
     w = host.Wanderer(brain, seed=seed)
-    stats = [w.walk(max_steps=20, start=brain.get_neuron((0, 0))) for _ in range(walks)]
+    stats = [w.walk(max_steps=20, start=host.chain_start(brain)) for _ in range(walks)]
     return paradigm, w, brain, stats
 
 
@@ -99,7 +99,7 @@ def test_same_seed_same_parameters_and_the_walk_is_untouched(no_marble):
 
 def test_stage2_freezes_the_encoder_and_anneals_the_mask():
     p = MAETokParadigm({**SMALL, "stage2_start": 4, "anneal_steps": 6})
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w), p.on_init(w), p.before_walk(w, None)
     drive(p, w, 4)
     assert p.stage == 1
@@ -125,7 +125,7 @@ def test_stage2_freezes_the_encoder_and_anneals_the_mask():
 
 def test_the_discriminator_trains_and_survives_the_stage_switch():
     p = MAETokParadigm({**SMALL, "adversarial": True, "stage2_start": 2})
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w)
     drive(p, w, 2)
     disc = p.numpy_state()["disc"]
@@ -150,7 +150,7 @@ def test_a_broken_config_is_reported_not_silent(bad, needle):
     if "bogus" in bad:
         assert "stage2_start" in str(info.value)  # the message lists the known keys
     with host.installed() as marble:
-        brain = host.Brain(chain=5)
+        brain = host.chain_brain(5)
         p = brain.load_paradigm(MAETokParadigm, {**SMALL, **bad})  # the host retries cls()
         _, w, _, stats = walk_many(None, walks=2, brain=brain)
         assert p.stopped and p.error_count == 1 and p.iteration == 0 and not p.history
@@ -176,7 +176,7 @@ def test_an_exception_in_training_is_caught_reported_and_stops_training():
             Counting.steps += 1
 
     with host.installed() as marble:
-        brain = host.Brain(chain=8)
+        brain = host.chain_brain(8)
         p = brain.load_paradigm(MAETokParadigm, {**SMALL, "batch_fn": batch_fn})
         brain.load_paradigm(Counting)
         _, w, _, stats = walk_many(None, walks=3, brain=brain)
@@ -199,7 +199,7 @@ def test_register_needs_marble_and_registers_maetok(no_marble):
     with host.installed() as marble:
         assert register() is MAETokParadigm
         assert marble._PARADIGM_TYPES["maetok"] is MAETokParadigm
-        p = host.Brain(chain=5).load_paradigm("maetok", SMALL)
+        p = host.chain_brain(5).load_paradigm("maetok", SMALL)
         assert isinstance(p, MAETokParadigm) and p.settings.cfg.model.image_size == 16
 
 
@@ -225,16 +225,16 @@ def test_reports_go_to_marbles_reporter_and_history_without_it(no_marble):
 
 
 def test_on_wanderer_is_idempotent_and_pretraining_runs_once(no_marble):
-    brain = host.Brain(chain=6)
+    brain = host.chain_brain(6)
     p = brain.load_paradigm(MAETokParadigm, {**SMALL, "pretrain_steps": 3})
     w = host.Wanderer(brain, seed=0)
     state = p._state
     assert state is not None and p.iteration == 0
     w.reapply_paradigms()  # on_wanderer (and on_init) again for the same Wanderer
     assert p._state is state and p.iteration == 0
-    first = w.walk(max_steps=20, start=brain.get_neuron((0, 0)))
+    first = w.walk(max_steps=20, start=host.chain_start(brain))
     assert p.iteration == 3 + first["steps"] + 1
-    w.walk(max_steps=20, start=brain.get_neuron((0, 0)))
+    w.walk(max_steps=20, start=host.chain_start(brain))
     assert sum(r["pretrain"] for r in p.history) == 3
     it = p.iteration
     w2 = host.Wanderer(brain, seed=1)  # a second Wanderer continues the same tokenizer
@@ -243,7 +243,7 @@ def test_on_wanderer_is_idempotent_and_pretraining_runs_once(no_marble):
 
 def test_two_paradigms_on_one_brain_report_apart():
     with host.installed() as marble:
-        brain = host.Brain(chain=6)
+        brain = host.chain_brain(6)
         a = brain.load_paradigm(MAETokParadigm, SMALL)
         b = brain.load_paradigm(MAETokParadigm, {**SMALL, "seed": 1})
         walk_many(None, walks=1, brain=brain)
@@ -266,7 +266,7 @@ def test_images_are_converted_at_the_boundary():
     got = fn.settings.source.batch(0)
     assert got.shape == (4, 16, 16, 3) and got.dtype == np.float32
     bad = MAETokParadigm({**SMALL, "batch_fn": lambda step: nhwc})  # 20² images, not 16²
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     bad.on_wanderer(w)
     drive(bad, w, 1)
     assert "16×16" in bad.last_error and bad.stopped
@@ -283,7 +283,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
 
     cfg = {**SMALL, "stage2_start": 5}
     p = MAETokParadigm(cfg)
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w)
     drive(p, w, 3)
     path = p.save(tmp_path / "marble.safetensors")
@@ -303,7 +303,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
         assert (wrong.stage, wrong.iteration) == (1, 0)
     r = MAETokParadigm(cfg).load(path)
     assert (r.stage, r.iteration) == (1, 3)
-    w2 = host.Wanderer(host.Brain(chain=5), seed=0)
+    w2 = host.Wanderer(host.chain_brain(5), seed=0)
     w2._global_step_counter = 3
     drive(r, w2, 5)
     assert r.stage == 2 and r.iteration == p.iteration == 8
