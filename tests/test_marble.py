@@ -5,6 +5,7 @@ paradigm itself records or reports: a failure that the paradigm did not catch an
 would show up as a missing iteration, not as a test error.
 """
 
+import itertools
 import sys
 
 import numpy as np
@@ -59,6 +60,76 @@ def drive(paradigm, w, calls):
 def states_equal(a: dict, b: dict) -> bool:
     fa, fb = flatten(a), flatten(b)
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+class Recorder:
+    """A paradigm that records each ``on_step`` call as (step_index, direction)."""
+
+    def __init__(self, config=None):
+        self.calls = []
+
+    def on_step(self, w, current, syn, direction, step_index, out_value):
+        self.calls.append((step_index, direction))
+
+
+def test_the_host_refuses_a_brain_built_against_marbles_rules():
+    brain = host.Brain(2, size=(6, 1))  # a 6-neuron row, as a chain might be laid out
+    inside = brain.available_indices()
+    assert 1 < len(inside) < 6 and all(brain.is_inside(i) for i in inside)
+    outside = next(i for i in itertools.product(range(6), range(1)) if i not in inside)
+    with pytest.raises(ValueError, match="outside"):
+        brain.add_neuron(outside, tensor=[0.1])
+    brain.add_neuron(inside[0], tensor=[0.1])  # only the first neuron stands alone
+    with pytest.raises(RuntimeError, match="not connected"):
+        brain.add_neuron(inside[1], tensor=[0.2])
+    with pytest.raises(ValueError, match="direction"):
+        brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[0], direction="both")
+    with pytest.raises(ValueError, match="no neuron"):
+        brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[2])
+    assert brain.get_neuron(inside[1]) is None and list(brain.neurons) == [inside[0]]
+    assert not brain.synapses  # the refused calls left nothing behind
+
+    new = brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[0], direction="uni")
+    first = brain.get_neuron(inside[0])
+    assert [(s.source, s.target) for s in brain.synapses] == [(new, first)]  # new → connect_to
+    assert first.outgoing == [] and first.incoming == new.outgoing
+    with pytest.raises(ValueError, match="already exists"):
+        brain.add_neuron(inside[1], tensor=[0.3], connect_to=inside[0])
+    with pytest.raises(ValueError, match="direction"):
+        brain.connect(inside[0], inside[1], direction="forward")
+    fwd = brain.connect(inside[0], inside[1], direction="uni")
+    assert (fwd.source, fwd.target) == (first, new) and first.outgoing == [fwd]
+
+
+def _joined_chain(direction: str, walks: int = 3, max_steps: int = 6):
+    """Each neuron joined to the one before it on creation, walks from the first."""
+    brain = host.Brain(2, size=(12, 12))
+    c = brain.available_indices()[:5]
+    brain.add_neuron(c[0], tensor=[0.1])
+    for prev, idx in itertools.pairwise(c):
+        brain.add_neuron(idx, tensor=[0.2], connect_to=prev, direction=direction)
+    rec = brain.load_paradigm(Recorder)
+    w = host.Wanderer(brain, seed=0)
+    stats = [w.walk(max_steps=max_steps, start=brain.get_neuron(c[0])) for _ in range(walks)]
+    return rec, [s["steps"] for s in stats]
+
+
+def test_a_chain_joined_backwards_walks_no_step_and_bi_walks_on():
+    rec, steps = _joined_chain("uni")  # every synapse points back at the start
+    assert steps == [0, 0, 0]
+    assert rec.calls == [(0, "none")] * 3  # on_step once per walk, at the dead end
+    rec, steps = _joined_chain("bi")
+    assert steps == [6, 6, 6] and len(rec.calls) == 18
+    assert [i for i, _ in rec.calls] == list(range(6)) * 3
+    assert {d for _, d in rec.calls} == {"forward", "backward"}  # both ways along "bi"
+
+    brain = host.chain_brain(5)  # joined from its dead end backwards: forward synapses
+    rec = brain.load_paradigm(Recorder)
+    w = host.Wanderer(brain, seed=0)
+    steps = [w.walk(max_steps=20, start=host.chain_start(brain))["steps"] for _ in range(4)]
+    assert all(2 <= s <= 4 for s in steps) and len(set(steps)) > 1  # skips make walks differ
+    assert len(rec.calls) == sum(steps) + 4 and rec.calls.count((0, "none")) == 0
+    assert [d for _, d in rec.calls].count("none") == 4  # each walk ends at the dead end
 
 
 def test_losses_fall_over_walks_one_iteration_per_step(no_marble):
