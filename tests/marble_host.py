@@ -16,7 +16,13 @@ It reproduces what a learning paradigm sees, and only that:
   ``try`` except ``before_walk`` and the dead-end ``on_step``, where one ``try`` covers the
   loop over paradigms, so a failing paradigm skips the ones after it;
 - ``report(group, item, data, *subgroups)`` stores ``data`` at ``group/subgroups.../item``,
-  merging a dict onto an existing dict.
+  merging a dict onto an existing dict;
+- a ``Brain`` built by the real host's rules (MARBLE_PROTOCOL.md, "Building a Brain"): an
+  occupancy mask (a Mandelbrot-shaped region for ``n = 2``) whose indices
+  ``available_indices()`` lists, ``ValueError`` outside it, ``RuntimeError`` for a neuron
+  after the first created without ``connect_to``, and that neuron's synapse running from
+  it to ``connect_to``; a walk from a neuron without an outgoing synapse takes 0 steps;
+- the host's own tqdm bar during ``walk`` (silenced by ``TQDM_DISABLE=1``, as in Marble).
 
 ``installed()`` puts this module in ``sys.modules`` as ``marble`` and ``marble.marblemain``.
 """
@@ -24,11 +30,13 @@ It reproduces what a learning paradigm sees, and only that:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import sys
 import types
 
 import torch
+from tqdm import tqdm
 
 _PARADIGM_TYPES: dict = {}
 
@@ -84,8 +92,13 @@ class Neuron:
         return torch.tanh(x * self.weight + self.bias)
 
 
+DIRECTIONS = ("uni", "bi")
+
+
 class Synapse:
     def __init__(self, source: Neuron, target: Neuron, direction: str = "uni"):
+        if direction not in DIRECTIONS:
+            raise ValueError(f"synapse direction must be one of {DIRECTIONS}, not {direction!r}")
         self.source, self.target, self.direction = source, target, direction
         source.outgoing.append(self)
         target.incoming.append(self)
@@ -95,30 +108,66 @@ class Synapse:
 
 
 class Brain:
-    """Marble's grid calls (``add_neuron``, ``connect``, ``get_neuron``) on a plain dict.
+    """Marble's grid brain: neurons only inside the occupancy mask, each joined on creation.
 
-    ``Brain(chain=n)`` builds the tests' graph: (0,0) → (1,0) → … → (n−1,0) with skips
-    (i,0) → (i+2,0), so a walk branches (drawing on ``w.rng``) and ends at a dead end.
+    ``size`` is the grid resolution per dimension. Index ``i`` of a dimension maps to
+    ``lo + (hi − lo)·i/(size − 1)`` of its bounds (−2…1 and −1.5…1.5 for ``n = 2``), and an
+    index is inside when that point is in the Mandelbrot set (``max_iters`` iterations);
+    for ``n ≠ 2`` every index is inside, as in Marble.
     """
 
-    def __init__(self, n: int = 2, size=None, *, chain: int = 0):
-        self.n, self.size = n, size
+    def __init__(self, n: int = 2, *, size=None, max_iters: int = 50):
+        if size is None:
+            raise ValueError("this host models grid brains only: give size=")
+        self.n = int(n)
+        self.size = (int(size),) * self.n if isinstance(size, int) else tuple(map(int, size))
+        if len(self.size) != self.n:
+            raise ValueError("size must have length n")
+        self.max_iters = max_iters
+        self.occupancy = {idx: self._inside(idx) for idx in itertools.product(
+            *(range(k) for k in self.size))}
         self.neurons: dict = {}
         self.synapses: list = []
         self._paradigms: list = []
         self._paradigm_disabled: set = set()
-        for i in range(chain):
-            v = 0.3 + 0.1 * i
-            self.add_neuron((i, 0), tensor=[v, -v, 0.5 * v])
-        for step in (1, 2):
-            for i in range(chain - step):
-                self.connect((i, 0), (i + step, 0), direction="uni")
 
-    def add_neuron(self, index, *, tensor=0.0) -> Neuron:
+    def _inside(self, idx) -> bool:
+        if self.n != 2:
+            return True
+        bounds = ((-2.0, 1.0), (-1.5, 1.5))
+        x, y = (lo + (hi - lo) * i / max(k - 1, 1) if k > 1 else (lo + hi) / 2
+                for i, k, (lo, hi) in zip(idx, self.size, bounds))
+        c, z = complex(x, y), 0j
+        for _ in range(self.max_iters):
+            z = z * z + c
+            if abs(z) > 2.0:
+                return False
+        return True
+
+    def is_inside(self, index) -> bool:
+        return self.occupancy.get(tuple(int(i) for i in index), False)
+
+    def available_indices(self) -> list:
+        """Every index inside the mask, occupied or not, in row-major order."""
+        return [idx for idx, inside in self.occupancy.items() if inside]
+
+    def add_neuron(self, index, *, tensor=0.0, connect_to=None, direction: str = "uni") -> Neuron:
+        """A neuron at ``index``, joined by a synapse from it to ``connect_to``."""
         idx = tuple(int(i) for i in index)
+        if not self.is_inside(idx):
+            raise ValueError("Neuron index is outside the brain shape")
         if idx in self.neurons:
             raise ValueError("Neuron already exists at this index")
+        if self.neurons and connect_to is None:
+            raise RuntimeError("tried to create a neuron not connected to at least one another "
+                               "neuron via at least one other synapse")
+        if connect_to is not None and self.get_neuron(connect_to) is None:
+            raise ValueError(f"connect_to {tuple(connect_to)} holds no neuron")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
         self.neurons[idx] = Neuron(tensor)
+        if connect_to is not None:
+            self.connect(idx, connect_to, direction=direction)
         return self.neurons[idx]
 
     def get_neuron(self, index):
@@ -148,6 +197,32 @@ class Brain:
 
     def active_paradigms(self) -> list:
         return [p for p in self._paradigms if id(p) not in self._paradigm_disabled]
+
+
+def chain_brain(length: int, *, size=(12, 12)) -> Brain:
+    """The tests' graph, built by the host's rules: c[0] → c[1] → … → c[length−1] plus skips
+    c[i] → c[i+2], so a walk from c[0] branches (drawing on ``w.rng``) and ends at the dead
+    end c[length−1]; ``c`` are the first ``length`` of ``available_indices()``.
+
+    A new neuron's synapse runs from it to ``connect_to``, so the chain grows from its dead
+    end backwards: each neuron joins the one after it.
+    """
+    brain = Brain(2, size=size)
+    c = brain.available_indices()[:length]
+    if len(c) < length:
+        raise ValueError(f"a {size} brain has only {len(c)} indices inside its mask")
+    for i in reversed(range(length)):
+        v = 0.3 + 0.1 * i
+        join = {"connect_to": c[i + 1], "direction": "uni"} if i + 1 < length else {}
+        brain.add_neuron(c[i], tensor=[v, -v, 0.5 * v], **join)
+    for i in range(length - 2):
+        brain.connect(c[i], c[i + 2], direction="uni")
+    return brain
+
+
+def chain_start(brain: Brain) -> Neuron:
+    """c[0] of ``chain_brain``: the neuron its walks start from."""
+    return brain.get_neuron(brain.available_indices()[0])
 
 
 class Wanderer:
@@ -194,6 +269,7 @@ class Wanderer:
         except Exception:  # noqa: BLE001
             pass
         steps, carried = 0, None
+        bar = tqdm(total=max_steps, desc="walk", leave=False)  # Marble's own bar
         while steps < max_steps and current is not None:
             visited.append(current)
             if id(current) not in params:
@@ -225,6 +301,8 @@ class Wanderer:
                 except Exception:  # noqa: BLE001
                     pass
             current, carried, steps = nxt, out, steps + 1
+            bar.update(1)
+        bar.close()
         loss = sum((o ** 2).mean() for o in outputs)
         loss.backward()
         with torch.no_grad():

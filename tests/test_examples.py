@@ -1,9 +1,20 @@
-"""The CPU proxy of the BSDS500 recipe runs end to end and reports what it promises."""
+"""The examples run end to end and report what they promise: the CPU proxy of the BSDS500
+recipe, the quality table, and MAETok inside Marble (under the test suite's strict host)."""
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from examples.cpu_proxy import main
+from tests import marble_host as host
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _photos(folder, rng, n):
@@ -55,3 +66,70 @@ def test_quality_table_collects_the_recipe_reports(tmp_path, capsys):
     assert rows[2].startswith("| thumbnail 37×37") and "22.07" in rows[2]
     assert "17.36" in rows[3] and "18.50" in rows[3]
     assert "22.50" in rows[4] and "| – |" in rows[4]  # no mask-ratio report for this one
+
+
+def _run(args, cwd, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_marble_example_trains_one_iteration_per_step_of_a_real_walk(tmp_path):
+    saved = tmp_path / "tok.safetensors"
+    run = _run([str(ROOT / "examples" / "marble_maetok.py"), "--host", "test", "--walks", "3",
+                "--steps", "4", "--neurons", "3", "--stage2-start", "6", "--save", str(saved)],
+               tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    walks = re.findall(r"^walk \d+: (\d+) steps( \+ dead end)? -> (\d+) tokenizer iterations",
+                       run.stdout, re.MULTILINE)
+    assert [(int(s), d, int(i)) for s, d, i in walks] == [(4, "", 4)] * 3
+    assert "3 walks: 12 steps, 12 tokenizer iterations\n" in run.stdout
+    assert "errors: 0" in run.stdout and "(stage 2, iteration 16)" in run.stdout  # 4 pretraining
+    assert saved.exists()
+    assert "walk:" not in run.stderr and "\r" not in run.stderr  # the host's bars are off
+
+    # The host does draw its bar when nothing switches it off.
+    walk = ("from tests import marble_host as h; b = h.chain_brain(4); "
+            "h.Wanderer(b).walk(start=h.chain_start(b))")
+    bar = _run(["-c", walk], ROOT)
+    assert bar.returncode == 0 and "walk:" in bar.stderr
+
+
+def test_marble_example_flags_walks_that_take_no_step(monkeypatch, capsys):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # what the example would set, undone after
+    from examples import marble_maetok as example
+
+    def backwards(marblemain, neurons):  # each synapse from the new neuron back to the last
+        brain = marblemain.Brain(2, size=example.BRAIN_SIZE)
+        chain = brain.available_indices()[:neurons]
+        brain.add_neuron(chain[0], tensor=[0.1])
+        for prev, idx in itertools.pairwise(chain):
+            brain.add_neuron(idx, tensor=[0.2], connect_to=prev, direction="uni")
+        return brain, chain
+
+    monkeypatch.setattr(example, "build_brain", backwards)
+    assert example.main(["--host", "test", "--walks", "2", "--neurons", "3"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("0 steps + dead end -> 1 tokenizer iterations") == 2
+    assert "the walk took no step" in out and "2 walks: 0 steps, 2 tokenizer iterations" in out
+
+
+def test_the_readme_marble_snippet_runs_under_the_strict_host(tmp_path, monkeypatch, rng):
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Using MAETok inside Marble"):]
+    start = section.index("```python\n") + len("```python\n")
+    code = section[start:section.index("\n```", start)]
+    photos = tmp_path / "path" / "to" / "photos"
+    photos.mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    with host.installed():
+        ns = {}
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own code
+    tok, stats = ns["tok"], ns["stats"]
+    assert tok.last_error is None and len(ns["brain"].neurons) == 6
+    assert stats["steps"] == 20 and tok.iteration == 20
+    assert (tmp_path / "runs" / "marble" / "checkpoint.safetensors").exists()

@@ -5,6 +5,7 @@ paradigm itself records or reports: a failure that the paradigm did not catch an
 would show up as a missing iteration, not as a test error.
 """
 
+import itertools
 import sys
 
 import numpy as np
@@ -41,11 +42,11 @@ def no_marble(monkeypatch):
 
 
 def walk_many(paradigm_cfg, walks, seed=0, neurons=8, brain=None, paradigm=None):
-    brain = brain or host.Brain(chain=neurons)
+    brain = brain or host.chain_brain(neurons)
     if paradigm is None and paradigm_cfg is not None:
         paradigm = brain.load_paradigm(MAETokParadigm, paradigm_cfg)
     w = host.Wanderer(brain, seed=seed)
-    stats = [w.walk(max_steps=20, start=brain.get_neuron((0, 0))) for _ in range(walks)]
+    stats = [w.walk(max_steps=20, start=host.chain_start(brain)) for _ in range(walks)]
     return paradigm, w, brain, stats
 
 
@@ -59,6 +60,76 @@ def drive(paradigm, w, calls):
 def states_equal(a: dict, b: dict) -> bool:
     fa, fb = flatten(a), flatten(b)
     return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+class Recorder:
+    """A paradigm that records each ``on_step`` call as (step_index, direction)."""
+
+    def __init__(self, config=None):
+        self.calls = []
+
+    def on_step(self, w, current, syn, direction, step_index, out_value):
+        self.calls.append((step_index, direction))
+
+
+def test_the_host_refuses_a_brain_built_against_marbles_rules():
+    brain = host.Brain(2, size=(6, 1))  # a 6-neuron row, as a chain might be laid out
+    inside = brain.available_indices()
+    assert 1 < len(inside) < 6 and all(brain.is_inside(i) for i in inside)
+    outside = next(i for i in itertools.product(range(6), range(1)) if i not in inside)
+    with pytest.raises(ValueError, match="outside"):
+        brain.add_neuron(outside, tensor=[0.1])
+    brain.add_neuron(inside[0], tensor=[0.1])  # only the first neuron stands alone
+    with pytest.raises(RuntimeError, match="not connected"):
+        brain.add_neuron(inside[1], tensor=[0.2])
+    with pytest.raises(ValueError, match="direction"):
+        brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[0], direction="both")
+    with pytest.raises(ValueError, match="no neuron"):
+        brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[2])
+    assert brain.get_neuron(inside[1]) is None and list(brain.neurons) == [inside[0]]
+    assert not brain.synapses  # the refused calls left nothing behind
+
+    new = brain.add_neuron(inside[1], tensor=[0.2], connect_to=inside[0], direction="uni")
+    first = brain.get_neuron(inside[0])
+    assert [(s.source, s.target) for s in brain.synapses] == [(new, first)]  # new → connect_to
+    assert first.outgoing == [] and first.incoming == new.outgoing
+    with pytest.raises(ValueError, match="already exists"):
+        brain.add_neuron(inside[1], tensor=[0.3], connect_to=inside[0])
+    with pytest.raises(ValueError, match="direction"):
+        brain.connect(inside[0], inside[1], direction="forward")
+    fwd = brain.connect(inside[0], inside[1], direction="uni")
+    assert (fwd.source, fwd.target) == (first, new) and first.outgoing == [fwd]
+
+
+def _joined_chain(direction: str, walks: int = 3, max_steps: int = 6):
+    """Each neuron joined to the one before it on creation, walks from the first."""
+    brain = host.Brain(2, size=(12, 12))
+    c = brain.available_indices()[:5]
+    brain.add_neuron(c[0], tensor=[0.1])
+    for prev, idx in itertools.pairwise(c):
+        brain.add_neuron(idx, tensor=[0.2], connect_to=prev, direction=direction)
+    rec = brain.load_paradigm(Recorder)
+    w = host.Wanderer(brain, seed=0)
+    stats = [w.walk(max_steps=max_steps, start=brain.get_neuron(c[0])) for _ in range(walks)]
+    return rec, [s["steps"] for s in stats]
+
+
+def test_a_chain_joined_backwards_walks_no_step_and_bi_walks_on():
+    rec, steps = _joined_chain("uni")  # every synapse points back at the start
+    assert steps == [0, 0, 0]
+    assert rec.calls == [(0, "none")] * 3  # on_step once per walk, at the dead end
+    rec, steps = _joined_chain("bi")
+    assert steps == [6, 6, 6] and len(rec.calls) == 18
+    assert [i for i, _ in rec.calls] == list(range(6)) * 3
+    assert {d for _, d in rec.calls} == {"forward", "backward"}  # both ways along "bi"
+
+    brain = host.chain_brain(5)  # joined from its dead end backwards: forward synapses
+    rec = brain.load_paradigm(Recorder)
+    w = host.Wanderer(brain, seed=0)
+    steps = [w.walk(max_steps=20, start=host.chain_start(brain))["steps"] for _ in range(4)]
+    assert all(2 <= s <= 4 for s in steps) and len(set(steps)) > 1  # skips make walks differ
+    assert len(rec.calls) == sum(steps) + 4 and rec.calls.count((0, "none")) == 0
+    assert [d for _, d in rec.calls].count("none") == 4  # each walk ends at the dead end
 
 
 def test_losses_fall_over_walks_one_iteration_per_step(no_marble):
@@ -99,7 +170,7 @@ def test_same_seed_same_parameters_and_the_walk_is_untouched(no_marble):
 
 def test_stage2_freezes_the_encoder_and_anneals_the_mask():
     p = MAETokParadigm({**SMALL, "stage2_start": 4, "anneal_steps": 6})
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w), p.on_init(w), p.before_walk(w, None)
     drive(p, w, 4)
     assert p.stage == 1
@@ -125,7 +196,7 @@ def test_stage2_freezes_the_encoder_and_anneals_the_mask():
 
 def test_the_discriminator_trains_and_survives_the_stage_switch():
     p = MAETokParadigm({**SMALL, "adversarial": True, "stage2_start": 2})
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w)
     drive(p, w, 2)
     disc = p.numpy_state()["disc"]
@@ -150,7 +221,7 @@ def test_a_broken_config_is_reported_not_silent(bad, needle):
     if "bogus" in bad:
         assert "stage2_start" in str(info.value)  # the message lists the known keys
     with host.installed() as marble:
-        brain = host.Brain(chain=5)
+        brain = host.chain_brain(5)
         p = brain.load_paradigm(MAETokParadigm, {**SMALL, **bad})  # the host retries cls()
         _, w, _, stats = walk_many(None, walks=2, brain=brain)
         assert p.stopped and p.error_count == 1 and p.iteration == 0 and not p.history
@@ -176,7 +247,7 @@ def test_an_exception_in_training_is_caught_reported_and_stops_training():
             Counting.steps += 1
 
     with host.installed() as marble:
-        brain = host.Brain(chain=8)
+        brain = host.chain_brain(8)
         p = brain.load_paradigm(MAETokParadigm, {**SMALL, "batch_fn": batch_fn})
         brain.load_paradigm(Counting)
         _, w, _, stats = walk_many(None, walks=3, brain=brain)
@@ -199,7 +270,7 @@ def test_register_needs_marble_and_registers_maetok(no_marble):
     with host.installed() as marble:
         assert register() is MAETokParadigm
         assert marble._PARADIGM_TYPES["maetok"] is MAETokParadigm
-        p = host.Brain(chain=5).load_paradigm("maetok", SMALL)
+        p = host.chain_brain(5).load_paradigm("maetok", SMALL)
         assert isinstance(p, MAETokParadigm) and p.settings.cfg.model.image_size == 16
 
 
@@ -225,16 +296,16 @@ def test_reports_go_to_marbles_reporter_and_history_without_it(no_marble):
 
 
 def test_on_wanderer_is_idempotent_and_pretraining_runs_once(no_marble):
-    brain = host.Brain(chain=6)
+    brain = host.chain_brain(6)
     p = brain.load_paradigm(MAETokParadigm, {**SMALL, "pretrain_steps": 3})
     w = host.Wanderer(brain, seed=0)
     state = p._state
     assert state is not None and p.iteration == 0
     w.reapply_paradigms()  # on_wanderer (and on_init) again for the same Wanderer
     assert p._state is state and p.iteration == 0
-    first = w.walk(max_steps=20, start=brain.get_neuron((0, 0)))
+    first = w.walk(max_steps=20, start=host.chain_start(brain))
     assert p.iteration == 3 + first["steps"] + 1
-    w.walk(max_steps=20, start=brain.get_neuron((0, 0)))
+    w.walk(max_steps=20, start=host.chain_start(brain))
     assert sum(r["pretrain"] for r in p.history) == 3
     it = p.iteration
     w2 = host.Wanderer(brain, seed=1)  # a second Wanderer continues the same tokenizer
@@ -243,7 +314,7 @@ def test_on_wanderer_is_idempotent_and_pretraining_runs_once(no_marble):
 
 def test_two_paradigms_on_one_brain_report_apart():
     with host.installed() as marble:
-        brain = host.Brain(chain=6)
+        brain = host.chain_brain(6)
         a = brain.load_paradigm(MAETokParadigm, SMALL)
         b = brain.load_paradigm(MAETokParadigm, {**SMALL, "seed": 1})
         walk_many(None, walks=1, brain=brain)
@@ -266,7 +337,7 @@ def test_images_are_converted_at_the_boundary():
     got = fn.settings.source.batch(0)
     assert got.shape == (4, 16, 16, 3) and got.dtype == np.float32
     bad = MAETokParadigm({**SMALL, "batch_fn": lambda step: nhwc})  # 20² images, not 16²
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     bad.on_wanderer(w)
     drive(bad, w, 1)
     assert "16×16" in bad.last_error and bad.stopped
@@ -283,7 +354,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
 
     cfg = {**SMALL, "stage2_start": 5}
     p = MAETokParadigm(cfg)
-    w = host.Wanderer(host.Brain(chain=5), seed=0)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w)
     drive(p, w, 3)
     path = p.save(tmp_path / "marble.safetensors")
@@ -303,7 +374,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
         assert (wrong.stage, wrong.iteration) == (1, 0)
     r = MAETokParadigm(cfg).load(path)
     assert (r.stage, r.iteration) == (1, 3)
-    w2 = host.Wanderer(host.Brain(chain=5), seed=0)
+    w2 = host.Wanderer(host.chain_brain(5), seed=0)
     w2._global_step_counter = 3
     drive(r, w2, 5)
     assert r.stage == 2 and r.iteration == p.iteration == 8
