@@ -209,9 +209,8 @@ def train_classifier(cfg: ClassifierConfig, train_images, train_labels, test_ima
     path = save_tree(out_path, {"params": params, "stats": stats},
                      {"format": FORMAT, "config": cfg.to_json(), "test_accuracy": accuracy,
                       "steps": total, "train_seconds": seconds})
-    if progress:
-        print(f"maetok: classifier test accuracy {100 * accuracy:.2f}% after {cfg.epochs} "
-              f"epochs ({seconds:.1f} s) → {path}")
+    print(f"maetok: classifier test accuracy {100 * accuracy:.2f}% after {cfg.epochs} "
+          f"epochs ({seconds:.1f} s) → {path}")
     return {"test_accuracy": accuracy, "train_loss": last["loss"],
             "train_accuracy": last["accuracy"], "steps": total, "seconds": seconds,
             "path": str(path)}
