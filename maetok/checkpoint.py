@@ -57,9 +57,22 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
     Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
     already at ``path``, if any, is left as it was.
     """
+    for key in meta or {}:
+        if key in _RESERVED:
+            raise ValueError(f"checkpoint metadata key {key!r} is reserved")
+    return save_tree(path, state, {"format": FORMAT, "config": cfg.to_json(), **(meta or {})})
+
+
+def save_tree(path, tree: dict, meta: dict) -> Path:
+    """Atomically write a nested dict of arrays with metadata to a safetensors file.
+
+    The general writer under ``save_checkpoint``, for any model that is not the tokenizer:
+    ``meta`` should carry a ``format`` tag; values that are not strings are stored as JSON
+    (``load_tree`` decodes them). NaN or infinite values are refused (CheckpointError).
+    """
     path = Path(path)
     tensors = {}
-    for key, leaf in flatten(state).items():
+    for key, leaf in flatten(tree).items():
         arr = np.asarray(leaf)
         if not arr.flags.c_contiguous:  # (ascontiguousarray alone would turn 0-d into (1,))
             arr = np.ascontiguousarray(arr)
@@ -67,11 +80,10 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
             raise CheckpointError(f"refusing to save {path}: {key} holds NaN or infinite values "
                                   "(training diverged); the previous checkpoint is kept")
         tensors[key] = arr
-    metadata = {"format": FORMAT, "config": cfg.to_json()}
-    encoded = []
-    for key, value in (meta or {}).items():
-        if key in _RESERVED:
-            raise ValueError(f"checkpoint metadata key {key!r} is reserved")
+    if "meta_json" in meta:
+        raise ValueError("checkpoint metadata key 'meta_json' is reserved")
+    metadata, encoded = {}, []
+    for key, value in meta.items():
         if not isinstance(value, str):
             value = json.dumps(value)
             encoded.append(key)
@@ -97,6 +109,37 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def load_tree(path) -> tuple[dict, dict]:
+    """Read a file written by ``save_tree`` → ``(tree of numpy arrays, meta)``.
+
+    ``meta`` is as it was saved (JSON values decoded), ``format`` included: the caller
+    checks the tag. A missing, truncated or corrupt file raises CheckpointError.
+    """
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = handle.metadata() or {}
+        flat = _tensors(path, handle)
+    return unflatten(flat), _decode_meta(path, metadata)
+
+
+def _tensors(path: Path, handle) -> dict:
+    try:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
+                              "truncated or corrupt: use an earlier checkpoint") from e
+
+
+def _decode_meta(path: Path, metadata: dict[str, str]) -> dict:
+    """Metadata as saved: JSON-encoded values decoded, the ``meta_json`` index dropped."""
+    try:
+        encoded = set(json.loads(metadata.get("meta_json", "[]")))
+        return {k: json.loads(v) if k in encoded else v
+                for k, v in metadata.items() if k != "meta_json"}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -162,19 +205,10 @@ def load_checkpoint(path, cfg: Config | None = None,
         file_cfg = _config_of(path, metadata)
         if cfg is not None:
             _check_model(path, file_cfg, cfg)
-        try:
-            flat = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
-                                  "truncated or corrupt: use an earlier checkpoint") from e
+        flat = _tensors(path, handle)
     if expected is not None:
         _check_layout(path, layout(flat), expected)
-    try:
-        encoded = set(json.loads(metadata.get("meta_json", "[]")))
-        meta = {k: json.loads(v) if k in encoded else v
-                for k, v in metadata.items() if k not in _RESERVED}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+    meta = {k: v for k, v in _decode_meta(path, metadata).items() if k not in _RESERVED}
     return unflatten(flat), file_cfg, meta
 
 

@@ -25,7 +25,7 @@ from maetok.targets import target_dim
 @dataclass(frozen=True)
 class ParamSpec:
     shape: tuple[int, ...]
-    init: str  # "xavier", "normal" (σ = 0.02), "zeros", "ones"
+    init: str  # "xavier", "he" (normal, σ = √(2/fan_in)), "normal" (σ = 0.02), "zeros", "ones"
 
 
 Tree = dict[str, Any]
@@ -185,6 +185,9 @@ def _init_leaf(spec: ParamSpec, path: str, seed: int) -> np.ndarray:
             fan_in, fan_out = shape[-2], shape[-1]
         limit = np.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-limit, limit, shape).astype(np.float32)
+    if spec.init == "he":  # for layers followed by ReLU; fan_in = kh·kw·in or in
+        fan_in = int(np.prod(shape[:-1])) if len(shape) == 4 else shape[-2]
+        return (np.sqrt(2.0 / fan_in) * rng.standard_normal(shape)).astype(np.float32)
     raise ValueError(f"unknown init rule {spec.init!r} at {path}")
 
 

@@ -43,3 +43,12 @@ def anneal_ratio(step: int, t: TrainConfig) -> float:
     if t.anneal_schedule == "cosine":
         return r0 * 0.5 * (1.0 + math.cos(math.pi * s))
     return r0 * math.exp(-5.0 * s)
+
+
+def one_cycle(step: int, total_steps: int, peak: float, warmup_fraction: float) -> float:
+    """Piecewise linear: up to ``peak`` over the first ``warmup_fraction`` of the steps, then
+    down towards 0 at ``total_steps`` (the one-cycle policy of fast image classifiers)."""
+    warm = max(1, round(warmup_fraction * total_steps))
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * max(0, total_steps - step) / (total_steps - warm + 1)

@@ -8,7 +8,7 @@ with the torch backend:
     mu ← b1·mu + (1 − b1)·g                  nu ← b2·nu + (1 − b2)·g²
     mu_hat ← mu / (1 − b1^t)                 nu_hat ← nu / (1 − b2^t)
     p ← p − lr·(mu_hat / (sqrt(nu_hat) + eps) + wd·p)      (wd term: adamw only)
-    sgd: mu ← momentum·mu + g;  p ← p − lr·mu
+    sgd: mu ← momentum·mu + g;  p ← p − lr·mu   (nesterov: p ← p − lr·(g + momentum·mu))
 
 ``t`` counts updates from 1. The learning rate is an argument so a schedule evaluated on
 the host changes it without recompiling.
@@ -69,12 +69,14 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
     return tree_map(step, params, mu, nu), OptState(count, mu, nu)
 
 
-def sgd_update(grads, state: OptState, params, lr, t_cfg):
+def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
     wd, momentum = t_cfg.weight_decay, t_cfg.momentum
     if wd:
         grads = tree_map(lambda g, p: g + wd * p, grads, params)
     mu = tree_map(lambda m, g: momentum * m + g, state.mu, grads) if momentum else grads
-    new_params = tree_map(lambda p, m: p - lr * m, params, mu)
+    # Nesterov steps along g + momentum·mu, the momentum buffer one step ahead
+    step = tree_map(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
+    new_params = tree_map(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
 
 

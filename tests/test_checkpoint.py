@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from maetok.checkpoint import layout, load_checkpoint, read_config, save_checkpoint
+from maetok.checkpoint import (layout, load_checkpoint, load_tree, read_config, save_checkpoint,
+                               save_tree)
 from maetok.config import preset
 from maetok.errors import CheckpointError
 from maetok.params import flatten
@@ -139,3 +140,22 @@ def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
               metadata={"format": "maetok-checkpoint/1", "config": '{"model": {"patch_size": 5}}'})
     with pytest.raises(CheckpointError, match="invalid config.*not divisible"):
         load_checkpoint(tmp_path / "cfg.safetensors")
+
+
+def test_save_tree_is_the_general_writer(tmp_path, rng, tiny):
+    tree = {"net": {"w": rng.standard_normal((2, 3)).astype(np.float32)},
+            "stats": {"n": np.array(5, np.int32)}}
+    path = save_tree(tmp_path / "t.safetensors", tree,
+                     {"format": "some-model/1", "accuracy": 0.5, "note": "x"})
+    loaded, meta = load_tree(path)
+    assert meta == {"format": "some-model/1", "accuracy": 0.5, "note": "x"}
+    assert loaded["net"]["w"].tobytes() == tree["net"]["w"].tobytes()
+    assert int(loaded["stats"]["n"]) == 5
+    with pytest.raises(CheckpointError, match="is not a maetok checkpoint"):
+        load_checkpoint(path)  # another format tag is not a tokenizer checkpoint
+    # a tokenizer checkpoint is a tree like any other for load_tree
+    save_checkpoint(tmp_path / "c.safetensors", tree, tiny, meta={"step": 3})
+    _, meta = load_tree(tmp_path / "c.safetensors")
+    assert meta["step"] == 3 and meta["format"] == "maetok-checkpoint/1"
+    with pytest.raises(ValueError, match="reserved"):
+        save_tree(tmp_path / "u.safetensors", tree, {"meta_json": "[]"})

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from maetok.config import TrainConfig
-from maetok.schedules import anneal_ratio, learning_rate
-from maetok_jax.optim import clip_by_global_norm, ema_update, opt_init, opt_update
+from maetok.schedules import anneal_ratio, learning_rate, one_cycle
+from maetok_jax.optim import clip_by_global_norm, ema_update, opt_init, opt_update, sgd_update
 
 
 def numpy_reference(params, grads_seq, t, lr):
@@ -87,3 +87,33 @@ def test_anneal_schedules_go_from_start_to_zero(kind):
     assert values[100] == 0.0 and values[120] == 0.0
     assert all(a >= b for a, b in zip(values, values[1:]))  # never increases
     assert 0 < values[50] < 0.6
+
+
+def test_nesterov_sgd_matches_numpy(rng):
+    t = TrainConfig(optimizer="sgd", weight_decay=0.01, momentum=0.9)
+    p0 = rng.normal(size=(6,)).astype(np.float32)
+    grads_seq = [rng.normal(size=6).astype(np.float32) for _ in range(5)]
+    p, state = {"w": jnp.asarray(p0)}, opt_init({"w": jnp.asarray(p0)}, t)
+    ref, mu = p0.astype(np.float64), np.zeros(6)
+    for g in grads_seq:
+        p, state = sgd_update({"w": jnp.asarray(g)}, state, p, 0.1, t, nesterov=True)
+        g = g + 0.01 * ref
+        mu = 0.9 * mu + g
+        ref = ref - 0.1 * (g + 0.9 * mu)
+    plain, _ = sgd_update({"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)},
+                          0.1, t)
+    assert np.abs(ref - p0).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(p["w"]), ref, rtol=2e-5, atol=2e-6)
+    # with a zero buffer the first Nesterov step is (1 + momentum)× the plain one
+    first, _ = sgd_update({"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)},
+                          0.1, t, nesterov=True)
+    np.testing.assert_allclose(np.asarray(first["w"]) - p0, 1.9 * (np.asarray(plain["w"]) - p0),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_one_cycle_rises_then_falls_to_zero():
+    lrs = [one_cycle(s, 100, 0.4, 0.25) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.4 / 25) and max(lrs) == pytest.approx(0.4)
+    assert int(np.argmax(lrs)) == 24 and lrs[-1] == pytest.approx(0.4 / 76)
+    assert all(a < b for a, b in zip(lrs[:24], lrs[1:25]))
+    assert all(a > b for a, b in zip(lrs[24:-1], lrs[25:]))
