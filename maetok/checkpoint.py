@@ -12,6 +12,7 @@ checkpoint where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -22,10 +23,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from maetok.config import Config
+from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
 from maetok.params import flatten, unflatten
 
 FORMAT = "maetok-checkpoint/1"
+DIFFUSION_FORMAT = "maetok-diffusion/1"  # a latent diffusion model (maetok diffusion train)
 _RESERVED = ("format", "config", "meta_json")  # metadata keys the format itself uses
 _LIST = 10  # how many offending keys a mismatch message names per kind
 
@@ -50,16 +53,18 @@ def layout(state: dict) -> Layout:
     return out
 
 
-def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) -> Path:
-    """Write ``state`` (nested dict of numpy arrays; scalars as 0-d arrays) to ``path``.
+def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
+              fmt: str = FORMAT) -> Path:
+    """Atomically write the nested dict ``tree`` with metadata ``format``, ``config`` and ``meta``.
 
-    ``meta`` values that are not strings are stored as JSON and decoded again on load.
-    Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
-    already at ``path``, if any, is left as it was.
+    The one writer of every maetok file (tokenizer and diffusion checkpoints). ``meta``
+    values that are not strings are stored as JSON and decoded again on load. Refuses
+    (CheckpointError) to save NaN or infinite values; on any failure the file already at
+    ``path``, if any, is left as it was.
     """
     path = Path(path)
     tensors = {}
-    for key, leaf in flatten(state).items():
+    for key, leaf in flatten(tree).items():
         arr = np.asarray(leaf)
         if not arr.flags.c_contiguous:  # (ascontiguousarray alone would turn 0-d into (1,))
             arr = np.ascontiguousarray(arr)
@@ -67,7 +72,7 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
             raise CheckpointError(f"refusing to save {path}: {key} holds NaN or infinite values "
                                   "(training diverged); the previous checkpoint is kept")
         tensors[key] = arr
-    metadata = {"format": FORMAT, "config": cfg.to_json()}
+    metadata = {"format": fmt, "config": config_json}
     encoded = []
     for key, value in (meta or {}).items():
         if key in _RESERVED:
@@ -99,6 +104,16 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
     return path
 
 
+def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) -> Path:
+    """Write ``state`` (nested dict of numpy arrays; scalars as 0-d arrays) to ``path``.
+
+    ``meta`` values that are not strings are stored as JSON and decoded again on load.
+    Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
+    already at ``path``, if any, is left as it was.
+    """
+    return save_tree(path, state, cfg.to_json(), meta)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Persist the rename itself; not possible (nor needed) on every platform."""
     try:
@@ -124,13 +139,42 @@ def _open(path: Path):
                               "be truncated or corrupt: use an earlier checkpoint") from e
 
 
-def _metadata(path: Path, handle) -> dict[str, str]:
+def _metadata(path: Path, handle, fmt: str = FORMAT) -> dict[str, str]:
     metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != fmt:
         found = repr(metadata["format"]) if "format" in metadata else "no format tag"
-        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {FORMAT!r}, "
+        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {fmt!r}, "
                               f"found {found}")
     return metadata
+
+
+def _tensors(path: Path, handle) -> dict:
+    try:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
+                              "truncated or corrupt: use an earlier checkpoint") from e
+
+
+def _meta(path: Path, metadata: dict) -> dict:
+    """The caller entries of the metadata, JSON-encoded ones decoded."""
+    try:
+        encoded = set(json.loads(metadata.get("meta_json", "[]")))
+        return {k: json.loads(v) if k in encoded else v
+                for k, v in metadata.items() if k not in _RESERVED}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+
+
+def load_tree(path, fmt: str = FORMAT) -> tuple[dict, str, dict]:
+    """Read any file ``save_tree`` wrote with format ``fmt``: (flat tensors, config JSON, meta)."""
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _metadata(path, handle, fmt)
+        flat = _tensors(path, handle)
+    if "config" not in metadata:
+        raise CheckpointError(f"checkpoint {path} has no config")
+    return flat, metadata["config"], _meta(path, metadata)
 
 
 def _config_of(path: Path, metadata: dict) -> Config:
@@ -162,20 +206,10 @@ def load_checkpoint(path, cfg: Config | None = None,
         file_cfg = _config_of(path, metadata)
         if cfg is not None:
             _check_model(path, file_cfg, cfg)
-        try:
-            flat = {key: handle.get_tensor(key) for key in handle.keys()}
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
-                                  "truncated or corrupt: use an earlier checkpoint") from e
+        flat = _tensors(path, handle)
     if expected is not None:
         _check_layout(path, layout(flat), expected)
-    try:
-        encoded = set(json.loads(metadata.get("meta_json", "[]")))
-        meta = {k: json.loads(v) if k in encoded else v
-                for k, v in metadata.items() if k not in _RESERVED}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
-    return unflatten(flat), file_cfg, meta
+    return unflatten(flat), file_cfg, _meta(path, metadata)
 
 
 def _fmt(value) -> str:
@@ -215,3 +249,37 @@ def _check_layout(path: Path, got: Layout, expected: Layout) -> None:
     if parts:
         raise CheckpointError(f"checkpoint {path} does not match the state this config and "
                               f"backend expect: {'; '.join(parts)}")
+
+
+# ----------------------------------------------------------------- diffusion checkpoints
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (ties a diffusion checkpoint to its tokenizer)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_diffusion(path, tree: dict, cfg: DiffusionConfig, meta: dict | None = None) -> Path:
+    """Write a diffusion model's tree (state and latent statistics) with its config and meta."""
+    return save_tree(path, tree, cfg.to_json(), meta, DIFFUSION_FORMAT)
+
+
+def load_diffusion(path, expected=None) -> tuple[dict, DiffusionConfig, dict]:
+    """Read a diffusion checkpoint: (nested tree, config, meta).
+
+    ``expected``, a Layout or a function from the stored config to one, is checked exactly.
+    """
+    path = Path(path)
+    flat, config_json, meta = load_tree(path, DIFFUSION_FORMAT)
+    try:
+        cfg = DiffusionConfig.from_json(config_json)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid diffusion config: {e}") from e
+    if callable(expected):
+        expected = expected(cfg)
+    if expected is not None:
+        _check_layout(path, layout(flat), expected)
+    return unflatten(flat), cfg, meta
