@@ -169,8 +169,9 @@ def cmd_sample(args) -> int:
     tokenizer = args.tokenizer or meta.get("tokenizer")
     _, backend, tok_params, sha = _tokenizer(tokenizer, bool(meta.get("tokenizer_ema")))
     if sha != meta.get("tokenizer_sha256"):
+        trained_on = str(meta.get("tokenizer_sha256", "?"))[:16]
         raise CheckpointError(f"tokenizer {tokenizer} (sha256 {sha[:16]}…) is not the one this "
-                              f"model was trained on (sha256 {meta.get('tokenizer_sha256', '?')[:16]}…)")
+                              f"model was trained on (sha256 {trained_on}…)")
 
     n = args.num * cfg.num_classes if args.per_class else args.num
     labels = (np.arange(n) // args.num if args.per_class else np.arange(n) % cfg.num_classes)
@@ -234,7 +235,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--per-class", action="store_true", help="--num samples of every class")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the config's")
     p.add_argument("--steps", type=int, help="ODE steps (default: the config's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance (default: the config's)")
+    p.add_argument("--guidance", type=float,
+                   help="classifier-free guidance scale (default: the config's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500, help="samples per compiled call")
     p.add_argument("--out", default="samples.npz", help="npz with images uint8 (N,32,32,3), labels")

@@ -111,7 +111,8 @@ def validate(c: DiffusionConfig) -> DiffusionConfig:
     _require(c.lr > 0, f"diffusion.lr must be positive, got {c.lr}")
     _require(c.warmup_steps >= 0, f"diffusion.warmup_steps must be >= 0, got {c.warmup_steps}")
     _choice(c.lr_schedule, ("constant", "cosine"), "diffusion.lr_schedule")
-    _require(0 <= c.min_lr_ratio <= 1, f"diffusion.min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
+    _require(0 <= c.min_lr_ratio <= 1,
+             f"diffusion.min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
     for name in ("b1", "b2", "ema_decay", "label_dropout"):
         value = getattr(c, name)
         _require(0 <= value < 1, f"diffusion.{name} must be in [0, 1), got {value}")

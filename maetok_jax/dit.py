@@ -33,7 +33,10 @@ def compute_dtype(cfg):
 
 
 def timestep_embedding(t, dim: int):
-    """t (B,) → (B, dim) float32: [cos(s·t·f_k) | sin(s·t·f_k)], f_k = MAX_PERIOD^(−k/(dim/2))."""
+    """t (B,) → (B, dim) float32: [cos(s·t·f_k) | sin(s·t·f_k)], s = TIME_SCALE,
+
+    with frequencies f_k = MAX_PERIOD^(−k/(dim/2)), k < dim/2.
+    """
     half = dim // 2
     freqs = jnp.exp(-jnp.log(MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / half)
     args = (TIME_SCALE * t.astype(jnp.float32))[:, None] * freqs[None]  # (B, dim/2)

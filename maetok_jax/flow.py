@@ -14,8 +14,6 @@ on every step, the last included; there is no singular endpoint to step around a
 is for σ → 0 in EDM-style samplers.
 """
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
@@ -82,11 +80,13 @@ def integrate(velocity, x0, num_steps: int, sampler: str = "heun"):
     return jax.lax.fori_loop(0, num_steps, step, x0)
 
 
-@partial(jax.jit, static_argnames=("cfg", "sampler", "num_steps", "guidance"))
 def _sample(params, key, labels, cfg, sampler, num_steps, guidance):
     x0 = jax.random.normal(key, (labels.shape[0], cfg.num_tokens, cfg.token_dim), jnp.float32)
     velocity = lambda x, t: guided_velocity(params, x, t, labels, cfg, guidance)
     return integrate(velocity, x0, num_steps, sampler)
+
+
+_compiled_sample = jax.jit(_sample, static_argnames=("cfg", "sampler", "num_steps", "guidance"))
 
 
 def sample(params, key, labels, cfg, sampler: str = "heun", num_steps: int = 50,
@@ -96,5 +96,5 @@ def sample(params, key, labels, cfg, sampler: str = "heun", num_steps: int = 50,
     Compiled once per (cfg, sampler, num_steps, guidance, B). A label equal to
     ``num_classes`` samples the unconditional model.
     """
-    return _sample(params, key, jnp.asarray(labels, jnp.int32), cfg, sampler, int(num_steps),
-                   float(guidance))
+    return _compiled_sample(params, key, jnp.asarray(labels, jnp.int32), cfg, sampler,
+                            int(num_steps), float(guidance))

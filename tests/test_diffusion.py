@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from maetok import checkpoint as ckpt
-from maetok.cli import main
 from maetok.diffusion_config import DiffusionConfig, preset
 from maetok.errors import ConfigError
 from maetok.params import init_dit, map_tree

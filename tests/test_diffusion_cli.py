@@ -48,7 +48,7 @@ def setup(tmp_path_factory):
 
 
 def test_train_writes_checkpoint_metrics_curves_and_latent_cache(setup):
-    root, tok, _, run = setup
+    _, tok, _, run = setup
     tree, cfg, meta = ckpt.load_diffusion(run / "diffusion.safetensors")
     m = preset("tiny").model
     assert (cfg.num_tokens, cfg.token_dim, cfg.batch_size, cfg.steps) == (
@@ -69,7 +69,7 @@ def test_train_writes_checkpoint_metrics_curves_and_latent_cache(setup):
 
 
 def test_resume_continues_from_the_cached_latents(setup, monkeypatch):
-    root, _, data, run = setup
+    _, _, data, run = setup
     import maetok.cifar10
     monkeypatch.setattr(maetok.cifar10, "load_split", lambda *a, **k: pytest.fail("re-encoded"))
     assert main(["diffusion", "train", *data, "--out", str(run), "--resume", "--steps", "6",
