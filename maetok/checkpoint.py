@@ -12,6 +12,7 @@ checkpoint where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -22,10 +23,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from maetok.config import Config
+from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
 from maetok.params import flatten, unflatten
 
 FORMAT = "maetok-checkpoint/1"
+DIFFUSION_FORMAT = "maetok-diffusion/1"  # a latent diffusion model (maetok diffusion train)
 _RESERVED = ("format", "config", "meta_json")  # metadata keys the format itself uses
 _LIST = 10  # how many offending keys a mismatch message names per kind
 
@@ -50,25 +53,14 @@ def layout(state: dict) -> Layout:
     return out
 
 
-def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) -> Path:
-    """Write ``state`` (nested dict of numpy arrays; scalars as 0-d arrays) to ``path``.
+def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
+              fmt: str = FORMAT) -> Path:
+    """Atomically write the nested dict ``tree`` with metadata ``format``, ``config`` and ``meta``.
 
+    The one writer of every maetok file (tokenizer, diffusion and classifier checkpoints).
     ``meta`` values that are not strings are stored as JSON and decoded again on load.
     Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
     already at ``path``, if any, is left as it was.
-    """
-    for key in meta or {}:
-        if key in _RESERVED:
-            raise ValueError(f"checkpoint metadata key {key!r} is reserved")
-    return save_tree(path, state, {"format": FORMAT, "config": cfg.to_json(), **(meta or {})})
-
-
-def save_tree(path, tree: dict, meta: dict) -> Path:
-    """Atomically write a nested dict of arrays with metadata to a safetensors file.
-
-    The general writer under ``save_checkpoint``, for any model that is not the tokenizer:
-    ``meta`` should carry a ``format`` tag; values that are not strings are stored as JSON
-    (``load_tree`` decodes them). NaN or infinite values are refused (CheckpointError).
     """
     path = Path(path)
     tensors = {}
@@ -80,10 +72,11 @@ def save_tree(path, tree: dict, meta: dict) -> Path:
             raise CheckpointError(f"refusing to save {path}: {key} holds NaN or infinite values "
                                   "(training diverged); the previous checkpoint is kept")
         tensors[key] = arr
-    if "meta_json" in meta:
-        raise ValueError("checkpoint metadata key 'meta_json' is reserved")
-    metadata, encoded = {}, []
-    for key, value in meta.items():
+    metadata = {"format": fmt, "config": config_json}
+    encoded = []
+    for key, value in (meta or {}).items():
+        if key in _RESERVED:
+            raise ValueError(f"checkpoint metadata key {key!r} is reserved")
         if not isinstance(value, str):
             value = json.dumps(value)
             encoded.append(key)
@@ -111,35 +104,14 @@ def save_tree(path, tree: dict, meta: dict) -> Path:
     return path
 
 
-def load_tree(path) -> tuple[dict, dict]:
-    """Read a file written by ``save_tree`` → ``(tree of numpy arrays, meta)``.
+def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) -> Path:
+    """Write ``state`` (nested dict of numpy arrays; scalars as 0-d arrays) to ``path``.
 
-    ``meta`` is as it was saved (JSON values decoded), ``format`` included: the caller
-    checks the tag. A missing, truncated or corrupt file raises CheckpointError.
+    ``meta`` values that are not strings are stored as JSON and decoded again on load.
+    Refuses (CheckpointError) to save NaN or infinite values; on any failure the file
+    already at ``path``, if any, is left as it was.
     """
-    path = Path(path)
-    with _open(path) as handle:
-        metadata = handle.metadata() or {}
-        flat = _tensors(path, handle)
-    return unflatten(flat), _decode_meta(path, metadata)
-
-
-def _tensors(path: Path, handle) -> dict:
-    try:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
-                              "truncated or corrupt: use an earlier checkpoint") from e
-
-
-def _decode_meta(path: Path, metadata: dict[str, str]) -> dict:
-    """Metadata as saved: JSON-encoded values decoded, the ``meta_json`` index dropped."""
-    try:
-        encoded = set(json.loads(metadata.get("meta_json", "[]")))
-        return {k: json.loads(v) if k in encoded else v
-                for k, v in metadata.items() if k != "meta_json"}
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+    return save_tree(path, state, cfg.to_json(), meta)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -167,13 +139,42 @@ def _open(path: Path):
                               "be truncated or corrupt: use an earlier checkpoint") from e
 
 
-def _metadata(path: Path, handle) -> dict[str, str]:
+def _metadata(path: Path, handle, fmt: str = FORMAT) -> dict[str, str]:
     metadata = handle.metadata() or {}
-    if metadata.get("format") != FORMAT:
+    if metadata.get("format") != fmt:
         found = repr(metadata["format"]) if "format" in metadata else "no format tag"
-        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {FORMAT!r}, "
+        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {fmt!r}, "
                               f"found {found}")
     return metadata
+
+
+def _tensors(path: Path, handle) -> dict:
+    try:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
+                              "truncated or corrupt: use an earlier checkpoint") from e
+
+
+def _meta(path: Path, metadata: dict) -> dict:
+    """The caller entries of the metadata, JSON-encoded ones decoded."""
+    try:
+        encoded = set(json.loads(metadata.get("meta_json", "[]")))
+        return {k: json.loads(v) if k in encoded else v
+                for k, v in metadata.items() if k not in _RESERVED}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
+
+
+def load_tree(path, fmt: str = FORMAT) -> tuple[dict, str, dict]:
+    """Read any file ``save_tree`` wrote with format ``fmt``: (flat tensors, config JSON, meta)."""
+    path = Path(path)
+    with _open(path) as handle:
+        metadata = _metadata(path, handle, fmt)
+        flat = _tensors(path, handle)
+    if "config" not in metadata:
+        raise CheckpointError(f"checkpoint {path} has no config")
+    return flat, metadata["config"], _meta(path, metadata)
 
 
 def _config_of(path: Path, metadata: dict) -> Config:
@@ -208,8 +209,7 @@ def load_checkpoint(path, cfg: Config | None = None,
         flat = _tensors(path, handle)
     if expected is not None:
         _check_layout(path, layout(flat), expected)
-    meta = {k: v for k, v in _decode_meta(path, metadata).items() if k not in _RESERVED}
-    return unflatten(flat), file_cfg, meta
+    return unflatten(flat), file_cfg, _meta(path, metadata)
 
 
 def _fmt(value) -> str:
@@ -249,3 +249,37 @@ def _check_layout(path: Path, got: Layout, expected: Layout) -> None:
     if parts:
         raise CheckpointError(f"checkpoint {path} does not match the state this config and "
                               f"backend expect: {'; '.join(parts)}")
+
+
+# ----------------------------------------------------------------- diffusion checkpoints
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes (ties a diffusion checkpoint to its tokenizer)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_diffusion(path, tree: dict, cfg: DiffusionConfig, meta: dict | None = None) -> Path:
+    """Write a diffusion model's tree (state and latent statistics) with its config and meta."""
+    return save_tree(path, tree, cfg.to_json(), meta, DIFFUSION_FORMAT)
+
+
+def load_diffusion(path, expected=None) -> tuple[dict, DiffusionConfig, dict]:
+    """Read a diffusion checkpoint: (nested tree, config, meta).
+
+    ``expected``, a Layout or a function from the stored config to one, is checked exactly.
+    """
+    path = Path(path)
+    flat, config_json, meta = load_tree(path, DIFFUSION_FORMAT)
+    try:
+        cfg = DiffusionConfig.from_json(config_json)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} has an invalid diffusion config: {e}") from e
+    if callable(expected):
+        expected = expected(cfg)
+    if expected is not None:
+        _check_layout(path, layout(flat), expected)
+    return unflatten(flat), cfg, meta

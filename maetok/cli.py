@@ -1,4 +1,4 @@
-"""The ``maetok`` command line: train, reconstruct, encode, decode, eval.
+"""The ``maetok`` command line: train, reconstruct, encode, decode, eval, diffusion.
 
 Every command takes ``--backend jax|torch`` (JAX by default). A problem with the user's
 input (config, data, checkpoint, a NaN loss) is printed as one line, ``maetok: error: …``,
@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from maetok.parity import add_parser as add_parity_parser
     add_parity_parser(sub)
+    from maetok.diffusion_cli import add_parser as add_diffusion_parser
+    add_diffusion_parser(sub)
     return parser
 
 

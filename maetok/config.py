@@ -155,11 +155,15 @@ class Config:
 
     @staticmethod
     def from_json(text: str) -> "Config":
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config is not valid JSON: {e}") from e
-        return Config.from_dict(d)
+        return Config.from_dict(parse_json(text))
+
+
+def parse_json(text: str) -> dict:
+    """The JSON object in ``text``; ConfigError if it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config is not valid JSON: {e}") from e
 
 
 def _section_to_dict(section) -> dict:

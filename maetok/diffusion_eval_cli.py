@@ -1,9 +1,10 @@
-"""Command-line pieces of the diffusability study: ``classifier`` and ``eval``.
+"""Command-line pieces of the diffusability study: ``prepare``, ``classifier`` and ``eval``.
 
 ``register(subparsers)`` adds both to an argparse sub-command group; each sets
 ``fn`` to its handler, which ``maetok.cli.main`` calls and whose ``MAETokError`` it prints
 as one line. Mounted under ``maetok diffusion``:
 
+    maetok diffusion prepare --cifar DATA/cifar10             unpack CIFAR-10 into the cache
     maetok diffusion classifier --cifar DATA/cifar10          train (or reuse) the classifier
     maetok diffusion eval --samples S.npz --tokenizer CKPT --out report.json
 """
@@ -34,6 +35,18 @@ def _widths(text: str) -> tuple[int, ...]:
         return tuple(int(w) for w in text.split(","))
     except ValueError:
         raise ConfigError(f"--widths takes 4 integers separated by commas, got {text!r}")
+
+
+def cmd_prepare(args) -> int:
+    from maetok.cifar10 import prepare
+
+    if not args.cifar:
+        raise ConfigError("prepare needs --cifar, the folder holding train_jpg.tar.gz and "
+                          "test_png.tar.gz")
+    cache = prepare(args.cifar, _cache(args))
+    print(f"maetok: CIFAR-10 ready in {cache} (train images for `maetok train --data`: "
+          f"{cache / 'train'})")
+    return 0
 
 
 def cmd_classifier(args) -> int:
@@ -151,7 +164,11 @@ def _data_options(p) -> None:
 
 
 def register(subparsers) -> None:
-    """Add the ``classifier`` and ``eval`` sub-commands to an argparse sub-command group."""
+    """Add the ``prepare``, ``classifier`` and ``eval`` sub-commands to an argparse group."""
+    p = subparsers.add_parser("prepare", help="unpack and decode CIFAR-10 once into the cache")
+    _data_options(p)
+    p.set_defaults(fn=cmd_prepare)
+
     p = subparsers.add_parser("classifier", help="train the CIFAR-10 classifier whose "
                                                  "features the study measures samples in")
     _data_options(p)
@@ -171,7 +188,7 @@ def register(subparsers) -> None:
     _data_options(p)
     p.add_argument("--samples", help=".npz with 'images' uint8 (N, 32, 32, 3) and 'labels' (N,)")
     p.add_argument("--classifier", help=f"classifier checkpoint (default: CACHE/{CLASSIFIER_NAME})")
-    p.add_argument("--ref", choices=("train", "test"), default="train",
+    p.add_argument("--ref", choices=("train", "test"), default="test",
                    help="reference images for the sample metrics")
     p.add_argument("--tokenizer", action="append", metavar="CHECKPOINT",
                    help="a tokenizer checkpoint to measure (repeatable)")

@@ -31,8 +31,8 @@ class ParamSpec:
 Tree = dict[str, Any]
 
 
-def _dense(d_in: int, d_out: int) -> Tree:
-    return {"w": ParamSpec((d_in, d_out), "xavier"), "b": ParamSpec((d_out,), "zeros")}
+def _dense(d_in: int, d_out: int, init: str = "xavier") -> Tree:
+    return {"w": ParamSpec((d_in, d_out), init), "b": ParamSpec((d_out,), "zeros")}
 
 
 def _norm(d: int) -> Tree:
@@ -119,6 +119,34 @@ def spec_disc(m: ModelConfig) -> Tree:
                             "b": ParamSpec((widths[i + 1],), "zeros")}
     tree["out"] = {"w": ParamSpec((4, 4, widths[-1], 1), "xavier"), "b": ParamSpec((1,), "zeros")}
     return tree
+
+
+def spec_dit(c) -> Tree:
+    """The latent diffusion transformer of a ``DiffusionConfig`` (maetok_jax/dit.py).
+
+    Blocks are ``spec_block`` without its LayerNorm affines (adaLN supplies shift and
+    scale) plus ``ada``, one dense from the conditioning vector to the six modulations
+    [shift₁ | scale₁ | gate₁ | shift₂ | scale₂ | gate₂]. ``ada``, ``final_ada`` and
+    ``head`` start at zero (adaLN-Zero): every block is the identity and the predicted
+    velocity is 0 at initialisation.
+    """
+    d = c.width
+    block = {k: v for k, v in spec_block(d, c.mlp_ratio).items() if k not in ("ln1", "ln2")}
+    block["ada"] = _dense(d, 6 * d, "zeros")
+    return {
+        "x_embed": _dense(c.token_dim, d),  # h → D per latent token
+        "pos": ParamSpec((c.num_tokens, d), "normal"),  # learned absolute positions (L, D)
+        "t_mlp": {"fc1": _dense(c.time_freq_dim, d), "fc2": _dense(d, d)},
+        "y_embed": ParamSpec((c.num_classes + 1, d), "normal"),  # last row: the null class
+        "blocks": _stack(c.depth, block),
+        "final_ada": _dense(d, 2 * d, "zeros"),  # [shift | scale] of the final LayerNorm
+        "head": _dense(d, c.token_dim, "zeros"),  # D → h, the velocity
+    }
+
+
+def init_dit(c, seed: int) -> Tree:
+    """The DiT's parameters as float32 numpy arrays."""
+    return init_tree(spec_dit(c), seed, "dit")
 
 
 # ---------------------------------------------------------------------------- tree utilities

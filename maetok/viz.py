@@ -52,6 +52,29 @@ def save_grid(path, originals, reconstructions, masks=None, patch_size: int | No
         rows.append(("masked input", np.where(hidden, np.uint8(128), orig)))
     rows.append(("reconstruction", rec))
 
+    return _save_rows(path, rows)
+
+
+def save_class_grid(path, images, labels, class_names, per_class: int = 10) -> Path:
+    """One PNG with a row per class: up to ``per_class`` of its images, named on the left.
+
+    ``images`` (B, H, W, C) uint8 and ``labels`` (B,) ints indexing ``class_names``; a
+    class with no image gets an empty row, so rows always line up with the class list.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.dtype != np.uint8 or len(images) != len(labels):
+        raise ValueError(f"expected uint8 images and one label each, got {images.dtype} "
+                         f"{images.shape} and labels {labels.shape}")
+    rows = [(name, images[labels == c][:per_class]) for c, name in enumerate(class_names)]
+    return _save_rows(path, rows)
+
+
+def _save_rows(path, rows: list[tuple[str, np.ndarray]]) -> Path:
+    """Draw labelled rows of uint8 images (n, H, W, C), enlarged to at least 128 px."""
+    if not any(len(images) for _, images in rows):
+        raise ValueError("no images to draw")
+    h, w = next(images.shape[1:3] for _, images in rows if len(images))
+    b = max(len(images) for _, images in rows)
     scale = max(1, math.ceil(_MIN_PIXELS / max(h, w)))
     ch, cw = h * scale, w * scale
     canvas = Image.new("RGB", (_LABEL_WIDTH + b * (cw + _GAP), len(rows) * (ch + _GAP) + _GAP),

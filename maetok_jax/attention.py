@@ -36,9 +36,13 @@ def _fused(q, k, v):
 
 
 def attention(params, x, cos, sin, heads: int, impl: str = "plain"):
-    """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D)."""
+    """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D).
+
+    ``cos``/``sin`` None: no rotation (a model with learned absolute positions).
+    """
     b, t, d = x.shape
     q, k, v = split_heads(dense(params["qkv"], x), heads)  # each (B, T, heads, K)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
     return dense(params["proj"], out.reshape(b, t, d))

@@ -26,7 +26,7 @@ from maetok.checkpoint import load_tree, save_tree
 from maetok.classifier_spec import (FORMAT, STAGES, ClassifierConfig, init_classifier,
                                     spec_classifier, spec_classifier_stats)
 from maetok.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from maetok.params import flatten
+from maetok.params import flatten, unflatten
 from maetok.schedules import one_cycle
 from maetok_jax.optim import opt_init, sgd_update
 
@@ -206,9 +206,9 @@ def train_classifier(cfg: ClassifierConfig, train_images, train_labels, test_ima
     params, stats = (tree_map(np.asarray, state[k]) for k in ("params", "stats"))
     _, logits = classifier_features(params, stats, cfg, test_images)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == test_labels))
-    path = save_tree(out_path, {"params": params, "stats": stats},
-                     {"format": FORMAT, "config": cfg.to_json(), "test_accuracy": accuracy,
-                      "steps": total, "train_seconds": seconds})
+    path = save_tree(out_path, {"params": params, "stats": stats}, cfg.to_json(),
+                     {"test_accuracy": accuracy, "steps": total, "train_seconds": seconds},
+                     FORMAT)
     print(f"maetok: classifier test accuracy {100 * accuracy:.2f}% after {cfg.epochs} "
           f"epochs ({seconds:.1f} s) → {path}")
     return {"test_accuracy": accuracy, "train_loss": last["loss"],
@@ -220,13 +220,11 @@ def load_classifier(path, with_meta: bool = False):
     """``(params, stats, cfg)`` of a checkpoint written by ``train_classifier`` (numpy
     trees), checked against the tree its config describes; ``with_meta`` appends the
     metadata (``test_accuracy`` …) as a fourth item."""
-    tree, meta = load_tree(path)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a classifier checkpoint (format "
-                              f"{meta.get('format')!r}, expected {FORMAT!r})")
+    flat, config_json, meta = load_tree(path, FORMAT)
+    tree = unflatten(flat)
     try:
-        cfg = ClassifierConfig.from_json(meta["config"])
-    except (KeyError, ConfigError) as e:
+        cfg = ClassifierConfig.from_json(config_json)
+    except ConfigError as e:
         raise CheckpointError(f"classifier checkpoint {path} has a missing or invalid config: "
                               f"{e}") from e
     for key, spec in (("params", spec_classifier(cfg)), ("stats", spec_classifier_stats(cfg))):

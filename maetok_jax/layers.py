@@ -14,12 +14,16 @@ def dense(params, x):
 
 
 def layer_norm(params, x, eps: float):
-    """LayerNorm over the last axis, computed in float32 and returned in ``x``'s dtype."""
+    """LayerNorm over the last axis, computed in float32 and returned in ``x``'s dtype.
+
+    ``params`` None: no affine (adaLN modulates the normalised values instead).
+    """
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
-    y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+    if params is not None:
+        y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
     return y.astype(x.dtype)
 
 

@@ -1,5 +1,6 @@
 """Checkpoints: exact round trip, atomic saves, and precise messages for every mismatch."""
 
+import json
 import os
 
 import numpy as np
@@ -145,17 +146,18 @@ def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
 def test_save_tree_is_the_general_writer(tmp_path, rng, tiny):
     tree = {"net": {"w": rng.standard_normal((2, 3)).astype(np.float32)},
             "stats": {"n": np.array(5, np.int32)}}
-    path = save_tree(tmp_path / "t.safetensors", tree,
-                     {"format": "some-model/1", "accuracy": 0.5, "note": "x"})
-    loaded, meta = load_tree(path)
-    assert meta == {"format": "some-model/1", "accuracy": 0.5, "note": "x"}
-    assert loaded["net"]["w"].tobytes() == tree["net"]["w"].tobytes()
-    assert int(loaded["stats"]["n"]) == 5
+    path = save_tree(tmp_path / "t.safetensors", tree, '{"a": 1}',
+                     {"accuracy": 0.5, "note": "x"}, "some-model/1")
+    flat, config_json, meta = load_tree(path, "some-model/1")
+    assert config_json == '{"a": 1}' and meta == {"accuracy": 0.5, "note": "x"}
+    assert flat["net/w"].tobytes() == tree["net"]["w"].tobytes()
+    assert int(flat["stats/n"]) == 5
     with pytest.raises(CheckpointError, match="is not a maetok checkpoint"):
         load_checkpoint(path)  # another format tag is not a tokenizer checkpoint
     # a tokenizer checkpoint is a tree like any other for load_tree
     save_checkpoint(tmp_path / "c.safetensors", tree, tiny, meta={"step": 3})
-    _, meta = load_tree(tmp_path / "c.safetensors")
-    assert meta["step"] == 3 and meta["format"] == "maetok-checkpoint/1"
-    with pytest.raises(ValueError, match="reserved"):
-        save_tree(tmp_path / "u.safetensors", tree, {"meta_json": "[]"})
+    _, config_json, meta = load_tree(tmp_path / "c.safetensors")
+    assert meta["step"] == 3 and json.loads(config_json)["model"] == tiny.to_dict()["model"]
+    for reserved in ("meta_json", "format", "config"):
+        with pytest.raises(ValueError, match="reserved"):
+            save_tree(tmp_path / "u.safetensors", tree, "{}", {reserved: "[]"})

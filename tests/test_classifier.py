@@ -143,6 +143,6 @@ def test_bad_inputs_and_checkpoints_are_reported(tmp_path, rng):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "none.safetensors")
     from maetok.checkpoint import save_tree
-    save_tree(tmp_path / "other.safetensors", {"w": np.ones(2, np.float32)}, {"format": "x/1"})
-    with pytest.raises(CheckpointError, match="not a classifier checkpoint"):
+    save_tree(tmp_path / "other.safetensors", {"w": np.ones(2, np.float32)}, "{}", fmt="x/1")
+    with pytest.raises(CheckpointError, match="expected format 'maetok-classifier/1'"):
         load_classifier(tmp_path / "other.safetensors")

@@ -38,6 +38,8 @@ def test_classifier_then_eval(tmp_path, rng, tiny, run, capsys):
     common = ["--cifar", str(tmp_path / "src"), "--cache", str(cache)]
     train = ["classifier", *common, "--widths", "4,8,8,8", "--epochs", "1", "--batch-size",
              "8", "--dtype", "float32", "--no-progress"]
+    assert run(["prepare", *common]) == 0
+    assert f"train images for `maetok train --data`: {cache / 'train'}" in capsys.readouterr().out
     assert run(train) == 0
     assert "test accuracy" in capsys.readouterr().out
     assert (cache / "classifier.safetensors").is_file()
