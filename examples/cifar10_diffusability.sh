@@ -22,6 +22,9 @@ S1=${S1_STEPS:-3000}
 S2=${S2_STEPS:-2000}
 MASK_MIN=${MASK_MIN:-0.4}
 MASK_MAX=${MASK_MAX:-0.6}
+TOK_PRESET=${TOK_PRESET:-cifar}
+TOK_BATCH=${TOK_BATCH:-256}
+CLASSIFIER_ARGS=${CLASSIFIER_ARGS:-}   # e.g. "--epochs 2 --widths 8,8,8,8" for a smoke run
 DIT=${DIT:-small}
 DIT_STEPS=${DIT_STEPS:-15000}
 SEEDS=${SEEDS:-"0 1"}
@@ -43,7 +46,8 @@ train_tok() {  # out steps args...
   if [ -f "$out/checkpoint.safetensors" ]; then
     $MAETOK train --resume --steps "$steps" --out "$out" --data "$CACHE/train" --no-progress
   else
-    $MAETOK train --preset cifar --data "$CACHE/train" --steps "$steps" --dtype bfloat16 \
+    $MAETOK train --preset "$TOK_PRESET" --data "$CACHE/train" --steps "$steps" \
+      --batch-size "$TOK_BATCH" --dtype bfloat16 \
       --no-progress --set model.attention=fused "$@" --out "$out"
   fi
   touch "$out/done"
@@ -56,7 +60,7 @@ phase_prepare() {
 }
 
 phase_classifier() {
-  $MAETOK diffusion classifier --cifar "$CIFAR" --cache "$CACHE"
+  $MAETOK diffusion classifier --cifar "$CIFAR" --cache "$CACHE" --no-progress $CLASSIFIER_ARGS
 }
 
 phase_tokenizers() {
