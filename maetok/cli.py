@@ -120,7 +120,6 @@ def cmd_train(args) -> int:
         if args.compile and backend != "torch":
             raise ConfigError("--compile applies to --backend torch; the JAX step is always "
                               "jit-compiled")
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         print(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
               f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
               f"backend {backend} → {out}")
@@ -144,14 +143,21 @@ def _folder_out(path: str) -> Path:
     return out
 
 
-def _load_for_inference(args):
+def _checked_params(args):
+    """The checkpoint's config and parameters (numpy), checked before any backend loads."""
     from maetok import checkpoint as ckpt
-    from maetok.trainer import get_backend, params_from_checkpoint
+    from maetok.trainer import params_from_checkpoint
 
     cfg = ckpt.read_config(args.checkpoint)
-    params = params_from_checkpoint(args.checkpoint, cfg, use_ema=args.ema)  # checked first
+    return cfg, params_from_checkpoint(args.checkpoint, cfg, use_ema=args.ema)
+
+
+def _on_backend(args, cfg, params):
+    """The backend chosen by --backend/--device and ``params`` on its device."""
+    from maetok.trainer import get_backend
+
     backend = get_backend(args.backend)(cfg, args.device)
-    return cfg, backend, backend.to_device_tree(params)
+    return backend, backend.to_device_tree(params)
 
 
 def _batches(n: int, size: int):
@@ -164,8 +170,9 @@ def cmd_reconstruct(args) -> int:
     from maetok.evaluate import reconstruct_all
 
     out = _folder_out(args.out)
-    cfg, backend, params = _load_for_inference(args)
+    cfg, params = _checked_params(args)
     images, names = load_eval_images(args.input, cfg.model.image_size, args.skip_broken)
+    backend, params = _on_backend(args, cfg, params)
     recon = reconstruct_all(backend, params, images, args.batch_size, args.mask_ratio, args.seed)
     save_images(out, recon, [Path(n).stem + ".png" for n in names])
     print(f"maetok: wrote {len(names)} reconstructions to {out}")
@@ -178,8 +185,9 @@ def cmd_encode(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ConfigError(f"--out {out} is a folder; encode writes one .npy file")
-    cfg, backend, params = _load_for_inference(args)
+    cfg, params = _checked_params(args)
     images, names = load_eval_images(args.input, cfg.model.image_size, args.skip_broken)
+    backend, params = _on_backend(args, cfg, params)
     latents = np.concatenate([backend.encode(params, images[sl])
                               for sl in _batches(len(images), args.batch_size)])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +201,7 @@ def cmd_decode(args) -> int:
     from maetok.data import save_images
 
     out = _folder_out(args.out)
-    cfg, backend, params = _load_for_inference(args)
+    cfg, params = _checked_params(args)
     try:
         latents = np.load(args.latents)
     except (OSError, ValueError) as e:
@@ -208,6 +216,7 @@ def cmd_decode(args) -> int:
     names = json.loads(meta.read_text())["names"] if meta.exists() else None
     if not names or len(names) != len(latents):
         names = [f"{i:05d}" for i in range(len(latents))]
+    backend, params = _on_backend(args, cfg, params)
     images = np.concatenate([backend.decode(params, latents[sl])
                              for sl in _batches(len(latents), args.batch_size)])
     save_images(out, images, [Path(n).stem + ".png" for n in names])
@@ -220,7 +229,8 @@ def cmd_eval(args) -> int:
 
     out = _folder_out(args.out or Path(args.checkpoint).parent / "eval")
     ratios = _ratios(args.mask_ratios)
-    cfg, backend, params = _load_for_inference(args)
+    cfg, params = _checked_params(args)
+    backend, params = _on_backend(args, cfg, params)
     evaluate(cfg, backend, params, args.data, out, batch_size=args.batch_size,
              mask_ratios=ratios, skip_broken=args.skip_broken)
     return 0

@@ -7,6 +7,7 @@ SIGTERM/SIGINT (after saving a checkpoint at the next step boundary). The backen
 
 Output folder layout::
 
+    out/config.json              the config, as ``--config`` reads it
     out/checkpoint.safetensors   latest good state (atomic: a crash never leaves half a file),
                                  with the run's identity and history (``maetok.run``)
     out/metrics.jsonl            one JSON object per logged step, up to the checkpoint's step
@@ -175,6 +176,7 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
     from maetok.viz import plot_curves, save_grid
 
     backend = get_backend(backend_name)(cfg, device, compile=compile)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     path = out / CHECKPOINT_NAME
     history = []
     if resume:
