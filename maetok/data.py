@@ -201,7 +201,7 @@ class ImageFolder:
         if broken and not skip_broken:
             more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
             raise DataError(f"{broken[0][1]}{more}; remove or replace the file(s), or pass "
-                            "--skip-broken to train without them")
+                            "--skip-broken to leave them out")
         self.skipped = [str(found[i]) for i, _ in broken]
         bad = {i for i, _ in broken}
         keep = [i for i in range(len(found)) if i not in bad]

@@ -212,8 +212,8 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
                 seen += batch["images"].shape[0]
-                last = step + 1 == end
-                save = (step + 1) % t.ckpt_every == 0 or last or stop[0] is not None
+                last, stopping = step + 1 == end, stop[0]  # read once: it may change any time
+                save = (step + 1) % t.ckpt_every == 0 or last or stopping is not None
                 if (step + 1) % t.log_every == 0 or save:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
                     # throughput over the interval since the last pull (the pull above waits
@@ -234,8 +234,8 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
                     ckpt.save_checkpoint(path, backend.state_to_numpy(state), cfg,
                                          {"stage": t.stage, "step": step + 1, **identity})
                     last_saved = step + 1
-                if stop[0] is not None:
-                    raise TrainingStopped(stop[0], step + 1, path)
+                if stopping is not None:
+                    raise TrainingStopped(stopping, step + 1, path)
                 if (step + 1) % t.sample_every == 0 or last:
                     recon = backend.reconstruct(state["params"], preview["images"],
                                                 preview["mask"])
