@@ -239,6 +239,11 @@ def resume(out, changes: dict, *, base: Config | None = None, base_flag: str = "
         changed["backend"] = [run_backend, chosen]
 
     run_data = meta.get("data")
+    if (data is not None and run_data is not None and "data" not in allow
+            and str(Path(data).resolve()) != run_data.get("folder")):
+        raise DataError(f"--resume: the run was trained on {describe_data(run_data)}, not on "
+                        f"{data}; resume on the run's own data (drop --data), or pass --change "
+                        "data to continue on this data on purpose")
     if data is None and run_data is not None:
         dataset = _dataset_of(run_data, cfg, skip_broken, progress)
     else:
