@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from maetok.config import Config
@@ -31,6 +31,7 @@ FORMAT = "maetok-checkpoint/1"
 DIFFUSION_FORMAT = "maetok-diffusion/1"  # a latent diffusion model (maetok diffusion train)
 _RESERVED = ("format", "config", "meta_json")  # metadata keys the format itself uses
 _LIST = 10  # how many offending keys a mismatch message names per kind
+_TMP = ".tmp"  # suffix of the hidden file a save writes before renaming it into place
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
@@ -84,7 +85,7 @@ def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
     metadata["meta_json"] = json.dumps(encoded)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"  # same folder: atomic rename
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{_TMP}"  # same folder: atomic rename
     try:
         with open(tmp, "xb"):
             pass
@@ -97,8 +98,12 @@ def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions, quota
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the previous "
+                                  "checkpoint, if any, is kept") from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -112,6 +117,18 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
     already at ``path``, if any, is left as it was.
     """
     return save_tree(path, state, cfg.to_json(), meta)
+
+
+def remove_stale_temps(folder) -> list[Path]:
+    """Delete the temporary files of saves that were killed before their rename.
+
+    Only call it while no save into ``folder`` is running (the trainer holds the folder's
+    lock). Returns the paths removed.
+    """
+    stale = sorted(Path(folder).glob(f".*{_TMP}"))
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -186,9 +203,16 @@ def _config_of(path: Path, metadata: dict) -> Config:
 
 def read_config(path) -> Config:
     """The config stored in a checkpoint, read from its metadata without loading tensors."""
+    return read_header(path)[0]
+
+
+def read_header(path) -> tuple[Config, dict]:
+    """``(config, meta)`` of a checkpoint, from its metadata alone (no tensors are read)."""
     path = Path(path)
     with _open(path) as handle:
-        return _config_of(path, _metadata(path, handle))
+        metadata = _metadata(path, handle)
+        return _config_of(path, metadata), _meta(path, metadata)
+
 
 
 def load_checkpoint(path, cfg: Config | None = None,
@@ -198,7 +222,7 @@ def load_checkpoint(path, cfg: Config | None = None,
     ``state`` is the nested dict of numpy arrays that was saved. With ``cfg``, the model
     section of the file must equal ``cfg.model``; with ``expected`` (see ``layout``), the
     keys, shapes and dtypes must match exactly. Any problem raises CheckpointError with
-    every difference listed.
+    every difference listed, and so do NaN or infinite values.
     """
     path = Path(path)
     with _open(path) as handle:
@@ -209,6 +233,10 @@ def load_checkpoint(path, cfg: Config | None = None,
         flat = _tensors(path, handle)
     if expected is not None:
         _check_layout(path, layout(flat), expected)
+    for key in sorted(flat):  # a NaN weight would only show up later, as a NaN loss or PSNR
+        if flat[key].dtype.kind in "fc" and not np.isfinite(flat[key]).all():
+            raise CheckpointError(f"checkpoint {path} holds NaN or infinite values, first in "
+                                  f"{key}; it cannot be used: take an earlier checkpoint")
     return unflatten(flat), file_cfg, _meta(path, metadata)
 
 

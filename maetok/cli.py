@@ -1,8 +1,10 @@
 """The ``maetok`` command line: train, reconstruct, encode, decode, eval, diffusion.
 
 Every command takes ``--backend jax|torch`` (JAX by default). A problem with the user's
-input (config, data, checkpoint, a NaN loss) is printed as one line, ``maetok: error: …``,
-with exit status 2; anything else is a bug and keeps its traceback.
+input (arguments, config, data, checkpoint, a NaN loss) or with the machine (a full disk)
+is printed as one line, ``maetok: error: …``, with exit status 2; anything else is a bug
+and keeps its traceback. ``train`` stopped by SIGTERM or SIGINT saves a checkpoint first
+and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from maetok.config import PRESETS, Config, preset
-from maetok.errors import ConfigError, DataError, MAETokError
+from maetok.errors import ConfigError, DataError, MAETokError, TrainingStopped
 
 
 def _parse_value(text: str):
@@ -37,14 +39,8 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
-def _train_config(args) -> Config:
-    if args.config:
-        try:
-            cfg = Config.from_json(Path(args.config).read_text())
-        except OSError as e:
-            raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from e
-    else:
-        cfg = preset(args.preset)
+def _changes(args) -> dict:
+    """The config fields the user set: ``--set`` and the flags that stand for one."""
     changes = _overrides(args.set or [])
     train = changes.setdefault("train", {})
     for flag, field in (("steps", "steps"), ("batch_size", "batch_size"), ("stage", "stage"),
@@ -55,50 +51,81 @@ def _train_config(args) -> Config:
         changes.setdefault("model", {})["compute_dtype"] = args.dtype
     if args.image_size:
         changes.setdefault("model", {})["image_size"] = args.image_size
+    return {k: v for k, v in changes.items() if v}
+
+
+def _base_config(args) -> tuple[Config | None, str]:
+    """The whole config given by --config or --preset (None if neither), and which flag."""
+    if args.config and args.preset:
+        raise ConfigError("--config and --preset each give a whole config; pass only one")
+    if args.config:
+        try:
+            text = Path(args.config).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read --config {args.config}: {e.strerror}") from e
+        try:
+            return Config.from_json(text), f"--config {args.config}"
+        except ConfigError as e:
+            raise ConfigError(f"--config {args.config}: {e}") from e
+    if args.preset:
+        return preset(args.preset), f"--preset {args.preset}"
+    return None, ""
+
+
+def _train_config(args) -> Config:
+    cfg = _base_config(args)[0] or preset("tiny")
+    changes = _changes(args)
+    train = changes.setdefault("train", {})
     if args.stage == 2 and "anneal_steps" not in train and args.steps:
         train["anneal_steps"] = args.steps
-    return cfg.replace(**{k: v for k, v in changes.items() if v})
-
-
-def _dataset(data: str | None, cfg: Config):
-    from maetok.data import ImageFolder, SyntheticImages
-    if data is None:
-        return SyntheticImages(cfg.model.image_size, seed=cfg.train.seed)
-    return ImageFolder(data, cfg.model.image_size)
+    return cfg.replace(**changes)
 
 
 def cmd_train(args) -> int:
-    from maetok import checkpoint as ckpt
+    from maetok import run
     from maetok.trainer import CHECKPOINT_NAME, train
 
-    out = Path(args.out)
-    if args.compile and args.backend != "torch":
-        raise ConfigError("--compile applies to --backend torch; the JAX step is always "
-                          "jit-compiled")
+    out, progress = Path(args.out), not args.no_progress
     if args.resume:
-        path = out / CHECKPOINT_NAME
-        if not path.exists():
-            raise MAETokError(f"--resume: no checkpoint at {path}; train without --resume first")
-        cfg = ckpt.read_config(path)
-        if args.steps is not None:
-            cfg = cfg.replace(train={"steps": args.steps})
+        for flag in ("overwrite", "init_from"):
+            if getattr(args, flag):
+                raise ConfigError(f"--resume continues the run in --out as it is; it does not "
+                                  f"take --{flag.replace('_', '-')}")
     else:
-        cfg = _train_config(args)
-        if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
-            raise MAETokError(f"{out} already holds a checkpoint; pass --resume to continue it, "
-                              "--overwrite to start again, or choose another --out")
-        if args.overwrite and (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        cfg = _train_config(args)  # a bad setting fails before --out is touched
+        if args.change:
+            raise ConfigError("--change applies to --resume only")
         if cfg.train.stage == 2 and not args.init_from:
             raise ConfigError("stage 2 starts from a Stage-1 checkpoint: pass --init-from PATH")
-    dataset = _dataset(args.data, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    print(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
-          f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
-          f"backend {args.backend} → {out}")
-    last = train(cfg, dataset, out, args.backend, init_from=args.init_from, resume=args.resume,
-                 progress=not args.no_progress, device=args.device, compile=args.compile)
+    with run.claim(out):
+        changes = None
+        if args.resume:
+            base, base_flag = _base_config(args)
+            resumed = run.resume(out, _changes(args), base=base, base_flag=base_flag,
+                                 data=args.data, backend=args.backend,
+                                 allow=tuple(args.change or ()), skip_broken=args.skip_broken,
+                                 progress=progress)
+            cfg, dataset, backend, changes = (resumed.cfg, resumed.dataset, resumed.backend,
+                                              resumed.changes)
+            at = f" at step {resumed.step}" if resumed.step is not None else ""
+            print(f"maetok: resuming {out}{at}"
+                  + (f" with {run.describe_changes(changes)} (recorded in the run's history)"
+                     if changes else ""))
+        else:
+            if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
+                raise MAETokError(f"{out} already holds a checkpoint; pass --resume to continue "
+                                  "it, --overwrite to start again, or choose another --out")
+            dataset = run.open_dataset(args.data, cfg, args.skip_broken, progress)
+            backend = args.backend or "jax"
+        if args.compile and backend != "torch":
+            raise ConfigError("--compile applies to --backend torch; the JAX step is always "
+                              "jit-compiled")
+        print(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
+              f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
+              f"backend {backend} → {out}")
+        last = train(cfg, dataset, out, backend, init_from=args.init_from, resume=args.resume,
+                     progress=progress, device=args.device, compile=args.compile,
+                     changes=changes)
     if last:
         print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
               f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
@@ -108,14 +135,29 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_for_inference(args):
+def _folder_out(path: str) -> Path:
+    """An output folder argument that is not an existing file."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder; choose a folder")
+    return out
+
+
+def _checked_params(args):
+    """The checkpoint's config and parameters (numpy), checked before any backend loads."""
     from maetok import checkpoint as ckpt
-    from maetok.trainer import get_backend, params_from_checkpoint
+    from maetok.trainer import params_from_checkpoint
 
     cfg = ckpt.read_config(args.checkpoint)
+    return cfg, params_from_checkpoint(args.checkpoint, cfg, use_ema=args.ema)
+
+
+def _on_backend(args, cfg, params):
+    """The backend chosen by --backend/--device and ``params`` on its device."""
+    from maetok.trainer import get_backend
+
     backend = get_backend(args.backend)(cfg, args.device)
-    params = params_from_checkpoint(args.checkpoint, cfg, use_ema=args.ema)
-    return cfg, backend, backend.to_device_tree(params)
+    return backend, backend.to_device_tree(params)
 
 
 def _batches(n: int, size: int):
@@ -127,22 +169,27 @@ def cmd_reconstruct(args) -> int:
     from maetok.data import load_eval_images, save_images
     from maetok.evaluate import reconstruct_all
 
-    cfg, backend, params = _load_for_inference(args)
-    images, names = load_eval_images(args.input, cfg.model.image_size)
+    out = _folder_out(args.out)
+    cfg, params = _checked_params(args)
+    images, names = load_eval_images(args.input, cfg.model.image_size, args.skip_broken)
+    backend, params = _on_backend(args, cfg, params)
     recon = reconstruct_all(backend, params, images, args.batch_size, args.mask_ratio, args.seed)
-    save_images(args.out, recon, [Path(n).stem + ".png" for n in names])
-    print(f"maetok: wrote {len(names)} reconstructions to {args.out}")
+    save_images(out, recon, [Path(n).stem + ".png" for n in names])
+    print(f"maetok: wrote {len(names)} reconstructions to {out}")
     return 0
 
 
 def cmd_encode(args) -> int:
     from maetok.data import load_eval_images
 
-    cfg, backend, params = _load_for_inference(args)
-    images, names = load_eval_images(args.input, cfg.model.image_size)
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; encode writes one .npy file")
+    cfg, params = _checked_params(args)
+    images, names = load_eval_images(args.input, cfg.model.image_size, args.skip_broken)
+    backend, params = _on_backend(args, cfg, params)
     latents = np.concatenate([backend.encode(params, images[sl])
                               for sl in _batches(len(images), args.batch_size)])
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, latents)
     out.with_suffix(".json").write_text(json.dumps({"names": names, "shape": list(latents.shape)}))
@@ -153,7 +200,8 @@ def cmd_encode(args) -> int:
 def cmd_decode(args) -> int:
     from maetok.data import save_images
 
-    cfg, backend, params = _load_for_inference(args)
+    out = _folder_out(args.out)
+    cfg, params = _checked_params(args)
     try:
         latents = np.load(args.latents)
     except (OSError, ValueError) as e:
@@ -168,21 +216,23 @@ def cmd_decode(args) -> int:
     names = json.loads(meta.read_text())["names"] if meta.exists() else None
     if not names or len(names) != len(latents):
         names = [f"{i:05d}" for i in range(len(latents))]
+    backend, params = _on_backend(args, cfg, params)
     images = np.concatenate([backend.decode(params, latents[sl])
                              for sl in _batches(len(latents), args.batch_size)])
-    save_images(args.out, images, [Path(n).stem + ".png" for n in names])
-    print(f"maetok: decoded {len(images)} images to {args.out}")
+    save_images(out, images, [Path(n).stem + ".png" for n in names])
+    print(f"maetok: decoded {len(images)} images to {out}")
     return 0
 
 
 def cmd_eval(args) -> int:
     from maetok.evaluate import evaluate
 
-    cfg, backend, params = _load_for_inference(args)
-    out = args.out or Path(args.checkpoint).parent / "eval"
+    out = _folder_out(args.out or Path(args.checkpoint).parent / "eval")
     ratios = _ratios(args.mask_ratios)
+    cfg, params = _checked_params(args)
+    backend, params = _on_backend(args, cfg, params)
     evaluate(cfg, backend, params, args.data, out, batch_size=args.batch_size,
-             mask_ratios=ratios)
+             mask_ratios=ratios, skip_broken=args.skip_broken)
     return 0
 
 
@@ -197,34 +247,78 @@ def _ratios(text: str) -> tuple[float, ...]:
     return ratios
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument as one ``maetok: error:`` line, exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"maetok: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
 def _common(p, checkpoint: bool = True):
-    p.add_argument("--backend", choices=("jax", "torch"), default="jax")
-    p.add_argument("--device", default=None, help="torch device (cpu, cuda); default: best available")
+    p.add_argument("--backend", choices=("jax", "torch"),
+                   default=None if not checkpoint else "jax",
+                   help="default: jax (train --resume: the run's own backend)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (torch: also cuda:N; JAX: the platform, e.g. cpu, cuda, "
+                        "tpu); default: the best available")
     if checkpoint:
         p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
         p.add_argument("--ema", action="store_true", help="use the EMA parameters")
-        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--batch-size", type=_positive_int, default=16)
+
+
+def _skip_broken(p):
+    p.add_argument("--skip-broken", action="store_true",
+                   help="leave out images that cannot be decoded (counted in a warning) "
+                        "instead of stopping with their name")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maetok", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="maetok", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a tokenizer (stage 1, or stage 2 from a checkpoint)")
     _common(p, checkpoint=False)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny")
     p.add_argument("--config", help="a JSON config (as written to OUT/config.json) instead of --preset")
-    p.add_argument("--data", help="image folder (jpg/png); default: the built-in synthetic images")
+    p.add_argument("--data", help="image folder (jpg/png); default: the built-in synthetic images "
+                                  "(with --resume: the run's own data)")
+    _skip_broken(p)
     p.add_argument("--out", default="runs/maetok", help="output folder")
     p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--image-size", type=int, help="crop size (a multiple of the patch size)")
     p.add_argument("--init-from", help="stage 2: the Stage-1 checkpoint to start from")
-    p.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.safetensors")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly: its config, data and backend; fields "
+                        "given with --set (or --lr, --steps, ...) change on purpose and are "
+                        "recorded in the run's history")
+    p.add_argument("--change", action="append", choices=("data", "backend"),
+                   help="with --resume: accept a --data or --backend other than the run's")
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing OUT")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set loss.use_adv=true (repeatable)")
@@ -238,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--input", required=True, help="image folder")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mask-ratio", type=float, default=0.0, help="mask this fraction of tokens")
+    p.add_argument("--mask-ratio", type=_ratio, default=0.0, help="mask this fraction of tokens")
+    _skip_broken(p)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_reconstruct)
 
@@ -246,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--input", required=True, help="image folder")
     p.add_argument("--out", required=True, help="output .npy file")
+    _skip_broken(p)
     p.set_defaults(fn=cmd_encode)
 
     p = sub.add_parser("decode", help="latent tokens (.npy) → images (PNG)")
@@ -261,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-ratios", default="", metavar="R,R,...",
                    help="also report PSNR with this fraction of tokens masked (e.g. 0.1,0.5): "
                         "shows how the encoder depends on the mask tokens it was trained with")
+    _skip_broken(p)
     p.set_defaults(fn=cmd_eval)
 
     from maetok.parity import add_parser as add_parity_parser
@@ -270,14 +367,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except MAETokError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        print(f"maetok: error: {' '.join(lines)}", file=sys.stderr)  # always one line
+        print(f"maetok: error: {_one_line(e)}", file=sys.stderr)  # always one line
         return 2
+    except OSError as e:  # the machine's side: a full disk, a read-only folder, a quota
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"maetok: error: {_one_line(e.strerror or e)}{where}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"maetok: {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("maetok: interrupted", file=sys.stderr)
         return 130

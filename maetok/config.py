@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -145,6 +146,9 @@ class Config:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "Config":
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a config is an object with sections model, loss and train, "
+                              f"got {d!r}")
         unknown = set(d) - {"model", "loss", "train"}
         if unknown:
             raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use model, loss, train")
@@ -176,6 +180,9 @@ def _section_to_dict(section) -> dict:
 
 
 def _replace_checked(section, changes: Mapping[str, Any], where: str):
+    if not isinstance(changes, Mapping):
+        raise ConfigError(f"config section {where!r} must be an object of FIELD: VALUE, "
+                          f"got {changes!r}")
     names = {f.name: f for f in dataclasses.fields(section)}
     unknown = set(changes) - set(names)
     if unknown:
@@ -184,27 +191,49 @@ def _replace_checked(section, changes: Mapping[str, Any], where: str):
         )
     fixed = {}
     for key, value in changes.items():
-        default = getattr(section, key)
-        if key == "gamma":
-            items = value.items() if isinstance(value, Mapping) else value
-            value = tuple(sorted((str(k), float(v)) for k, v in items))
-        elif key == "aux_targets":
-            if isinstance(value, str):
-                value = tuple(t for t in value.split(",") if t)
-            value = tuple(value)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.{key} must be true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not (isinstance(value, int) or float(value).is_integer()):
-                raise ConfigError(f"{where}.{key} must be an integer, got {value!r}")
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
-        elif isinstance(default, str) and not isinstance(value, str):
-            raise ConfigError(f"{where}.{key} must be a string, got {value!r}")
-        fixed[key] = value
+        fixed[key] = _typed(f"{where}.{key}", getattr(section, key), value)
     return dataclasses.replace(section, **fixed)
+
+
+def _number(name: str, value, kind: str = "a number") -> float:
+    """A finite int or float (not a bool, not a string), else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+    return value
+
+
+def _typed(name: str, default, value):
+    """``value`` converted to the type of the field's ``default``; ConfigError if it is not one."""
+    if name.endswith(".gamma"):
+        if isinstance(value, Mapping):
+            items = value.items()
+        elif isinstance(value, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            items = value
+        else:
+            raise ConfigError(f"{name} must map target names to weights, e.g. "
+                              f'{{"hog": 0.5}}, got {value!r}')
+        return tuple(sorted((str(k), float(_number(f"{name}[{k!r}]", v))) for k, v in items))
+    if name.endswith(".aux_targets"):
+        if isinstance(value, str):
+            value = [t for t in value.split(",") if t]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
+            raise ConfigError(f"{name} must be a list of target names (or one comma-separated "
+                              f"string), got {value!r}")
+        return tuple(value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if not float(_number(name, value, "an integer")).is_integer():
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(value)
+    if isinstance(default, float):
+        return float(_number(name, value))
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
 
 
 def _require(ok: bool, msg: str) -> None:

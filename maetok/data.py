@@ -10,7 +10,9 @@ Images leave this module channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (SPEC
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import threading
 import warnings
 from collections import Counter, OrderedDict, deque
@@ -172,16 +174,19 @@ def _fill(u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Generator) -> n
 class ImageFolder:
     """Every .jpg/.jpeg/.png under ``root`` (recursive, sorted), each at least ``min_size``².
 
-    The folder is checked up front so that a bad dataset fails before training starts:
-    unreadable files are skipped with a warning, and an image too small to crop raises.
-    ``names[i]`` is the path of item ``i`` relative to ``root``.
+    Indexing decodes every file in full, in parallel threads with a progress bar, so a bad
+    dataset fails before training starts: a file that cannot be decoded (corrupt, truncated)
+    raises DataError naming it, or with ``skip_broken`` is left out and counted in
+    ``skipped``; an image too small to crop raises. Decoded images are kept (up to
+    ``cache_bytes``) so small datasets such as BSDS500 are decoded once, not once per epoch.
+    ``names[i]`` is the path of item ``i`` relative to ``root``; ``fingerprint`` is a digest
+    of the names and sizes of the files used, which tells a changed folder apart.
     """
 
-    def __init__(self, root, min_size: int, cache_bytes: int = 2 << 30):
+    def __init__(self, root, min_size: int, cache_bytes: int = 2 << 30,
+                 skip_broken: bool = False, progress: bool = True):
         self.root = Path(root)
-        # Decoded images are kept (up to ``cache_bytes``) so small datasets such as
-        # BSDS500 are decoded once, not once per epoch; read-only as they are shared.
-        self._cache: dict[int, np.ndarray] = {}
+        self._cache: dict[int, np.ndarray] = {}  # read-only arrays: they are shared
         self._cache_left = cache_bytes
         self._lock = threading.Lock()
         if not self.root.is_dir():
@@ -191,26 +196,62 @@ class ImageFolder:
         if not found:
             raise DataError(f"no images in data folder {self.root}: looked for "
                             f"{', '.join(IMAGE_EXTENSIONS)} files (any case, in sub-folders too)")
-        self.paths: list[Path] = []
-        too_small = []
-        for path in found:
-            try:  # Image.open reads the header only, so this stays cheap for big folders
-                with Image.open(path) as im:
-                    width, height = im.size
-            except Exception as e:  # noqa: BLE001 - any failure here means "cannot use this file"
-                warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
-                continue
-            if min(width, height) < min_size:
-                too_small.append(f"{path} is {width}×{height}")
-            self.paths.append(path)
-        if not self.paths:
+        self.paths = found
+        sizes, broken = self._decode_all(progress)
+        if broken and not skip_broken:
+            more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
+            raise DataError(f"{broken[0][1]}{more}; remove or replace the file(s), or pass "
+                            "--skip-broken to leave them out")
+        self.skipped = [str(found[i]) for i, _ in broken]
+        bad = {i for i, _ in broken}
+        keep = [i for i in range(len(found)) if i not in bad]
+        if not keep:
             raise DataError(f"none of the {len(found)} image files in {self.root} could be read")
+        if broken:
+            warnings.warn(f"skipped {len(broken)} of {len(found)} images in {self.root} that "
+                          f"cannot be decoded: {', '.join(self.skipped[:3])}"
+                          + (" ..." if len(broken) > 3 else ""), stacklevel=2)
+            new_index = {old: new for new, old in enumerate(keep)}
+            self._cache = {new_index[i]: im for i, im in self._cache.items() if i in new_index}
+        self.paths = [found[i] for i in keep]
+        too_small = [f"{found[i]} is {sizes[i][0]}×{sizes[i][1]}" for i in keep
+                     if min(sizes[i]) < min_size]
         if too_small:
             more = f" (and {len(too_small) - 3} more)" if len(too_small) > 3 else ""
             raise DataError(f"image {'; '.join(too_small[:3])}{more}: smaller than the "
                             f"{min_size}×{min_size} crop; use a smaller --image-size or "
                             "remove the file(s)")
         self.names = [p.relative_to(self.root).as_posix() for p in self.paths]
+        digest = hashlib.sha256()
+        for name, path in zip(self.names, self.paths):
+            digest.update(f"{name}\0{path.stat().st_size}\n".encode())
+        self.fingerprint = digest.hexdigest()[:16]
+
+    def _decode_all(self, progress: bool):
+        """Decode every file once: ``(sizes, broken)``, sizes[i] = (width, height) and
+        broken a sorted list of (index, message) for the files that failed."""
+        from tqdm import tqdm
+
+        sizes: list[tuple[int, int]] = [(0, 0)] * len(self.paths)
+        broken = []
+
+        def one(i):
+            try:
+                image = self[i]
+            except DataError as e:
+                return i, str(e)
+            sizes[i] = (image.shape[1], image.shape[0])
+            return i, None
+
+        workers = min(8, os.cpu_count() or 2)
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maetok-index") as pool:
+            # delay: a folder indexed in under a second shows no bar at all
+            for i, error in tqdm(pool.map(one, range(len(self.paths))), total=len(self.paths),
+                                 desc=f"checking {self.root.name or self.root}", unit="image",
+                                 disable=not progress, delay=1.0, dynamic_ncols=True):
+                if error is not None:
+                    broken.append((i, error))
+        return sizes, broken
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -228,7 +269,7 @@ class ImageFolder:
             with Image.open(path) as im:
                 image = _to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:  # noqa: BLE001 - report any decoder failure with the file name
-            raise DataError(f"cannot decode image {path}: {e}; remove or replace the file") from e
+            raise DataError(f"cannot decode image {path}: {e}") from e
         image.flags.writeable = False
         with self._lock:
             if image.nbytes <= self._cache_left and i not in self._cache:
@@ -372,13 +413,13 @@ class Prefetcher:
         self.close()
 
 
-def load_eval_images(folder, size: int) -> tuple[np.ndarray, list[str]]:
-    """Centre ``size``² crops of every readable image in ``folder``, sorted by name.
+def load_eval_images(folder, size: int, skip_broken: bool = False) -> tuple[np.ndarray, list[str]]:
+    """Centre ``size``² crops of every image in ``folder``, sorted by name.
 
     Returns ``(images, names)``: images (B, size, size, 3) float32 in [-1, 1] and the
     file names relative to ``folder``. Images are cropped from full resolution, not resized.
     """
-    ds = ImageFolder(folder, min_size=size)
+    ds = ImageFolder(folder, min_size=size, skip_broken=skip_broken)
     # Filled in place: a list of crop views would keep every full-size image alive.
     crops = np.empty((len(ds), size, size, 3), np.uint8)
     for i in range(len(ds)):

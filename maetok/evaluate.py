@@ -102,10 +102,10 @@ def reconstruct_all(backend, params, images, batch_size: int = 16, ratio: float 
 
 
 def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16,
-             mask_ratios: tuple[float, ...] = ()) -> dict:
+             mask_ratios: tuple[float, ...] = (), skip_broken: bool = False) -> dict:
     """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
     m = cfg.model
-    images, names = load_eval_images(folder, m.image_size)
+    images, names = load_eval_images(folder, m.image_size, skip_broken)
     recon = reconstruct_all(backend, params, images, batch_size)
     latents = np.concatenate([backend.encode(params, images[i:i + batch_size])
                               for i in range(0, len(images), batch_size)])

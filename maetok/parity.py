@@ -352,14 +352,10 @@ def print_table(rows) -> None:
 
 def main(args) -> int:
     """``maetok parity``: print the table; exit status 0 if every row passes, 1 otherwise."""
-    from maetok.errors import MAETokError
+    from maetok_torch.train import select_device
 
     device = args.device
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise MAETokError("--device cuda, but torch sees no CUDA device; use --device cpu")
+    select_device(device)  # one line, exit status 2, when torch cannot use it
     t0 = time.perf_counter()
     rows, ok = run_parity(args.preset, device, args.dtype)
     print(f"maetok parity: preset {args.preset}, {args.dtype}, {device} "

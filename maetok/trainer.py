@@ -2,13 +2,17 @@
 
 It owns what is not numerics: batches from the data pipeline (prefetched), the learning
 rate and mask schedules (through ``maetok.masks``/``schedules``), progress, the metrics log,
-atomic checkpoints, reconstruction pictures, and stopping cleanly on a NaN loss. The
-backend (``maetok_jax.backend`` or ``maetok_torch.backend``) runs the compiled step.
+atomic checkpoints, reconstruction pictures, and stopping cleanly on a NaN loss or on
+SIGTERM/SIGINT (after saving a checkpoint at the next step boundary). The backend (``maetok_jax.backend`` or ``maetok_torch.backend``) runs the compiled step.
 
 Output folder layout::
 
-    out/checkpoint.safetensors   latest good state (atomic: a crash never leaves half a file)
-    out/metrics.jsonl            one JSON object per logged step
+    out/config.json              the config, as ``--config`` reads it
+    out/checkpoint.safetensors   latest good state (atomic: a crash never leaves half a file),
+                                 with the run's identity and history (``maetok.run``)
+    out/metrics.jsonl            one JSON object per logged step, up to the checkpoint's step
+                                 when a run is resumed
+    out/maetok.lock              while a run writes here: its PID and host
     out/samples/step_XXXXXX.png  originals / masked input / reconstructions
     out/curves.png               loss curves, written at the end
 """
@@ -19,18 +23,21 @@ import importlib
 import json
 import math
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from maetok import checkpoint as ckpt
+from maetok import run
 from maetok.config import Config
 from maetok.data import BatchSource, Prefetcher
-from maetok.errors import CheckpointError, NonFiniteLossError
+from maetok.errors import CheckpointError, NonFiniteLossError, TrainingStopped
+from maetok.run import CHECKPOINT_NAME
 from maetok.schedules import learning_rate
-
-CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 def get_backend(name: str):
@@ -86,67 +93,134 @@ def init_from_checkpoint(backend, path, cfg: Config):
     return backend.state_from_numpy(state)
 
 
-def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
+def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None, lr: float):
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
-        where = (f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}"
-                 if last_saved is not None else "no checkpoint had been written yet")
+        if last_saved is not None:
+            advice = (f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}: "
+                      f"continue it with a lower learning rate, e.g. maetok train --resume "
+                      f"--out {out} --lr {lr / 10:g}")
+        else:
+            advice = ("no checkpoint had been written yet: start again with a lower --lr "
+                      "(and --overwrite) or more warm-up")
         raise NonFiniteLossError(
             f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-            f"training stopped and {where}. Try a lower --lr or more warm-up.")
+            f"training stopped; {advice}")
+
+
+def _truncate_metrics(path: Path, start: int) -> None:
+    """Keep only the rows of steps before ``start``: a resumed run logs the rest again.
+
+    A last line cut short by a kill is dropped too. Rewritten atomically.
+    """
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < start:
+            keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _stop_requests():
+    """Within the block, SIGTERM and SIGINT only set ``requested[0]`` to the signal number;
+    the loop saves and stops at the next step boundary. A second signal acts as usual."""
+    requested: list[int | None] = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield requested  # signals reach the main thread only
+        return
+    previous = {}
+
+    def handler(signum, frame):
+        requested[0] = signum
+        for sig, old in previous.items():  # the next one is not deferred
+            signal.signal(sig, old)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          device: str | None = None, compile: bool = False) -> dict:
+          device: str | None = None, compile: bool = False,
+          changes: dict | None = None) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
 
     ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
-    either way.
+    either way. With ``resume``, ``changes`` (``{"what": [old, new]}``, see
+    ``maetok.run.resume``) is recorded in the run's history. The output folder is held
+    (``maetok.run.claim``) while training. SIGTERM or SIGINT save a checkpoint at the next
+    step boundary and raise ``TrainingStopped``.
     """
+    with run.claim(out_dir) as out:
+        return _train(cfg, dataset, out, backend_name, init_from, resume, stop_at, progress,
+                      device, compile, changes)
+
+
+def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, progress,
+           device, compile, changes) -> dict:
     from tqdm import tqdm
 
     from maetok.viz import plot_curves, save_grid
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     backend = get_backend(backend_name)(cfg, device, compile=compile)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     path = out / CHECKPOINT_NAME
+    history = []
     if resume:
         if not path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {path}")
         state = load_state(backend, path, cfg)
+        history = list(ckpt.read_header(path)[1].get("history", []))
     elif init_from is not None:
         state = init_from_checkpoint(backend, init_from, cfg)
     else:
         state = backend.init_state(cfg.train.seed)
     start = int(backend.state_to_numpy({"step": state["step"]})["step"])
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
+    if resume and changes:
+        history.append(run.history_entry(start, changes))
+    identity = {"backend": backend.name, "data": run.data_identity(dataset), "history": history}
 
     t = cfg.train
     source = BatchSource(dataset, cfg, train=True)
     preview = BatchSource(dataset, cfg, train=False).batch(0)
+    _truncate_metrics(out / "metrics.jsonl", start)
     log = open(out / "metrics.jsonl", "a")
-    last_saved, host = None, {}
+    last_saved, host = (start if resume else None), {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0
     bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
                unit="step", dynamic_ncols=True)
     try:
         workers = min(8, os.cpu_count() or 2)  # decoding and cropping run in numpy threads
-        with Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches:
+        with _stop_requests() as stop, \
+                Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches:
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
                 seen += batch["images"].shape[0]
-                last = step + 1 == end
-                if (step + 1) % t.log_every == 0 or last or (step + 1) % t.ckpt_every == 0:
+                last, stopping = step + 1 == end, stop[0]  # read once: it may change any time
+                save = (step + 1) % t.ckpt_every == 0 or last or stopping is not None
+                if (step + 1) % t.log_every == 0 or save:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
                     # throughput over the interval since the last pull (the pull above waits
                     # for the device), so compilation and checkpoints stay out of later ones
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     for s, ratio, host in pulled:
-                        _check_finite(host, s, out, last_saved)
+                        _check_finite(host, s, out, last_saved, t.lr)
                         host.update(step=s, mask_ratio=ratio, lr=learning_rate(s, t),
                                     images_per_s=rate)
                         log.write(json.dumps(host) + "\n")
@@ -156,10 +230,12 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
                     bar.set_postfix(loss=f"{host['loss']:.4f}", rec=f"{host['rec']:.4f}",
                                     img_s=f"{host['images_per_s']:.1f}")
                 bar.update(1)
-                if (step + 1) % t.ckpt_every == 0 or last:
+                if save:
                     ckpt.save_checkpoint(path, backend.state_to_numpy(state), cfg,
-                                         {"backend": backend.name, "stage": t.stage})
+                                         {"stage": t.stage, "step": step + 1, **identity})
                     last_saved = step + 1
+                if stopping is not None:
+                    raise TrainingStopped(stopping, step + 1, path)
                 if (step + 1) % t.sample_every == 0 or last:
                     recon = backend.reconstruct(state["params"], preview["images"],
                                                 preview["mask"])

@@ -14,6 +14,26 @@ import numpy as np
 from maetok_jax import enable_compilation_cache, model, train
 
 
+def select_device(name: str | None):
+    """The JAX device ``name`` names (a platform, ``cpu``/``cuda``/``tpu``, optionally
+    ``:N``); the default device for None. MAETokError when JAX cannot use it here."""
+    from maetok.errors import MAETokError
+
+    if name is None:
+        return jax.devices()[0]
+    platform, _, index = name.partition(":")
+    have = ", ".join(sorted({d.platform for d in jax.devices()}))
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError:
+        raise MAETokError(f"--device {name}, but JAX has no {platform} device here (it has: "
+                          f"{have}); use --device {jax.default_backend()}") from None
+    if index and not (index.isdigit() and int(index) < len(devices)):
+        raise MAETokError(f"--device {name}: JAX sees {len(devices)} {platform} device(s), "
+                          f"numbered from 0")
+    return devices[int(index or 0)]
+
+
 class Backend:
     name = "jax"
 
@@ -21,12 +41,14 @@ class Backend:
         # ``compile`` mirrors the torch Backend's switch; the JAX step is always jit-compiled.
         enable_compilation_cache()
         self.cfg = cfg
-        self.device = device or jax.default_backend()
+        self.device = select_device(device)
+        if device is not None:  # arrays and programs go to the chosen platform from now on
+            jax.config.update("jax_default_device", self.device)
         self._step = None
         self._apply = {}
 
     def describe(self) -> str:
-        return f"jax {jax.__version__} on {jax.devices()[0].device_kind}"
+        return f"jax {jax.__version__} on {self.device.device_kind}"
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int, params: dict | None = None):

@@ -20,7 +20,7 @@ class Backend:
 
     def __init__(self, cfg, device: str | None = None, compile: bool = False):
         self.cfg = cfg
-        self.device = torch.device(device or train.default_device())
+        self.device = train.select_device(device)
         self.compile = compile
         self._step = None
 

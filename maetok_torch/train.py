@@ -39,6 +39,27 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def select_device(name: str | None) -> torch.device:
+    """The torch device ``name`` (``cpu``, ``cuda``, ``cuda:N``, ...; None: the best one);
+    MAETokError when torch cannot use it here."""
+    from maetok.errors import MAETokError
+
+    if name is None:
+        return torch.device(default_device())
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MAETokError(f"--device {name} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MAETokError(f"--device {name}, but torch sees no CUDA device; use --device cpu")
+    try:
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 - torch raises several types for an unusable device
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MAETokError(f"--device {name}: torch cannot use it ({reason})") from None
+    return device
+
+
 def trainable_keys(stage: int) -> tuple[str, ...]:
     """Top-level parameter groups updated in ``stage``."""
     return ("encoder", "decoder", "aux") if stage == 1 else ("decoder",)

@@ -1,13 +1,24 @@
 """Checkpoints: exact round trip, atomic saves, and precise messages for every mismatch."""
 
+import errno
 import json
 import os
 
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
-from maetok.checkpoint import (layout, load_checkpoint, load_tree, read_config, save_checkpoint,
-                               save_tree)
+from maetok import checkpoint
+from maetok.checkpoint import (
+    layout,
+    load_checkpoint,
+    load_tree,
+    read_config,
+    remove_stale_temps,
+    save_checkpoint,
+    save_tree,
+)
 from maetok.config import preset
 from maetok.errors import CheckpointError
 from maetok.params import flatten
@@ -71,12 +82,52 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
     before = path.read_bytes()
 
     def broken_replace(src, dst):
-        raise OSError("disk full")
+        raise OSError(errno.EXDEV, "cross-device link")
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*cross-device link"):
         save_checkpoint(path, _state(rng), tiny)
     assert path.read_bytes() == before
     assert _files(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng, tiny,
+                                                                   monkeypatch):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
+    before = path.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\0" * 64)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint") as e:
+        save_checkpoint(path, _state(rng), tiny)
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before
+    assert _files(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_non_finite_weights_are_refused_on_load_naming_the_first(tmp_path, rng, tiny):
+    path = save_checkpoint(tmp_path / "c.safetensors", _state(rng), tiny)
+    with safe_open(str(path), framework="numpy") as f:
+        metadata, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    flat["params/enc/w"][1, 2] = np.inf
+    flat["params/enc/b"][0] = np.nan
+    save_file(flat, path, metadata=metadata)
+    for load in (lambda: load_checkpoint(path), lambda: load_checkpoint(path, tiny)):
+        with pytest.raises(CheckpointError, match="NaN or infinite values, first in "
+                                                  "params/enc/b;"):
+            load()
+    assert read_config(path) == tiny  # the header alone is still readable
+
+
+def test_remove_stale_temps(tmp_path, rng, tiny):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
+    stale = tmp_path / ".ckpt.safetensors.abcdef012345.tmp"
+    stale.write_bytes(path.read_bytes())
+    (tmp_path / "notes.tmp").write_text("not ours: not hidden")
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert _files(tmp_path) == ["ckpt.safetensors", "notes.tmp"]
 
 
 def test_model_mismatch_names_every_field(tmp_path, rng, tiny):
@@ -129,7 +180,6 @@ def test_unreadable_files_raise_checkpoint_errors(tmp_path, rng, tiny):
 
 
 def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
-    from safetensors.numpy import save_file
     tensors = {"w": rng.standard_normal(3).astype(np.float32)}
     save_file(tensors, tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no format tag"):

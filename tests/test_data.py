@@ -58,9 +58,10 @@ def folder(tmp_path, rng):
     return root
 
 
-def test_image_folder_reads_every_mode_as_rgb_and_skips_unreadable(folder):
-    with pytest.warns(UserWarning, match="zz_broken.jpg"):
-        ds = ImageFolder(folder, min_size=32)
+def test_image_folder_reads_every_mode_as_rgb_and_skips_broken_files_on_request(folder):
+    with pytest.warns(UserWarning, match="skipped 1 of 6 images.*zz_broken.jpg"):
+        ds = ImageFolder(folder, min_size=32, skip_broken=True)
+    assert ds.skipped == [str(folder / "zz_broken.jpg")]
     assert ds.names == ["a.png", "c_grey.png", "d_rgba.png", "e_16bit.png", "sub/b.JPG"]
     shapes = [ds[i].shape for i in range(len(ds))]
     assert shapes == [(40, 50, 3), (36, 36, 3), (36, 40, 3), (36, 36, 3), (44, 36, 3)]
@@ -70,6 +71,28 @@ def test_image_folder_reads_every_mode_as_rgb_and_skips_unreadable(folder):
     sixteen = np.asarray(Image.open(folder / "e_16bit.png"), np.float64)
     np.testing.assert_allclose(ds[3][..., 0], sixteen / 257, atol=0.51)  # rescaled, not clipped
     assert ds[3].std() > 30
+    np.testing.assert_array_equal(ds[0], np.asarray(Image.open(folder / "a.png")))
+
+
+def test_a_broken_file_is_reported_by_name_when_the_folder_is_indexed(folder):
+    with pytest.raises(DataError, match="zz_broken.jpg.*--skip-broken"):
+        ImageFolder(folder, min_size=32)
+    (folder / "zz_broken.jpg").unlink()
+    # A truncated JPEG has a good header: only decoding the whole file finds it.
+    jpeg = folder / "sub" / "b.JPG"
+    (folder / "cut.jpg").write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
+    with Image.open(folder / "cut.jpg") as im:
+        assert im.size == (36, 44)  # what a header-only check sees
+    with pytest.raises(DataError, match="cut.jpg"):
+        ImageFolder(folder, min_size=32)
+
+
+def test_fingerprint_follows_the_file_list(folder):
+    (folder / "zz_broken.jpg").unlink()
+    first = ImageFolder(folder, min_size=32).fingerprint
+    assert ImageFolder(folder, min_size=32).fingerprint == first
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "new.png")
+    assert ImageFolder(folder, min_size=32).fingerprint != first
 
 
 def test_image_folder_errors(tmp_path, folder, rng):
@@ -82,15 +105,15 @@ def test_image_folder_errors(tmp_path, folder, rng):
     bad.mkdir()
     for name in ("x.jpg", "y.png"):
         (bad / name).write_bytes(rng.bytes(200))
-    with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 2"):
-        ImageFolder(bad, 32)
+    with pytest.raises(DataError, match="none of the 2"):
+        ImageFolder(bad, 32, skip_broken=True)
     with pytest.warns(UserWarning), pytest.raises(DataError, match=r"c_grey.png is 36×36.*40×40"):
-        ImageFolder(folder, min_size=40)
+        ImageFolder(folder, min_size=40, skip_broken=True)
 
 
-def test_decode_failure_names_the_file(folder):
-    with pytest.warns(UserWarning):
-        ds = ImageFolder(folder, min_size=32)
+def test_decode_failure_after_indexing_names_the_file(folder):
+    (folder / "zz_broken.jpg").unlink()
+    ds = ImageFolder(folder, min_size=32, cache_bytes=0)  # nothing kept: read again on use
     (folder / "a.png").write_bytes((folder / "a.png").read_bytes()[:60])  # header only
     with pytest.raises(DataError, match="a.png"):
         ds[0]
@@ -179,7 +202,7 @@ def test_prefetcher_propagates_errors_and_stops_its_threads():
 
 def test_eval_images_round_trip(folder, tmp_path):
     with pytest.warns(UserWarning):
-        images, names = load_eval_images(folder, 32)
+        images, names = load_eval_images(folder, 32, skip_broken=True)
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.float32
     assert names[0] == "a.png" and names[-1] == "sub/b.JPG"
     original = np.asarray(Image.open(folder / "a.png"))

@@ -1,0 +1,86 @@
+"""--resume continues exactly the stored run: its data, its config with only the changes
+asked for (recorded in its history), metrics cut back to the checkpoint, and a NaN stop
+that a lower learning rate gets past."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from maetok import checkpoint as ckpt
+from maetok.cli import main
+from maetok.params import flatten
+from maetok.run import CHECKPOINT_NAME
+from maetok.schedules import learning_rate
+
+# A constant learning rate after warm-up: the schedule does not depend on train.steps, so a
+# run extended with --steps matches one that was that long from the start.
+FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "4",
+        "--set", "train.log_every=1", "--set", "train.ckpt_every=2",
+        "--set", "train.sample_every=1000", "--set", "train.lr_schedule=constant"]
+
+
+def _error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("maetok: error: "), err
+    return err[0]
+
+
+def _steps(out):
+    return [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_resume_continues_the_stored_run_and_records_changes(tmp_path, photos, capsys):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", *FAST, "--data", str(photos), "--steps", "6", "--out", str(whole)]) == 0
+    assert main(["train", *FAST, "--data", str(photos), "--steps", "4", "--out", str(parts)]) == 0
+    with open(parts / "metrics.jsonl", "a") as log:  # rows past the checkpoint, as a kill leaves
+        log.write(json.dumps({"step": 4, "loss": 1.0}) + "\n" + '{"step": 5, "lo')
+    capsys.readouterr()
+    assert main(["train", "--resume", "--no-progress", "--steps", "6", "--out", str(parts)]) == 0
+    said = capsys.readouterr().out
+    assert "resuming" in said and "train.steps 4 → 6" in said and "ImageFolder (5 images)" in said
+    a, _, _ = ckpt.load_checkpoint(whole / CHECKPOINT_NAME)
+    b, _, meta = ckpt.load_checkpoint(parts / CHECKPOINT_NAME)
+    fa, fb = flatten(a), flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:  # the same images in the same order: bit-identical to the uninterrupted run
+        np.testing.assert_array_equal(fb[k], fa[k], err_msg=k)
+    assert meta["data"]["folder"] == str(photos.resolve()) and meta["data"]["images"] == 5
+    assert meta["history"] == [{"step": 4, "time": meta["history"][0]["time"],
+                                "changes": {"train.steps": [4, 6]}}]
+    assert _steps(parts) == list(range(6))  # the stale rows are gone, none is repeated
+    whole_rows = (whole / "metrics.jsonl").read_text().splitlines()
+    parts_rows = (parts / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["loss"] for r in parts_rows] == [json.loads(r)["loss"] for r in whole_rows]
+
+    # A NaN: the message points at the checkpoint and says how to continue from it ...
+    before = (parts / CHECKPOINT_NAME).read_bytes()
+    line = _error(capsys, ["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e30",
+                           "--out", str(parts)])
+    assert "non-finite loss" in line and "(step 6)" in line, line
+    assert f"maetok train --resume --out {parts} --lr 1e+29" in line
+    assert "no checkpoint had been written" not in line
+    assert (parts / CHECKPOINT_NAME).read_bytes() == before
+    # ... and the lower learning rate is used, and recorded
+    assert main(["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e-4",
+                 "--out", str(parts)]) == 0
+    state, cfg, meta = ckpt.load_checkpoint(parts / CHECKPOINT_NAME)
+    assert int(state["step"]) == 8 and cfg.train.lr == 1e-4
+    assert [h["changes"] for h in meta["history"]] == [
+        {"train.steps": [4, 6]}, {"train.steps": [6, 8], "train.lr": [1e-3, 1e-4]}]
+    assert [h["step"] for h in meta["history"]] == [4, 6]
+    rows = [json.loads(r) for r in (parts / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(8)) and all(np.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["lr"] == learning_rate(7, cfg.train) < 1e-4
