@@ -26,7 +26,7 @@ TOK_PRESET=${TOK_PRESET:-cifar}
 TOK_BATCH=${TOK_BATCH:-256}
 CLASSIFIER_ARGS=${CLASSIFIER_ARGS:-}   # e.g. "--epochs 2 --widths 8,8,8,8" for a smoke run
 DIT=${DIT:-small}
-DIT_STEPS=${DIT_STEPS:-15000}
+DIT_STEPS=${DIT_STEPS:-12000}
 SEEDS=${SEEDS:-"0 1"}
 NUM=${NUM_SAMPLES:-10000}
 SAMPLER=${SAMPLER:-heun}
@@ -82,9 +82,11 @@ phase_tokmetrics() {
   for t in $TOKENIZERS; do
     [ -f "$OUT/tokenizers/$t/metrics.json" ] && continue
     $MAETOK diffusion eval --tokenizer "$(tok_ckpt "$t")" --cifar "$CIFAR" --cache "$CACHE" \
-        --out "$OUT/tokenizers/$t/metrics.json" &
+        --out "$OUT/tokenizers/$t/metrics.json" > "$OUT/tokmetrics_$t.log" 2>&1 &
   done
-  wait
+  local status=0
+  for job in $(jobs -p); do wait "$job" || status=1; done
+  return $status
 }
 
 phase_diffusion() {
@@ -101,27 +103,34 @@ phase_diffusion() {
   return $status
 }
 
+# Sampling and evaluation run one process per diffusion model at once: each is small.
 phase_sample() {
+  local status=0
   for t in $TOKENIZERS; do for s in $SEEDS; do
     local run="$OUT/diffusion/${t}_seed$s"
-    for g in 1.0 "$GUIDANCE"; do
-      [ -f "$run/samples_g$g.npz" ] && continue
-      $MAETOK diffusion sample --checkpoint "$run/diffusion.safetensors" --num "$NUM" \
-          --sampler "$SAMPLER" --steps "$NFE_STEPS" --guidance "$g" --seed "$s" \
-          --out "$run/samples_g$g.npz" --grid "$run/grid_g$g.png"
-    done
+    ( for g in 1.0 "$GUIDANCE"; do
+        [ -f "$run/samples_g$g.npz" ] && continue
+        $MAETOK diffusion sample --checkpoint "$run/diffusion.safetensors" --num "$NUM" \
+            --sampler "$SAMPLER" --steps "$NFE_STEPS" --guidance "$g" --seed "$s" \
+            --out "$run/samples_g$g.npz" --grid "$run/grid_g$g.png" || exit 1
+      done ) > "$OUT/sample_${t}_seed$s.log" 2>&1 &
   done; done
+  for job in $(jobs -p); do wait "$job" || status=1; done
+  return $status
 }
 
 phase_eval() {
+  local status=0
   for t in $TOKENIZERS; do for s in $SEEDS; do
     local run="$OUT/diffusion/${t}_seed$s"
-    for g in 1.0 "$GUIDANCE"; do
-      [ -f "$run/eval_g$g.json" ] && continue
-      $MAETOK diffusion eval --samples "$run/samples_g$g.npz" --cifar "$CIFAR" --cache "$CACHE" \
-          --out "$run/eval_g$g.json"
-    done
+    ( for g in 1.0 "$GUIDANCE"; do
+        [ -f "$run/eval_g$g.json" ] && continue
+        $MAETOK diffusion eval --samples "$run/samples_g$g.npz" --cifar "$CIFAR" \
+            --cache "$CACHE" --out "$run/eval_g$g.json" || exit 1
+      done ) > "$OUT/eval_${t}_seed$s.log" 2>&1 &
   done; done
+  for job in $(jobs -p); do wait "$job" || status=1; done
+  return $status
 }
 
 phase_table() {
