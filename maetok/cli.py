@@ -98,7 +98,8 @@ def cmd_train(args) -> int:
           f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
           f"backend {args.backend} → {out}")
     last = train(cfg, dataset, out, args.backend, init_from=args.init_from, resume=args.resume,
-                 progress=not args.no_progress, device=args.device, compile=args.compile)
+                 progress=not args.no_progress, device=args.device, compile=args.compile,
+                 devices=args.devices, shard_params=args.shard_params)
     if last:
         print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
               f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
@@ -232,6 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch: run the train step under torch.compile (minutes to compile; "
                         "the fastest path on a GPU). The JAX step is always jit-compiled")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="data parallelism over N devices. JAX: the mesh size per process "
+                        "(default: every local device). torch: one process per device, "
+                        "launched with torchrun --nproc_per_node N; the count comes from "
+                        "torchrun and --devices, if given, must match it")
+    p.add_argument("--shard-params", action="store_true",
+                   help="JAX: shard parameters and optimiser state over the devices (FSDP) "
+                        "instead of a full copy per device")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("reconstruct", help="images in → reconstructions out (PNG)")

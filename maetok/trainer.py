@@ -98,11 +98,14 @@ def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None):
 
 def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          device: str | None = None, compile: bool = False) -> dict:
+          device: str | None = None, compile: bool = False, devices: int | None = None,
+          shard_params: bool = False) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
 
     ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
-    either way.
+    either way. ``devices``: data parallelism (JAX: the mesh size, default every local
+    device; torch: the world size of ``torchrun``, which it must equal); ``shard_params``
+    shards the JAX state over the devices (FSDP). Only one process writes to ``out_dir``.
     """
     from tqdm import tqdm
 
@@ -110,7 +113,9 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    backend = get_backend(backend_name)(cfg, device, compile=compile)
+    backend_cls = get_backend(backend_name)
+    devices = backend_cls.default_devices() if devices is None else devices
+    backend = backend_cls(cfg, device, compile=compile, devices=devices, shard_params=shard_params)
     path = out / CHECKPOINT_NAME
     if resume:
         if not path.exists():
@@ -124,21 +129,22 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     end = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
 
     t = cfg.train
-    source = BatchSource(dataset, cfg, train=True)
+    source = BatchSource(dataset, cfg, train=True, rows=backend.rows)
     preview = BatchSource(dataset, cfg, train=False).batch(0)
-    log = open(out / "metrics.jsonl", "a")
+    writer = backend.is_writer  # data parallel: one process writes, all compute
+    log = open(out / "metrics.jsonl" if writer else os.devnull, "a")
     last_saved, host = None, {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}",
+               disable=not (progress and writer), unit="step", dynamic_ncols=True)
     try:
         workers = min(8, os.cpu_count() or 2)  # decoding and cropping run in numpy threads
         with Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches:
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
-                seen += batch["images"].shape[0]
+                seen += t.batch_size
                 last = step + 1 == end
                 if (step + 1) % t.log_every == 0 or last or (step + 1) % t.ckpt_every == 0:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
@@ -157,14 +163,18 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
                                     img_s=f"{host['images_per_s']:.1f}")
                 bar.update(1)
                 if (step + 1) % t.ckpt_every == 0 or last:
-                    ckpt.save_checkpoint(path, backend.state_to_numpy(state), cfg,
-                                         {"backend": backend.name, "stage": t.stage})
+                    tree = backend.state_to_numpy(state)
+                    if writer:
+                        ckpt.save_checkpoint(path, tree, cfg,
+                                             {"backend": backend.name, "stage": t.stage})
                     last_saved = step + 1
                 if (step + 1) % t.sample_every == 0 or last:
                     recon = backend.reconstruct(state["params"], preview["images"],
                                                 preview["mask"])
-                    save_grid(out / "samples" / f"step_{step + 1:06d}.png", preview["images"],
-                              recon, masks=preview["mask"], patch_size=cfg.model.patch_size)
+                    if writer:
+                        save_grid(out / "samples" / f"step_{step + 1:06d}.png",
+                                  preview["images"], recon, masks=preview["mask"],
+                                  patch_size=cfg.model.patch_size)
                 if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
                     t0 = time.perf_counter()
     finally:
@@ -173,6 +183,6 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     peak = getattr(backend, "peak_memory_bytes", lambda: None)()
     if peak is not None:
         host["peak_memory_gib"] = peak / 2 ** 30
-    if (out / "metrics.jsonl").stat().st_size:
+    if writer and (out / "metrics.jsonl").stat().st_size:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return host

@@ -4,6 +4,11 @@ Every backend module (``maetok_jax.backend``, ``maetok_torch.backend``) offers t
 ``Backend`` class, so ``maetok.trainer`` and ``maetok.cli`` are written once. Inputs and
 outputs at this boundary are numpy arrays (images channel-last, as everywhere); the state
 lives on one device, ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the backend joins the process group at
+construction (``maetok_torch.distributed``): this process uses ``cuda:LOCAL_RANK`` (or the
+CPU, with gloo), feeds rows ``rows`` of the global batch, and only rank 0 ``is_writer``.
+``devices``, when given, must equal the world size: one process per device.
 """
 
 from __future__ import annotations
@@ -11,24 +16,41 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maetok_torch import model, train
+from maetok.errors import ConfigError
+from maetok_torch import distributed, model, train
 from maetok_torch.optim import tree_map
 
 
 class Backend:
     name = "torch"
 
-    def __init__(self, cfg, device: str | None = None, compile: bool = False):
+    def __init__(self, cfg, device: str | None = None, compile: bool = False,
+                 devices: int | None = None, shard_params: bool = False):
+        if shard_params:
+            raise ConfigError("sharding the parameters (FSDP) is a JAX option; torch keeps a "
+                              "full copy per process")
         self.cfg = cfg
-        self.device = torch.device(device or train.default_device())
+        self.dist = distributed.from_env(devices)
+        if self.dist and compile:
+            raise ConfigError("--compile runs one process; under torchrun the step runs eager")
+        self.device = self.dist.device if self.dist else torch.device(
+            device or train.default_device())
         self.compile = compile
         self._step = None
+        self.rows = self.dist.batch_rows(cfg.train.batch_size) if self.dist else slice(None)
+        self.is_writer = not self.dist or self.dist.rank == 0
+
+    @staticmethod
+    def default_devices() -> int | None:
+        """The processes torchrun started (None: one process, the plain path)."""
+        return None
 
     def describe(self) -> str:
         where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                  else "cpu")
         mode = "torch.compile" if self.compile else "eager"
-        return f"torch {torch.__version__} on {where} ({mode})"
+        world = f", {self.dist.world} processes" if self.dist else ""
+        return f"torch {torch.__version__} on {where} ({mode}{world})"
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int, params: dict | None = None):
@@ -45,7 +67,8 @@ class Backend:
         """One step; returns the new state and device-side metrics (no host sync)."""
         if self._step is None:
             self._step = (train.compile_train_step(self.cfg) if self.compile
-                          else train.make_train_step(self.cfg))
+                          else train.make_train_step(
+                              self.cfg, self.dist.reducer if self.dist else distributed.LOCAL))
         return self._step(state, *train.step_inputs(batch, self.cfg, step, self.device))
 
     def compiled_count(self) -> int:

@@ -1,0 +1,130 @@
+"""Data parallelism on the CPU: N-way training is 1-way training on the same global batch.
+
+JAX runs on 4 simulated host devices (``--xla_force_host_platform_device_count=4``, which
+must be set before JAX starts, hence a subprocess); torch runs 2 gloo processes under
+``torchrun``. Both run ``tests/data_parallel_worker.py`` and are compared here with one
+device / one process: losses and every metric at each of 3 steps within
+``TOL["trajectory_fp32"]``, parameters and discriminator after 3 steps within
+``TOL["trajectory_early_fp32"]`` (per leaf, relative to the update), then a checkpoint
+written by the N-way trainer is resumed on one device and matches a 1-way run throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import tests.data_parallel_worker as worker
+from maetok.checkpoint import load_checkpoint
+from maetok.params import flatten
+from maetok.parity import TOL, rel_err, worst_update
+from maetok.trainer import CHECKPOINT_NAME, get_backend, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _launch(which: str, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = str(ROOT / "tests" / "data_parallel_worker.py")
+    if which == "jax":
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        cmd = [sys.executable, script, "jax", str(out)]
+    else:
+        env.update(OMP_NUM_THREADS="1")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", script, "torch", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+
+
+def _split(tree: dict, group: str) -> dict:
+    return {k: v for k, v in tree.items() if k.startswith(group + "/")}
+
+
+def assert_same_training(history, tree, ref_history, ref_tree, start, name):
+    """Metrics at every step and the state after the last one, N-way against 1-way."""
+    assert len(history) == len(ref_history) == worker.STEPS
+    for s, (got, want) in enumerate(zip(history, ref_history)):
+        assert set(got) == set(want), f"{name} step {s}: metrics differ"
+        for k in want:
+            err = rel_err(np.float64(got[k]), np.float64(want[k]))
+            assert err <= TOL["trajectory_fp32"], f"{name} step {s} {k}: {got[k]} vs {want[k]}"
+    assert tree.keys() == ref_tree.keys()
+    for group in ("params", "ema", "disc"):
+        err, leaf = worst_update(_split(tree, group), _split(ref_tree, group),
+                                 _split(start, group))
+        assert err <= TOL["trajectory_early_fp32"], f"{name}: {group} {leaf} off by {err:.2e}"
+    for k in ("lecam/real", "lecam/fake"):
+        assert rel_err(tree[k], ref_tree[k]) <= TOL["trajectory_fp32"], f"{name}: {k}"
+    assert int(tree["step"]) == int(ref_tree["step"]) == worker.STEPS
+
+
+def _load(out: Path, name: str):
+    history = json.loads((out / f"{name}.json").read_text())
+    return history, dict(np.load(out / f"{name}.npz"))
+
+
+def _resume_on_one_device(tmp_path: Path, nway_run: Path, backend_name: str) -> None:
+    """The N-way trainer's checkpoint, resumed by one process, stays on the 1-way path."""
+    data = worker.dataset(worker.TRAINER_CFG)
+    one = tmp_path / "one"
+    train(worker.TRAINER_CFG, data, one, backend_name, progress=False)
+    logged = [json.loads(x) for x in (nway_run / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [0, 1, 2]  # one process wrote the log
+    for got, ref in zip(logged, want):
+        assert rel_err(got["loss"], ref["loss"]) <= TOL["trajectory_fp32"], (got, ref)
+    longer = worker.TRAINER_CFG.replace(train={"steps": worker.STEPS + 1})
+    for out in (nway_run, one):
+        train(longer, data, out, backend_name, resume=True, progress=False)
+    a, _, _ = load_checkpoint(nway_run / CHECKPOINT_NAME)
+    b, _, _ = load_checkpoint(one / CHECKPOINT_NAME)
+    backend = get_backend(backend_name)(worker.TRAINER_CFG)
+    start = flatten(backend.state_to_numpy(backend.init_state(worker.TRAINER_CFG.train.seed)))
+    fa, fb = flatten(a), flatten(b)
+    assert int(fa["step"]) == int(fb["step"]) == worker.STEPS + 1
+    err, leaf = worst_update(_split(fa, "params"), _split(fb, "params"), _split(start, "params"))
+    assert err <= TOL["trajectory_early_fp32"], f"resumed: {leaf} off by {err:.2e}"
+
+
+def test_jax_four_devices_match_one_then_resume_on_one(tmp_path):
+    proc = _launch("jax", tmp_path / "nway")
+    from maetok_jax.backend import Backend
+
+    ref_history, ref_tree, _ = worker.run_steps(Backend(worker.CFG))
+    ref_tree = flatten(ref_tree)
+    start = flatten(worker.initial_tree(Backend(worker.CFG)))
+    _wait(proc)
+    for name in ("nway", "fsdp"):
+        history, tree = _load(tmp_path / "nway", name)
+        assert_same_training(history, tree, ref_history, ref_tree, start, f"jax {name}")
+        info = json.loads((tmp_path / "nway" / f"{name}_info.json").read_text())
+        assert info["devices"] == 4
+        # FSDP: most leaves split over the devices; plain data parallel: all replicated
+        assert (info["sharded_leaves"] > info["leaves"] // 2) if name == "fsdp" \
+            else info["sharded_leaves"] == 0
+    _resume_on_one_device(tmp_path, tmp_path / "nway" / "run", "jax")
+
+
+def test_torch_two_processes_match_one_then_resume_on_one(tmp_path):
+    proc = _launch("torch", tmp_path / "nway")
+    from maetok_torch.backend import Backend
+
+    ref_history, ref_tree, _ = worker.run_steps(Backend(worker.CFG, "cpu"))
+    ref_tree = flatten(ref_tree)
+    start = flatten(worker.initial_tree(Backend(worker.CFG, "cpu")))
+    _wait(proc)
+    history, tree = _load(tmp_path / "nway", "nway")
+    assert json.loads((tmp_path / "nway" / "nway_info.json").read_text())["devices"] == 2
+    assert_same_training(history, tree, ref_history, ref_tree, start, "torch 2 processes")
+    _resume_on_one_device(tmp_path, tmp_path / "nway" / "run", "torch")
