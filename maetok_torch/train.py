@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from maetok import params as param_spec
-from maetok_torch.distributed import LOCAL
 from maetok_torch.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
                                         lecam_loss, update_lecam)
+from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, nll_loss
 from maetok_torch.model import aux_predict, decode, encode
 from maetok_torch.optim import (OptState, clip_by_global_norm, ema_update, opt_init, opt_update,
