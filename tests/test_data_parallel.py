@@ -128,3 +128,28 @@ def test_torch_two_processes_match_one_then_resume_on_one(tmp_path):
     assert json.loads((tmp_path / "nway" / "nway_info.json").read_text())["devices"] == 2
     assert_same_training(history, tree, ref_history, ref_tree, start, "torch 2 processes")
     _resume_on_one_device(tmp_path, tmp_path / "nway" / "run", "torch")
+
+
+def test_device_counts_that_cannot_work_are_one_line_errors(tmp_path, capsys):
+    from maetok.cli import main
+
+    common = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--no-progress"]
+    cases = [(["--backend", "torch", "--devices", "2"], "torchrun --nproc_per_node 2"),
+             (["--backend", "jax", "--devices", "3"], "use 1 to 1"),
+             (["--backend", "torch", "--shard-params"], "FSDP")]
+    for i, (extra, words) in enumerate(cases):
+        assert main([*common, *extra, "--out", str(tmp_path / str(i))]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("maetok: error: ") and "\n" not in err and words in err, err
+
+
+def test_batch_rows_are_the_global_batch_split_in_order():
+    from maetok.data import BatchSource
+
+    cfg = worker.CFG
+    whole = BatchSource(worker.dataset(), cfg).batch(5)
+    parts = [BatchSource(worker.dataset(), cfg, rows=slice(r * 2, r * 2 + 2)).batch(5)
+             for r in range(4)]
+    for key in ("images", "mask"):
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+    assert {p["mask_ratio"] for p in parts} == {whole["mask_ratio"]}
