@@ -5,10 +5,11 @@ Every backend module (``maetok_jax.backend``, ``maetok_torch.backend``) offers t
 outputs at this boundary are numpy arrays (images channel-last, as everywhere); the state
 lives on one device, ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) the backend joins the process group at
-construction (``maetok_torch.distributed``): this process uses ``cuda:LOCAL_RANK`` (or the
-CPU, with gloo), feeds rows ``rows`` of the global batch, and only rank 0 ``is_writer``.
-``devices``, when given, must equal the world size: one process per device.
+With ``devices`` given (``default_devices()`` under ``torchrun``), the backend joins the
+process group at construction (``maetok_torch.distributed``): this process uses
+``cuda:LOCAL_RANK`` (or the CPU, with gloo), feeds rows ``rows`` of the global batch, and
+only rank 0 ``is_writer``. ``devices`` must equal the world size: one process per device.
+Without it the backend is the plain one-process path, whatever launched it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Backend:
             raise ConfigError("sharding the parameters (FSDP) is a JAX option; torch keeps a "
                               "full copy per process")
         self.cfg = cfg
-        self.dist = distributed.from_env(devices)
+        self.dist = distributed.from_env(devices) if devices is not None else None
         if self.dist and compile:
             raise ConfigError("--compile runs one process; under torchrun the step runs eager")
         self.device = self.dist.device if self.dist else torch.device(
@@ -43,7 +44,8 @@ class Backend:
     @staticmethod
     def default_devices() -> int | None:
         """The processes torchrun started (None: one process, the plain path)."""
-        return None
+        world = distributed.world_size()
+        return world if world > 1 else None
 
     def describe(self) -> str:
         where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"

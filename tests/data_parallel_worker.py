@@ -88,7 +88,7 @@ def main(which: str, out: Path) -> int:
         return 0
     from maetok_torch.backend import Backend
 
-    backend = Backend(CFG)
+    backend = Backend(CFG, devices=Backend.default_devices())
     history, tree, _ = run_steps(backend)
     if backend.is_writer:
         save(out, "nway", history, tree)
