@@ -9,6 +9,17 @@ model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dens
 (989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
 memory, and the time of the first step (compilation included).
 
+Data parallelism: ``--devices 1,2,4,8`` times each backend on that many devices (JAX: a
+mesh in one process; torch: that many processes under ``torchrun``), ``--batch`` images per
+device, so the global batch is N × ``--batch``. It reports total and per-device images/s
+and the scaling efficiency, per-device images/s against the smallest count in the list.
+``plain`` in the list is today's one-device path without a mesh, so
+
+    python benchmarks/train_step.py --preset base --dtype bfloat16 --batch 128 \
+        --backends jax --devices plain,1
+
+shows what the mesh costs on one device: the same step, batch and data, side by side.
+
 FLOP formula (per image): a transformer block over n tokens of width D costs
 ``n·(24·D² + 4·n·D)`` forward (QKV, projection and MLP matmuls, plus scores and weighted
 sum), training costs 3× forward. Stage 1 trains encoder, pixel decoder and the ViT aux
@@ -117,15 +128,16 @@ def run_single(args) -> dict:
     from maetok.masks import mask_for_step
 
     name = args.single
+    devices = None if args.devices in (None, "plain") else int(args.devices)
     overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention,
                            "unroll": args.unroll, "remat": args.remat},
-                 "train": {"batch_size": args.batch, "stage": args.stage,
+                 "train": {"batch_size": args.batch * (devices or 1), "stage": args.stage,
                            "steps": args.warmup + args.steps, "anneal_steps": 1000},
                  "loss": {"use_adv": args.gan}}
     cfg = preset(args.preset, **overrides)
     if name == "jax":
         from maetok_jax.backend import Backend
-        backend = Backend(cfg)
+        backend = Backend(cfg, devices=devices)
 
         def sync(x):
             import jax
@@ -134,7 +146,7 @@ def run_single(args) -> dict:
         import torch
         from maetok_torch.backend import Backend
         torch.backends.cuda.matmul.allow_tf32 = True
-        backend = Backend(cfg, compile=name == "torch-compile")
+        backend = Backend(cfg, compile=name == "torch-compile", devices=devices)
 
         def sync(x):
             if torch.cuda.is_available():
@@ -142,13 +154,17 @@ def run_single(args) -> dict:
 
     total = args.warmup + args.steps
     if args.data:
-        source = BatchSource(ImageFolder(args.data, cfg.model.image_size), cfg)
+        source = BatchSource(ImageFolder(args.data, cfg.model.image_size), cfg,
+                             rows=backend.rows)
         batches = Prefetcher(source, 0, total, depth=8, workers=min(8, os.cpu_count() or 2))
     else:  # a few distinct in-memory batches, cycled
-        source = BatchSource(SyntheticImages(cfg.model.image_size, count=4 * args.batch), cfg)
+        b = cfg.train.batch_size
+        source = BatchSource(SyntheticImages(cfg.model.image_size, count=4 * b), cfg,
+                             rows=backend.rows)
         pool = [source.batch(s) for s in range(4)]
         n = cfg.model.num_patches  # a fresh mask and ratio every step, as in training
-        batches = ({**pool[s % 4], "mask": mask_for_step(s, cfg.train, n)[0]} for s in range(total))
+        batches = ({**pool[s % 4], "mask": mask_for_step(s, cfg.train, n)[0][backend.rows]}
+                   for s in range(total))
     state = backend.init_state(0)
     times, first = [], None
     for step, batch in zip(range(total), batches):
@@ -162,12 +178,15 @@ def run_single(args) -> dict:
         elif step >= args.warmup:
             times.append(dt)
     loss = float(backend.metrics_to_host(metrics)["loss"])
+    if not backend.is_writer:  # torchrun: rank 0 reports
+        return None
     med = statistics.median(times)
     flops = transformer_flops(cfg.model, args.stage)
-    ips = args.batch / med
+    ips = cfg.train.batch_size / med
     result = {
+        "devices": devices, "images_per_s_per_device": ips / (devices or 1),
         "backend": name, "preset": args.preset, "stage": args.stage, "dtype": args.dtype,
-        "batch": args.batch, "gan": args.gan, "attention": args.attention, "unroll": args.unroll,
+        "batch": args.batch, "global_batch": cfg.train.batch_size, "gan": args.gan, "attention": args.attention, "unroll": args.unroll,
         "remat": args.remat,
         "data": args.data or "in-memory synthetic",
         "images_per_s": ips, "step_ms_median": med * 1e3,
@@ -202,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
     p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
     p.add_argument("--remat", action="store_true", help="recompute block internals in backward")
+    p.add_argument("--devices", help="data parallelism: device counts to time, e.g. 1,2,4,8 "
+                   "(--batch per device); 'plain' is the one-device path without a mesh")
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -215,13 +236,16 @@ def main(argv=None) -> int:
             print("ERROR " + ("out of memory" if oom else f"{type(e).__name__}: {text[:300]}"),
                   flush=True)
             raise
-        print("RESULT " + json.dumps(result), flush=True)
+        if result is not None:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     results = []
     base = [a for a in (argv if argv is not None else sys.argv[1:])]
+    counts = args.devices.split(",") if args.devices else [None]
     for batch in _ints(args.batch):
         for name in args.backends.split(","):
-            results.append(_run_backend(name, batch, base, args.timeout))
+            runs = [_run_backend(name, batch, base, args.timeout, n) for n in counts]
+            results += scaling(runs)
         print_table([r for r in results if r.get("batch") == batch])
     if args.json:
         with open(args.json, "a") as f:
@@ -234,13 +258,34 @@ def _ints(text) -> list[int]:
     return [int(x) for x in str(text).split(",") if x]
 
 
-def _run_backend(name: str, batch: int, argv: list[str], timeout: float) -> dict:
-    """One backend at one batch size in a fresh subprocess; its stderr streams through."""
+def scaling(runs: list[dict]) -> list[dict]:
+    """Add each run's per-device images/s over that of the fewest devices (``plain``: 1)."""
+    ok = [r for r in runs if "error" not in r]
+    if len(ok) > 1:
+        base = min(ok, key=lambda r: r["devices"] or 1)
+        for r in ok:
+            r["scaling_efficiency"] = (r["images_per_s_per_device"]
+                                       / base["images_per_s_per_device"])
+    return runs
+
+
+def _run_backend(name: str, batch: int, argv: list[str], timeout: float,
+                 devices: str | None = None) -> dict:
+    """One backend at one batch size in a fresh subprocess; its stderr streams through.
+
+    ``devices``: a count or ``plain``; torch with N > 1 runs N processes under torchrun.
+    """
     cmd = [sys.executable, __file__, *argv, "--single", name, "--batch", str(batch)]
+    if devices is not None:
+        cmd += ["--devices", devices]
+        if name != "jax" and devices != "plain" and int(devices) > 1:
+            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", devices]
     # JAX may use 95% of the device (its default cap is 75% even without preallocation)
     env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ,
            "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
-    print(f"-- {name}, batch {batch}", file=sys.stderr, flush=True)
+    where = f", devices {devices}" if devices is not None else ""
+    print(f"-- {name}, batch {batch}{where}", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -261,18 +306,25 @@ def print_table(results) -> None:
     if not ok:
         return
     r0 = ok[0]
-    print(f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}, "
+    per = " per device" if any(r.get("devices") for r in ok) else ""
+    print(f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}{per}, "
           f"gan {'on' if r0['gan'] else 'off'}, attention {r0['attention']}, data: {r0['data']}")
     print(f"model {r0['model_gflop_per_image']:.1f} GFLOP/image per train step "
           f"(+ {r0['conv_gflop_per_image']:.2f} GFLOP convolutional, not counted)")
-    head = (f"{'backend':15s}{'img/s':>9s}{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
+    head = (f"{'backend':15s}{'dev':>6s}{'img/s':>9s}{'img/s/dev':>10s}{'eff':>6s}"
+            f"{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
             f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'loss':>9s}")
     print(head + "\n" + "-" * len(head))
     ceiling = max((r.get("matmul_ceiling_tflops", 0) for r in ok), default=0)
     for r in ok:
-        mm = f"{100 * r['model_tflops'] / ceiling:6.1f}%" if ceiling else "     -"
-        print(f"{r['backend']:15s}{r['images_per_s']:9.1f}{r['step_ms_median']:9.1f}"
-              f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / H100_BF16_DENSE:6.1f}%"
+        n = r.get("devices") or 1  # utilisation per device
+        mm = f"{100 * r['model_tflops'] / n / ceiling:6.1f}%" if ceiling else "     -"
+        eff = f"{100 * r['scaling_efficiency']:5.0f}%" if "scaling_efficiency" in r else "     -"
+        dev = "plain" if r.get("devices") is None else str(r["devices"])
+        print(f"{r['backend']:15s}{dev:>6s}{r['images_per_s']:9.1f}"
+              f"{r.get('images_per_s_per_device', r['images_per_s']):10.1f}{eff}"
+              f"{r['step_ms_median']:9.1f}"
+              f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / n / H100_BF16_DENSE:6.1f}%"
               f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}{r['final_loss']:9.4f}")
     if ceiling:
         print(f"measured 8192³ bf16 matmul: {ceiling:.0f} TFLOP/s")

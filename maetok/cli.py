@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -97,36 +98,45 @@ def cmd_train(args) -> int:
             raise ConfigError("--change applies to --resume only")
         if cfg.train.stage == 2 and not args.init_from:
             raise ConfigError("stage 2 starts from a Stage-1 checkpoint: pass --init-from PATH")
-    with run.claim(out):
+    # Several processes (torchrun): the first holds and writes --out, the rest only compute.
+    writer = run.is_writer_process()
+    say = print if writer else (lambda *_: None)
+    with run.claim(out) if writer else nullcontext():
         changes = None
-        if args.resume:
+        if args.resume:  # --devices, --shard-params: free; a checkpoint resumes on any count
             base, base_flag = _base_config(args)
             resumed = run.resume(out, _changes(args), base=base, base_flag=base_flag,
                                  data=args.data, backend=args.backend,
                                  allow=tuple(args.change or ()), skip_broken=args.skip_broken,
-                                 progress=progress)
+                                 progress=progress and writer)
             cfg, dataset, backend, changes = (resumed.cfg, resumed.dataset, resumed.backend,
                                               resumed.changes)
             at = f" at step {resumed.step}" if resumed.step is not None else ""
-            print(f"maetok: resuming {out}{at}"
-                  + (f" with {run.describe_changes(changes)} (recorded in the run's history)"
-                     if changes else ""))
+            say(f"maetok: resuming {out}{at}"
+                + (f" with {run.describe_changes(changes)} (recorded in the run's history)"
+                   if changes else ""))
         else:
             if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
                 raise MAETokError(f"{out} already holds a checkpoint; pass --resume to continue "
                                   "it, --overwrite to start again, or choose another --out")
-            dataset = run.open_dataset(args.data, cfg, args.skip_broken, progress)
+            dataset = run.open_dataset(args.data, cfg, args.skip_broken, progress and writer)
             backend = args.backend or "jax"
         if args.compile and backend != "torch":
             raise ConfigError("--compile applies to --backend torch; the JAX step is always "
                               "jit-compiled")
-        print(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
-              f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
-              f"backend {backend} → {out}")
-        last = train(cfg, dataset, out, backend, init_from=args.init_from, resume=args.resume,
-                     progress=progress, device=args.device, compile=args.compile,
-                     changes=changes)
-    if last:
+        say(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
+            f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
+            f"backend {backend} → {out}")
+        try:
+            last = train(cfg, dataset, out, backend, init_from=args.init_from,
+                         resume=args.resume, progress=progress, device=args.device,
+                         compile=args.compile, devices=args.devices,
+                         shard_params=args.shard_params, changes=changes)
+        except TrainingStopped as e:
+            if writer:
+                raise
+            return 128 + e.signum  # the writer says where its checkpoint is
+    if last and writer:
         print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
               f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
               + (f", peak device memory {last['peak_memory_gib']:.2f} GiB"
@@ -326,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch: run the train step under torch.compile (minutes to compile; "
                         "the fastest path on a GPU). The JAX step is always jit-compiled")
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="data parallelism over N devices. JAX: the mesh size per process "
+                        "(default: every local device). torch: one process per device, "
+                        "launched with torchrun --nproc_per_node N; the count comes from "
+                        "torchrun and --devices, if given, must match it")
+    p.add_argument("--shard-params", action="store_true",
+                   help="JAX: shard parameters and optimiser state over the devices (FSDP) "
+                        "instead of a full copy per device")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("reconstruct", help="images in → reconstructions out (PNG)")

@@ -312,15 +312,21 @@ class BatchSource:
 
     ``dataset`` needs ``len()``, ``dataset[i]`` → uint8 (H, W, 3) and, for error messages,
     optionally ``name(i)``; ``SyntheticImages`` and ``ImageFolder`` have all three.
+
+    ``rows`` (a slice of ``range(B)``) makes ``batch`` return only those rows of the global
+    batch, for one process of a data-parallel run: the random draws are those of the whole
+    batch, so the rows are exactly the ones a single process would have, and only their
+    images are decoded.
     """
 
-    def __init__(self, dataset, cfg: Config, train: bool = True):
+    def __init__(self, dataset, cfg: Config, train: bool = True, rows: slice | None = None):
         if cfg.model.channels != 3:
             raise ConfigError(f"the image pipeline yields RGB images, so model.channels must "
                               f"be 3, got {cfg.model.channels}")
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
         self.dataset, self.cfg, self.train = dataset, cfg, train
+        self.rows = slice(None) if rows is None else rows
         self._name = getattr(dataset, "name", lambda i: f"dataset item {i}")
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -344,12 +350,12 @@ class BatchSource:
 
     def batch(self, step: int) -> dict:
         """``images`` (B, H, W, C) float32 in [-1, 1]; ``mask`` (B, N) float32, 1 = masked;
-        ``mask_ratio`` (float) and ``step`` (int)."""
+        ``mask_ratio`` (float) and ``step`` (int). B counts ``rows`` only, when given."""
         size, b = self.cfg.model.image_size, self.cfg.train.batch_size
         # One draw per sample whatever its image size, so the stream is stable.
-        u = step_rng(self.cfg.train.seed, step, STREAM_AUGMENT).random((b, 3))
+        u = step_rng(self.cfg.train.seed, step, STREAM_AUGMENT).random((b, 3))[self.rows]
         crops = []
-        for i, idx in enumerate(self.indices(step)):
+        for i, idx in enumerate(self.indices(step)[self.rows]):
             image, what = self.dataset[int(idx)], self._name(int(idx))
             if self.train:
                 h, w = image.shape[:2]
@@ -360,7 +366,7 @@ class BatchSource:
                 crops.append(center_crop(image, size, what))
         mask, ratio = mask_for_step(step, self.cfg.train, self.cfg.model.num_patches)
         return {"images": from_uint8(np.stack(crops)),  # (B, H, W, C)
-                "mask": mask,  # (B, N)
+                "mask": mask[self.rows],  # (B, N)
                 "mask_ratio": float(ratio), "step": int(step)}
 
 

@@ -10,6 +10,8 @@ differs from it, unless the user asked for that change (``--set``, ``--lr``,
 
 ``claim`` holds a run folder exclusively: a lock file with the owner's PID and host, which a
 second run into the same folder respects, and which is taken over when its owner is gone.
+When one run spans several processes, only the first claims and writes the folder
+(``is_writer_process``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ def claim(out) -> Iterator[Path]:
         lock.unlink(missing_ok=True)
         if created and not any(out.iterdir()):
             out.rmdir()
+
+
+def is_writer_process() -> bool:
+    """False in every process but the first of a launch of several (``torchrun``'s ``RANK``
+    of ``WORLD_SIZE``, or ``JAX_PROCESS_ID`` of ``JAX_NUM_PROCESSES``): those train beside
+    it but leave the run folder to it. The Backends agree (``Backend.is_writer``)."""
+    for rank, count in (("RANK", "WORLD_SIZE"), ("JAX_PROCESS_ID", "JAX_NUM_PROCESSES")):
+        if int(os.environ.get(count, "1")) > 1 and int(os.environ.get(rank, "0")) != 0:
+            return False
+    return True
 
 
 def _owner() -> dict:

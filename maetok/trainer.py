@@ -3,7 +3,9 @@
 It owns what is not numerics: batches from the data pipeline (prefetched), the learning
 rate and mask schedules (through ``maetok.masks``/``schedules``), progress, the metrics log,
 atomic checkpoints, reconstruction pictures, and stopping cleanly on a NaN loss or on
-SIGTERM/SIGINT (after saving a checkpoint at the next step boundary). The backend (``maetok_jax.backend`` or ``maetok_torch.backend``) runs the compiled step.
+SIGTERM/SIGINT (after saving a checkpoint at the next step boundary). The backend
+(``maetok_jax.backend`` or ``maetok_torch.backend``) runs the compiled step; under data
+parallelism only its writer process writes the output folder.
 
 Output folder layout::
 
@@ -154,29 +156,45 @@ def _stop_requests():
 
 def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
           resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          device: str | None = None, compile: bool = False,
-          changes: dict | None = None) -> dict:
+          device: str | None = None, compile: bool = False, devices: int | None = None,
+          shard_params: bool = False, changes: dict | None = None) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
 
     ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
-    either way. With ``resume``, ``changes`` (``{"what": [old, new]}``, see
-    ``maetok.run.resume``) is recorded in the run's history. The output folder is held
-    (``maetok.run.claim``) while training. SIGTERM or SIGINT save a checkpoint at the next
-    step boundary and raise ``TrainingStopped``.
+    either way. ``devices``: data parallelism (JAX: the mesh size, default every local
+    device unless ``device`` names one; torch: the world size of ``torchrun``, which it must
+    equal); ``shard_params`` shards the JAX state over the devices (FSDP). With ``resume``,
+    ``changes`` (``{"what": [old, new]}``, see ``maetok.run.resume``) is recorded in the
+    run's history.
+
+    Only the writer process (``backend.is_writer``: the only one, or rank 0 of several)
+    holds the output folder (``maetok.run.claim``) and writes to it; the others compute the
+    same steps and leave it alone. SIGTERM or SIGINT to any process save a checkpoint at
+    the next step boundary and raise ``TrainingStopped`` in every process, after the same
+    step.
     """
+    backend_cls = get_backend(backend_name)
+    if devices is None:
+        devices = backend_cls.default_devices(device)
+    backend = backend_cls(cfg, device, compile=compile, devices=devices,
+                          shard_params=shard_params)
+    if not backend.is_writer:
+        return _train(cfg, dataset, Path(out_dir), backend, init_from, resume, stop_at,
+                      progress, changes)
     with run.claim(out_dir) as out:
-        return _train(cfg, dataset, out, backend_name, init_from, resume, stop_at, progress,
-                      device, compile, changes)
+        return _train(cfg, dataset, out, backend, init_from, resume, stop_at, progress,
+                      changes)
 
 
-def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, progress,
-           device, compile, changes) -> dict:
+def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progress,
+           changes) -> dict:
     from tqdm import tqdm
 
     from maetok.viz import plot_curves, save_grid
 
-    backend = get_backend(backend_name)(cfg, device, compile=compile)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    writer = backend.is_writer  # data parallel: one process writes, all compute
+    if writer:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     path = out / CHECKPOINT_NAME
     history = []
     if resume:
@@ -195,15 +213,16 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
     identity = {"backend": backend.name, "data": run.data_identity(dataset), "history": history}
 
     t = cfg.train
-    source = BatchSource(dataset, cfg, train=True)
+    source = BatchSource(dataset, cfg, train=True, rows=backend.rows)
     preview = BatchSource(dataset, cfg, train=False).batch(0)
-    _truncate_metrics(out / "metrics.jsonl", start)
-    log = open(out / "metrics.jsonl", "a")
+    if writer:
+        _truncate_metrics(out / "metrics.jsonl", start)
+    log = open(out / "metrics.jsonl" if writer else os.devnull, "a")
     last_saved, host = (start if resume else None), {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}", disable=not progress,
-               unit="step", dynamic_ncols=True)
+    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}",
+               disable=not (progress and writer), unit="step", dynamic_ncols=True)
     try:
         workers = min(8, os.cpu_count() or 2)  # decoding and cropping run in numpy threads
         with _stop_requests() as stop, \
@@ -211,8 +230,9 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
-                seen += batch["images"].shape[0]
-                last, stopping = step + 1 == end, stop[0]  # read once: it may change any time
+                seen += t.batch_size  # the global batch, over every process
+                last = step + 1 == end
+                stopping = backend.agree_stop(stop[0])  # read once: it may change any time
                 save = (step + 1) % t.ckpt_every == 0 or last or stopping is not None
                 if (step + 1) % t.log_every == 0 or save:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
@@ -231,16 +251,20 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
                                     img_s=f"{host['images_per_s']:.1f}")
                 bar.update(1)
                 if save:
-                    ckpt.save_checkpoint(path, backend.state_to_numpy(state), cfg,
-                                         {"stage": t.stage, "step": step + 1, **identity})
+                    tree = backend.state_to_numpy(state)  # every process: it may gather
+                    if writer:
+                        ckpt.save_checkpoint(path, tree, cfg,
+                                             {"stage": t.stage, "step": step + 1, **identity})
                     last_saved = step + 1
                 if stopping is not None:
                     raise TrainingStopped(stopping, step + 1, path)
                 if (step + 1) % t.sample_every == 0 or last:
                     recon = backend.reconstruct(state["params"], preview["images"],
                                                 preview["mask"])
-                    save_grid(out / "samples" / f"step_{step + 1:06d}.png", preview["images"],
-                              recon, masks=preview["mask"], patch_size=cfg.model.patch_size)
+                    if writer:
+                        save_grid(out / "samples" / f"step_{step + 1:06d}.png",
+                                  preview["images"], recon, masks=preview["mask"],
+                                  patch_size=cfg.model.patch_size)
                 if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
                     t0 = time.perf_counter()
     finally:
@@ -249,6 +273,6 @@ def _train(cfg, dataset, out: Path, backend_name, init_from, resume, stop_at, pr
     peak = getattr(backend, "peak_memory_bytes", lambda: None)()
     if peak is not None:
         host["peak_memory_gib"] = peak / 2 ** 30
-    if (out / "metrics.jsonl").stat().st_size:
+    if writer and (out / "metrics.jsonl").stat().st_size:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return host

@@ -3,6 +3,13 @@
 Every backend module (``maetok_jax.backend``, ``maetok_torch.backend``) offers the same
 ``Backend`` class, so ``maetok.trainer`` and ``maetok.cli`` are written once. Inputs and
 outputs at this boundary are numpy arrays; the state stays on the device.
+
+``devices`` picks data parallelism (``maetok_jax.parallel``): ``None`` is the plain
+single-device path; ``N`` puts the state and the batch on a mesh of N devices per process
+(``N = 1`` included, so the two paths can be timed against each other), on the platform of
+``device`` when one is named, and ``default_devices()`` is what training uses when not told.
+``rows`` and ``is_writer`` tell the trainer which rows of the global batch this process feeds
+and whether it writes the outputs.
 """
 
 from __future__ import annotations
@@ -11,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maetok_jax import enable_compilation_cache, model, train
+from maetok.errors import ConfigError
+from maetok_jax import enable_compilation_cache, model, parallel, train
 
 
 def select_device(name: str | None):
@@ -37,8 +45,10 @@ def select_device(name: str | None):
 class Backend:
     name = "jax"
 
-    def __init__(self, cfg, device: str | None = None, compile: bool = False):
+    def __init__(self, cfg, device: str | None = None, compile: bool = False,
+                 devices: int | None = None, shard_params: bool = False):
         # ``compile`` mirrors the torch Backend's switch; the JAX step is always jit-compiled.
+        parallel.init_distributed()  # before anything asks JAX for its devices
         enable_compilation_cache()
         self.cfg = cfg
         self.device = select_device(device)
@@ -46,23 +56,50 @@ class Backend:
             jax.config.update("jax_default_device", self.device)
         self._step = None
         self._apply = {}
+        platform = self.device.platform
+        if devices is None and shard_params:
+            devices = len(jax.local_devices(backend=platform))
+        if devices is not None and ":" in (device or ""):
+            raise ConfigError(f"--device {device} names one device, but --devices takes a "
+                              f"platform: pass --device {device.partition(':')[0]} with "
+                              f"--devices {devices}, or leave out --devices")
+        self.dp = (parallel.DataParallel(cfg, devices, shard_params, platform)
+                   if devices is not None else None)
+        self.rows = self.dp.rows if self.dp else slice(None)
+        self.is_writer = self.dp.is_writer if self.dp else True
+
+    @staticmethod
+    def default_devices(device: str | None = None) -> int | None:
+        """Every local device (per process); None for the plain path when there is only one,
+        or when ``device`` names the one to use in a single process."""
+        parallel.init_distributed()
+        if jax.device_count() == 1 or (device is not None and jax.process_count() == 1):
+            return None
+        return jax.local_device_count()
 
     def describe(self) -> str:
-        return f"jax {jax.__version__} on {self.device.device_kind}"
+        where = f"jax {jax.__version__} on {self.device.device_kind}"
+        return f"{where}, {self.dp.describe()}" if self.dp else where
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int, params: dict | None = None):
-        return train.init_state(self.cfg, seed, params)
+        state = train.init_state(self.cfg, seed, params)
+        return self.dp.put(state) if self.dp else state
 
     def state_to_numpy(self, state) -> dict:
-        return train.state_to_numpy(state)
+        return train.state_to_numpy(self.dp.fetch(state) if self.dp else state)
 
     def state_from_numpy(self, tree: dict):
-        return train.state_from_numpy(tree)
+        state = train.state_from_numpy(tree)
+        return self.dp.put(state) if self.dp else state
 
     # ------------------------------------------------------------------ training
     def train_step(self, state, batch: dict, step: int):
         """One compiled step; returns the new state and device-side metrics (no host sync)."""
+        if self.dp:
+            if self._step is None:
+                self._step = self.dp.jit_step(train.make_train_step(self.cfg), state)
+            return self._step(state, *train.step_inputs(batch, self.cfg, step, self.dp.put_rows))
         if self._step is None:
             self._step = train.jit_train_step(self.cfg)
         return self._step(state, *train.step_inputs(batch, self.cfg, step))
@@ -71,11 +108,27 @@ class Backend:
         """How many programs the train step has compiled (1 after the first step)."""
         return 0 if self._step is None else self._step._cache_size()
 
-    @staticmethod
-    def metrics_to_host(metrics) -> dict[str, float]:
+    def metrics_to_host(self, metrics) -> dict[str, float]:
+        if self.dp:
+            metrics = self.dp.fetch(metrics)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+    def agree_stop(self, signum: int | None) -> int | None:
+        """A stop request (a signal number) made to any process, the same in every process,
+        so that all of them stop after the same step."""
+        if self.dp is None:
+            return signum
+        return self.dp.max_over_processes(signum or 0) or None
+
     # ------------------------------------------------------------------ inference
+    def _put(self, x, dtype=None):
+        """An input array: on the mesh (replicated) under data parallelism, else as is."""
+        x = np.asarray(x, dtype)
+        return self.dp.put(x, self.dp.replicated) if self.dp else jnp.asarray(x)
+
+    def _get(self, y) -> np.ndarray:
+        return self.dp.fetch(y) if self.dp else np.asarray(y)
+
     def _jit(self, name, fn):
         if name not in self._apply:
             self._apply[name] = jax.jit(fn)
@@ -88,20 +141,20 @@ class Backend:
             mask = np.zeros((images.shape[0], m.num_patches), np.float32)
         fn = self._jit("reconstruct",
                        lambda p, x, k: model.forward(p, x, k, m, with_aux=False)[0])
-        return np.asarray(fn(params, jnp.asarray(images), jnp.asarray(mask)))
+        return self._get(fn(params, self._put(images), self._put(mask)))
 
     def encode(self, params, images: np.ndarray) -> np.ndarray:
         """images (B, H, W, C) → latent tokens (B, L, latent_dim), no mask."""
         m = self.cfg.model
-        mask = jnp.zeros((images.shape[0], m.num_patches), jnp.float32)
+        mask = np.zeros((images.shape[0], m.num_patches), np.float32)
         fn = self._jit("encode", lambda p, x, k: model.encode(p["encoder"], x, k, m))
-        return np.asarray(fn(params, jnp.asarray(images), mask))
+        return self._get(fn(params, self._put(images), self._put(mask)))
 
     def decode(self, params, latents: np.ndarray) -> np.ndarray:
         """latent tokens (B, L, latent_dim) → images (B, H, W, C)."""
         m = self.cfg.model
         fn = self._jit("decode", lambda p, h: model.decode(p["decoder"], h, m)[0])
-        return np.asarray(fn(params, jnp.asarray(latents, jnp.float32)))
+        return self._get(fn(params, self._put(latents, np.float32)))
 
     @staticmethod
     def peak_memory_bytes() -> int | None:
@@ -110,4 +163,4 @@ class Backend:
         return stats.get("peak_bytes_in_use")
 
     def to_device_tree(self, tree: dict):
-        return jax.tree_util.tree_map(jnp.asarray, tree)
+        return self.dp.put(tree) if self.dp else jax.tree_util.tree_map(jnp.asarray, tree)

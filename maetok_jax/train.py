@@ -141,14 +141,15 @@ def jit_train_step(cfg):
     return jax.jit(make_train_step(cfg), donate_argnums=0)
 
 
-def step_inputs(batch, cfg, step: int):
-    """Host-side arguments of one step: arrays from the batch, lr and adv switch as scalars."""
+def step_inputs(batch, cfg, step: int, put=jnp.asarray):
+    """Host-side arguments of one step: arrays from the batch (placed by ``put``; data
+    parallel: split over the mesh), lr and adv switch as scalars."""
     from maetok.schedules import learning_rate
 
     lr = learning_rate(step, cfg.train)
     disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
     adv_on = float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
-    return (jnp.asarray(batch["images"]), jnp.asarray(batch["mask"]), np.float32(lr),
+    return (put(batch["images"]), put(batch["mask"]), np.float32(lr),
             np.float32(disc_lr), np.float32(adv_on))
 
 

@@ -4,6 +4,12 @@ Every backend module (``maetok_jax.backend``, ``maetok_torch.backend``) offers t
 ``Backend`` class, so ``maetok.trainer`` and ``maetok.cli`` are written once. Inputs and
 outputs at this boundary are numpy arrays (images channel-last, as everywhere); the state
 lives on one device, ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
+
+With ``devices`` given (``default_devices()`` under ``torchrun``), the backend joins the
+process group at construction (``maetok_torch.distributed``): this process uses
+``cuda:LOCAL_RANK`` (or the CPU, with gloo), feeds rows ``rows`` of the global batch, and
+only rank 0 ``is_writer``. ``devices`` must equal the world size: one process per device.
+Without it the backend is the plain one-process path, whatever launched it.
 """
 
 from __future__ import annotations
@@ -11,24 +17,49 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from maetok_torch import model, train
+from maetok.errors import ConfigError
+from maetok_torch import distributed, model, train
 from maetok_torch.optim import tree_map
 
 
 class Backend:
     name = "torch"
 
-    def __init__(self, cfg, device: str | None = None, compile: bool = False):
+    def __init__(self, cfg, device: str | None = None, compile: bool = False,
+                 devices: int | None = None, shard_params: bool = False):
+        if shard_params:
+            raise ConfigError("sharding the parameters (FSDP) is a JAX option; torch keeps a "
+                              "full copy per process")
         self.cfg = cfg
-        self.device = train.select_device(device)
+        self.dist = distributed.from_env(devices) if devices is not None else None
+        if self.dist and compile:
+            raise ConfigError("--compile runs one process; under torchrun the step runs eager")
+        # after joining the process group: a plain "cuda" is then this rank's own GPU
+        chosen = train.select_device(device)
+        if self.dist and device is not None and (
+                chosen.type != self.dist.device.type
+                or chosen.index not in (None, self.dist.device.index)):
+            raise ConfigError(f"--device {device}: under torchrun each process uses its own "
+                              f"device ({self.dist.device} here); leave out --device")
+        self.device = self.dist.device if self.dist else chosen
         self.compile = compile
         self._step = None
+        self.rows = self.dist.batch_rows(cfg.train.batch_size) if self.dist else slice(None)
+        self.is_writer = not self.dist or self.dist.rank == 0
+
+    @staticmethod
+    def default_devices(device: str | None = None) -> int | None:
+        """The processes torchrun started (None: one process, the plain path), whatever
+        ``device`` says: under torchrun each process takes its own device."""
+        world = distributed.world_size()
+        return world if world > 1 else None
 
     def describe(self) -> str:
         where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                  else "cpu")
         mode = "torch.compile" if self.compile else "eager"
-        return f"torch {torch.__version__} on {where} ({mode})"
+        world = f", {self.dist.world} processes" if self.dist else ""
+        return f"torch {torch.__version__} on {where} ({mode}{world})"
 
     # ------------------------------------------------------------------ state
     def init_state(self, seed: int, params: dict | None = None):
@@ -45,8 +76,16 @@ class Backend:
         """One step; returns the new state and device-side metrics (no host sync)."""
         if self._step is None:
             self._step = (train.compile_train_step(self.cfg) if self.compile
-                          else train.make_train_step(self.cfg))
+                          else train.make_train_step(
+                              self.cfg, self.dist.reducer if self.dist else distributed.LOCAL))
         return self._step(state, *train.step_inputs(batch, self.cfg, step, self.device))
+
+    def agree_stop(self, signum: int | None) -> int | None:
+        """A stop request (a signal number) made to any process, the same in every process,
+        so that all of them stop after the same step."""
+        if self.dist is None:
+            return signum
+        return self.dist.max_over_ranks(signum or 0) or None
 
     def compiled_count(self) -> int:
         """How many programs the train step has built: 0 before the first step.

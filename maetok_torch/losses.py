@@ -20,14 +20,17 @@ def reconstruction_loss(images, recon, kind: str = "mse"):
     return torch.mean(torch.abs(diff)) if kind == "l1" else torch.mean(torch.square(diff))
 
 
-def mask_loss(preds, targets, mask, lo):
+def mask_loss(preds, targets, mask, lo, count=None):
     """L_mask = Σ_j γ_j · mean over masked tokens of the per-token mean squared error.
 
     preds/targets: {name: (B, N, D_j)}; mask (B, N), 1 = masked. The per-token error is
     averaged over D_j so targets of different widths weigh alike; with no masked token the
-    term is 0. Returns (total, {name: term}).
+    term is 0. Returns (total, {name: term}). ``count`` replaces the denominator
+    ``max(1, Σ mask)``: a data-parallel rank, holding a slice of the batch, passes the
+    global count divided by the number of ranks (torch only: JAX sees the global batch).
     """
-    count = torch.clamp(torch.sum(mask), min=1.0)
+    if count is None:
+        count = torch.clamp(torch.sum(mask), min=1.0)
     terms = {}
     for name, pred in preds.items():
         per_token = torch.mean(torch.square(pred - targets[name]), dim=-1)  # (B, N)
@@ -44,13 +47,14 @@ def nll_loss(images, recon, m, lo):
     return rec + lo.lambda_percep * percep, rec, percep
 
 
-def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
+def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
     """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + 1e-4), clipped to [0, 1e4], W the decoder's last dense.
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient: both
     inner gradients (``torch.func.grad``, which nests inside the step's own) are taken
-    with respect to a detached copy of Î.
+    with respect to a detached copy of Î. ``mean`` averages the two ∇_W over data-parallel
+    ranks before their norms are taken (torch only: JAX sees the global batch).
     """
     feats = feats.detach().to(torch.float32)
     disc_params = {k: {n: v.detach() for n, v in layer.items()} for k, layer in disc_params.items()}
@@ -60,6 +64,8 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
 
     def weight_grad_norm(g):
         gw = torch.einsum("bnd,bno->do", feats, patchify(g, m.patch_size))
+        if mean is not None:
+            gw = mean(gw)
         return torch.sqrt(torch.sum(torch.square(gw)))
 
     w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + 1e-4)

@@ -28,6 +28,7 @@ import torch
 from maetok import params as param_spec
 from maetok_torch.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
                                         lecam_loss, update_lecam)
+from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, nll_loss
 from maetok_torch.model import aux_predict, decode, encode
 from maetok_torch.optim import (OptState, clip_by_global_norm, ema_update, opt_init, opt_update,
@@ -151,8 +152,13 @@ def _map_tensors(fn, x):
     return fn(x)
 
 
-def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
-    """The stage's total loss over the trainable groups → (total, (metrics, recon))."""
+def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, reduce=LOCAL):
+    """The stage's total loss over the trainable groups → (total, (metrics, recon)).
+
+    ``reduce`` (``maetok_torch.distributed``) averages over data-parallel ranks the two
+    quantities of the loss that are not means over the batch: the adaptive weight's
+    gradient norms and the number of masked tokens.
+    """
     m, lo, stage = cfg.model, cfg.loss, cfg.train.stage
     params = {**frozen, **trainable}
     if stage == 2:
@@ -167,12 +173,16 @@ def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
         g_adv = generator_adv_loss(discriminator(disc, recon, m))
         weight = lo.lambda_adv * adv_on
         if lo.adaptive_weight:
-            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo)
+            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo,
+                                                  reduce.mean if reduce.world > 1 else None)
         total = total + weight * g_adv
         metrics.update(adv=g_adv, adv_weight=weight)
     if stage == 1:
         preds = aux_predict(params["aux"], h, feats, m)
-        l_mask, terms = mask_loss(preds, targets, mask, lo)
+        count = None
+        if reduce.world > 1:  # max(1, global count) / N, so the ranks' terms average to L_mask
+            count = torch.clamp(reduce.mean(torch.sum(mask)) * reduce.world, min=1.0) / reduce.world
+        l_mask, terms = mask_loss(preds, targets, mask, lo, count)
         total = total + l_mask
         metrics["mask"] = l_mask
         metrics.update({f"aux/{name}": term for name, term in terms.items()})
@@ -194,11 +204,13 @@ def _scalar(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
-def make_train_step(cfg):
+def make_train_step(cfg, reduce=LOCAL):
     """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``.
 
     ``lr``, ``disc_lr`` and ``adv_on`` are floats or 0-d float32 tensors; ``metrics`` is a
-    dict of 0-d float32 tensors still on the device.
+    dict of 0-d float32 tensors still on the device. Under data parallelism ``reduce`` is a
+    ``maetok_torch.distributed`` reducer, the batch is this rank's slice of the global one,
+    and the update is the one-process update on the global batch.
     """
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
@@ -212,11 +224,11 @@ def make_train_step(cfg):
         targets = compute_targets(images, m) if t.stage == 1 else {}
         (_, (metrics, recon)), grads = value_and_grad(
             generator_loss, trainable, frozen, state.get("disc"), images, mask, targets,
-            adv_on, cfg, autograd=m.remat)
+            adv_on, cfg, reduce, autograd=m.remat or reduce.world > 1)
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
         with torch.no_grad():
-            grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
+            grads, gnorm = clip_by_global_norm(reduce.tree_mean(grads), t.grad_clip)
             opt = state["opt"]
             sub = OptState(opt.count, {k: opt.mu[k] for k in keys},
                            {k: opt.nu[k] for k in keys} if opt.nu else {})
@@ -233,14 +245,16 @@ def make_train_step(cfg):
         if lo.use_adv:
             new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))
         new_state["step"] = state["step"] + 1
-        return new_state, {k: _scalar(v, dev).detach() for k, v in metrics.items()}
+        return new_state, reduce.metrics({k: _scalar(v, dev).detach() for k, v in metrics.items()})
 
     def disc_update(state, images, recon, disc_lr, adv_on, metrics):
         (d_total, (hinge, reg, real, fake)), d_grads = value_and_grad(
             disc_loss, state["disc"], images, recon, state["lecam"], lo, m)
         with torch.no_grad():
-            d_grads, _ = clip_by_global_norm(d_grads, t.grad_clip)
+            d_grads, _ = clip_by_global_norm(reduce.tree_mean(d_grads), t.grad_clip)
             disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr, t)
+            if reduce.world > 1:  # the EMAs follow the mean logits of the global batch
+                real, fake = reduce.mean(torch.mean(real)), reduce.mean(torch.mean(fake))
             ema_real, ema_fake = update_lecam(state["lecam"]["real"], state["lecam"]["fake"],
                                               real, fake, lo.lecam_decay)
             on = adv_on > 0  # before disc_start the discriminator and its EMA stay as they are
