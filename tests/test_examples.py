@@ -2,6 +2,7 @@
 recipe, the quality table, and MAETok inside Marble (under the test suite's strict host)."""
 
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -133,3 +134,56 @@ def test_the_readme_marble_snippet_runs_under_the_strict_host(tmp_path, monkeypa
     assert tok.last_error is None and len(ns["brain"].neurons) == 6
     assert stats["steps"] == 20 and tok.iteration == 20
     assert (tmp_path / "runs" / "marble" / "checkpoint.safetensors").exists()
+
+
+def _study(out: Path, rng) -> dict:
+    """A finished study's files: tokenizer reports, two seeds of sample reports and grids."""
+    fd = {}
+    for t in ("plain_ae", "maetok_s1", "maetok_s2"):
+        tok = out / "tokenizers" / t
+        tok.mkdir(parents=True)
+        report = {"psnr": float(rng.uniform(20, 25)), "linear_probe": float(rng.uniform(0.3, 0.6)),
+                  "gmm_nll": {"1": 0.3, "4": 0.2, "16": 0.1, "32": 0.05}, "latent_shape": [16, 8]}
+        (tok / "metrics.json").write_text(json.dumps({"tokenizers": {str(tok): report}}))
+        for s in (0, 1):
+            run = out / "diffusion" / f"{t}_seed{s}"
+            run.mkdir(parents=True)
+            for g in ("1.0", "1.5"):
+                fd[t, s, g] = float(rng.uniform(50, 120))
+                sample = {"fd_c10": fd[t, s, g], "precision": 0.5, "recall": 0.25,
+                          "class_consistency": 0.4}
+                (run / f"eval_g{g}.json").write_text(json.dumps({"samples": sample}))
+                Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
+                    run / f"grid_g{g}.png")
+    return fd
+
+
+def test_diffusability_table_gives_mean_and_half_range_over_seeds(tmp_path, rng):
+    from examples.diffusability_table import main as table_main
+
+    fd = _study(tmp_path / "c10", rng)
+    figure = tmp_path / "fig.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "diffusability_table.py"),
+                           str(tmp_path / "c10"), "--guidance", "1.5", "--figure", str(figure)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines()
+            if line.startswith("| ") and "tokenizer" not in line}
+    assert set(rows) == {"plain AE", "MAETok Stage 1", "MAETok Stage 1 + 2"}
+    for name, title in (("plain_ae", "plain AE"), ("maetok_s2", "MAETok Stage 1 + 2")):
+        for g in ("1.0", "1.5"):
+            a, b = fd[name, 0, g], fd[name, 1, g]
+            assert f"{(a + b) / 2:.2f} ± {abs(a - b) / 2:.2f}" in rows[title]
+    assert Image.open(figure).size == (3 * 60 + 2 * 12, 40 + 18)  # three panels side by side
+    assert table_main([str(tmp_path / "nothing")]) == 2
+
+
+def test_study_script_is_valid_bash_and_names_every_phase(tmp_path):
+    script = ROOT / "examples" / "cifar10_diffusability.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    proc = subprocess.run(["bash", str(script), "nosuchphase"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "study")})
+    assert proc.returncode == 2
+    for phase in ("prepare", "classifier", "tokenizers", "tokmetrics", "diffusion", "sample",
+                  "eval", "table"):
+        assert phase in proc.stdout
