@@ -25,6 +25,20 @@ def random_images(rng, cfg, batch=2):
     return rng.uniform(-1, 1, (batch, m.image_size, m.image_size, m.channels)).astype(np.float32)
 
 
+def cli_error(capsys, argv, alone: bool = False) -> str:
+    """Run ``maetok ARGV`` in-process; assert exit 2 with exactly one ``maetok: error:`` line
+    and no traceback (``alone``: and nothing else on stderr); return that line."""
+    from maetok.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [l for l in err.strip().splitlines() if l.startswith("maetok: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert not alone or len(err.strip().splitlines()) == 1, err
+    return lines[0]
+
+
 def pytest_configure(config):
     # Tests build the same few train steps again and again: compile each once per machine.
     from maetok_jax import enable_compilation_cache

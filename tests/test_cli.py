@@ -8,18 +8,10 @@ from PIL import Image
 
 from maetok.cli import main
 from maetok.config import preset
+from tests.conftest import cli_error
 
 FAST = ["--preset", "tiny", "--no-progress", "--set", "train.log_every=2",
         "--set", "train.ckpt_every=4", "--set", "train.sample_every=4", "--batch-size", "4"]
-
-
-def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("maetok: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _photos(folder, rng, n=3, size=40, mode="RGB"):
@@ -78,8 +70,8 @@ def test_eval_reports_psnr_by_mask_ratio(trained, tmp_path, rng, capsys):
     assert abs(by_r["0"] - report["tokenizer"]["psnr"]) < 1e-4  # r = 0 is the plain eval
     assert by_r["1"] != by_r["0"]  # every token masked: the input is gone
     assert "PSNR by input mask ratio" in capsys.readouterr().out
-    line = _error(capsys, ["eval", "--checkpoint", ck, "--data", str(photos),
-                           "--mask-ratios", "0.2,1.5"])
+    line = cli_error(capsys, ["eval", "--checkpoint", ck, "--data", str(photos),
+                              "--mask-ratios", "0.2,1.5"])
     assert "--mask-ratios" in line and "1.5" in line
 
 
@@ -87,12 +79,12 @@ def test_broken_images_stop_before_training_or_are_skipped_on_request(capsys, tm
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"not a jpeg at all")
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad),
-                           "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad),
+                              "--out", str(tmp_path / "o")])
     assert "a.jpg" in line and "--skip-broken" in line
     assert not (tmp_path / "o").exists()  # nothing was started
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad), "--skip-broken",
-                           "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad), "--skip-broken",
+                              "--out", str(tmp_path / "o")])
     assert "none of the 1" in line
     _photos(bad, rng, n=2)
     with pytest.warns(UserWarning, match="skipped 1 of 3 images.*a.jpg"):
@@ -101,18 +93,18 @@ def test_broken_images_stop_before_training_or_are_skipped_on_request(capsys, tm
 
 
 def test_checkpoint_from_another_config(capsys, trained, tmp_path):
-    line = _error(capsys, ["train", *FAST, "--steps", "2", "--stage", "2", "--set",
-                           "model.enc_width=32", "--init-from",
-                           str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "2", "--stage", "2", "--set",
+                              "model.enc_width=32", "--init-from",
+                              str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "o")])
     assert "enc_width" in line
 
 
 def test_impossible_config(capsys, tmp_path):
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--set", "model.patch_size=5",
-                           "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--set", "model.patch_size=5",
+                              "--out", str(tmp_path / "o")])
     assert "divisible" in line
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--set", "train.mask_max=1.5",
-                           "--out", str(tmp_path / "o")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--set", "train.mask_max=1.5",
+                              "--out", str(tmp_path / "o")])
     assert "mask_max" in line
 
 
@@ -120,15 +112,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     out = tmp_path / "nan"
     assert main(["train", *FAST, "--steps", "4", "--out", str(out)]) == 0
     before = (out / "checkpoint.safetensors").read_bytes()
-    line = _error(capsys, ["train", *FAST, "--steps", "8", "--lr", "1e30", "--overwrite", "--set",
-                           "train.grad_clip=0", "--set", "train.warmup_steps=0",
-                           "--set", "train.optimizer=sgd", "--out", str(out)])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "8", "--lr", "1e30", "--overwrite", "--set",
+                              "train.grad_clip=0", "--set", "train.warmup_steps=0",
+                              "--set", "train.optimizer=sgd", "--out", str(out)])
     assert "non-finite loss" in line and "checkpoint" in line
     assert (out / "checkpoint.safetensors").read_bytes() == before
 
 
 def test_existing_run_is_not_overwritten_silently(capsys, trained):
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--out", str(trained)])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--out", str(trained)])
     assert "--resume" in line and "--overwrite" in line
 
 
@@ -150,6 +142,6 @@ def test_compile_runs_the_torch_step_under_torch_compile(capsys, tmp_path, monke
     assert len(made) == 1 and made[0].graphs >= 1  # the step went through torch.compile
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(l["loss"]) for l in lines)
-    line = _error(capsys, ["train", *FAST, "--steps", "1", "--compile", "--out",
-                           str(tmp_path / "j")])
+    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--compile", "--out",
+                              str(tmp_path / "j")])
     assert "--compile" in line and "torch" in line

@@ -11,18 +11,10 @@ from maetok.cifar10 import CLASSES
 from maetok.cli import main
 from maetok.config import preset
 from maetok_jax.backend import Backend
+from tests.conftest import cli_error
 
 FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "8", "--set", "log_every=2",
         "--set", "ckpt_every=2"]
-
-
-def _error(capsys, argv):
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if l.startswith("maetok: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def _tokenizer(path, cfg):
@@ -100,28 +92,28 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     root, tok, data, run = setup
     ck = str(run / "diffusion.safetensors")
     train = ["diffusion", "train", *FAST, "--steps", "2"]
-    msg = _error(capsys, [*train, *data, "--out", str(run)])
+    msg = cli_error(capsys, [*train, *data, "--out", str(run)])
     assert "already holds a diffusion checkpoint" in msg
-    msg = _error(capsys, [*train, *data, "--out", str(tmp_path / "a"), "--set", "widht=3"])
+    msg = cli_error(capsys, [*train, *data, "--out", str(tmp_path / "a"), "--set", "widht=3"])
     assert "widht" in msg
-    msg = _error(capsys, [*train, *data, "--out", str(tmp_path / "b"), "--set", "num_tokens=3"])
+    msg = cli_error(capsys, [*train, *data, "--out", str(tmp_path / "b"), "--set", "num_tokens=3"])
     assert "fixed by the tokenizer" in msg
     wide = _tokenizer(tmp_path / "wide.safetensors", preset("tiny", model={"image_size": 64}))
-    msg = _error(capsys, [*train, "--tokenizer", str(wide), "--cifar", str(root / "cifar"),
-                          "--out", str(tmp_path / "c")])
+    msg = cli_error(capsys, [*train, "--tokenizer", str(wide), "--cifar", str(root / "cifar"),
+                             "--out", str(tmp_path / "c")])
     assert "64×64×3" in msg
-    msg = _error(capsys, [*train, "--tokenizer", str(tok), "--cifar", str(tmp_path / "none"),
-                          "--cache", str(tmp_path / "empty"), "--out", str(tmp_path / "d")])
+    msg = cli_error(capsys, [*train, "--tokenizer", str(tok), "--cifar", str(tmp_path / "none"),
+                             "--cache", str(tmp_path / "empty"), "--out", str(tmp_path / "d")])
     assert "CIFAR-10 folder" in msg
-    msg = _error(capsys, [*train, "--tokenizer", str(tmp_path / "missing.safetensors"),
-                          "--cifar", ".", "--out", str(tmp_path / "e")])
+    msg = cli_error(capsys, [*train, "--tokenizer", str(tmp_path / "missing.safetensors"),
+                             "--cifar", ".", "--out", str(tmp_path / "e")])
     assert "does not exist" in msg
-    msg = _error(capsys, ["diffusion", "sample", "--checkpoint", str(tok)])
+    msg = cli_error(capsys, ["diffusion", "sample", "--checkpoint", str(tok)])
     assert "maetok-diffusion/1" in msg
-    msg = _error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--num", "0"])
+    msg = cli_error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--num", "0"])
     assert "--num" in msg
-    msg = _error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--tokenizer", str(wide)])
+    msg = cli_error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--tokenizer", str(wide)])
     assert "CIFAR-10" in msg
     other = _tokenizer(tmp_path / "other.safetensors", preset("tiny", train={"seed": 1}))
-    msg = _error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--tokenizer", str(other)])
+    msg = cli_error(capsys, ["diffusion", "sample", "--checkpoint", ck, "--tokenizer", str(other)])
     assert "not the one this model was trained on" in msg

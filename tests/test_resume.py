@@ -13,19 +13,13 @@ from maetok.cli import main
 from maetok.params import flatten
 from maetok.run import CHECKPOINT_NAME
 from maetok.schedules import learning_rate
+from tests.conftest import cli_error
 
 # A constant learning rate after warm-up: the schedule does not depend on train.steps, so a
 # run extended with --steps matches one that was that long from the start.
 FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "4",
         "--set", "train.log_every=1", "--set", "train.ckpt_every=2",
         "--set", "train.sample_every=1000", "--set", "train.lr_schedule=constant"]
-
-
-def _error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("maetok: error: "), err
-    return err[0]
 
 
 def _steps(out):
@@ -67,8 +61,8 @@ def test_resume_continues_the_stored_run_and_records_changes(tmp_path, photos, c
 
     # A NaN: the message points at the checkpoint and says how to continue from it ...
     before = (parts / CHECKPOINT_NAME).read_bytes()
-    line = _error(capsys, ["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e30",
-                           "--out", str(parts)])
+    line = cli_error(capsys, ["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e30",
+                              "--out", str(parts)], alone=True)
     assert "non-finite loss" in line and "(step 6)" in line, line
     assert f"maetok train --resume --out {parts} --lr 1e+29" in line
     assert "no checkpoint had been written" not in line
