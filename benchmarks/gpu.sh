@@ -3,6 +3,7 @@
 # slot. Benchmark rows are appended to $RESULTS (JSON lines), tables go to stdout.
 #
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
+#   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -35,5 +36,23 @@ PY
     $B --preset base --stage 1 --batch 128 --backends jax --unroll 12 --timeout 150
     python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
         --json "$RESULTS" --preset base --stage 1 --batch 128 --backends jax --timeout 150 ;;
-  *) echo "parts: train, jax, torch, extra"; exit 2 ;;
+  scaling)  # data parallelism: per-GPU and total img/s, scaling efficiency against one GPU
+    N=${N:-$(nvidia-smi -L | wc -l)}
+    $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends jax --devices "plain,1,$N" --timeout 300
+    $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends torch --devices "1,$N" --timeout 300 ;;
+  scaling_run)  # a real run on N GPUs that checkpoints, then resumes on one GPU
+    N=${N:-$(nvidia-smi -L | wc -l)}
+    maetok train --preset seed --data "$DATA" --steps 200 --batch-size $((32 * N)) --dtype bfloat16 \
+        --no-progress --set model.attention=fused --set train.ckpt_every=100 --devices "$N" \
+        --overwrite --out "$RUNS/scaling_run"
+    maetok train --resume --steps 300 --devices 1 --no-progress --out "$RUNS/scaling_run"
+    python - "$RUNS/scaling_run/metrics.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+for r in rows:
+    if r["step"] in (0, 99, 199, 200, 201, 299):
+        print(f"step {r['step']:4d}  loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s")
+PY
+    ;;
+  *) echo "parts: train, jax, torch, extra, scaling, scaling_run"; exit 2 ;;
 esac
