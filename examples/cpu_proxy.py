@@ -34,7 +34,7 @@ from maetok.config import preset
 from maetok.data import BatchSource, center_crop, from_uint8
 from maetok.evaluate import thumbnail_baseline, thumbnail_side
 from maetok.metrics import psnr
-from maetok.params import flatten, unflatten
+from maetok.tree import flatten, unflatten
 from maetok_jax.model import forward
 from maetok_jax.train import init_state, jit_train_step, step_inputs
 

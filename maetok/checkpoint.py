@@ -25,7 +25,7 @@ from safetensors.numpy import save_file
 from maetok.config import Config
 from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
-from maetok.params import flatten, unflatten
+from maetok.tree import flatten, unflatten
 
 FORMAT = "maetok-checkpoint/1"
 DIFFUSION_FORMAT = "maetok-diffusion/1"  # a latent diffusion model (maetok diffusion train)

@@ -16,7 +16,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 
 from maetok.errors import ConfigError
-from maetok.params import ParamSpec, Tree, init_tree
+from maetok.params import ParamSpec, init_tree
+from maetok.tree import Tree, flatten, unflatten
 
 # (stage, has a residual pair); the stem is widths[0], the stages widths[1:]
 STAGES = (("layer1", True), ("layer2", False), ("layer3", True))
@@ -107,16 +108,13 @@ def spec_classifier(cfg: ClassifierConfig) -> Tree:
 
 def spec_classifier_stats(cfg: ClassifierConfig) -> Tree:
     """BatchNorm running statistics, one ``{mean, var}`` per ``bn`` of the parameter tree."""
-    def walk(tree: Tree) -> Tree:
-        out = {}
-        for key, sub in tree.items():
-            if key == "bn":
-                c = sub["scale"].shape
-                out[key] = {"mean": ParamSpec(c, "zeros"), "var": ParamSpec(c, "ones")}
-            elif isinstance(sub, dict) and (inner := walk(sub)):
-                out[key] = inner
-        return out
-    return walk(spec_classifier(cfg))
+    stats = {}
+    for path, spec in flatten(spec_classifier(cfg)).items():
+        if path.endswith("/bn/scale"):
+            bn = path.removesuffix("scale")
+            stats[bn + "mean"], stats[bn + "var"] = (ParamSpec(spec.shape, "zeros"),
+                                                     ParamSpec(spec.shape, "ones"))
+    return unflatten(stats)
 
 
 def init_classifier(cfg: ClassifierConfig) -> tuple[Tree, Tree]:

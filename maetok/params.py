@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from maetok.config import Config, ModelConfig
 from maetok.targets import target_dim
+from maetok.tree import Tree, leaves, map_tree, map_with_path
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,6 @@ class ParamSpec:
     shape: tuple[int, ...]
     init: str  # "xavier", "he" (normal, σ = √(2/fan_in)), "normal" (σ = 0.02), "zeros", "ones"
 
-
-Tree = dict[str, Any]
 
 
 def _dense(d_in: int, d_out: int, init: str = "xavier") -> Tree:
@@ -149,52 +147,6 @@ def init_dit(c, seed: int) -> Tree:
     return init_tree(spec_dit(c), seed, "dit")
 
 
-# ---------------------------------------------------------------------------- tree utilities
-
-def map_tree(fn: Callable, tree: Tree, path: str = "") -> Tree:
-    """Apply ``fn(leaf)`` (or ``fn(leaf, path)`` if it takes two arguments) to every leaf."""
-    out = {}
-    for key, value in tree.items():
-        sub = f"{path}/{key}" if path else key
-        out[key] = map_tree(fn, value, sub) if isinstance(value, dict) else _call(fn, value, sub)
-    return out
-
-
-def _call(fn, leaf, path):
-    try:
-        return fn(leaf, path)
-    except TypeError:
-        return fn(leaf)
-
-
-def iter_leaves(tree: Tree, path: str = "") -> Iterator[tuple[str, Any]]:
-    for key in sorted(tree):
-        sub = f"{path}/{key}" if path else key
-        if isinstance(tree[key], dict):
-            yield from iter_leaves(tree[key], sub)
-        else:
-            yield sub, tree[key]
-
-
-def flatten(tree: Tree, prefix: str = "") -> dict[str, Any]:
-    """Nested dict → ``{"a/b/c": leaf}``; the inverse is ``unflatten``."""
-    flat = {}
-    for path, leaf in iter_leaves(tree):
-        flat[f"{prefix}/{path}" if prefix else path] = leaf
-    return flat
-
-
-def unflatten(flat: dict[str, Any]) -> Tree:
-    tree: Tree = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
-
-
 # ------------------------------------------------------------------------------ initialiser
 
 def _init_leaf(spec: ParamSpec, path: str, seed: int) -> np.ndarray:
@@ -220,7 +172,7 @@ def _init_leaf(spec: ParamSpec, path: str, seed: int) -> np.ndarray:
 
 
 def init_tree(spec: Tree, seed: int, prefix: str) -> Tree:
-    return map_tree(lambda s, p: _init_leaf(s, f"{prefix}/{p}", seed), spec)
+    return map_with_path(lambda path, s: _init_leaf(s, path, seed), spec, prefix)
 
 
 def init_params(cfg: Config | ModelConfig, seed: int) -> Tree:
@@ -235,4 +187,4 @@ def init_disc(cfg: Config | ModelConfig, seed: int) -> Tree:
 
 
 def count(tree: Tree) -> int:
-    return sum(int(np.prod(leaf.shape)) for _, leaf in iter_leaves(tree))
+    return sum(int(np.prod(leaf.shape)) for leaf in leaves(tree))

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from maetok.tree import flatten, map_tree
+
 # Relative errors, max|a − b| / max|b| per array (per parameter leaf for gradients and
 # trajectories; the worst leaf of a group is reported).
 TOL = {
@@ -65,20 +67,9 @@ def _np(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for k in sorted(tree):
-        path = f"{prefix}/{k}" if prefix else k
-        if isinstance(tree[k], dict):
-            out.update(_flat(tree[k], path))
-        else:
-            out[path] = tree[k]
-    return out
-
-
 def worst_leaf(torch_tree, jax_tree) -> tuple[float, str]:
     """The largest per-leaf rel_err over matching leaves, and that leaf's path."""
-    a, b = _flat(torch_tree), _flat(jax_tree)
+    a, b = flatten(torch_tree), flatten(jax_tree)
     assert set(a) == set(b), f"trees differ: {sorted(set(a) ^ set(b))[:5]}"
     return max((rel_err(a[k], b[k]), k) for k in b) if b else (0.0, "")
 
@@ -93,7 +84,7 @@ def update_rel_l2(a, b, start) -> float:
 
 def worst_update(torch_tree, jax_tree, start_tree) -> tuple[float, str]:
     """The largest per-leaf ``update_rel_l2`` over matching leaves, and that leaf's path."""
-    a, b, s = _flat(torch_tree), _flat(jax_tree), _flat(start_tree)
+    a, b, s = flatten(torch_tree), flatten(jax_tree), flatten(start_tree)
     assert set(a) == set(b) == set(s), "trees differ"
     return max((update_rel_l2(a[k], b[k], s[k]), k) for k in b) if b else (0.0, "")
 
@@ -188,7 +179,7 @@ def _run(preset_name: str, device: str, dtype: str):
         return jax.tree_util.tree_map(lambda a: jax.device_put(np.asarray(a), jdev), tree)
 
     def T(tree):
-        return tt.tree_map(lambda a: torch.tensor(np.asarray(a), device=tdev), tree)
+        return map_tree(lambda a: torch.tensor(np.asarray(a), device=tdev), tree)
 
     rows = []
 
@@ -208,7 +199,7 @@ def _run(preset_name: str, device: str, dtype: str):
     # ------------------------------------------------------------------ units
     pe = params["encoder"]["patch_embed"]
     row("forward/patch_embed",
-        rel_err(tm.patch_embed(tt.tree_map(lambda a: a.to(tdt), T(pe)), xt.to(tdt), m),
+        rel_err(tm.patch_embed(map_tree(lambda a: a.to(tdt), T(pe)), xt.to(tdt), m),
                 jax.jit(jm.patch_embed, static_argnums=2)(
                     jax.tree_util.tree_map(lambda a: a.astype(jdt), J(pe)), xj.astype(jdt), m)),
         f_tol)
@@ -223,7 +214,7 @@ def _run(preset_name: str, device: str, dtype: str):
     blk = jax.tree_util.tree_map(lambda a: a[0], params["encoder"]["blocks"])
     attn = {"qkv": blk["qkv"], "proj": blk["proj"]}
     xa = rng.standard_normal((b, t_len, m.enc_width)).astype(np.float32)
-    ya_t = ta.attention(tt.tree_map(lambda a: a.to(tdt), T(attn)), T(xa).to(tdt), ct, st,
+    ya_t = ta.attention(map_tree(lambda a: a.to(tdt), T(attn)), T(xa).to(tdt), ct, st,
                         m.enc_heads, m.attention)
     ya_j = jax.jit(ja.attention, static_argnums=(4, 5))(
         jax.tree_util.tree_map(lambda a: a.astype(jdt), J(attn)), J(xa).astype(jdt), cj, sj,

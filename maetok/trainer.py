@@ -66,7 +66,8 @@ def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
     key = "ema" if use_ema else "params"
     if key not in tree:
         raise CheckpointError(f"{path} holds no {key!r} (EMA was off when it was trained)")
-    from maetok.params import flatten, spec_params
+    from maetok.params import spec_params
+    from maetok.tree import flatten
     want = {k: v.shape for k, v in flatten(spec_params(cfg.model)).items()}
     have = {k: v.shape for k, v in flatten(tree[key]).items()}
     if want != have:

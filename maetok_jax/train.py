@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from maetok import params as param_spec
+from maetok.tree import map_tree
 from maetok_jax.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
                                       lecam_loss, update_lecam)
 from maetok_jax.losses import adaptive_adv_weight, mask_loss, nll_loss
@@ -156,20 +157,13 @@ def step_inputs(batch, cfg, step: int, put=jnp.asarray):
 def state_to_numpy(state) -> dict:
     """The state as a nested dict of numpy arrays (OptState → {count, mu, nu}) for checkpoints."""
     def conv(x):
-        if isinstance(x, OptState):
-            return {"count": np.asarray(x.count), "mu": conv(x.mu), "nu": conv(x.nu)}
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        return np.asarray(x)
-    return conv(state)
+        return map_tree(conv, x._asdict()) if isinstance(x, OptState) else np.asarray(x)
+    return map_tree(conv, state)
 
 
 def state_from_numpy(tree: dict) -> dict:
     """Inverse of ``state_to_numpy``."""
-    def conv(x, key=""):
-        if isinstance(x, dict):
-            if key in ("opt", "disc_opt"):
-                return OptState(jnp.asarray(x["count"]), conv(x["mu"]), conv(x.get("nu", {})))
-            return {k: conv(v, k) for k, v in x.items()}
-        return jnp.asarray(x)
-    return conv(tree)
+    state = map_tree(jnp.asarray, tree)
+    for key in ("opt", "disc_opt") & state.keys():
+        state[key] = OptState(state[key]["count"], state[key]["mu"], state[key].get("nu", {}))
+    return state

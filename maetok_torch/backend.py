@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from maetok.errors import ConfigError
+from maetok.tree import map_tree
 from maetok_torch import distributed, model, train
-from maetok_torch.optim import tree_map
 
 
 class Backend:
@@ -135,7 +135,7 @@ class Backend:
         return images.cpu().numpy()
 
     def to_device_tree(self, tree: dict):
-        return tree_map(lambda a: train._to_tensor(a, self.device), tree)
+        return map_tree(lambda a: train._to_tensor(a, self.device), tree)
 
     def peak_memory_bytes(self) -> int | None:
         """Peak CUDA memory allocated so far (None on the CPU)."""

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from maetok.errors import ConfigError
+from maetok.tree import flatten, unflatten
 
 # Metrics that are already the same on every rank (computed from averaged quantities).
 GLOBAL_METRICS = ("grad_norm", "adv_weight")
@@ -61,9 +62,7 @@ class ProcessGroupReducer(Reducer):
 
     def tree_mean(self, tree: dict) -> dict:
         """Every leaf averaged, through one flat buffer per dtype."""
-        from maetok_torch.train import _leaves, _unflatten
-
-        leaves = dict(_leaves(tree))
+        leaves = flatten(tree)
         out = {}
         for dtype in sorted({v.dtype for v in leaves.values()}, key=str):
             keys = [k for k, v in leaves.items() if v.dtype == dtype]
@@ -73,7 +72,7 @@ class ProcessGroupReducer(Reducer):
             sizes = [leaves[k].numel() for k in keys]
             for k, part in zip(keys, torch.split(flat, sizes)):
                 out[k] = part.view_as(leaves[k])
-        return _unflatten(out)
+        return unflatten(out)
 
     def metrics(self, metrics: dict) -> dict:
         keys = [k for k in metrics if k not in GLOBAL_METRICS]

@@ -10,6 +10,8 @@ in its exact erf form (``approximate="none"``, torch's default, stated explicitl
 import torch
 import torch.nn.functional as F
 
+from maetok.tree import map_tree
+
 
 def dense(params, x):
     """(..., D_in) → (..., D_out) as ``x @ w + b`` with ``w`` stored (D_in, D_out)."""
@@ -41,6 +43,4 @@ def cast_tree(tree, dtype):
     ``Tensor.to`` returns the tensor itself when the dtype already matches, so the float32
     path keeps the autograd leaves untouched.
     """
-    if isinstance(tree, dict):
-        return {k: cast_tree(v, dtype) for k, v in tree.items()}
-    return tree.to(dtype)
+    return map_tree(lambda a: a.to(dtype), tree)

@@ -21,19 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-
-def tree_map(fn, tree, *rest):
-    """``fn`` over the leaves of nested dicts (the structure of ``tree``), like jax's."""
-    if isinstance(tree, dict):
-        return {k: tree_map(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
-    return fn(tree, *rest)
-
-
-def tree_leaves(tree) -> list:
-    """Leaves in jax's order (dict keys sorted), so sums over leaves run in the same order."""
-    if isinstance(tree, dict):
-        return [leaf for k in sorted(tree) for leaf in tree_leaves(tree[k])]
-    return [tree]
+from maetok.tree import leaves, map_tree
 
 
 class OptState(NamedTuple):
@@ -43,15 +31,14 @@ class OptState(NamedTuple):
 
 
 def opt_init(params, t_cfg) -> OptState:
-    zeros = tree_map(torch.zeros_like, params)
-    nu = tree_map(torch.zeros_like, params) if t_cfg.optimizer != "sgd" else {}
-    device = tree_leaves(params)[0].device if tree_leaves(params) else None
+    zeros = map_tree(torch.zeros_like, params)
+    nu = map_tree(torch.zeros_like, params) if t_cfg.optimizer != "sgd" else {}
+    device = leaves(params)[0].device if leaves(params) else None
     return OptState(torch.zeros((), dtype=torch.int32, device=device), zeros, nu)
 
 
 def global_norm(grads):
-    leaves = tree_leaves(grads)
-    return torch.sqrt(sum(torch.sum(torch.square(g.to(torch.float32))) for g in leaves))
+    return torch.sqrt(sum(torch.sum(torch.square(g.to(torch.float32))) for g in leaves(grads)))
 
 
 def clip_by_global_norm(grads, max_norm: float):
@@ -60,7 +47,7 @@ def clip_by_global_norm(grads, max_norm: float):
     if max_norm <= 0:
         return grads, norm
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return tree_map(lambda g: g * scale, grads), norm
+    return map_tree(lambda g: g * scale, grads), norm
 
 
 def adam_update(grads, state: OptState, params, lr, t_cfg):
@@ -69,9 +56,9 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
     b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
     decoupled = t_cfg.optimizer == "adamw"
     if not decoupled and wd:
-        grads = tree_map(lambda g, p: g + wd * p, grads, params)
-    mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
+        grads = map_tree(lambda g, p: g + wd * p, grads, params)
+    mu = map_tree(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
+    nu = map_tree(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
     c1 = 1 - b1 ** t
     c2 = 1 - b2 ** t
 
@@ -81,17 +68,17 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
             upd = upd + wd * p
         return p - lr * upd
 
-    return tree_map(step, params, mu, nu), OptState(count, mu, nu)
+    return map_tree(step, params, mu, nu), OptState(count, mu, nu)
 
 
 def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
     wd, momentum = t_cfg.weight_decay, t_cfg.momentum
     if wd:
-        grads = tree_map(lambda g, p: g + wd * p, grads, params)
-    mu = tree_map(lambda m, g: momentum * m + g, state.mu, grads) if momentum else grads
+        grads = map_tree(lambda g, p: g + wd * p, grads, params)
+    mu = map_tree(lambda m, g: momentum * m + g, state.mu, grads) if momentum else grads
     # Nesterov steps along g + momentum·mu, the momentum buffer one step ahead
-    step = tree_map(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
-    new_params = tree_map(lambda p, s: p - lr * s, params, step)
+    step = map_tree(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
+    new_params = map_tree(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
 
 
@@ -104,4 +91,4 @@ def opt_update(grads, state: OptState, params, lr, t_cfg):
 
 def ema_update(ema, params, decay: float):
     """``ema ← decay·ema + (1 − decay)·params``."""
-    return tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    return map_tree(lambda e, p: decay * e + (1 - decay) * p, ema, params)

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from maetok import params as param_spec
+from maetok.tree import flatten, map_tree, unflatten
 from maetok_torch.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
                                         lecam_loss, update_lecam)
 from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, nll_loss
 from maetok_torch.model import aux_predict, decode, encode
-from maetok_torch.optim import (OptState, clip_by_global_norm, ema_update, opt_init, opt_update,
-                                tree_map)
+from maetok_torch.optim import OptState, clip_by_global_norm, ema_update, opt_init, opt_update
 from maetok_torch.targets import compute_targets
 
 
@@ -84,13 +84,13 @@ def init_state(cfg, seed: int, params=None, device=None):
     device = torch.device(device or default_device())
     if params is None:
         params = param_spec.init_params(cfg, seed)
-    params = tree_map(lambda a: _to_tensor(a, device), params)
+    params = map_tree(lambda a: _to_tensor(a, device), params)
     state = {"step": torch.zeros((), dtype=torch.int32, device=device), "params": params,
              "opt": opt_init(params, cfg.train)}
     if cfg.train.ema_decay > 0:
-        state["ema"] = tree_map(torch.clone, params)
+        state["ema"] = map_tree(torch.clone, params)
     if cfg.loss.use_adv:
-        disc = tree_map(lambda a: _to_tensor(a, device), param_spec.init_disc(cfg, seed))
+        disc = map_tree(lambda a: _to_tensor(a, device), param_spec.init_disc(cfg, seed))
         state["disc"] = disc
         state["disc_opt"] = opt_init(disc, cfg.train)
         state["lecam"] = {"real": torch.zeros((), device=device),
@@ -101,22 +101,21 @@ def init_state(cfg, seed: int, params=None, device=None):
 def value_and_grad(fn, tree, *args, autograd: bool = False):
     """``jax.value_and_grad(fn, has_aux=True)(tree, *args)``: → ((value, aux), grads).
 
-    ``fn(tree, *args) → (scalar, aux)``; ``grads`` has the structure of ``tree``, with zeros
+    ``fn(tree, *args) → (scalar, aux)``, ``aux`` a tuple of trees; ``grads`` has the structure of ``tree``, with zeros
     for leaves that do not reach the value, as in JAX. Built on ``torch.func`` so that
     ``torch.compile`` traces the backward pass into the step's graph; ``autograd=True`` uses
     ``torch.autograd.grad`` instead, which rematerialised blocks (``model.remat``, through
     ``torch.utils.checkpoint``'s saved-tensor hooks) need.
     """
     if autograd:
-        leaves = dict(_leaves(tree))
-        inputs = {k: v.detach().requires_grad_(True) for k, v in leaves.items()}
+        inputs = {k: v.detach().requires_grad_(True) for k, v in flatten(tree).items()}
         with torch.enable_grad():
-            value, aux = fn(_unflatten(inputs), *args)
+            value, aux = fn(unflatten(inputs), *args)
         found = torch.autograd.grad(value, list(inputs.values()), allow_unused=True)
         grads = {k: torch.zeros_like(v) if g is None else g
                  for (k, v), g in zip(inputs.items(), found)}
         detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
-        return (value.detach(), _map_tensors(detach, aux)), _unflatten(grads)
+        return (value.detach(), tuple(map_tree(detach, a) for a in aux)), unflatten(grads)
 
     def inner(t):
         value, aux = fn(t, *args)
@@ -124,32 +123,6 @@ def value_and_grad(fn, tree, *args, autograd: bool = False):
 
     grads, (value, aux) = torch.func.grad(inner, has_aux=True)(tree)
     return (value, aux), grads
-
-
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            yield from _leaves(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
-def _map_tensors(fn, x):
-    if isinstance(x, dict):
-        return {k: _map_tensors(fn, v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_map_tensors(fn, v) for v in x)
-    return fn(x)
 
 
 def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, reduce=LOCAL):
@@ -262,7 +235,7 @@ def make_train_step(cfg, reduce=LOCAL):
             def keep(new, old):
                 if isinstance(new, OptState):
                     return OptState(*(keep(a, b) for a, b in zip(new, old)))
-                return tree_map(lambda a, b: torch.where(on, a, b), new, old)
+                return map_tree(lambda a, b: torch.where(on, a, b), new, old)
 
             metrics.update(disc=d_total, disc_hinge=hinge.detach(), lecam=reg.detach())
             return {"disc": keep(disc, state["disc"]),
@@ -316,22 +289,15 @@ def state_to_numpy(state) -> dict:
     """
     def conv(x):
         if isinstance(x, OptState):
-            return {"count": conv(x.count), "mu": conv(x.mu), "nu": conv(x.nu)}
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
+            return map_tree(conv, x._asdict())
         return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    return conv(state)
+    return map_tree(conv, state)
 
 
 def state_from_numpy(tree: dict, device=None) -> dict:
     """Inverse of ``state_to_numpy``, onto ``device``."""
     device = torch.device(device or default_device())
-
-    def conv(x, key=""):
-        if isinstance(x, dict):
-            if key in ("opt", "disc_opt"):
-                return OptState(_to_tensor(x["count"], device), conv(x["mu"]),
-                                conv(x.get("nu", {})))
-            return {k: conv(v, k) for k, v in x.items()}
-        return _to_tensor(x, device)
-    return conv(tree)
+    state = map_tree(lambda a: _to_tensor(a, device), tree)
+    for key in ("opt", "disc_opt") & state.keys():
+        state[key] = OptState(state[key]["count"], state[key]["mu"], state[key].get("nu", {}))
+    return state

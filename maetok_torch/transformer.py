@@ -8,6 +8,7 @@ whole block, where JAX keeps the dense matmul outputs; the numbers are the same 
 
 from torch.utils.checkpoint import checkpoint
 
+from maetok.tree import map_tree
 from maetok_torch.attention import attention
 from maetok_torch.layers import layer_norm, mlp
 
@@ -22,7 +23,7 @@ def block(params, x, cos, sin, heads: int, eps: float, impl: str = "plain"):
 
 def _slice(tree, i: int):
     """Depth slice ``i`` of a stacked tree (leaves (depth, ...) → (...))."""
-    return {k: _slice(v, i) if isinstance(v, dict) else v[i] for k, v in tree.items()}
+    return map_tree(lambda a: a[i], tree)
 
 
 def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain",

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 # THE tolerance table lives in maetok/parity.py, so the `maetok parity` report and this suite
 # hold the backends to the same numbers. Relative errors (rel_err below): max|a − b| / max|b|.
 from maetok.parity import TOL  # noqa: E402,F401
+from maetok.tree import flatten, map_tree  # noqa: E402
 
 _DEVICE = {"name": "cpu"}  # set once from --device in pytest_configure
 
@@ -73,24 +74,16 @@ def rng(request) -> np.random.Generator:
 
 # ---------------------------------------------------------------------------------- helpers
 
-def _map(fn, tree):
-    if isinstance(tree, dict):
-        return {k: _map(fn, v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map(fn, v) for v in tree)
-    return fn(tree)
-
-
 def to_jax(np_tree, device: str | None = None):
     """numpy tree → jax arrays, on the GPU when the session (or ``device``) is cuda."""
     dev = jax.devices("gpu")[0] if (device or _DEVICE["name"]) == "cuda" else jax.devices("cpu")[0]
-    return _map(lambda a: jax.device_put(np.asarray(a), dev), np_tree)
+    return map_tree(lambda a: jax.device_put(np.asarray(a), dev), np_tree)
 
 
 def to_torch(np_tree, device: str | None = None):
     """numpy tree → torch tensors on ``device`` (default: the session's device)."""
     dev = torch.device(device or _DEVICE["name"])
-    return _map(lambda a: torch.as_tensor(np.array(a), device=dev), np_tree)
+    return map_tree(lambda a: torch.as_tensor(np.array(a), device=dev), np_tree)
 
 
 def to_numpy(x) -> np.ndarray:
@@ -108,16 +101,19 @@ def rel_err(a, b) -> float:
 
 
 def assert_close(a, b, tol: float, name: str) -> None:
-    """Every leaf of ``a`` within ``tol`` relative error (rel_err) of the same leaf of ``b``."""
-    if isinstance(b, dict):
-        assert set(a) == set(b), f"{name}: keys differ {sorted(a)} vs {sorted(b)}"
-        for k in sorted(b):
-            assert_close(a[k], b[k], tol, f"{name}/{k}")
-        return
+    """Every leaf of ``a`` within ``tol`` relative error (rel_err) of the same leaf of ``b``.
+
+    Trees are matched by path, lists and tuples item by item."""
     if isinstance(b, (list, tuple)):
         assert len(a) == len(b), f"{name}: length {len(a)} vs {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
             assert_close(x, y, tol, f"{name}[{i}]")
+        return
+    flat_a, flat_b = flatten({name: a}), flatten({name: b})
+    if list(flat_b) != [name]:  # a tree: compare leaf by leaf
+        assert set(flat_a) == set(flat_b), f"{name}: keys differ {sorted(flat_a)} vs {sorted(flat_b)}"
+        for path in flat_b:
+            assert_close(flat_a[path], flat_b[path], tol, path)
         return
     an, bn = to_numpy(a), to_numpy(b)
     assert an.shape == bn.shape, f"{name}: shape {an.shape} vs {bn.shape}"

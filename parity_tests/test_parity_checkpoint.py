@@ -24,9 +24,10 @@ import maetok_torch.train as tt
 from maetok.checkpoint import layout, load_checkpoint, save_checkpoint
 from maetok.config import preset
 from maetok.data import BatchSource, SyntheticImages
-from maetok.params import flatten, init_disc
+from maetok.params import init_disc
 from maetok.parity import disc_off_margin
 from maetok.trainer import load_state
+from maetok.tree import flatten
 
 CFG = preset("tiny").replace(train={"batch_size": 4},
                              loss={"use_adv": True, "adaptive_weight": True, "disc_start": 3})

@@ -21,8 +21,9 @@ import maetok_jax.train as jt
 import maetok_torch.targets as ttg
 import maetok_torch.train as tt
 from maetok.config import preset
-from maetok.params import init_disc, init_params, iter_leaves
+from maetok.params import init_disc, init_params
 from maetok.parity import disc_off_margin
+from maetok.tree import iter_leaves
 
 TINY = preset("tiny")
 CONFIGS = {

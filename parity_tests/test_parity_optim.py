@@ -18,6 +18,7 @@ from conftest import TOL, assert_close, to_jax, to_torch
 import maetok_jax.optim as jo
 import maetok_torch.optim as to
 from maetok.config import TrainConfig
+from maetok.tree import leaves, map_tree
 
 CASES = [("adamw", 0.0, 0.9), ("adamw", 0.5, 0.9), ("adam", 0.0, 0.9), ("adam", 0.5, 0.9),
          ("sgd", 0.0, 0.9), ("sgd", 0.5, 0.9), ("sgd", 0.5, 0.0)]
@@ -62,7 +63,7 @@ def test_optimizer_steps(name, clip, momentum, rng, device):
 
 
 def to_numpy_tree(tree):
-    return to.tree_map(lambda a: a.cpu().numpy(), tree)
+    return map_tree(lambda a: a.cpu().numpy(), tree)
 
 
 def test_ema_update(rng, device):
@@ -73,6 +74,6 @@ def test_ema_update(rng, device):
 
 
 def test_leaf_order_matches_jax(rng):
-    """Sums over leaves (the global norm) run in jax's order: sorted keys, depth first."""
+    """Sums over leaves (the torch global norm) run in jax's order: sorted keys, depth first."""
     tree = {"b": {"y": 1, "x": 2}, "a": 3, "c": {"z": {"k": 4}}}
-    assert to.tree_leaves(tree) == jax.tree_util.tree_leaves(tree)
+    assert leaves(tree) == jax.tree_util.tree_leaves(tree)

@@ -32,8 +32,9 @@ import maetok_torch.backend as tb
 import maetok_torch.train as tt
 from maetok.config import preset
 from maetok.data import BatchSource, SyntheticImages
-from maetok.params import flatten, init_disc
+from maetok.params import init_disc
 from maetok.parity import disc_off_margin
+from maetok.tree import flatten
 
 CFG = preset("tiny").replace(train={"batch_size": 4})
 STEPS = 10

@@ -20,8 +20,9 @@ from safetensors.numpy import save_file
 from maetok.checkpoint import save_checkpoint
 from maetok.config import preset
 from maetok.data import ImageFolder
-from maetok.params import flatten, init_params
+from maetok.params import init_params
 from maetok.run import CHECKPOINT_NAME, LOCK_NAME, data_identity
+from maetok.tree import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 # A CUDA device that does not exist: plain "cuda" on a machine without one (the usual case).

@@ -21,7 +21,7 @@ from maetok.checkpoint import (
 )
 from maetok.config import preset
 from maetok.errors import CheckpointError
-from maetok.params import flatten
+from maetok.tree import flatten
 
 
 def _state(rng):

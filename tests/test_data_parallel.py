@@ -21,9 +21,9 @@ import numpy as np
 
 import tests.data_parallel_worker as worker
 from maetok.checkpoint import load_checkpoint, read_header
-from maetok.params import flatten
 from maetok.parity import TOL, rel_err, worst_update
 from maetok.trainer import CHECKPOINT_NAME, get_backend, train
+from maetok.tree import flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,8 +10,9 @@ import pytest
 from maetok import checkpoint as ckpt
 from maetok.diffusion_config import DiffusionConfig, preset
 from maetok.errors import ConfigError
-from maetok.params import init_dit, map_tree
+from maetok.params import init_dit
 from maetok.schedules import learning_rate
+from maetok.tree import map_tree
 from maetok_jax import diffusion_train as dtrain
 from maetok_jax.dit import condition, dit, dit_block
 from maetok_jax.flow import guided_velocity, integrate, sample

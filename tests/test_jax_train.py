@@ -6,8 +6,8 @@ import pytest
 
 from maetok.config import preset
 from maetok.data import BatchSource, SyntheticImages
-from maetok.params import flatten
 from maetok.trainer import CHECKPOINT_NAME, train
+from maetok.tree import flatten
 from maetok_jax.backend import Backend
 from maetok_jax.train import state_to_numpy
 

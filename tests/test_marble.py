@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from maetok.errors import CheckpointError, ConfigError, DataError
-from maetok.params import flatten
 from maetok.schedules import anneal_ratio
+from maetok.tree import flatten
 from maetok_torch.marble import MAETokParadigm, MarbleNotInstalledError, register
 from tests import marble_host as host
 

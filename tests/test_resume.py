@@ -10,9 +10,9 @@ from PIL import Image
 
 from maetok import checkpoint as ckpt
 from maetok.cli import main
-from maetok.params import flatten
 from maetok.run import CHECKPOINT_NAME
 from maetok.schedules import learning_rate
+from maetok.tree import flatten
 from tests.conftest import cli_error
 
 # A constant learning rate after warm-up: the schedule does not depend on train.steps, so a

@@ -30,6 +30,7 @@ from maetok.config import preset  # noqa: E402
 from maetok.errors import ConfigError  # noqa: E402
 from maetok.filters import PERCEP_LEVELS, filter_banks  # noqa: E402
 from maetok.params import init_disc  # noqa: E402
+from maetok.tree import map_tree  # noqa: E402
 
 BACKENDS = ("jax", "torch")
 RTOL, ATOL = 1e-5, 1e-5  # float32 code vs float64 references
@@ -53,9 +54,8 @@ def _mod(backend: str, name: str):
 
 
 def _arr(backend: str, x):
-    if isinstance(x, dict):
-        return {k: _arr(backend, v) for k, v in x.items()}
-    return jnp.asarray(x) if backend == "jax" else torch.as_tensor(np.array(x))
+    return map_tree(jnp.asarray if backend == "jax" else lambda a: torch.as_tensor(np.array(a)),
+                    x)
 
 
 def _run(backend: str, fn, *args):
