@@ -24,6 +24,14 @@ def learning_rate(step: int, t: TrainConfig, base_lr: float | None = None) -> fl
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_scalars(step: int, cfg) -> tuple[float, float, float]:
+    """The host-side scalars of train step ``step``: ``(lr, disc_lr, adv_on)``, the last
+    1.0 once the adversarial loss is on (``loss.use_adv`` and ``step ≥ loss.disc_start``)."""
+    lr = learning_rate(step, cfg.train)
+    disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
+    return lr, disc_lr, float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
+
+
 def anneal_ratio(step: int, t: TrainConfig) -> float:
     """Stage-2 mask ratio: from ``anneal_start`` at step 0 down to 0 at ``anneal_steps``.
 

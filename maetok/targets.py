@@ -1,8 +1,9 @@
 """Auxiliary-target dimensions: the framework-free half of the target registry (SPEC §4).
 
-Each backend keeps the functions that compute a target (``images → (B, N, D_j)``) in its
-own ``targets`` module; this module records each target's width ``D_j`` so the config
-can be validated and the parameter tree sized without importing a framework.
+Each backend keeps the functions that compute a target (``images → (B, N, D_j)``) in the
+``TARGETS`` table of its own ``targets`` module; this module records each target's width
+``D_j`` so the config can be validated and the parameter tree sized without importing a
+framework, and holds the table operations both backends share.
 """
 
 from __future__ import annotations
@@ -50,3 +51,18 @@ def target_dim(name: str, model_cfg) -> int:
     if name not in _DIMS:
         raise ConfigError(f"unknown auxiliary target {name!r}; known: {', '.join(_DIMS)}")
     return int(_DIMS[name](model_cfg))
+
+
+def add_target(table: dict[str, Callable], name: str, fn: Callable, dim) -> None:
+    """Put a user target ``fn(images (B,H,W,C), m) → (B, N, dim)`` into a backend's
+    ``table`` and record its width; ``dim`` an int or fn(m)."""
+    table[name] = fn
+    register_target_dim(name, dim)
+
+
+def check_implemented(table: dict[str, Callable], model_cfg, backend: str, module: str) -> None:
+    """ConfigError unless every target of ``model_cfg.aux_targets`` has a function in ``table``."""
+    missing = [n for n in model_cfg.aux_targets if n not in table]
+    if missing:
+        raise ConfigError(f"auxiliary target(s) {missing} have no {backend} implementation; "
+                          f"call {module}.register_target first")

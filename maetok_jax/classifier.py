@@ -23,14 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from maetok.checkpoint import load_tree, save_tree
-from maetok.classifier_spec import (
-    FORMAT,
-    STAGES,
-    ClassifierConfig,
-    init_classifier,
-    spec_classifier,
-    spec_classifier_stats,
-)
+from maetok.classifier_spec import (FORMAT, STAGES, ClassifierConfig, init_classifier,
+                                    spec_classifier, spec_classifier_stats)
 from maetok.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from maetok.schedules import one_cycle
 from maetok.tree import flatten, unflatten

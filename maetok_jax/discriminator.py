@@ -4,15 +4,8 @@
 then a 4×4 stride-1 conv to one logit per location. No normalisation layers. Kernels are
 ``(kh, kw, in, out)`` and used as HWIO directly. Mirrored in ``maetok_torch/discriminator.py``.
 
-Pinned numerics (identical in the torch backend):
-
-- explicit zero padding: (1, 1) per spatial axis for the stride-2 convs and (1, 2) — one
-  before, two after — for the ``out`` conv, so the logit map is (H/2^d, W/2^d); 'SAME'
-  is never used because the two frameworks split odd padding differently;
-- LeakyReLU slope 0.2; convolutions at HIGHEST precision;
-- hinge loss WITHOUT a ½ factor: ``mean(relu(1 − real)) + mean(relu(1 + fake))``;
-- LeCAM (Tseng et al. 2021): ``mean(relu(real − ema_fake)²) + mean(relu(ema_real − fake)²)``;
-- EMA update ``decay·ema + (1 − decay)·mean(logits)``, logits taken as constants.
+Pinned numerics (padding, slope, hinge, LeCAM, EMA): ``maetok.numerics``; convolutions
+run at HIGHEST precision.
 """
 
 from __future__ import annotations
@@ -21,8 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from maetok.config import ModelConfig
-
-LEAKY_SLOPE = 0.2
+from maetok.numerics import LEAKY_SLOPE
 
 _DN = ("NHWC", "HWIO", "NHWC")
 

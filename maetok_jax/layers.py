@@ -1,7 +1,6 @@
 """Elementary layers: dense, LayerNorm, GELU MLP (SPEC §3.3).
 
-Numerics pinned for parity with the torch backend (STYLE habit 7): LayerNorm statistics
-in float32 with ``eps = cfg.ln_eps`` and the biased variance; GELU in its exact erf form.
+Pinned numerics (LayerNorm statistics, exact GELU): ``maetok.numerics``.
 """
 
 import jax

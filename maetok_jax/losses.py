@@ -9,6 +9,7 @@ The perceptual pyramid and the discriminator's own losses live in ``perceptual``
 import jax
 import jax.numpy as jnp
 
+from maetok.numerics import ADV_WEIGHT_EPS, ADV_WEIGHT_MAX
 from maetok_jax.discriminator import discriminator, generator_adv_loss
 from maetok_jax.patches import patchify
 from maetok_jax.perceptual import perceptual_loss
@@ -44,7 +45,8 @@ def nll_loss(images, recon, m, lo):
 
 
 def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
-    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + 1e-4), clipped to [0, 1e4], W the decoder's last dense.
+    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX], W the
+    decoder's last dense.
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient.
@@ -59,5 +61,5 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
         gw = jnp.einsum("bnd,bno->do", feats, patchify(g, m.patch_size))
         return jnp.sqrt(jnp.sum(jnp.square(gw)))
 
-    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + 1e-4)
-    return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4))
+    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
+    return jax.lax.stop_gradient(jnp.clip(w, 0.0, ADV_WEIGHT_MAX))

@@ -19,6 +19,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from maetok.numerics import CLIP_EPS
+
 tree_map = jax.tree_util.tree_map
 
 
@@ -40,11 +42,11 @@ def global_norm(grads):
 
 
 def clip_by_global_norm(grads, max_norm: float):
-    """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + 1e-6))``; returns (grads, ‖g‖ before)."""
+    """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + CLIP_EPS))``; returns (grads, ‖g‖ before)."""
     norm = global_norm(grads)
     if max_norm <= 0:
         return grads, norm
-    scale = jnp.minimum(1.0, max_norm / (norm + 1e-6))
+    scale = jnp.minimum(1.0, max_norm / (norm + CLIP_EPS))
     return tree_map(lambda g: g * scale, grads), norm
 
 

@@ -9,17 +9,7 @@ each colour channel separately by folding C into the batch: ``(B, H, W, C) → (
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
 ``F.conv2d``) in float32 at HIGHEST precision, after reflect padding.
 
-Pinned numerics (identical in the torch backend, checked by the parity tests):
-
-- reflect padding = numpy ``'reflect'`` (edge pixel not repeated) for Sobel and Gabor;
-- HOG magnitude ``sqrt(gx² + gy²)`` with no eps (targets are not differentiated);
-- HOG orientation ``atan2(gx, gy)``; soft voting to the two nearest of 9 bin centres
-  ``(k + ½)·π/9`` with weight ``relu(1 − circular distance in bins)``, circular modulo
-  9 bins, which also folds the signed angle onto unsigned [0, π);
-- HOG cell normalisation ``h / sqrt(Σ_bins h² + HOG_EPS)``, ``HOG_EPS = 1e-6``;
-- Gabor magnitude ``sqrt(even² + odd² + GABOR_EPS)``, ``GABOR_EPS = 1e-6``;
-- normalised pixels ``(x − mean) / sqrt(var + PIXEL_EPS)``, population variance
-  computed two-pass as ``mean((x − mean)²)``, ``PIXEL_EPS = 1e-6``.
+Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
 """
 
 from __future__ import annotations
@@ -32,13 +22,9 @@ import numpy as np
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.errors import ConfigError
 from maetok.filters import filter_banks
+from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_jax.patches import patchify
-
-HOG_EPS = 1e-6
-GABOR_EPS = 1e-6
-PIXEL_EPS = 1e-6
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -122,16 +108,12 @@ TARGETS: dict[str, Callable] = {"hog": hog, "conv": conv_features, "pixel": norm
 
 def register_target(name: str, fn: Callable, dim) -> None:
     """Add a user target ``fn(images (B,H,W,C), m) → (B, N, dim)``; ``dim`` an int or fn(m)."""
-    TARGETS[name] = fn
-    core.register_target_dim(name, dim)
+    core.add_target(TARGETS, name, fn, dim)
 
 
 def compute_targets(images: jnp.ndarray, m: ModelConfig) -> dict[str, jnp.ndarray]:
     """Every target named in ``m.aux_targets``: ``{name: (B, N, D_j)}``, gradient-free."""
-    missing = [n for n in m.aux_targets if n not in TARGETS]
-    if missing:
-        raise ConfigError(f"auxiliary target(s) {missing} have no JAX implementation; "
-                          "call maetok_jax.targets.register_target first")
+    core.check_implemented(TARGETS, m, "JAX", __name__)
     b, h, w, _ = images.shape
     n = (h // m.patch_size) * (w // m.patch_size)
     images = jax.lax.stop_gradient(images)

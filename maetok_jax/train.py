@@ -145,11 +145,9 @@ def jit_train_step(cfg):
 def step_inputs(batch, cfg, step: int, put=jnp.asarray):
     """Host-side arguments of one step: arrays from the batch (placed by ``put``; data
     parallel: split over the mesh), lr and adv switch as scalars."""
-    from maetok.schedules import learning_rate
+    from maetok.schedules import step_scalars
 
-    lr = learning_rate(step, cfg.train)
-    disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
-    adv_on = float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
+    lr, disc_lr, adv_on = step_scalars(step, cfg)
     return (put(batch["images"]), put(batch["mask"]), np.float32(lr),
             np.float32(disc_lr), np.float32(adv_on))
 

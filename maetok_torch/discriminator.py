@@ -5,15 +5,8 @@ then a 4×4 stride-1 conv to one logit per location. No normalisation layers. Ke
 ``(kh, kw, in, out)`` in the parameter tree and used as ``w.permute(3, 2, 0, 1)``; images
 are (B, H, W, C) at the boundary and NCHW inside. Mirrored in ``maetok_jax/discriminator.py``.
 
-Pinned numerics (identical in the JAX backend):
-
-- explicit zero padding: (1, 1) per spatial axis for the stride-2 convs and (1, 2) — one
-  before, two after — for the ``out`` conv (``F.pad`` then a conv with padding 0), so the
-  logit map is (H/2^d, W/2^d); 'same' is never used;
-- LeakyReLU slope 0.2;
-- hinge loss WITHOUT a ½ factor: ``mean(relu(1 − real)) + mean(relu(1 + fake))``;
-- LeCAM (Tseng et al. 2021): ``mean(relu(real − ema_fake)²) + mean(relu(ema_real − fake)²)``;
-- EMA update ``decay·ema + (1 − decay)·mean(logits)``, logits taken as constants.
+Pinned numerics (padding, slope, hinge, LeCAM, EMA): ``maetok.numerics``; the ``out``
+conv's (1, 2) padding is an ``F.pad`` then a conv with padding 0.
 """
 
 from __future__ import annotations
@@ -22,8 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from maetok.config import ModelConfig
-
-LEAKY_SLOPE = 0.2
+from maetok.numerics import LEAKY_SLOPE
 
 
 def _conv(x: torch.Tensor, p: dict, stride: int, pad: tuple[int, int]) -> torch.Tensor:

@@ -1,10 +1,9 @@
 """Elementary layers: dense, LayerNorm, GELU MLP (SPEC §3.3). Mirrors ``maetok_jax/layers.py``.
 
-Plain functions over dicts of tensors (no ``nn.Module``). Numerics pinned for parity with
-the JAX backend (STYLE habit 7): LayerNorm statistics in float32 with ``eps = cfg.ln_eps``
-and the biased variance, written out as ``(x − mean)·rsqrt(var + eps)·scale + bias``
-rather than ``F.layer_norm`` (whose fused kernel orders the operations differently); GELU
-in its exact erf form (``approximate="none"``, torch's default, stated explicitly).
+Plain functions over dicts of tensors (no ``nn.Module``). Pinned numerics (LayerNorm
+statistics, exact GELU): ``maetok.numerics``; LayerNorm is written out rather than
+``F.layer_norm``, whose fused kernel orders the operations differently, and GELU states
+torch's default ``approximate="none"`` explicitly.
 """
 
 import torch

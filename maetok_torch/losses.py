@@ -9,6 +9,7 @@ Stage-1 and Stage-2 objectives:
 
 import torch
 
+from maetok.numerics import ADV_WEIGHT_EPS, ADV_WEIGHT_MAX
 from maetok_torch.discriminator import discriminator, generator_adv_loss
 from maetok_torch.patches import patchify
 from maetok_torch.perceptual import perceptual_loss
@@ -48,7 +49,8 @@ def nll_loss(images, recon, m, lo):
 
 
 def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
-    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + 1e-4), clipped to [0, 1e4], W the decoder's last dense.
+    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX], W the
+    decoder's last dense.
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient: both
@@ -68,5 +70,5 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
             gw = mean(gw)
         return torch.sqrt(torch.sum(torch.square(gw)))
 
-    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + 1e-4)
-    return torch.clamp(w, 0.0, 1e4).detach()
+    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
+    return torch.clamp(w, 0.0, ADV_WEIGHT_MAX).detach()

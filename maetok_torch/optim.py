@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from maetok.numerics import CLIP_EPS
 from maetok.tree import leaves, map_tree
 
 
@@ -42,11 +43,11 @@ def global_norm(grads):
 
 
 def clip_by_global_norm(grads, max_norm: float):
-    """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + 1e-6))``; returns (grads, ‖g‖ before)."""
+    """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + CLIP_EPS))``; returns (grads, ‖g‖ before)."""
     norm = global_norm(grads)
     if max_norm <= 0:
         return grads, norm
-    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    scale = torch.clamp(max_norm / (norm + CLIP_EPS), max=1.0)
     return map_tree(lambda g: g * scale, grads), norm
 
 

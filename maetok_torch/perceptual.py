@@ -6,13 +6,7 @@ and each level is passed through the fixed Gaussian-derivative bank
 Mirrored function for function in ``maetok_jax/perceptual.py``; images stay (B, H, W, C)
 at the boundary and are folded to NCHW ``(B·C, 1, h, w)`` only around the convolution.
 
-Pinned numerics (identical in the JAX backend):
-
-- reflect padding (numpy ``'reflect'``, edge not repeated) of 2 pixels for the 5×5 bank;
-- 2×2 average pooling as a reshape then ``mean`` over the two 2-axes (not a pooling op);
-- smooth energy ``φ = sqrt(f² + PERCEP_EPS)``, ``PERCEP_EPS = 1e-6``, so the gradient is
-  finite where a filter response is zero;
-- loss = ``Σ_l mean((φ_l(I) − φ_l(Î))²)``, levels summed in order l = 0, 1, ….
+Pinned numerics (padding, pooling, smooth energy, level order): ``maetok.numerics``.
 """
 
 from __future__ import annotations
@@ -22,8 +16,7 @@ import torch.nn.functional as F
 
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
-
-PERCEP_EPS = 1e-6
+from maetok.numerics import PERCEP_EPS
 
 
 def _avg_pool2(x: torch.Tensor) -> torch.Tensor:

@@ -271,12 +271,9 @@ def compile_train_step(cfg, backend: str = "inductor"):
 def step_inputs(batch, cfg, step: int, device):
     """Host-side arguments of one step, on ``device``: images, mask, and lr, disc_lr and
     the adv switch as 0-d float32 tensors (one host→device copy for the three)."""
-    from maetok.schedules import learning_rate
+    from maetok.schedules import step_scalars
 
-    lr = learning_rate(step, cfg.train)
-    disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
-    adv_on = float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
-    scalars = torch.tensor([lr, disc_lr, adv_on], dtype=torch.float32).to(device)
+    scalars = torch.tensor(step_scalars(step, cfg), dtype=torch.float32).to(device)
     images = torch.tensor(np.asarray(batch["images"], np.float32), device=device)
     mask = torch.tensor(np.asarray(batch["mask"], np.float32), device=device)
     return images, mask, scalars[0], scalars[1], scalars[2]

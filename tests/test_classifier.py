@@ -5,23 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maetok.classifier_spec import (
-    ClassifierConfig,
-    init_classifier,
-    spec_classifier,
-    spec_classifier_stats,
-)
+from maetok.classifier_spec import (ClassifierConfig, init_classifier, spec_classifier,
+                                    spec_classifier_stats)
 from maetok.errors import CheckpointError, ConfigError, DataError
 from maetok.tree import flatten
-from maetok_jax.classifier import (
-    augment,
-    classifier_features,
-    classify,
-    forward,
-    load_classifier,
-    smoothed_cross_entropy,
-    train_classifier,
-)
+from maetok_jax.classifier import (augment, classifier_features, classify, forward,
+                                   load_classifier, smoothed_cross_entropy, train_classifier)
 
 TINY = ClassifierConfig(widths=(8, 16, 16, 32), num_classes=3, epochs=3, batch_size=32,
                         lr=0.2, compute_dtype="float32")
