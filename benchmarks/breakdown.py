@@ -57,12 +57,22 @@ def main(argv=None) -> int:
     p.add_argument("--unroll", type=int, default=1)
     p.add_argument("--remat", action="store_true")
     p.add_argument("--runs", type=int, default=10)
-    p.add_argument("--trace", help="also write a profiler trace of 3 Stage-1 steps to this folder "
-                                   "(with a Perfetto JSON, summarised by benchmarks/trace_summary.py)")
+    p.add_argument(
+        "--trace",
+        help="also write a profiler trace of 3 Stage-1 steps to this folder "
+        "(with a Perfetto JSON, summarised by benchmarks/trace_summary.py)",
+    )
     args = p.parse_args(argv)
-    cfg = preset(args.preset, model={"compute_dtype": args.dtype, "attention": args.attention,
-                                     "unroll": args.unroll, "remat": args.remat},
-                 train={"batch_size": args.batch})
+    cfg = preset(
+        args.preset,
+        model={
+            "compute_dtype": args.dtype,
+            "attention": args.attention,
+            "unroll": args.unroll,
+            "remat": args.remat,
+        },
+        train={"batch_size": args.batch},
+    )
     m, b = cfg.model, args.batch
     state = train.init_state(cfg, 0)
     params = state["params"]
@@ -82,28 +92,48 @@ def main(argv=None) -> int:
         rows.append((name, seconds))
         print(f"{name:42s}{seconds * 1e3:9.2f} ms {tf} TFLOP/s", flush=True)
 
-    print(f"preset {args.preset}, batch {b}, {args.dtype}, attention {args.attention}, "
-          f"unroll {args.unroll}, remat {args.remat}, device {jax.devices()[0].device_kind}")
+    print(
+        f"preset {args.preset}, batch {b}, {args.dtype}, attention {args.attention}, "
+        f"unroll {args.unroll}, remat {args.remat}, device {jax.devices()[0].device_kind}"
+    )
     enc_fwd = jax.jit(lambda p_, x, k: encode(p_, x, k, m))
-    row("encoder forward", timed(enc_fwd, params["encoder"], images, mask, runs=args.runs),
-        flops["encoder_fwd"] / 1e9)
+    row(
+        "encoder forward",
+        timed(enc_fwd, params["encoder"], images, mask, runs=args.runs),
+        flops["encoder_fwd"] / 1e9,
+    )
     enc_grad = jax.jit(jax.grad(lambda p_, x, k: jnp.sum(encode(p_, x, k, m) ** 2)))
-    row("encoder forward+backward", timed(enc_grad, params["encoder"], images, mask,
-                                          runs=args.runs), 3 * flops["encoder_fwd"] / 1e9)
+    row(
+        "encoder forward+backward",
+        timed(enc_grad, params["encoder"], images, mask, runs=args.runs),
+        3 * flops["encoder_fwd"] / 1e9,
+    )
     row("  (one encoder block, forward, by formula)", 0.0 + 1e-9, None) if False else None
     dec_grad = jax.jit(jax.grad(lambda p_, z: jnp.sum(decode(p_, z, m)[0] ** 2)))
-    row("pixel decoder forward+backward", timed(dec_grad, params["decoder"], h, runs=args.runs),
-        3 * flops["decoder_fwd"] / 1e9)
+    row(
+        "pixel decoder forward+backward",
+        timed(dec_grad, params["decoder"], h, runs=args.runs),
+        3 * flops["decoder_fwd"] / 1e9,
+    )
     if m.aux_targets:
-        aux_grad = jax.jit(jax.grad(lambda p_, z, f: sum(
-            jnp.sum(v ** 2) for v in aux_predict(p_, z, f, m).values())))
-        row(f"aux decoders ×{len(m.aux_targets)} forward+backward",
-            timed(aux_grad, params["aux"], h, feats, runs=args.runs), 3 * aux_fwd / 1e9)
-        row("targets (" + ", ".join(m.aux_targets) + ")",
-            timed(jax.jit(lambda x: compute_targets(x, m)), images, runs=args.runs))
-    row("perceptual loss forward+backward",
-        timed(jax.jit(jax.grad(lambda r, x: perceptual_loss(x, r, m))), recon, images,
-              runs=args.runs))
+        aux_grad = jax.jit(
+            jax.grad(lambda p_, z, f: sum(jnp.sum(v**2) for v in aux_predict(p_, z, f, m).values()))
+        )
+        row(
+            f"aux decoders ×{len(m.aux_targets)} forward+backward",
+            timed(aux_grad, params["aux"], h, feats, runs=args.runs),
+            3 * aux_fwd / 1e9,
+        )
+        row(
+            "targets (" + ", ".join(m.aux_targets) + ")",
+            timed(jax.jit(lambda x: compute_targets(x, m)), images, runs=args.runs),
+        )
+    row(
+        "perceptual loss forward+backward",
+        timed(
+            jax.jit(jax.grad(lambda r, x: perceptual_loss(x, r, m))), recon, images, runs=args.runs
+        ),
+    )
 
     keys = train.trainable_keys(1)
 
@@ -115,9 +145,15 @@ def main(argv=None) -> int:
         return new, opt, ema
 
     grads = jax.tree_util.tree_map(lambda a: a * 1e-3, {k: params[k] for k in keys})
-    sub_state = {"params": params, "opt": state["opt"], **({"ema": state["ema"]} if "ema" in state else {})}
-    row("optimiser: clip + AdamW + EMA (all params)", timed(jax.jit(optimise), sub_state, grads,
-                                                             runs=args.runs))
+    sub_state = {
+        "params": params,
+        "opt": state["opt"],
+        **({"ema": state["ema"]} if "ema" in state else {}),
+    }
+    row(
+        "optimiser: clip + AdamW + EMA (all params)",
+        timed(jax.jit(optimise), sub_state, grads, runs=args.runs),
+    )
     for stage in (1, 2):
         c = cfg.replace(train={"stage": stage})
         st = train.init_state(c, 0)
@@ -132,9 +168,12 @@ def main(argv=None) -> int:
             jax.block_until_ready(met)
             times.append(time.perf_counter() - t)
         mem = step.lower(st, *inputs).compile().memory_analysis()
-        temp = getattr(mem, "temp_size_in_bytes", 0) / 2 ** 30
-        row(f"whole Stage-{stage} step (temp {temp:.1f} GiB)", statistics.median(times),
-            transformer_flops(m, stage)["train_step"] / 1e9)
+        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30
+        row(
+            f"whole Stage-{stage} step (temp {temp:.1f} GiB)",
+            statistics.median(times),
+            transformer_flops(m, stage)["train_step"] / 1e9,
+        )
         if args.trace and stage == 1:
             with jax.profiler.trace(args.trace, create_perfetto_trace=True):
                 for _ in range(3):

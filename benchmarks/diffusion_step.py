@@ -42,8 +42,9 @@ def forward_flops(c) -> float:
 
 def time_train(cfg, steps: int) -> dict:
     rng = np.random.default_rng(0)
-    latents = jnp.asarray(rng.standard_normal((CIFAR_TRAIN, cfg.num_tokens, cfg.token_dim)),
-                          jnp.float32)
+    latents = jnp.asarray(
+        rng.standard_normal((CIFAR_TRAIN, cfg.num_tokens, cfg.token_dim)), jnp.float32
+    )
     labels = jnp.asarray(rng.integers(0, 10, CIFAR_TRAIN), jnp.int32)
     state, step = dtrain.init_state(cfg), dtrain.make_train_step(cfg)
     t0 = time.perf_counter()
@@ -58,10 +59,15 @@ def time_train(cfg, steps: int) -> dict:
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     flops = 3 * forward_flops(cfg) * cfg.batch_size
-    return {"first_step_s": round(first, 2), "step_ms": round(1e3 * dt, 3),
-            "samples_per_s": round(cfg.batch_size / dt), "train_tflop_per_step": flops / 1e12,
-            "tflop_s": round(flops / dt / 1e12, 2), "min_for_20k_steps": round(20000 * dt / 60, 2),
-            "loss": float(m["loss"])}, state
+    return {
+        "first_step_s": round(first, 2),
+        "step_ms": round(1e3 * dt, 3),
+        "samples_per_s": round(cfg.batch_size / dt),
+        "train_tflop_per_step": flops / 1e12,
+        "tflop_s": round(flops / dt / 1e12, 2),
+        "min_for_20k_steps": round(20000 * dt / 60, 2),
+        "loss": float(m["loss"]),
+    }, state
 
 
 def time_sample(cfg, params, n: int) -> dict:
@@ -91,11 +97,23 @@ def main() -> None:
     for n in (int(v) for v in args.tokens.split(",")):
         for attention in args.attention.split(","):
             extra = {"batch_size": args.batch} if args.batch else {}
-            cfg = preset(args.preset, num_tokens=n, token_dim=args.token_dim,
-                         attention=attention, compute_dtype=args.dtype, **extra)
-            row = {"preset": args.preset, "L": n, "h": args.token_dim, "attention": attention,
-                   "dtype": args.dtype, "batch": cfg.batch_size,
-                   "params_M": round(count(init_dit(cfg, 0)) / 1e6, 2)}
+            cfg = preset(
+                args.preset,
+                num_tokens=n,
+                token_dim=args.token_dim,
+                attention=attention,
+                compute_dtype=args.dtype,
+                **extra,
+            )
+            row = {
+                "preset": args.preset,
+                "L": n,
+                "h": args.token_dim,
+                "attention": attention,
+                "dtype": args.dtype,
+                "batch": cfg.batch_size,
+                "params_M": round(count(init_dit(cfg, 0)) / 1e6, 2),
+            }
             result, state = time_train(cfg, args.steps)
             row.update(result)
             if args.sample:

@@ -44,8 +44,11 @@ def main(argv=None) -> int:
         return 1
     data = json.loads(gzip.open(files[-1]).read())
     events = data["traceEvents"] if isinstance(data, dict) else data
-    pids = {e["pid"]: e["args"]["name"] for e in events
-            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    pids = {
+        e["pid"]: e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     gpu = {pid for pid, n in pids.items() if "gpu" in n.lower() or "/device:" in n.lower()}
     kernels = collections.Counter()
     count = collections.Counter()

@@ -58,28 +58,35 @@ def _blocks(depth, n, d):
 def transformer_flops(m, stage: int) -> dict:
     """Forward FLOPs per image of each part, and the training total for ``stage``."""
     n = m.num_patches + m.num_latent_tokens
-    enc = _blocks(m.enc_depth, n, m.enc_width) + 2 * m.num_patches * m.patch_dim * m.enc_width \
+    enc = (
+        _blocks(m.enc_depth, n, m.enc_width)
+        + 2 * m.num_patches * m.patch_dim * m.enc_width
         + 2 * m.num_latent_tokens * m.enc_width * m.latent_dim
-    dec = _blocks(m.dec_depth, n, m.dec_width) + 2 * m.num_patches * m.dec_width * m.patch_dim \
+    )
+    dec = (
+        _blocks(m.dec_depth, n, m.dec_width)
+        + 2 * m.num_patches * m.dec_width * m.patch_dim
         + 2 * m.num_latent_tokens * m.latent_dim * m.dec_width
+    )
     aux = 0
     for name in m.aux_targets:
         if m.aux_kind == "vit":
-            aux += _blocks(m.aux_depth, n, m.aux_width) \
-                + 2 * m.num_patches * m.aux_width * target_dim(name, m)
+            aux += _blocks(
+                m.aux_depth, n, m.aux_width
+            ) + 2 * m.num_patches * m.aux_width * target_dim(name, m)
     train = 3 * (enc + dec + aux) if stage == 1 else enc + 3 * dec
     return {"encoder_fwd": enc, "decoder_fwd": dec, "aux_fwd": aux, "train_step": train}
 
 
 def conv_flops(cfg, stage: int) -> float:
     """Approximate FLOPs per image of the convolutional parts (not in model TFLOP/s)."""
-    m, hw = cfg.model, cfg.model.image_size ** 2
+    m, hw = cfg.model, cfg.model.image_size**2
     banks = filter_banks(m.patch_size)
     total = 0.0
     if stage == 1:
         k = banks["gabor"].shape[0]
         total += 2 * hw * m.channels * (k * k * banks["gabor"].shape[-1] + 2 * 9)  # gabor + sobel
-    per = 2 * sum(hw / 4 ** l for l in range(PERCEP_LEVELS)) * m.channels * 25 * 5
+    per = 2 * sum(hw / 4**l for l in range(PERCEP_LEVELS)) * m.channels * 25 * 5
     total += per * 2 * 3  # images and recon, forward + backward through recon
     if cfg.loss.use_adv:
         w = disc_widths(m)
@@ -98,6 +105,7 @@ def measure_matmul_ceiling(backend: str) -> float:
     if backend == "jax":
         import jax
         import jax.numpy as jnp
+
         a = jnp.ones((n, n), jnp.bfloat16) * 0.01
         f = jax.jit(lambda x, y: x @ y)
         f(a, a).block_until_ready()
@@ -108,6 +116,7 @@ def measure_matmul_ceiling(backend: str) -> float:
             times.append(time.perf_counter() - t)
     else:
         import torch
+
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
         a @ a
         torch.cuda.synchronize()
@@ -117,7 +126,7 @@ def measure_matmul_ceiling(backend: str) -> float:
             a @ a
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def run_single(args) -> dict:
@@ -129,22 +138,35 @@ def run_single(args) -> dict:
 
     name = args.single
     devices = None if args.devices in (None, "plain") else int(args.devices)
-    overrides = {"model": {"compute_dtype": args.dtype, "attention": args.attention,
-                           "unroll": args.unroll, "remat": args.remat},
-                 "train": {"batch_size": args.batch * (devices or 1), "stage": args.stage,
-                           "steps": args.warmup + args.steps, "anneal_steps": 1000},
-                 "loss": {"use_adv": args.gan}}
+    overrides = {
+        "model": {
+            "compute_dtype": args.dtype,
+            "attention": args.attention,
+            "unroll": args.unroll,
+            "remat": args.remat,
+        },
+        "train": {
+            "batch_size": args.batch * (devices or 1),
+            "stage": args.stage,
+            "steps": args.warmup + args.steps,
+            "anneal_steps": 1000,
+        },
+        "loss": {"use_adv": args.gan},
+    }
     cfg = preset(args.preset, **overrides)
     if name == "jax":
         from maetok_jax.backend import Backend
+
         backend = Backend(cfg, devices=devices)
 
         def sync(x):
             import jax
+
             jax.block_until_ready(x)
     else:
         import torch
         from maetok_torch.backend import Backend
+
         torch.backends.cuda.matmul.allow_tf32 = True
         backend = Backend(cfg, compile=name == "torch-compile", devices=devices)
 
@@ -154,17 +176,19 @@ def run_single(args) -> dict:
 
     total = args.warmup + args.steps
     if args.data:
-        source = BatchSource(ImageFolder(args.data, cfg.model.image_size), cfg,
-                             rows=backend.rows)
+        source = BatchSource(ImageFolder(args.data, cfg.model.image_size), cfg, rows=backend.rows)
         batches = Prefetcher(source, 0, total, depth=8, workers=min(8, os.cpu_count() or 2))
     else:  # a few distinct in-memory batches, cycled
         b = cfg.train.batch_size
-        source = BatchSource(SyntheticImages(cfg.model.image_size, count=4 * b), cfg,
-                             rows=backend.rows)
+        source = BatchSource(
+            SyntheticImages(cfg.model.image_size, count=4 * b), cfg, rows=backend.rows
+        )
         pool = [source.batch(s) for s in range(4)]
         n = cfg.model.num_patches  # a fresh mask and ratio every step, as in training
-        batches = ({**pool[s % 4], "mask": mask_for_step(s, cfg.train, n)[0][backend.rows]}
-                   for s in range(total))
+        batches = (
+            {**pool[s % 4], "mask": mask_for_step(s, cfg.train, n)[0][backend.rows]}
+            for s in range(total)
+        )
     state = backend.init_state(0)
     times, first = [], None
     for step, batch in zip(range(total), batches):
@@ -184,23 +208,35 @@ def run_single(args) -> dict:
     flops = transformer_flops(cfg.model, args.stage)
     ips = cfg.train.batch_size / med
     result = {
-        "devices": devices, "images_per_s_per_device": ips / (devices or 1),
-        "backend": name, "preset": args.preset, "stage": args.stage, "dtype": args.dtype,
-        "batch": args.batch, "global_batch": cfg.train.batch_size, "gan": args.gan, "attention": args.attention, "unroll": args.unroll,
+        "devices": devices,
+        "images_per_s_per_device": ips / (devices or 1),
+        "backend": name,
+        "preset": args.preset,
+        "stage": args.stage,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "global_batch": cfg.train.batch_size,
+        "gan": args.gan,
+        "attention": args.attention,
+        "unroll": args.unroll,
         "remat": args.remat,
         "data": args.data or "in-memory synthetic",
-        "images_per_s": ips, "step_ms_median": med * 1e3,
+        "images_per_s": ips,
+        "step_ms_median": med * 1e3,
         "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
         "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
         "model_tflops": ips * flops["train_step"] / 1e12,
         "model_gflop_per_image": flops["train_step"] / 1e9,
         "conv_gflop_per_image": conv_flops(cfg, args.stage) / 1e9,
-        "first_step_s": first, "final_loss": loss,
-        "peak_memory_gib": (backend.peak_memory_bytes() or 0) / 2 ** 30,
+        "first_step_s": first,
+        "final_loss": loss,
+        "peak_memory_gib": (backend.peak_memory_bytes() or 0) / 2**30,
         "device": backend.describe(),
     }
     if args.ceiling:
-        result["matmul_ceiling_tflops"] = measure_matmul_ceiling("jax" if name == "jax" else "torch")
+        result["matmul_ceiling_tflops"] = measure_matmul_ceiling(
+            "jax" if name == "jax" else "torch"
+        )
     return result
 
 
@@ -221,8 +257,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
     p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
     p.add_argument("--remat", action="store_true", help="recompute block internals in backward")
-    p.add_argument("--devices", help="data parallelism: device counts to time, e.g. 1,2,4,8 "
-                   "(--batch per device); 'plain' is the one-device path without a mesh")
+    p.add_argument(
+        "--devices",
+        help="data parallelism: device counts to time, e.g. 1,2,4,8 "
+        "(--batch per device); 'plain' is the one-device path without a mesh",
+    )
     p.add_argument("--single", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -233,8 +272,10 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 — out-of-memory among others: report, not crash
             text = " ".join(str(e).split())
             oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-            print("ERROR " + ("out of memory" if oom else f"{type(e).__name__}: {text[:300]}"),
-                  flush=True)
+            print(
+                "ERROR " + ("out of memory" if oom else f"{type(e).__name__}: {text[:300]}"),
+                flush=True,
+            )
             raise
         if result is not None:
             print("RESULT " + json.dumps(result), flush=True)
@@ -264,13 +305,13 @@ def scaling(runs: list[dict]) -> list[dict]:
     if len(ok) > 1:
         base = min(ok, key=lambda r: r["devices"] or 1)
         for r in ok:
-            r["scaling_efficiency"] = (r["images_per_s_per_device"]
-                                       / base["images_per_s_per_device"])
+            r["scaling_efficiency"] = r["images_per_s_per_device"] / base["images_per_s_per_device"]
     return runs
 
 
-def _run_backend(name: str, batch: int, argv: list[str], timeout: float,
-                 devices: str | None = None) -> dict:
+def _run_backend(
+    name: str, batch: int, argv: list[str], timeout: float, devices: str | None = None
+) -> dict:
     """One backend at one batch size in a fresh subprocess; its stderr streams through.
 
     ``devices``: a count or ``plain``; torch with N > 1 runs N processes under torchrun.
@@ -279,11 +320,13 @@ def _run_backend(name: str, batch: int, argv: list[str], timeout: float,
     if devices is not None:
         cmd += ["--devices", devices]
         if name != "jax" and devices != "plain" and int(devices) > 1:
-            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", devices]
+            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", devices]
     # JAX may use 95% of the device (its default cap is 75% even without preallocation)
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ,
-           "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    env = {
+        "XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
+        **os.environ,
+        "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+    }
     where = f", devices {devices}" if devices is not None else ""
     print(f"-- {name}, batch {batch}{where}", file=sys.stderr, flush=True)
     try:
@@ -292,8 +335,10 @@ def _run_backend(name: str, batch: int, argv: list[str], timeout: float,
         return {"backend": name, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode or not lines:
-        err = next((l[6:] for l in proc.stdout.splitlines() if l.startswith("ERROR ")),
-                   f"exit status {proc.returncode} (see the log above)")
+        err = next(
+            (l[6:] for l in proc.stdout.splitlines() if l.startswith("ERROR ")),
+            f"exit status {proc.returncode} (see the log above)",
+        )
         return {"backend": name, "batch": batch, "error": err}
     return json.loads(lines[-1][7:])
 
@@ -307,13 +352,19 @@ def print_table(results) -> None:
         return
     r0 = ok[0]
     per = " per device" if any(r.get("devices") for r in ok) else ""
-    print(f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}{per}, "
-          f"gan {'on' if r0['gan'] else 'off'}, attention {r0['attention']}, data: {r0['data']}")
-    print(f"model {r0['model_gflop_per_image']:.1f} GFLOP/image per train step "
-          f"(+ {r0['conv_gflop_per_image']:.2f} GFLOP convolutional, not counted)")
-    head = (f"{'backend':15s}{'dev':>6s}{'img/s':>9s}{'img/s/dev':>10s}{'eff':>6s}"
-            f"{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
-            f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'loss':>9s}")
+    print(
+        f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}{per}, "
+        f"gan {'on' if r0['gan'] else 'off'}, attention {r0['attention']}, data: {r0['data']}"
+    )
+    print(
+        f"model {r0['model_gflop_per_image']:.1f} GFLOP/image per train step "
+        f"(+ {r0['conv_gflop_per_image']:.2f} GFLOP convolutional, not counted)"
+    )
+    head = (
+        f"{'backend':15s}{'dev':>6s}{'img/s':>9s}{'img/s/dev':>10s}{'eff':>6s}"
+        f"{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
+        f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'loss':>9s}"
+    )
     print(head + "\n" + "-" * len(head))
     ceiling = max((r.get("matmul_ceiling_tflops", 0) for r in ok), default=0)
     for r in ok:
@@ -321,11 +372,13 @@ def print_table(results) -> None:
         mm = f"{100 * r['model_tflops'] / n / ceiling:6.1f}%" if ceiling else "     -"
         eff = f"{100 * r['scaling_efficiency']:5.0f}%" if "scaling_efficiency" in r else "     -"
         dev = "plain" if r.get("devices") is None else str(r["devices"])
-        print(f"{r['backend']:15s}{dev:>6s}{r['images_per_s']:9.1f}"
-              f"{r.get('images_per_s_per_device', r['images_per_s']):10.1f}{eff}"
-              f"{r['step_ms_median']:9.1f}"
-              f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / n / H100_BF16_DENSE:6.1f}%"
-              f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}{r['final_loss']:9.4f}")
+        print(
+            f"{r['backend']:15s}{dev:>6s}{r['images_per_s']:9.1f}"
+            f"{r.get('images_per_s_per_device', r['images_per_s']):10.1f}{eff}"
+            f"{r['step_ms_median']:9.1f}"
+            f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / n / H100_BF16_DENSE:6.1f}%"
+            f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}{r['final_loss']:9.4f}"
+        )
     if ceiling:
         print(f"measured 8192³ bf16 matmul: {ceiling:.0f} TFLOP/s")
 

@@ -41,9 +41,21 @@ from maetok_jax.train import init_state, jit_train_step, step_inputs
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "bsds500"
 SAVED = ROOT / "runs" / "proxy"
-MODEL = dict(image_size=64, patch_size=8, num_latent_tokens=32, latent_dim=8, enc_width=128,
-             enc_depth=4, enc_heads=4, dec_width=128, dec_depth=4, dec_heads=4, aux_width=64,
-             aux_depth=1, aux_heads=2)
+MODEL = dict(
+    image_size=64,
+    patch_size=8,
+    num_latent_tokens=32,
+    latent_dim=8,
+    enc_width=128,
+    enc_depth=4,
+    enc_heads=4,
+    dec_width=128,
+    dec_depth=4,
+    dec_heads=4,
+    aux_width=64,
+    aux_depth=1,
+    aux_heads=2,
+)
 TRAIN = dict(batch_size=32, lr=2e-3, warmup_steps=50, ema_decay=0.0)
 
 
@@ -55,8 +67,9 @@ class Shrunk:
         for path in sorted(Path(folder).glob("*.jpg")):
             with Image.open(path) as im:
                 w, h = im.size
-                self.images.append(np.asarray(im.convert("RGB").resize((w // 4, h // 4),
-                                                                        Image.BICUBIC)))
+                self.images.append(
+                    np.asarray(im.convert("RGB").resize((w // 4, h // 4), Image.BICUBIC))
+                )
 
     def __len__(self):
         return len(self.images)
@@ -67,10 +80,12 @@ class Shrunk:
 
 def main(name: str, overrides: dict, data=DATA, saved=SAVED) -> dict:
     steps = int(overrides.get("steps", 600))
-    cfg = preset("seed", model={**MODEL, **overrides.get("model", {})},
-                 train={**TRAIN, "steps": steps, "anneal_steps": steps,
-                        **overrides.get("train", {})},
-                 loss=overrides.get("loss", {}))
+    cfg = preset(
+        "seed",
+        model={**MODEL, **overrides.get("model", {})},
+        train={**TRAIN, "steps": steps, "anneal_steps": steps, **overrides.get("train", {})},
+        loss=overrides.get("loss", {}),
+    )
     train_set = Shrunk(Path(data) / "train")
     val = from_uint8(np.stack([center_crop(x, 64) for x in Shrunk(Path(data) / "val").images]))
     params = None
@@ -91,11 +106,14 @@ def main(name: str, overrides: dict, data=DATA, saved=SAVED) -> dict:
         if (s + 1) % max(1, steps // 4) == 0:
             curve.append(val_psnr(state["params"]))
     result = {
-        "name": name, "val_psnr_curve": curve,
+        "name": name,
+        "val_psnr_curve": curve,
         "by_mask_ratio": {r: val_psnr(state["params"], r) for r in (0.0, 0.02, 0.1, 0.5)},
-        "thumbnail_psnr": round(float(psnr(val, thumbnail_baseline(
-            val, thumbnail_side(cfg.model))).mean()), 2),
-        "rec": round(float(metrics["rec"]), 4), "seconds": round(time.time() - t0),
+        "thumbnail_psnr": round(
+            float(psnr(val, thumbnail_baseline(val, thumbnail_side(cfg.model))).mean()), 2
+        ),
+        "rec": round(float(metrics["rec"]), 4),
+        "seconds": round(time.time() - t0),
     }
     Path(saved).mkdir(parents=True, exist_ok=True)
     np.savez(Path(saved) / f"{name}.npz", **flatten(jax.device_get(state["params"])))

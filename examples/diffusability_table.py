@@ -20,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-TOKENIZERS = (("plain_ae", "plain AE"), ("maetok_s1", "MAETok Stage 1"),
-              ("maetok_s2", "MAETok Stage 1 + 2"))
+TOKENIZERS = (
+    ("plain_ae", "plain AE"),
+    ("maetok_s1", "MAETok Stage 1"),
+    ("maetok_s2", "MAETok Stage 1 + 2"),
+)
 GMM_COMPONENTS = ("1", "4", "16")
 
 
@@ -46,10 +49,18 @@ def _sample_values(runs: list[Path], guidance: str, key: str) -> list[float]:
 
 
 def table(out: Path, guidance: str) -> str:
-    head = (["tokenizer", "rPSNR (dB)", "linear probe"]
-            + [f"GMM NLL K={k}" for k in GMM_COMPONENTS]
-            + ["FD-C10 (g=1)", f"FD-C10 (g={guidance})", "precision", "recall",
-               "class consistency", "seeds"])
+    head = (
+        ["tokenizer", "rPSNR (dB)", "linear probe"]
+        + [f"GMM NLL K={k}" for k in GMM_COMPONENTS]
+        + [
+            "FD-C10 (g=1)",
+            f"FD-C10 (g={guidance})",
+            "precision",
+            "recall",
+            "class consistency",
+            "seeds",
+        ]
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, title in TOKENIZERS:
         path = out / "tokenizers" / name / "metrics.json"
@@ -58,12 +69,17 @@ def table(out: Path, guidance: str) -> str:
         (tok,) = json.loads(path.read_text())["tokenizers"].values()
         runs = _runs(out, name)
         cells = [title, f"{tok['psnr']:.2f}", f"{100 * tok['linear_probe']:.1f} %"]
-        cells += [f"{tok['gmm_nll'][k]:.3f}" if k in tok["gmm_nll"] else "–"
-                  for k in GMM_COMPONENTS]
-        cells += [_spread(_sample_values(runs, "1.0", "fd_c10"), 2),
-                  _spread(_sample_values(runs, guidance, "fd_c10"), 2)]
-        cells += [_spread(_sample_values(runs, guidance, key), 3)
-                  for key in ("precision", "recall", "class_consistency")]
+        cells += [
+            f"{tok['gmm_nll'][k]:.3f}" if k in tok["gmm_nll"] else "–" for k in GMM_COMPONENTS
+        ]
+        cells += [
+            _spread(_sample_values(runs, "1.0", "fd_c10"), 2),
+            _spread(_sample_values(runs, guidance, "fd_c10"), 2),
+        ]
+        cells += [
+            _spread(_sample_values(runs, guidance, key), 3)
+            for key in ("precision", "recall", "class_consistency")
+        ]
         cells.append(str(len(runs)))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -104,8 +120,10 @@ def main(argv=None) -> int:
     ap.add_argument("--figure", type=Path, help="write the side-by-side sample grids here")
     args = ap.parse_args(argv)
     if not (args.out / "tokenizers").is_dir():
-        print(f"diffusability_table: error: {args.out} holds no study (no tokenizers/ folder)",
-              file=sys.stderr)
+        print(
+            f"diffusability_table: error: {args.out} holds no study (no tokenizers/ folder)",
+            file=sys.stderr,
+        )
         return 2
     print(table(args.out, args.guidance))
     if args.figure:

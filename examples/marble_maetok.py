@@ -38,15 +38,18 @@ def marble_host(kind: str):
     """A context manager yielding ``marble.marblemain`` (or None when Marble is missing)."""
     if kind == "test":
         from tests import marble_host as host
+
         return host.installed()
     try:
         import marble.marblemain as marblemain
     except ImportError as e:
-        print(f"Marble is not available ({e}).\n"
-              "Marble is not on the package index: clone its repository (the one providing "
-              "marble/marblemain.py, github.com/FreddyE1982/_marble at the time of writing), "
-              "run `pip install -e .` inside it (or put it on PYTHONPATH), and run this script "
-              "again; `--host test` runs the same flow under the test suite's stand-in host.")
+        print(
+            f"Marble is not available ({e}).\n"
+            "Marble is not on the package index: clone its repository (the one providing "
+            "marble/marblemain.py, github.com/FreddyE1982/_marble at the time of writing), "
+            "run `pip install -e .` inside it (or put it on PYTHONPATH), and run this script "
+            "again; `--host test` runs the same flow under the test suite's stand-in host."
+        )
         return None
     return contextlib.nullcontext(marblemain)
 
@@ -64,12 +67,12 @@ def build_brain(marblemain, neurons: int):
     brain = marblemain.Brain(2, size=BRAIN_SIZE)
     chain = list(brain.available_indices())[:neurons]
     if len(chain) < neurons:
-        raise SystemExit(f"only {len(chain)} indices of a {BRAIN_SIZE} brain are usable; "
-                         "ask for fewer --neurons")
+        raise SystemExit(
+            f"only {len(chain)} indices of a {BRAIN_SIZE} brain are usable; ask for fewer --neurons"
+        )
     brain.add_neuron(chain[0], tensor=[0.1])
     for i in range(1, neurons):
-        brain.add_neuron(chain[i], tensor=[0.1 * (i + 1)], connect_to=chain[i - 1],
-                         direction="bi")
+        brain.add_neuron(chain[i], tensor=[0.1 * (i + 1)], connect_to=chain[i - 1], direction="bi")
     return brain, chain
 
 
@@ -95,18 +98,31 @@ def main(argv=None) -> int:
     with ctx as marblemain:
         register()  # MAETokParadigm under "maetok"
         brain, chain = build_brain(marblemain, args.neurons)
-        tok = brain.load_paradigm("maetok", {
-            "preset": "tiny", "batch_size": 8, "lr": 2e-3, "warmup_steps": 5,
-            "stage2_start": args.stage2_start, "anneal_steps": 20, "pretrain_steps": 4,
-            "stats_every": 5})
+        tok = brain.load_paradigm(
+            "maetok",
+            {
+                "preset": "tiny",
+                "batch_size": 8,
+                "lr": 2e-3,
+                "warmup_steps": 5,
+                "stage2_start": args.stage2_start,
+                "anneal_steps": 20,
+                "pretrain_steps": 4,
+                "stats_every": 5,
+            },
+        )
         w = marblemain.Wanderer(brain, seed=0)  # on_wanderer, on_init: the state is built
         if tok.stopped:  # e.g. a rejected config: the host fell back to cls()
             print(f"the maetok paradigm is stopped: {tok.last_error}")
             return 1
-        print(f"brain: {len(chain)} neurons from {chain[0]} to {chain[-1]}, joined by 'bi' "
-              f"synapses; walks start at {chain[0]}")
-        print(f"maetok paradigm on {tok.summary()['device']}: "
-              f"{tok.settings.source.description}, stage 2 from iteration {args.stage2_start}")
+        print(
+            f"brain: {len(chain)} neurons from {chain[0]} to {chain[-1]}, joined by 'bi' "
+            f"synapses; walks start at {chain[0]}"
+        )
+        print(
+            f"maetok paradigm on {tok.summary()['device']}: "
+            f"{tok.settings.source.description}, stage 2 from iteration {args.stage2_start}"
+        )
         seen, steps, calls, iterations = 0, 0, 0, 0
         for k in range(args.walks):
             stats = w.walk(max_steps=args.steps, start=brain.get_neuron(chain[0]), lr=1e-2)
@@ -114,36 +130,60 @@ def main(argv=None) -> int:
             seen = tok.iteration
             walked = [r for r in new if not r["pretrain"]]
             pre, dead = len(new) - len(walked), sum(r["dead_end"] for r in walked)
-            steps, calls, iterations = (steps + stats["steps"], calls + stats["steps"] + dead,
-                                        iterations + len(walked))
-            mean = {key: sum(r[key] for r in walked) / len(walked)
-                    for key in ("loss", "rec", "mask_ratio") if walked}
-            print(f"walk {k + 1}: {stats['steps']} steps" + (" + dead end" if dead else "")
-                  + f" -> {len(walked)} tokenizer iterations"
-                  + (f" (after {pre} pretraining)" if pre else "")
-                  + f", stage {tok.stage} | host loss {stats['loss']:.4f} | maetok "
-                  + fmt(mean, mean))
+            steps, calls, iterations = (
+                steps + stats["steps"],
+                calls + stats["steps"] + dead,
+                iterations + len(walked),
+            )
+            mean = {
+                key: sum(r[key] for r in walked) / len(walked)
+                for key in ("loss", "rec", "mask_ratio")
+                if walked
+            }
+            print(
+                f"walk {k + 1}: {stats['steps']} steps"
+                + (" + dead end" if dead else "")
+                + f" -> {len(walked)} tokenizer iterations"
+                + (f" (after {pre} pretraining)" if pre else "")
+                + f", stage {tok.stage} | host loss {stats['loss']:.4f} | maetok "
+                + fmt(mean, mean)
+            )
             if stats["steps"] == 0:
                 print(f"  the walk took no step: {chain[0]} has no synapse to follow")
         last = tok.history[-1] if tok.history else {}
-        print("training/maetok (last):", fmt(last, ("iteration", "stage", "loss", "rec", "percep",
-                                                   "lr", "mask_ratio", "grad_norm")))
+        print(
+            "training/maetok (last):",
+            fmt(
+                last,
+                ("iteration", "stage", "loss", "rec", "percep", "lr", "mask_ratio", "grad_norm"),
+            ),
+        )
         tokens = tok.token_stats(tok.settings.source.batch(0))
-        print("maetok/tokens:", fmt(tokens, ("mean", "std", "token_var_mean", "token_usage",
-                                             "collapse")))
+        print(
+            "maetok/tokens:",
+            fmt(tokens, ("mean", "std", "token_var_mean", "token_usage", "collapse")),
+        )
         aux = [r for r in tok.history if "aux/hog" in r]
         if aux:
-            print("maetok/aux (last stage-1 iteration):",
-                  fmt({k[4:]: v for k, v in aux[-1].items() if k.startswith("aux/")},
-                      ("hog", "conv", "pixel")))
+            print(
+                "maetok/aux (last stage-1 iteration):",
+                fmt(
+                    {k[4:]: v for k, v in aux[-1].items() if k.startswith("aux/")},
+                    ("hog", "conv", "pixel"),
+                ),
+            )
         reporter = getattr(marblemain, "REPORTER", None)
         if args.host == "test" and reporter is not None:
             paths = sorted(f"{g}/{sub}" for g, items in reporter.tree.items() for sub in items)
             print("reported paths:", ", ".join(paths))
-        print(f"errors: {tok.error_count}" + (f" (last: {tok.last_error.splitlines()[0]})"
-                                              if tok.last_error else ""))
-        print(f"{args.walks} walks: {steps} steps, {iterations} tokenizer iterations"
-              + (f" ({calls - steps} of them at dead ends)" if calls > steps else ""))
+        print(
+            f"errors: {tok.error_count}"
+            + (f" (last: {tok.last_error.splitlines()[0]})" if tok.last_error else "")
+        )
+        print(
+            f"{args.walks} walks: {steps} steps, {iterations} tokenizer iterations"
+            + (f" ({calls - steps} of them at dead ends)" if calls > steps else "")
+        )
         if args.save:
             print(f"saved {tok.save(args.save)} (stage {tok.stage}, iteration {tok.iteration})")
     per_step = iterations == calls and steps >= args.walks

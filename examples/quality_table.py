@@ -1,6 +1,8 @@
 """Collect the ``eval.json`` reports of a BSDS500 recipe run into one Markdown table.
 
     python examples/quality_table.py runs/bsds500
+
+One row per recipe variant whose report exists.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ ROWS = [  # (label, report path under the run folder)
 
 def main(root: str) -> int:
     root_path = Path(root)
-    reports = [(label, json.loads((root_path / rel).read_text()))
-               for label, rel in ROWS if (root_path / rel).is_file()]
+    reports = [
+        (label, json.loads((root_path / rel).read_text()))
+        for label, rel in ROWS
+        if (root_path / rel).is_file()
+    ]
     if not reports:
         print(f"no eval.json under {root_path}")
         return 1
@@ -33,13 +38,17 @@ def main(root: str) -> int:
     extra = "".join(f" PSNR at r = {k} |" for k in ratios)
     print(f"| model | PSNR (dB) | SSIM |{extra} latent std | dead latent dims |")
     print("|---|---|---|" + "---|" * len(ratios) + "---|---|")
-    print(f"| thumbnail {thumb['side']}×{thumb['side']} bicubic ({thumb['values']} values) "
-          f"| {thumb['psnr']:.2f} | {thumb['ssim']:.3f} |" + " – |" * len(ratios) + " – | – |")
+    print(
+        f"| thumbnail {thumb['side']}×{thumb['side']} bicubic ({thumb['values']} values) "
+        f"| {thumb['psnr']:.2f} | {thumb['ssim']:.3f} |" + " – |" * len(ratios) + " – | – |"
+    )
     for label, r in reports:
         st, by_r = r["latents"], r.get("psnr_by_mask_ratio", {})
         cells = "".join(f" {by_r[k]:.2f} |" if k in by_r else " – |" for k in ratios)
-        print(f"| {label} | {r['tokenizer']['psnr']:.2f} | {r['tokenizer']['ssim']:.3f} |{cells}"
-              f" {st['std']:.3f} | {100 * st['dead_dim_fraction']:.1f}% |")
+        print(
+            f"| {label} | {r['tokenizer']['psnr']:.2f} | {r['tokenizer']['ssim']:.3f} |{cells}"
+            f" {st['std']:.3f} | {100 * st['dead_dim_fraction']:.1f}% |"
+        )
     return 0
 
 

@@ -54,8 +54,9 @@ def layout(state: dict) -> Layout:
     return out
 
 
-def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
-              fmt: str = FORMAT) -> Path:
+def save_tree(
+    path, tree: dict, config_json: str, meta: dict | None = None, fmt: str = FORMAT
+) -> Path:
     """Atomically write the nested dict ``tree`` with metadata ``format``, ``config`` and ``meta``.
 
     The one writer of every maetok file (tokenizer, diffusion and classifier checkpoints).
@@ -70,8 +71,10 @@ def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
         if not arr.flags.c_contiguous:  # (ascontiguousarray alone would turn 0-d into (1,))
             arr = np.ascontiguousarray(arr)
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
-            raise CheckpointError(f"refusing to save {path}: {key} holds NaN or infinite values "
-                                  "(training diverged); the previous checkpoint is kept")
+            raise CheckpointError(
+                f"refusing to save {path}: {key} holds NaN or infinite values "
+                "(training diverged); the previous checkpoint is kept"
+            )
         tensors[key] = arr
     metadata = {"format": fmt, "config": config_json}
     encoded = []
@@ -102,8 +105,10 @@ def save_tree(path, tree: dict, config_json: str, meta: dict | None = None,
         tmp.unlink(missing_ok=True)
         if isinstance(e, (OSError, SafetensorError)):  # disk full, permissions, quota
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise CheckpointError(f"cannot write checkpoint {path}: {reason}; the previous "
-                                  "checkpoint, if any, is kept") from e
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {reason}; the previous "
+                "checkpoint, if any, is kept"
+            ) from e
         raise
     _fsync_dir(path.parent)
     return path
@@ -152,16 +157,19 @@ def _open(path: Path):
     try:
         return safe_open(str(path), framework="numpy")
     except Exception as e:  # noqa: BLE001 - safetensors raises several unrelated types
-        raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({e}); it may "
-                              "be truncated or corrupt: use an earlier checkpoint") from e
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint ({e}); it may "
+            "be truncated or corrupt: use an earlier checkpoint"
+        ) from e
 
 
 def _metadata(path: Path, handle, fmt: str = FORMAT) -> dict[str, str]:
     metadata = handle.metadata() or {}
     if metadata.get("format") != fmt:
         found = repr(metadata["format"]) if "format" in metadata else "no format tag"
-        raise CheckpointError(f"{path} is not a maetok checkpoint: expected format {fmt!r}, "
-                              f"found {found}")
+        raise CheckpointError(
+            f"{path} is not a maetok checkpoint: expected format {fmt!r}, found {found}"
+        )
     return metadata
 
 
@@ -169,16 +177,21 @@ def _tensors(path: Path, handle) -> dict:
     try:
         return {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the tensors of {path} ({e}); it may be "
-                              "truncated or corrupt: use an earlier checkpoint") from e
+        raise CheckpointError(
+            f"cannot read the tensors of {path} ({e}); it may be "
+            "truncated or corrupt: use an earlier checkpoint"
+        ) from e
 
 
 def _meta(path: Path, metadata: dict) -> dict:
     """The caller entries of the metadata, JSON-encoded ones decoded."""
     try:
         encoded = set(json.loads(metadata.get("meta_json", "[]")))
-        return {k: json.loads(v) if k in encoded else v
-                for k, v in metadata.items() if k not in _RESERVED}
+        return {
+            k: json.loads(v) if k in encoded else v
+            for k, v in metadata.items()
+            if k not in _RESERVED
+        }
     except json.JSONDecodeError as e:
         raise CheckpointError(f"checkpoint {path} has unreadable metadata: {e}") from e
 
@@ -214,9 +227,9 @@ def read_header(path) -> tuple[Config, dict]:
         return _config_of(path, metadata), _meta(path, metadata)
 
 
-
-def load_checkpoint(path, cfg: Config | None = None,
-                    expected: Layout | None = None) -> tuple[dict, Config, dict]:
+def load_checkpoint(
+    path, cfg: Config | None = None, expected: Layout | None = None
+) -> tuple[dict, Config, dict]:
     """Read a checkpoint; returns ``(state, cfg_in_file, meta)``.
 
     ``state`` is the nested dict of numpy arrays that was saved. With ``cfg``, the model
@@ -235,8 +248,10 @@ def load_checkpoint(path, cfg: Config | None = None,
         _check_layout(path, layout(flat), expected)
     for key in sorted(flat):  # a NaN weight would only show up later, as a NaN loss or PSNR
         if flat[key].dtype.kind in "fc" and not np.isfinite(flat[key]).all():
-            raise CheckpointError(f"checkpoint {path} holds NaN or infinite values, first in "
-                                  f"{key}; it cannot be used: take an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint {path} holds NaN or infinite values, first in "
+                f"{key}; it cannot be used: take an earlier checkpoint"
+            )
     return unflatten(flat), file_cfg, _meta(path, metadata)
 
 
@@ -250,12 +265,17 @@ COMPUTE_ONLY = ("compute_dtype", "attention", "unroll", "remat")
 
 def _check_model(path: Path, found: Config, want: Config) -> None:
     a, b = found.to_dict()["model"], want.to_dict()["model"]
-    diffs = [f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"
-             for k in sorted(a) if a[k] != b[k] and k not in COMPUTE_ONLY]
+    diffs = [
+        f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"
+        for k in sorted(a)
+        if a[k] != b[k] and k not in COMPUTE_ONLY
+    ]
     if diffs:  # one line: the command line prints user errors as a single line
-        raise CheckpointError(f"checkpoint {path} was saved with a different model config "
-                              f"({'; '.join(diffs)}); use a matching checkpoint, or the model "
-                              "options it was saved with")
+        raise CheckpointError(
+            f"checkpoint {path} was saved with a different model config "
+            f"({'; '.join(diffs)}); use a matching checkpoint, or the model "
+            "options it was saved with"
+        )
 
 
 def _listing(title: str, items: list[str], sep: str) -> str:
@@ -267,19 +287,35 @@ def _check_layout(path: Path, got: Layout, expected: Layout) -> None:
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     common = sorted(set(got) & set(expected))
-    shapes = [f"{k}: checkpoint {got[k][0]}, expected {tuple(expected[k][0])}"
-              for k in common if got[k][0] != tuple(expected[k][0])]
-    dtypes = [f"{k}: checkpoint {got[k][1]}, expected {_dtype_name(expected[k][1])}"
-              for k in common if got[k][1] != _dtype_name(expected[k][1])]
-    parts = [_listing(title, items, sep) for title, items, sep in (
-        ("missing key(s)", missing, ", "), ("unexpected key(s)", unexpected, ", "),
-        ("shape mismatch(es)", shapes, "; "), ("dtype mismatch(es)", dtypes, "; ")) if items]
+    shapes = [
+        f"{k}: checkpoint {got[k][0]}, expected {tuple(expected[k][0])}"
+        for k in common
+        if got[k][0] != tuple(expected[k][0])
+    ]
+    dtypes = [
+        f"{k}: checkpoint {got[k][1]}, expected {_dtype_name(expected[k][1])}"
+        for k in common
+        if got[k][1] != _dtype_name(expected[k][1])
+    ]
+    parts = [
+        _listing(title, items, sep)
+        for title, items, sep in (
+            ("missing key(s)", missing, ", "),
+            ("unexpected key(s)", unexpected, ", "),
+            ("shape mismatch(es)", shapes, "; "),
+            ("dtype mismatch(es)", dtypes, "; "),
+        )
+        if items
+    ]
     if parts:
-        raise CheckpointError(f"checkpoint {path} does not match the state this config and "
-                              f"backend expect: {'; '.join(parts)}")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the state this config and "
+            f"backend expect: {'; '.join(parts)}"
+        )
 
 
 # ----------------------------------------------------------------- diffusion checkpoints
+
 
 def file_sha256(path) -> str:
     """Hex sha256 of a file's bytes (ties a diffusion checkpoint to its tokenizer)."""

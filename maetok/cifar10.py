@@ -29,8 +29,18 @@ from tqdm import tqdm
 
 from maetok.errors import DataError
 
-CLASSES: tuple[str, ...] = ("airplane", "automobile", "bird", "cat", "deer",
-                            "dog", "frog", "horse", "ship", "truck")
+CLASSES: tuple[str, ...] = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
 SIZE = 32
 TRAIN_ARCHIVE, TEST_ARCHIVE = "train_jpg.tar.gz", "test_png.tar.gz"
 SPLITS = ("train", "test")
@@ -66,8 +76,10 @@ def _decode(path: Path) -> np.ndarray:
     except Exception as e:  # any decoder failure means this file cannot be used
         raise DataError(f"cannot decode CIFAR-10 image {path}: {e}") from e
     if image.shape != (SIZE, SIZE, 3):
-        raise DataError(f"CIFAR-10 image {path} is {image.shape[1]}×{image.shape[0]}, "
-                        f"expected {SIZE}×{SIZE}; is the archive the CIFAR-10 one?")
+        raise DataError(
+            f"CIFAR-10 image {path} is {image.shape[1]}×{image.shape[0]}, "
+            f"expected {SIZE}×{SIZE}; is the archive the CIFAR-10 one?"
+        )
     return image
 
 
@@ -75,9 +87,15 @@ def _decode_all(paths: list[Path], what: str) -> np.ndarray:
     """(N, 32, 32, 3) uint8, decoded on a thread pool (Pillow releases the GIL)."""
     out = np.empty((len(paths), SIZE, SIZE, 3), np.uint8)
     with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
-        for i, image in enumerate(tqdm(pool.map(_decode, paths, chunksize=256), total=len(paths),
-                                       desc=f"decoding CIFAR-10 {what}", unit="img",
-                                       leave=False)):
+        for i, image in enumerate(
+            tqdm(
+                pool.map(_decode, paths, chunksize=256),
+                total=len(paths),
+                desc=f"decoding CIFAR-10 {what}",
+                unit="img",
+                leave=False,
+            )
+        ):
             out[i] = image
     return out
 
@@ -86,8 +104,10 @@ def _train_listing(folder: Path) -> tuple[list[Path], np.ndarray]:
     """Every image under ``train/<class>/``, sorted by path, with its class index."""
     unknown = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in CLASSES)
     if unknown:
-        raise DataError(f"{folder} has class folder(s) {unknown} that are not CIFAR-10 classes "
-                        f"({', '.join(CLASSES)})")
+        raise DataError(
+            f"{folder} has class folder(s) {unknown} that are not CIFAR-10 classes "
+            f"({', '.join(CLASSES)})"
+        )
     paths = sorted(p for p in folder.glob("*/*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not paths:
         raise DataError(f"no images in {folder}/<class>/; is the archive the CIFAR-10 one?")
@@ -108,8 +128,11 @@ def _test_listing(folder: Path) -> tuple[list[Path], np.ndarray]:
         raise DataError(f"cannot read the CIFAR-10 test labels {meta_path}: {e!r}") from e
     if classes != CLASSES:
         raise DataError(f"{meta_path} lists classes {list(classes)}, expected {list(CLASSES)}")
-    bad = [i for i, (y, n) in enumerate(zip(labels, names))
-           if not 0 <= y < len(CLASSES) or CLASSES[y] != n]
+    bad = [
+        i
+        for i, (y, n) in enumerate(zip(labels, names))
+        if not 0 <= y < len(CLASSES) or CLASSES[y] != n
+    ]
     if bad:
         raise DataError(f"{meta_path}: label_id and class_name disagree for image(s) {bad[:5]}")
     return paths, labels
@@ -135,8 +158,10 @@ def prepare(source: str | Path, cache: str | Path | None = None) -> Path:
     if all((cache / f"{s}.npz").is_file() for s in SPLITS) and (cache / "train").is_dir():
         return cache
     if not source.is_dir():
-        raise DataError(f"CIFAR-10 folder {source} does not exist (or is not a folder); it "
-                        f"should hold {TRAIN_ARCHIVE} and {TEST_ARCHIVE}")
+        raise DataError(
+            f"CIFAR-10 folder {source} does not exist (or is not a folder); it "
+            f"should hold {TRAIN_ARCHIVE} and {TEST_ARCHIVE}"
+        )
     for name in (TRAIN_ARCHIVE, TEST_ARCHIVE):
         if not (source / name).is_file():
             raise DataError(f"CIFAR-10 folder {source} has no {name}")
@@ -153,8 +178,9 @@ def prepare(source: str | Path, cache: str | Path | None = None) -> Path:
     return cache
 
 
-def load_split(split: str, source: str | Path | None = None,
-               cache: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    split: str, source: str | Path | None = None, cache: str | Path | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(images, labels)`` of ``split`` ("train" or "test"): uint8 (N, 32, 32, 3), int32 (N,).
 
     Reads the cache, preparing it first from ``source`` when it is not there yet.
@@ -165,16 +191,23 @@ def load_split(split: str, source: str | Path | None = None,
     path = cache / f"{split}.npz"
     if not path.is_file():
         if source is None:
-            raise DataError(f"no prepared CIFAR-10 in {cache}; pass the CIFAR-10 folder (the one "
-                            f"holding {TRAIN_ARCHIVE} and {TEST_ARCHIVE}) to prepare it")
+            raise DataError(
+                f"no prepared CIFAR-10 in {cache}; pass the CIFAR-10 folder (the one "
+                f"holding {TRAIN_ARCHIVE} and {TEST_ARCHIVE}) to prepare it"
+            )
         prepare(source, cache)
     try:
         with np.load(path) as data:
             images, labels = data["images"], data["labels"]
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"cannot read {path} ({e}); delete it to prepare it again") from e
-    if images.dtype != np.uint8 or images.shape[1:] != (SIZE, SIZE, 3) or \
-            labels.shape != (len(images),):
-        raise DataError(f"{path} holds images {images.dtype}{images.shape} and labels "
-                        f"{labels.shape}; delete it to prepare it again")
+    if (
+        images.dtype != np.uint8
+        or images.shape[1:] != (SIZE, SIZE, 3)
+        or labels.shape != (len(images),)
+    ):
+        raise DataError(
+            f"{path} holds images {images.dtype}{images.shape} and labels "
+            f"{labels.shape}; delete it to prepare it again"
+        )
     return images, labels.astype(np.int32)

@@ -44,18 +44,28 @@ class ClassifierConfig:
 
     def __post_init__(self):
         if len(self.widths) != 1 + len(STAGES) or min(self.widths) < 1:
-            raise ConfigError(f"classifier widths must be {1 + len(STAGES)} positive numbers "
-                              f"(stem and {len(STAGES)} stages), got {self.widths}")
+            raise ConfigError(
+                f"classifier widths must be {1 + len(STAGES)} positive numbers "
+                f"(stem and {len(STAGES)} stages), got {self.widths}"
+            )
         for name, low in (("num_classes", 2), ("epochs", 1), ("batch_size", 1)):
             if getattr(self, name) < low:
-                raise ConfigError(f"classifier {name} must be at least {low}, "
-                                  f"got {getattr(self, name)}")
+                raise ConfigError(
+                    f"classifier {name} must be at least {low}, got {getattr(self, name)}"
+                )
         if self.compute_dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"classifier compute_dtype must be float32 or bfloat16, "
-                              f"got {self.compute_dtype!r}")
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and self.weight_decay >= 0
-                and 0 <= self.label_smoothing < 1 and 0 < self.warmup_fraction < 1
-                and 0 <= self.bn_momentum < 1 and self.pad >= 0):
+            raise ConfigError(
+                f"classifier compute_dtype must be float32 or bfloat16, got {self.compute_dtype!r}"
+            )
+        if not (
+            self.lr > 0
+            and 0 <= self.momentum < 1
+            and self.weight_decay >= 0
+            and 0 <= self.label_smoothing < 1
+            and 0 < self.warmup_fraction < 1
+            and 0 <= self.bn_momentum < 1
+            and self.pad >= 0
+        ):
             raise ConfigError(f"impossible classifier optimisation settings: {self}")
 
     @property
@@ -88,8 +98,10 @@ class ClassifierConfig:
 
 
 def _conv_bn(c_in: int, c_out: int) -> Tree:
-    return {"conv": {"w": ParamSpec((3, 3, c_in, c_out), "he")},
-            "bn": {"scale": ParamSpec((c_out,), "ones"), "bias": ParamSpec((c_out,), "zeros")}}
+    return {
+        "conv": {"w": ParamSpec((3, 3, c_in, c_out), "he")},
+        "bn": {"scale": ParamSpec((c_out,), "ones"), "bias": ParamSpec((c_out,), "zeros")},
+    }
 
 
 def spec_classifier(cfg: ClassifierConfig) -> Tree:
@@ -112,12 +124,16 @@ def spec_classifier_stats(cfg: ClassifierConfig) -> Tree:
     for path, spec in flatten(spec_classifier(cfg)).items():
         if path.endswith("/bn/scale"):
             bn = path.removesuffix("scale")
-            stats[bn + "mean"], stats[bn + "var"] = (ParamSpec(spec.shape, "zeros"),
-                                                     ParamSpec(spec.shape, "ones"))
+            stats[bn + "mean"], stats[bn + "var"] = (
+                ParamSpec(spec.shape, "zeros"),
+                ParamSpec(spec.shape, "ones"),
+            )
     return unflatten(stats)
 
 
 def init_classifier(cfg: ClassifierConfig) -> tuple[Tree, Tree]:
     """``(params, stats)`` as float32 numpy trees from the shared initialiser."""
-    return (init_tree(spec_classifier(cfg), cfg.seed, "classifier"),
-            init_tree(spec_classifier_stats(cfg), cfg.seed, "classifier_stats"))
+    return (
+        init_tree(spec_classifier(cfg), cfg.seed, "classifier"),
+        init_tree(spec_classifier_stats(cfg), cfg.seed, "classifier_stats"),
+    )

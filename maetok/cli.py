@@ -35,7 +35,9 @@ def _overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
-            raise ConfigError(f"--set expects SECTION.FIELD=VALUE (e.g. train.lr=3e-4), got {pair!r}")
+            raise ConfigError(
+                f"--set expects SECTION.FIELD=VALUE (e.g. train.lr=3e-4), got {pair!r}"
+            )
         out.setdefault(section, {})[name] = _parse_value(value)
     return out
 
@@ -44,8 +46,13 @@ def _changes(args) -> dict:
     """The config fields the user set: ``--set`` and the flags that stand for one."""
     changes = _overrides(args.set or [])
     train = changes.setdefault("train", {})
-    for flag, field in (("steps", "steps"), ("batch_size", "batch_size"), ("stage", "stage"),
-                        ("lr", "lr"), ("seed", "seed")):
+    for flag, field in (
+        ("steps", "steps"),
+        ("batch_size", "batch_size"),
+        ("stage", "stage"),
+        ("lr", "lr"),
+        ("seed", "seed"),
+    ):
         if getattr(args, flag) is not None:
             train[field] = getattr(args, flag)
     if args.dtype:
@@ -90,8 +97,10 @@ def cmd_train(args) -> int:
     if args.resume:
         for flag in ("overwrite", "init_from"):
             if getattr(args, flag):
-                raise ConfigError(f"--resume continues the run in --out as it is; it does not "
-                                  f"take --{flag.replace('_', '-')}")
+                raise ConfigError(
+                    f"--resume continues the run in --out as it is; it does not "
+                    f"take --{flag.replace('_', '-')}"
+                )
     else:
         cfg = _train_config(args)  # a bad setting fails before --out is touched
         if args.change:
@@ -105,43 +114,79 @@ def cmd_train(args) -> int:
         changes = None
         if args.resume:  # --devices, --shard-params: free; a checkpoint resumes on any count
             base, base_flag = _base_config(args)
-            resumed = run.resume(out, _changes(args), base=base, base_flag=base_flag,
-                                 data=args.data, backend=args.backend,
-                                 allow=tuple(args.change or ()), skip_broken=args.skip_broken,
-                                 progress=progress and writer)
-            cfg, dataset, backend, changes = (resumed.cfg, resumed.dataset, resumed.backend,
-                                              resumed.changes)
+            resumed = run.resume(
+                out,
+                _changes(args),
+                base=base,
+                base_flag=base_flag,
+                data=args.data,
+                backend=args.backend,
+                allow=tuple(args.change or ()),
+                skip_broken=args.skip_broken,
+                progress=progress and writer,
+            )
+            cfg, dataset, backend, changes = (
+                resumed.cfg,
+                resumed.dataset,
+                resumed.backend,
+                resumed.changes,
+            )
             at = f" at step {resumed.step}" if resumed.step is not None else ""
-            say(f"maetok: resuming {out}{at}"
-                + (f" with {run.describe_changes(changes)} (recorded in the run's history)"
-                   if changes else ""))
+            say(
+                f"maetok: resuming {out}{at}"
+                + (
+                    f" with {run.describe_changes(changes)} (recorded in the run's history)"
+                    if changes
+                    else ""
+                )
+            )
         else:
             if (out / CHECKPOINT_NAME).exists() and not args.overwrite:
-                raise MAETokError(f"{out} already holds a checkpoint; pass --resume to continue "
-                                  "it, --overwrite to start again, or choose another --out")
+                raise MAETokError(
+                    f"{out} already holds a checkpoint; pass --resume to continue "
+                    "it, --overwrite to start again, or choose another --out"
+                )
             dataset = run.open_dataset(args.data, cfg, args.skip_broken, progress and writer)
             backend = args.backend or "jax"
         if args.compile and backend != "torch":
-            raise ConfigError("--compile applies to --backend torch; the JAX step is always "
-                              "jit-compiled")
-        say(f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
+            raise ConfigError(
+                "--compile applies to --backend torch; the JAX step is always jit-compiled"
+            )
+        say(
+            f"maetok: training stage {cfg.train.stage} for {cfg.train.steps} steps, batch "
             f"{cfg.train.batch_size}, {type(dataset).__name__} ({len(dataset)} images), "
-            f"backend {backend} → {out}")
+            f"backend {backend} → {out}"
+        )
         try:
-            last = train(cfg, dataset, out, backend, init_from=args.init_from,
-                         resume=args.resume, progress=progress, device=args.device,
-                         compile=args.compile, devices=args.devices,
-                         shard_params=args.shard_params, changes=changes)
+            last = train(
+                cfg,
+                dataset,
+                out,
+                backend,
+                init_from=args.init_from,
+                resume=args.resume,
+                progress=progress,
+                device=args.device,
+                compile=args.compile,
+                devices=args.devices,
+                shard_params=args.shard_params,
+                changes=changes,
+            )
         except TrainingStopped as e:
             if writer:
                 raise
             return 128 + e.signum  # the writer says where its checkpoint is
     if last and writer:
-        print(f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
-              f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
-              + (f", peak device memory {last['peak_memory_gib']:.2f} GiB"
-                 if "peak_memory_gib" in last else "")
-              + f"; checkpoint {out / CHECKPOINT_NAME}")
+        print(
+            f"maetok: done at step {int(last['step']) + 1}: loss {last['loss']:.4f}, "
+            f"rec {last['rec']:.4f}, {last['images_per_s']:.1f} images/s"
+            + (
+                f", peak device memory {last['peak_memory_gib']:.2f} GiB"
+                if "peak_memory_gib" in last
+                else ""
+            )
+            + f"; checkpoint {out / CHECKPOINT_NAME}"
+        )
     return 0
 
 
@@ -198,8 +243,9 @@ def cmd_encode(args) -> int:
     cfg, params = _checked_params(args)
     images, names = load_eval_images(args.input, cfg.model.image_size, args.skip_broken)
     backend, params = _on_backend(args, cfg, params)
-    latents = np.concatenate([backend.encode(params, images[sl])
-                              for sl in _batches(len(images), args.batch_size)])
+    latents = np.concatenate(
+        [backend.encode(params, images[sl]) for sl in _batches(len(images), args.batch_size)]
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, latents)
     out.with_suffix(".json").write_text(json.dumps({"names": names, "shape": list(latents.shape)}))
@@ -218,8 +264,10 @@ def cmd_decode(args) -> int:
         raise DataError(f"cannot read latents {args.latents}: {e}") from e
     want = (cfg.model.num_latent_tokens, cfg.model.latent_dim)
     if latents.ndim != 3 or latents.shape[1:] != want:
-        raise DataError(f"latents {args.latents} have shape {latents.shape}; this checkpoint "
-                        f"expects (B, {want[0]}, {want[1]})")
+        raise DataError(
+            f"latents {args.latents} have shape {latents.shape}; this checkpoint "
+            f"expects (B, {want[0]}, {want[1]})"
+        )
     if not np.isfinite(latents).all():
         raise DataError(f"latents {args.latents} contain NaN or infinite values")
     meta = Path(args.latents).with_suffix(".json")
@@ -227,8 +275,9 @@ def cmd_decode(args) -> int:
     if not names or len(names) != len(latents):
         names = [f"{i:05d}" for i in range(len(latents))]
     backend, params = _on_backend(args, cfg, params)
-    images = np.concatenate([backend.decode(params, latents[sl])
-                             for sl in _batches(len(latents), args.batch_size)])
+    images = np.concatenate(
+        [backend.decode(params, latents[sl]) for sl in _batches(len(latents), args.batch_size)]
+    )
     save_images(out, images, [Path(n).stem + ".png" for n in names])
     print(f"maetok: decoded {len(images)} images to {out}")
     return 0
@@ -241,8 +290,16 @@ def cmd_eval(args) -> int:
     ratios = _ratios(args.mask_ratios)
     cfg, params = _checked_params(args)
     backend, params = _on_backend(args, cfg, params)
-    evaluate(cfg, backend, params, args.data, out, batch_size=args.batch_size,
-             mask_ratios=ratios, skip_broken=args.skip_broken)
+    evaluate(
+        cfg,
+        backend,
+        params,
+        args.data,
+        out,
+        batch_size=args.batch_size,
+        mask_ratios=ratios,
+        skip_broken=args.skip_broken,
+    )
     return 0
 
 
@@ -285,12 +342,18 @@ def _ratio(text: str) -> float:
 
 
 def _common(p, checkpoint: bool = True):
-    p.add_argument("--backend", choices=("jax", "torch"),
-                   default=None if not checkpoint else "jax",
-                   help="default: jax (train --resume: the run's own backend)")
-    p.add_argument("--device", default=None,
-                   help="cpu or cuda (torch: also cuda:N; JAX: the platform, e.g. cpu, cuda, "
-                        "tpu); default: the best available")
+    p.add_argument(
+        "--backend",
+        choices=("jax", "torch"),
+        default=None if not checkpoint else "jax",
+        help="default: jax (train --resume: the run's own backend)",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda (torch: also cuda:N; JAX: the platform, e.g. cpu, cuda, "
+        "tpu); default: the best available",
+    )
     if checkpoint:
         p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
         p.add_argument("--ema", action="store_true", help="use the EMA parameters")
@@ -298,9 +361,12 @@ def _common(p, checkpoint: bool = True):
 
 
 def _skip_broken(p):
-    p.add_argument("--skip-broken", action="store_true",
-                   help="leave out images that cannot be decoded (counted in a warning) "
-                        "instead of stopping with their name")
+    p.add_argument(
+        "--skip-broken",
+        action="store_true",
+        help="leave out images that cannot be decoded (counted in a warning) "
+        "instead of stopping with their name",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,9 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a tokenizer (stage 1, or stage 2 from a checkpoint)")
     _common(p, checkpoint=False)
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: tiny")
-    p.add_argument("--config", help="a JSON config (as written to OUT/config.json) instead of --preset")
-    p.add_argument("--data", help="image folder (jpg/png); default: the built-in synthetic images "
-                                  "(with --resume: the run's own data)")
+    p.add_argument(
+        "--config", help="a JSON config (as written to OUT/config.json) instead of --preset"
+    )
+    p.add_argument(
+        "--data",
+        help="image folder (jpg/png); default: the built-in synthetic images "
+        "(with --resume: the run's own data)",
+    )
     _skip_broken(p)
     p.add_argument("--out", default="runs/maetok", help="output folder")
     p.add_argument("--steps", type=int)
@@ -323,27 +394,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype")
     p.add_argument("--image-size", type=int, help="crop size (a multiple of the patch size)")
     p.add_argument("--init-from", help="stage 2: the Stage-1 checkpoint to start from")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in OUT exactly: its config, data and backend; fields "
-                        "given with --set (or --lr, --steps, ...) change on purpose and are "
-                        "recorded in the run's history")
-    p.add_argument("--change", action="append", choices=("data", "backend"),
-                   help="with --resume: accept a --data or --backend other than the run's")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT exactly: its config, data and backend; fields "
+        "given with --set (or --lr, --steps, ...) change on purpose and are "
+        "recorded in the run's history",
+    )
+    p.add_argument(
+        "--change",
+        action="append",
+        choices=("data", "backend"),
+        help="with --resume: accept a --data or --backend other than the run's",
+    )
     p.add_argument("--overwrite", action="store_true", help="start afresh over an existing OUT")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override any config field, e.g. --set loss.use_adv=true (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override any config field, e.g. --set loss.use_adv=true (repeatable)",
+    )
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--compile", action="store_true",
-                   help="torch: run the train step under torch.compile (minutes to compile; "
-                        "the fastest path on a GPU). The JAX step is always jit-compiled")
-    p.add_argument("--devices", type=int, metavar="N",
-                   help="data parallelism over N devices. JAX: the mesh size per process "
-                        "(default: every local device). torch: one process per device, "
-                        "launched with torchrun --nproc_per_node N; the count comes from "
-                        "torchrun and --devices, if given, must match it")
-    p.add_argument("--shard-params", action="store_true",
-                   help="JAX: shard parameters and optimiser state over the devices (FSDP) "
-                        "instead of a full copy per device")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch: run the train step under torch.compile (minutes to compile; "
+        "the fastest path on a GPU). The JAX step is always jit-compiled",
+    )
+    p.add_argument(
+        "--devices",
+        type=int,
+        metavar="N",
+        help="data parallelism over N devices. JAX: the mesh size per process "
+        "(default: every local device). torch: one process per device, "
+        "launched with torchrun --nproc_per_node N; the count comes from "
+        "torchrun and --devices, if given, must match it",
+    )
+    p.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="JAX: shard parameters and optimiser state over the devices (FSDP) "
+        "instead of a full copy per device",
+    )
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("reconstruct", help="images in → reconstructions out (PNG)")
@@ -371,16 +463,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="PSNR/SSIM on centre crops of a folder, with a picture sheet")
     _common(p)
     p.add_argument("--data", required=True, help="image folder")
-    p.add_argument("--out", help="folder for eval.json and the sheet (default: next to the checkpoint)")
-    p.add_argument("--mask-ratios", default="", metavar="R,R,...",
-                   help="also report PSNR with this fraction of tokens masked (e.g. 0.1,0.5): "
-                        "shows how the encoder depends on the mask tokens it was trained with")
+    p.add_argument(
+        "--out", help="folder for eval.json and the sheet (default: next to the checkpoint)"
+    )
+    p.add_argument(
+        "--mask-ratios",
+        default="",
+        metavar="R,R,...",
+        help="also report PSNR with this fraction of tokens masked (e.g. 0.1,0.5): "
+        "shows how the encoder depends on the mask tokens it was trained with",
+    )
     _skip_broken(p)
     p.set_defaults(fn=cmd_eval)
 
     from maetok.parity import add_parser as add_parity_parser
+
     add_parity_parser(sub)
     from maetok.diffusion_cli import add_parser as add_diffusion_parser
+
     add_diffusion_parser(sub)
     return parser
 

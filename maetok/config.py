@@ -147,11 +147,14 @@ class Config:
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "Config":
         if not isinstance(d, Mapping):
-            raise ConfigError(f"a config is an object with sections model, loss and train, "
-                              f"got {d!r}")
+            raise ConfigError(
+                f"a config is an object with sections model, loss and train, got {d!r}"
+            )
         unknown = set(d) - {"model", "loss", "train"}
         if unknown:
-            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; use model, loss, train")
+            raise ConfigError(
+                f"unknown config section(s) {sorted(unknown)}; use model, loss, train"
+            )
         parts = {}
         for name, cls in (("model", ModelConfig), ("loss", LossConfig), ("train", TrainConfig)):
             parts[name] = _replace_checked(cls(), d.get(name, {}), name)
@@ -181,8 +184,9 @@ def _section_to_dict(section) -> dict:
 
 def _replace_checked(section, changes: Mapping[str, Any], where: str):
     if not isinstance(changes, Mapping):
-        raise ConfigError(f"config section {where!r} must be an object of FIELD: VALUE, "
-                          f"got {changes!r}")
+        raise ConfigError(
+            f"config section {where!r} must be an object of FIELD: VALUE, got {changes!r}"
+        )
     names = {f.name: f for f in dataclasses.fields(section)}
     unknown = set(changes) - set(names)
     if unknown:
@@ -208,18 +212,22 @@ def _typed(name: str, default, value):
         if isinstance(value, Mapping):
             items = value.items()
         elif isinstance(value, (list, tuple)) and all(
-                isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value
+        ):
             items = value
         else:
-            raise ConfigError(f"{name} must map target names to weights, e.g. "
-                              f'{{"hog": 0.5}}, got {value!r}')
+            raise ConfigError(
+                f'{name} must map target names to weights, e.g. {{"hog": 0.5}}, got {value!r}'
+            )
         return tuple(sorted((str(k), float(_number(f"{name}[{k!r}]", v))) for k, v in items))
     if name.endswith(".aux_targets"):
         if isinstance(value, str):
             value = [t for t in value.split(",") if t]
         if not isinstance(value, (list, tuple)) or not all(isinstance(t, str) for t in value):
-            raise ConfigError(f"{name} must be a list of target names (or one comma-separated "
-                              f"string), got {value!r}")
+            raise ConfigError(
+                f"{name} must be a list of target names (or one comma-separated "
+                f"string), got {value!r}"
+            )
         return tuple(value)
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -250,35 +258,63 @@ def validate(cfg: Config) -> Config:
     from maetok.targets import known_targets, target_dim  # late import: targets reads config
 
     m, lo, t = cfg.model, cfg.loss, cfg.train
-    for name in ("image_size", "channels", "patch_size", "num_latent_tokens", "latent_dim",
-                 "enc_width", "enc_depth", "enc_heads", "dec_width", "dec_depth", "dec_heads",
-                 "mlp_ratio", "aux_width", "aux_depth", "aux_heads", "aux_mlp_hidden",
-                 "disc_width", "disc_depth"):
+    for name in (
+        "image_size",
+        "channels",
+        "patch_size",
+        "num_latent_tokens",
+        "latent_dim",
+        "enc_width",
+        "enc_depth",
+        "enc_heads",
+        "dec_width",
+        "dec_depth",
+        "dec_heads",
+        "mlp_ratio",
+        "aux_width",
+        "aux_depth",
+        "aux_heads",
+        "aux_mlp_hidden",
+        "disc_width",
+        "disc_depth",
+    ):
         _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _require(m.image_size % m.patch_size == 0,
-             f"model.image_size {m.image_size} is not divisible by model.patch_size {m.patch_size}")
+    _require(
+        m.image_size % m.patch_size == 0,
+        f"model.image_size {m.image_size} is not divisible by model.patch_size {m.patch_size}",
+    )
     for part in ("enc", "dec", "aux"):
         width, heads = getattr(m, f"{part}_width"), getattr(m, f"{part}_heads")
-        _require(width % heads == 0,
-                 f"model.{part}_heads {heads} does not divide model.{part}_width {width}")
-        _require((width // heads) % 4 == 0,
-                 f"model.{part} head dim {width // heads} must be a multiple of 4 "
-                 "(2D RoPE rotates pairs of dims, half for rows and half for columns)")
+        _require(
+            width % heads == 0,
+            f"model.{part}_heads {heads} does not divide model.{part}_width {width}",
+        )
+        _require(
+            (width // heads) % 4 == 0,
+            f"model.{part} head dim {width // heads} must be a multiple of 4 "
+            "(2D RoPE rotates pairs of dims, half for rows and half for columns)",
+        )
     _require(m.rope_theta > 1.0, f"model.rope_theta must be > 1, got {m.rope_theta}")
     _require(m.ln_eps > 0, f"model.ln_eps must be positive, got {m.ln_eps}")
     _choice(m.aux_kind, ("vit", "mlp"), "model.aux_kind")
     _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
     _choice(m.attention, ("plain", "fused"), "model.attention")
     _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
-    _require(len(set(m.aux_targets)) == len(m.aux_targets),
-             f"model.aux_targets has duplicates: {list(m.aux_targets)}")
+    _require(
+        len(set(m.aux_targets)) == len(m.aux_targets),
+        f"model.aux_targets has duplicates: {list(m.aux_targets)}",
+    )
     for name in m.aux_targets:
-        _require(name in known_targets(),
-                 f"unknown auxiliary target {name!r}; known: {', '.join(known_targets())}")
+        _require(
+            name in known_targets(),
+            f"unknown auxiliary target {name!r}; known: {', '.join(known_targets())}",
+        )
     if "hog" in m.aux_targets:
         target_dim("hog", m)  # raises if the patch size does not fit HOG cells
-    _require(m.image_size >= 2 ** (m.disc_depth + 1),
-             f"model.image_size {m.image_size} is too small for a {m.disc_depth}-level discriminator")
+    _require(
+        m.image_size >= 2 ** (m.disc_depth + 1),
+        f"model.image_size {m.image_size} is too small for a {m.disc_depth}-level discriminator",
+    )
 
     _choice(lo.rec, ("mse", "l1"), "loss.rec")
     for name in ("lambda_percep", "lambda_adv", "lecam_weight"):
@@ -286,8 +322,10 @@ def validate(cfg: Config) -> Config:
     _require(0 <= lo.lecam_decay < 1, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")
     _require(lo.disc_start >= 0, f"loss.disc_start must be >= 0, got {lo.disc_start}")
     for name, weight in lo.gamma:
-        _require(name in m.aux_targets,
-                 f"loss.gamma names {name!r}, which is not in model.aux_targets {list(m.aux_targets)}")
+        _require(
+            name in m.aux_targets,
+            f"loss.gamma names {name!r}, which is not in model.aux_targets {list(m.aux_targets)}",
+        )
         _require(weight >= 0, f"loss.gamma[{name!r}] must be >= 0, got {weight}")
 
     _require(t.stage in (1, 2), f"train.stage must be 1 or 2, got {t.stage}")
@@ -304,13 +342,17 @@ def validate(cfg: Config) -> Config:
     _require(0 <= t.momentum < 1, f"train.momentum must be in [0, 1), got {t.momentum}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {t.grad_clip}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _require(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(
+        0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"
+    )
     _require(0 <= t.ema_decay < 1, f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     for name in ("mask_min", "mask_max", "anneal_start"):
         value = getattr(t, name)
         _require(0.0 <= value <= 1.0, f"train.{name} must be a mask ratio in [0, 1], got {value}")
-    _require(t.mask_min <= t.mask_max,
-             f"train.mask_min {t.mask_min} is larger than train.mask_max {t.mask_max}")
+    _require(
+        t.mask_min <= t.mask_max,
+        f"train.mask_min {t.mask_min} is larger than train.mask_max {t.mask_max}",
+    )
     _require(t.anneal_steps >= 0, f"train.anneal_steps must be >= 0, got {t.anneal_steps}")
     for name in ("log_every", "ckpt_every", "sample_every"):
         _require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
@@ -320,17 +362,49 @@ def validate(cfg: Config) -> Config:
 # SPEC §8. Train settings differ by use: `tiny` is sized for tests and CPU demos.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "model": dict(image_size=32, patch_size=4, num_latent_tokens=16, latent_dim=8,
-                      enc_width=64, enc_depth=2, enc_heads=4, dec_width=64, dec_depth=2,
-                      dec_heads=4, aux_width=32, aux_depth=1, aux_heads=2, aux_mlp_hidden=64,
-                      disc_width=16, disc_depth=2),
-        "train": dict(batch_size=16, steps=300, lr=1e-3, warmup_steps=20, ema_decay=0.99,
-                      anneal_steps=300, log_every=10, ckpt_every=100, sample_every=100),
+        "model": dict(
+            image_size=32,
+            patch_size=4,
+            num_latent_tokens=16,
+            latent_dim=8,
+            enc_width=64,
+            enc_depth=2,
+            enc_heads=4,
+            dec_width=64,
+            dec_depth=2,
+            dec_heads=4,
+            aux_width=32,
+            aux_depth=1,
+            aux_heads=2,
+            aux_mlp_hidden=64,
+            disc_width=16,
+            disc_depth=2,
+        ),
+        "train": dict(
+            batch_size=16,
+            steps=300,
+            lr=1e-3,
+            warmup_steps=20,
+            ema_decay=0.99,
+            anneal_steps=300,
+            log_every=10,
+            ckpt_every=100,
+            sample_every=100,
+        ),
     },
     "seed": {
-        "model": dict(image_size=256, patch_size=16, num_latent_tokens=128, latent_dim=32,
-                      enc_width=256, enc_depth=12, enc_heads=8, dec_width=256, dec_depth=8,
-                      dec_heads=8),
+        "model": dict(
+            image_size=256,
+            patch_size=16,
+            num_latent_tokens=128,
+            latent_dim=32,
+            enc_width=256,
+            enc_depth=12,
+            enc_heads=8,
+            dec_width=256,
+            dec_depth=8,
+            dec_heads=8,
+        ),
         "train": dict(batch_size=32, lr=3e-4, warmup_steps=200),
     },
     # CIFAR-10 (32²) for the diffusability study: 4-px patches (an 8×8 grid, as in the
@@ -338,17 +412,48 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # compression in the middle of the 12–48× range of the 256² tokenizers. Short token
     # sequences keep the latent diffusion model cheap.
     "cifar": {
-        "model": dict(image_size=32, patch_size=4, num_latent_tokens=16, latent_dim=8,
-                      enc_width=256, enc_depth=6, enc_heads=4, dec_width=256, dec_depth=6,
-                      dec_heads=4, aux_width=128, aux_depth=2, aux_heads=2,
-                      disc_width=32, disc_depth=2, query_pos=True),
-        "train": dict(batch_size=256, steps=6000, lr=1e-3, warmup_steps=300, ema_decay=0.999,
-                      log_every=100, ckpt_every=1000, sample_every=1000),
+        "model": dict(
+            image_size=32,
+            patch_size=4,
+            num_latent_tokens=16,
+            latent_dim=8,
+            enc_width=256,
+            enc_depth=6,
+            enc_heads=4,
+            dec_width=256,
+            dec_depth=6,
+            dec_heads=4,
+            aux_width=128,
+            aux_depth=2,
+            aux_heads=2,
+            disc_width=32,
+            disc_depth=2,
+            query_pos=True,
+        ),
+        "train": dict(
+            batch_size=256,
+            steps=6000,
+            lr=1e-3,
+            warmup_steps=300,
+            ema_decay=0.999,
+            log_every=100,
+            ckpt_every=1000,
+            sample_every=1000,
+        ),
     },
     "base": {
-        "model": dict(image_size=256, patch_size=16, num_latent_tokens=128, latent_dim=32,
-                      enc_width=768, enc_depth=12, enc_heads=12, dec_width=768, dec_depth=12,
-                      dec_heads=12),
+        "model": dict(
+            image_size=256,
+            patch_size=16,
+            num_latent_tokens=128,
+            latent_dim=32,
+            enc_width=768,
+            enc_depth=12,
+            enc_heads=12,
+            dec_width=768,
+            dec_depth=12,
+            dec_heads=12,
+        ),
         "train": dict(batch_size=64, lr=1e-4, warmup_steps=500),
     },
 }

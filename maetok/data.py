@@ -52,8 +52,7 @@ class SyntheticImages:
     stay cheap on memory. Returned arrays are read-only: the cache may share them.
     """
 
-    def __init__(self, size: int, count: int = 4096, seed: int = 0,
-                 cache_items: int | None = None):
+    def __init__(self, size: int, count: int = 4096, seed: int = 0, cache_items: int | None = None):
         if size < 8:
             raise ConfigError(f"synthetic images must be at least 8 pixels wide, got {size}")
         if count < 1:
@@ -149,7 +148,7 @@ def _draw_shape(img: np.ndarray, s: int, rng: np.random.Generator) -> None:
             sdf = np.maximum(sdf, nx * (x - px[i]) + ny * (y - py[i]))
     else:  # line segment of half-length up to r along u
         half = r * rng.uniform(0.5, 1.0)
-        sdf = np.sqrt(np.maximum(np.abs(u) - half, 0) ** 2 + v ** 2) - width
+        sdf = np.sqrt(np.maximum(np.abs(u) - half, 0) ** 2 + v**2) - width
     cover = np.clip(0.5 - sdf, 0, 1) * rng.uniform(0.6, 1.0)  # (h, w), translucent
     patch = img[:, y0:y1, x0:x1]  # (C, h, w) view: the blend writes into img
     patch += cover * (_fill(u, v, r, rng) - patch)
@@ -183,44 +182,61 @@ class ImageFolder:
     of the names and sizes of the files used, which tells a changed folder apart.
     """
 
-    def __init__(self, root, min_size: int, cache_bytes: int = 2 << 30,
-                 skip_broken: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        root,
+        min_size: int,
+        cache_bytes: int = 2 << 30,
+        skip_broken: bool = False,
+        progress: bool = True,
+    ):
         self.root = Path(root)
         self._cache: dict[int, np.ndarray] = {}  # read-only arrays: they are shared
         self._cache_left = cache_bytes
         self._lock = threading.Lock()
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (or is not a folder)")
-        found = sorted(p for p in self.root.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
         if not found:
-            raise DataError(f"no images in data folder {self.root}: looked for "
-                            f"{', '.join(IMAGE_EXTENSIONS)} files (any case, in sub-folders too)")
+            raise DataError(
+                f"no images in data folder {self.root}: looked for "
+                f"{', '.join(IMAGE_EXTENSIONS)} files (any case, in sub-folders too)"
+            )
         self.paths = found
         sizes, broken = self._decode_all(progress)
         if broken and not skip_broken:
             more = f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""
-            raise DataError(f"{broken[0][1]}{more}; remove or replace the file(s), or pass "
-                            "--skip-broken to leave them out")
+            raise DataError(
+                f"{broken[0][1]}{more}; remove or replace the file(s), or pass "
+                "--skip-broken to leave them out"
+            )
         self.skipped = [str(found[i]) for i, _ in broken]
         bad = {i for i, _ in broken}
         keep = [i for i in range(len(found)) if i not in bad]
         if not keep:
             raise DataError(f"none of the {len(found)} image files in {self.root} could be read")
         if broken:
-            warnings.warn(f"skipped {len(broken)} of {len(found)} images in {self.root} that "
-                          f"cannot be decoded: {', '.join(self.skipped[:3])}"
-                          + (" ..." if len(broken) > 3 else ""), stacklevel=2)
+            warnings.warn(
+                f"skipped {len(broken)} of {len(found)} images in {self.root} that "
+                f"cannot be decoded: {', '.join(self.skipped[:3])}"
+                + (" ..." if len(broken) > 3 else ""),
+                stacklevel=2,
+            )
             new_index = {old: new for new, old in enumerate(keep)}
             self._cache = {new_index[i]: im for i, im in self._cache.items() if i in new_index}
         self.paths = [found[i] for i in keep]
-        too_small = [f"{found[i]} is {sizes[i][0]}×{sizes[i][1]}" for i in keep
-                     if min(sizes[i]) < min_size]
+        too_small = [
+            f"{found[i]} is {sizes[i][0]}×{sizes[i][1]}" for i in keep if min(sizes[i]) < min_size
+        ]
         if too_small:
             more = f" (and {len(too_small) - 3} more)" if len(too_small) > 3 else ""
-            raise DataError(f"image {'; '.join(too_small[:3])}{more}: smaller than the "
-                            f"{min_size}×{min_size} crop; use a smaller --image-size or "
-                            "remove the file(s)")
+            raise DataError(
+                f"image {'; '.join(too_small[:3])}{more}: smaller than the "
+                f"{min_size}×{min_size} crop; use a smaller --image-size or "
+                "remove the file(s)"
+            )
         self.names = [p.relative_to(self.root).as_posix() for p in self.paths]
         digest = hashlib.sha256()
         for name, path in zip(self.names, self.paths):
@@ -246,9 +262,15 @@ class ImageFolder:
         workers = min(8, os.cpu_count() or 2)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maetok-index") as pool:
             # delay: a folder indexed in under a second shows no bar at all
-            for i, error in tqdm(pool.map(one, range(len(self.paths))), total=len(self.paths),
-                                 desc=f"checking {self.root.name or self.root}", unit="image",
-                                 disable=not progress, delay=1.0, dynamic_ncols=True):
+            for i, error in tqdm(
+                pool.map(one, range(len(self.paths))),
+                total=len(self.paths),
+                desc=f"checking {self.root.name or self.root}",
+                unit="image",
+                disable=not progress,
+                delay=1.0,
+                dynamic_ncols=True,
+            ):
                 if error is not None:
                     broken.append((i, error))
         return sizes, broken
@@ -291,9 +313,11 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 def _crop(image: np.ndarray, top: int, left: int, size: int, what: str) -> np.ndarray:
     h, w = image.shape[:2]
     if h < size or w < size:
-        raise DataError(f"{what} is {w}×{h}, smaller than the {size}×{size} crop; use a "
-                        "smaller --image-size or remove the file")
-    return image[top:top + size, left:left + size]
+        raise DataError(
+            f"{what} is {w}×{h}, smaller than the {size}×{size} crop; use a "
+            "smaller --image-size or remove the file"
+        )
+    return image[top : top + size, left : left + size]
 
 
 def center_crop(image: np.ndarray, size: int, what: str = "image") -> np.ndarray:
@@ -321,8 +345,10 @@ class BatchSource:
 
     def __init__(self, dataset, cfg: Config, train: bool = True, rows: slice | None = None):
         if cfg.model.channels != 3:
-            raise ConfigError(f"the image pipeline yields RGB images, so model.channels must "
-                              f"be 3, got {cfg.model.channels}")
+            raise ConfigError(
+                f"the image pipeline yields RGB images, so model.channels must "
+                f"be 3, got {cfg.model.channels}"
+            )
         if len(dataset) == 0:
             raise DataError("the dataset is empty")
         self.dataset, self.cfg, self.train = dataset, cfg, train
@@ -336,7 +362,8 @@ class BatchSource:
             perm = self._perms.get(epoch)
         if perm is None:
             perm = np.random.default_rng([self.cfg.train.seed, epoch, STREAM_DATA]).permutation(
-                len(self.dataset))
+                len(self.dataset)
+            )
             with self._lock:  # a step spans at most a few epochs; keep only recent ones
                 self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
                 self._perms[epoch] = perm
@@ -365,9 +392,12 @@ class BatchSource:
             else:
                 crops.append(center_crop(image, size, what))
         mask, ratio = mask_for_step(step, self.cfg.train, self.cfg.model.num_patches)
-        return {"images": from_uint8(np.stack(crops)),  # (B, H, W, C)
-                "mask": mask[self.rows],  # (B, N)
-                "mask_ratio": float(ratio), "step": int(step)}
+        return {
+            "images": from_uint8(np.stack(crops)),  # (B, H, W, C)
+            "mask": mask[self.rows],  # (B, N)
+            "mask_ratio": float(ratio),
+            "step": int(step),
+        }
 
 
 class Prefetcher:

@@ -30,6 +30,7 @@ ENCODE_BATCH = 500  # images per tokenizer call when encoding the training split
 
 # ------------------------------------------------------------------------------ tokenizer
 
+
 def _tokenizer(path, use_ema: bool):
     """(config, JAX backend, device parameters, sha256) of a tokenizer checkpoint for CIFAR-10."""
     from maetok.cifar10 import SIZE
@@ -39,8 +40,10 @@ def _tokenizer(path, use_ema: bool):
     cfg = ckpt.read_config(path)
     m = cfg.model
     if m.image_size != SIZE or m.channels != 3:
-        raise ConfigError(f"tokenizer {path} works on {m.image_size}×{m.image_size}×{m.channels} "
-                          f"images; CIFAR-10 needs a tokenizer for {SIZE}×{SIZE}×3")
+        raise ConfigError(
+            f"tokenizer {path} works on {m.image_size}×{m.image_size}×{m.channels} "
+            f"images; CIFAR-10 needs a tokenizer for {SIZE}×{SIZE}×3"
+        )
     backend = get_backend("jax")(cfg)
     params = backend.to_device_tree(params_from_checkpoint(path, cfg, use_ema=use_ema))
     return cfg, backend, params, ckpt.file_sha256(path)
@@ -51,13 +54,14 @@ def _in_batches(fn, arrays: np.ndarray, batch: int, desc: str | None = None) -> 
     from tqdm import tqdm
 
     outs = []
-    for i in tqdm(range(0, len(arrays), batch), desc=desc, unit="batch", disable=desc is None,
-                  leave=False):
-        chunk = arrays[i:i + batch]
+    for i in tqdm(
+        range(0, len(arrays), batch), desc=desc, unit="batch", disable=desc is None, leave=False
+    ):
+        chunk = arrays[i : i + batch]
         pad = batch - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-        outs.append(fn(chunk)[:batch - pad])
+        outs.append(fn(chunk)[: batch - pad])
     return np.concatenate(outs)
 
 
@@ -71,8 +75,12 @@ def _latents(args, backend, params, sha: str, out: Path) -> tuple[np.ndarray, np
         with np.load(cache) as f:
             return f["latents"], f["labels"]
     images, labels = load_split("train", source=args.cifar, cache=args.cache)
-    latents = _in_batches(lambda x: backend.encode(params, from_uint8(x)), images, ENCODE_BATCH,
-                          desc="encoding CIFAR-10 train")
+    latents = _in_batches(
+        lambda x: backend.encode(params, from_uint8(x)),
+        images,
+        ENCODE_BATCH,
+        desc="encoding CIFAR-10 train",
+    )
     tmp = out / f".{cache.stem}.{uuid.uuid4().hex[:12]}.npz"  # complete or absent
     try:
         np.savez(tmp, latents=latents, labels=labels)
@@ -83,6 +91,7 @@ def _latents(args, backend, params, sha: str, out: Path) -> tuple[np.ndarray, np
 
 
 # ---------------------------------------------------------------------------------- train
+
 
 def _config(args, m):
     from maetok.cli import _overrides
@@ -112,10 +121,12 @@ def cmd_train(args) -> int:
             raise MAETokError(f"--resume: no checkpoint at {path}; train without --resume first")
         tree, cfg, meta = ckpt.load_diffusion(path)
         if meta.get("tokenizer_sha256") != sha or bool(meta.get("tokenizer_ema")) != args.ema:
-            raise CheckpointError(f"--resume: {path} was trained on tokenizer "
-                                  f"{meta.get('tokenizer')} (sha256 {meta.get('tokenizer_sha256')}"
-                                  f", ema {meta.get('tokenizer_ema')}), not on {args.tokenizer} "
-                                  f"(sha256 {sha}, ema {args.ema})")
+            raise CheckpointError(
+                f"--resume: {path} was trained on tokenizer "
+                f"{meta.get('tokenizer')} (sha256 {meta.get('tokenizer_sha256')}"
+                f", ema {meta.get('tokenizer_ema')}), not on {args.tokenizer} "
+                f"(sha256 {sha}, ema {args.ema})"
+            )
         if args.set or args.batch_size is not None or args.seed is not None:
             raise ConfigError("--resume continues the stored config; only --steps may change")
         if args.steps is not None:
@@ -123,32 +134,44 @@ def cmd_train(args) -> int:
         norm = tree["norm"]
     else:
         if path.exists():
-            raise MAETokError(f"{out} already holds a diffusion checkpoint; pass --resume to "
-                              "continue it or choose another --out")
+            raise MAETokError(
+                f"{out} already holds a diffusion checkpoint; pass --resume to "
+                "continue it or choose another --out"
+            )
         cfg = _config(args, tok_cfg.model)
         norm = None
     out.mkdir(parents=True, exist_ok=True)
     latents, labels = _latents(args, backend, params, sha, out)
     if labels.min() < 0 or labels.max() >= cfg.num_classes:
-        raise DataError(f"labels must lie in [0, {cfg.num_classes}), found "
-                        f"[{labels.min()}, {labels.max()}]")
+        raise DataError(
+            f"labels must lie in [0, {cfg.num_classes}), found [{labels.min()}, {labels.max()}]"
+        )
     if norm is None:
         norm = dtrain.latent_norm(latents)
     (out / "diffusion_config.json").write_text(cfg.to_json())
-    meta = {"tokenizer": str(Path(args.tokenizer).resolve()), "tokenizer_sha256": sha,
-            "tokenizer_ema": args.ema}
-    print(f"maetok: diffusion on {len(latents)} latents {latents.shape[1:]} for {cfg.steps} "
-          f"steps, batch {cfg.batch_size}, width {cfg.width}, depth {cfg.depth} → {out}")
+    meta = {
+        "tokenizer": str(Path(args.tokenizer).resolve()),
+        "tokenizer_sha256": sha,
+        "tokenizer_ema": args.ema,
+    }
+    print(
+        f"maetok: diffusion on {len(latents)} latents {latents.shape[1:]} for {cfg.steps} "
+        f"steps, batch {cfg.batch_size}, width {cfg.width}, depth {cfg.depth} → {out}"
+    )
     normalised = (latents - norm["mean"]) / norm["std"]
-    last = dtrain.fit(cfg, normalised, labels, norm, out, meta, resume=args.resume,
-                      progress=not args.no_progress)
+    last = dtrain.fit(
+        cfg, normalised, labels, norm, out, meta, resume=args.resume, progress=not args.no_progress
+    )
     if last:
-        print(f"maetok: done at step {last['step'] + 1}: loss {last['loss']:.4f}, "
-              f"{last['samples_per_s']:.0f} samples/s; checkpoint {path}")
+        print(
+            f"maetok: done at step {last['step'] + 1}: loss {last['loss']:.4f}, "
+            f"{last['samples_per_s']:.0f} samples/s; checkpoint {path}"
+        )
     return 0
 
 
 # --------------------------------------------------------------------------------- sample
+
 
 def cmd_sample(args) -> int:
     import jax
@@ -161,8 +184,9 @@ def cmd_sample(args) -> int:
 
     tree, cfg, meta = ckpt.load_diffusion(args.checkpoint, dtrain.expected_layout)
     if args.num <= 0 or args.batch_size <= 0:
-        raise ConfigError(f"--num and --batch-size must be positive, got {args.num} and "
-                          f"{args.batch_size}")
+        raise ConfigError(
+            f"--num and --batch-size must be positive, got {args.num} and {args.batch_size}"
+        )
     if args.steps is not None and args.steps <= 0:
         raise ConfigError(f"--steps must be positive, got {args.steps}")
     if args.guidance is not None and args.guidance < 0:
@@ -171,11 +195,13 @@ def cmd_sample(args) -> int:
     _, backend, tok_params, sha = _tokenizer(tokenizer, bool(meta.get("tokenizer_ema")))
     if sha != meta.get("tokenizer_sha256"):
         trained_on = str(meta.get("tokenizer_sha256", "?"))[:16]
-        raise CheckpointError(f"tokenizer {tokenizer} (sha256 {sha[:16]}…) is not the one this "
-                              f"model was trained on (sha256 {trained_on}…)")
+        raise CheckpointError(
+            f"tokenizer {tokenizer} (sha256 {sha[:16]}…) is not the one this "
+            f"model was trained on (sha256 {trained_on}…)"
+        )
 
     n = args.num * cfg.num_classes if args.per_class else args.num
-    labels = (np.arange(n) // args.num if args.per_class else np.arange(n) % cfg.num_classes)
+    labels = np.arange(n) // args.num if args.per_class else np.arange(n) % cfg.num_classes
     labels = labels.astype(np.int32)
     sampler = args.sampler or cfg.sampler
     steps = args.steps or cfg.sample_steps
@@ -189,14 +215,20 @@ def cmd_sample(args) -> int:
         z = np.asarray(sample(ema, key, chunk, cfg, sampler, steps, guidance))
         return backend.decode(tok_params, z * tree["norm"]["std"] + tree["norm"]["mean"])
 
-    images = to_uint8(_in_batches(generate, labels, min(args.batch_size, n),
-                                  desc=f"sampling ({sampler}, {steps} steps, g={guidance})"))
+    images = to_uint8(
+        _in_batches(
+            generate,
+            labels,
+            min(args.batch_size, n),
+            desc=f"sampling ({sampler}, {steps} steps, g={guidance})",
+        )
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, images=images, labels=labels)
     msg = f"maetok: wrote {n} samples ({images.shape}) to {out}"
     if args.grid:
-        save_class_grid(args.grid, images, labels, CLASSES[:cfg.num_classes])
+        save_class_grid(args.grid, images, labels, CLASSES[: cfg.num_classes])
         msg += f" and a grid to {args.grid}"
     print(msg)
     return 0
@@ -204,41 +236,57 @@ def cmd_sample(args) -> int:
 
 # --------------------------------------------------------------------------------- parser
 
+
 def add_parser(subparsers) -> None:
     """Mount ``maetok diffusion {prepare, classifier, train, sample, eval}`` on the main
     command's sub-parsers."""
-    parser = subparsers.add_parser("diffusion", help="latent diffusion on a tokenizer's "
-                                   "CIFAR-10 latents: prepare, classifier, train, sample, eval")
+    parser = subparsers.add_parser(
+        "diffusion",
+        help="latent diffusion on a tokenizer's "
+        "CIFAR-10 latents: prepare, classifier, train, sample, eval",
+    )
     sub = parser.add_subparsers(dest="diffusion_command", required=True)
 
     p = sub.add_parser("train", help="encode CIFAR-10 train with a tokenizer, train a DiT on it")
     p.add_argument("--tokenizer", required=True, help="tokenizer checkpoint (.safetensors)")
     p.add_argument("--ema", action="store_true", help="use the tokenizer's EMA parameters")
-    p.add_argument("--cifar", required=True,
-                   help="CIFAR-10 folder holding train_jpg.tar.gz and test_png.tar.gz")
+    p.add_argument(
+        "--cifar",
+        required=True,
+        help="CIFAR-10 folder holding train_jpg.tar.gz and test_png.tar.gz",
+    )
     p.add_argument("--cache", help="where CIFAR-10 is unpacked (default: ~/.cache/maetok/cifar10)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--preset", choices=sorted(PRESETS), default="small")
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                   help="override any DiffusionConfig field, e.g. --set lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override any DiffusionConfig field, e.g. --set lr=1e-4 (repeatable)",
+    )
     p.add_argument("--resume", action="store_true", help="continue OUT/diffusion.safetensors")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("sample", help="sample images with the EMA model, decoded by the tokenizer")
     p.add_argument("--checkpoint", required=True, help="OUT/diffusion.safetensors")
-    p.add_argument("--tokenizer", help="tokenizer checkpoint (default: the path stored in the "
-                                       "checkpoint; its sha256 must match)")
-    p.add_argument("--num", type=int, default=100,
-                   help="number of samples, labels cycling over the classes")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer checkpoint (default: the path stored in the "
+        "checkpoint; its sha256 must match)",
+    )
+    p.add_argument(
+        "--num", type=int, default=100, help="number of samples, labels cycling over the classes"
+    )
     p.add_argument("--per-class", action="store_true", help="--num samples of every class")
     p.add_argument("--sampler", choices=SAMPLERS, help="default: the config's")
     p.add_argument("--steps", type=int, help="ODE steps (default: the config's)")
-    p.add_argument("--guidance", type=float,
-                   help="classifier-free guidance scale (default: the config's)")
+    p.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the config's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=500, help="samples per compiled call")
     p.add_argument("--out", default="samples.npz", help="npz with images uint8 (N,32,32,3), labels")

@@ -96,14 +96,29 @@ class DiffusionConfig:
 
 def validate(c: DiffusionConfig) -> DiffusionConfig:
     """Reject impossible configurations with a message naming the field; return ``c``."""
-    for name in ("num_tokens", "token_dim", "width", "depth", "heads", "mlp_ratio",
-                 "num_classes", "time_freq_dim", "batch_size", "log_every", "ckpt_every",
-                 "sample_steps"):
+    for name in (
+        "num_tokens",
+        "token_dim",
+        "width",
+        "depth",
+        "heads",
+        "mlp_ratio",
+        "num_classes",
+        "time_freq_dim",
+        "batch_size",
+        "log_every",
+        "ckpt_every",
+        "sample_steps",
+    ):
         _require(getattr(c, name) > 0, f"diffusion.{name} must be positive, got {getattr(c, name)}")
-    _require(c.width % c.heads == 0,
-             f"diffusion.heads {c.heads} does not divide diffusion.width {c.width}")
-    _require(c.time_freq_dim % 2 == 0,
-             f"diffusion.time_freq_dim must be even (cos and sin halves), got {c.time_freq_dim}")
+    _require(
+        c.width % c.heads == 0,
+        f"diffusion.heads {c.heads} does not divide diffusion.width {c.width}",
+    )
+    _require(
+        c.time_freq_dim % 2 == 0,
+        f"diffusion.time_freq_dim must be even (cos and sin halves), got {c.time_freq_dim}",
+    )
     _require(c.ln_eps > 0, f"diffusion.ln_eps must be positive, got {c.ln_eps}")
     _choice(c.compute_dtype, ("float32", "bfloat16"), "diffusion.compute_dtype")
     _choice(c.attention, ("plain", "fused"), "diffusion.attention")
@@ -111,8 +126,9 @@ def validate(c: DiffusionConfig) -> DiffusionConfig:
     _require(c.lr > 0, f"diffusion.lr must be positive, got {c.lr}")
     _require(c.warmup_steps >= 0, f"diffusion.warmup_steps must be >= 0, got {c.warmup_steps}")
     _choice(c.lr_schedule, ("constant", "cosine"), "diffusion.lr_schedule")
-    _require(0 <= c.min_lr_ratio <= 1,
-             f"diffusion.min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}")
+    _require(
+        0 <= c.min_lr_ratio <= 1, f"diffusion.min_lr_ratio must be in [0, 1], got {c.min_lr_ratio}"
+    )
     for name in ("b1", "b2", "ema_decay", "label_dropout"):
         value = getattr(c, name)
         _require(0 <= value < 1, f"diffusion.{name} must be in [0, 1), got {value}")
@@ -129,11 +145,35 @@ def validate(c: DiffusionConfig) -> DiffusionConfig:
 # ``tiny`` is sized for tests and CPU demos; ``small`` is the CIFAR-10 study's generator
 # (about 16 M parameters; a few minutes for 20k steps at batch 256 on one H200).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(num_tokens=16, token_dim=8, width=64, depth=2, heads=4, time_freq_dim=32,
-                 compute_dtype="float32", steps=300, batch_size=64, lr=1e-3, warmup_steps=20,
-                 ema_decay=0.99, log_every=10, ckpt_every=100, sample_steps=16),
-    "small": dict(width=384, depth=6, heads=6, steps=20000, batch_size=256, lr=3e-4,
-                  warmup_steps=500, ema_decay=0.999, log_every=100, ckpt_every=5000),
+    "tiny": dict(
+        num_tokens=16,
+        token_dim=8,
+        width=64,
+        depth=2,
+        heads=4,
+        time_freq_dim=32,
+        compute_dtype="float32",
+        steps=300,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=20,
+        ema_decay=0.99,
+        log_every=10,
+        ckpt_every=100,
+        sample_steps=16,
+    ),
+    "small": dict(
+        width=384,
+        depth=6,
+        heads=6,
+        steps=20000,
+        batch_size=256,
+        lr=3e-4,
+        warmup_steps=500,
+        ema_decay=0.999,
+        log_every=100,
+        ckpt_every=5000,
+    ),
 }
 
 

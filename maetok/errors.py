@@ -26,8 +26,11 @@ class TrainingStopped(Exception):
 
     def __init__(self, signum: int, step: int, checkpoint):
         import signal
+
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name} after {step} "
-                         f"step{'' if step == 1 else 's'}; "
-                         f"checkpoint {checkpoint} saved at step {step}: continue with "
-                         f"maetok train --resume --out {checkpoint.parent}")
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after {step} "
+            f"step{'' if step == 1 else 's'}; "
+            f"checkpoint {checkpoint} saved at step {step}: continue with "
+            f"maetok train --resume --out {checkpoint.parent}"
+        )

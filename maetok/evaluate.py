@@ -45,7 +45,8 @@ def latent_stats(latents: np.ndarray) -> dict:
     ref = max(float(np.median(var)), 1e-12)
     per_token_std = latents.std(axis=(0, 2))  # (L,)
     return {
-        "mean": float(latents.mean()), "std": float(latents.std()),
+        "mean": float(latents.mean()),
+        "std": float(latents.std()),
         "per_token_std_min": float(per_token_std.min()),
         "per_token_std_max": float(per_token_std.max()),
         "dead_dim_fraction": float(np.mean(var < COLLAPSE_REL_VAR * ref)),
@@ -60,23 +61,32 @@ def save_sheet(path, images, recons, names, psnrs, ssims, max_images: int = 8, s
     sheet = Image.new("RGB", (n * cell_w, 3 * (cell_h + label_h)), "white")
     draw = ImageDraw.Draw(sheet)
     err = np.clip(np.abs(recons - images).mean(-1) * 4.0, 0, 2) - 1.0  # 4× amplified, mono
-    rows = [to_uint8(images[:n]), to_uint8(recons[:n]),
-            np.repeat(to_uint8(err[:n, ..., None]), 3, axis=-1)]
+    rows = [
+        to_uint8(images[:n]),
+        to_uint8(recons[:n]),
+        np.repeat(to_uint8(err[:n, ..., None]), 3, axis=-1),
+    ]
     titles = ["original", "reconstruction", "|error| x4"]
     for r, (row, title) in enumerate(zip(rows, titles)):
         y = r * (cell_h + label_h)
         for i in range(n):
             tile = Image.fromarray(row[i]).resize((cell_w, cell_h), Image.NEAREST)
             sheet.paste(tile, (i * cell_w, y + label_h))
-            text = (Path(names[i]).stem[:14] if r == 0 else
-                    f"{psnrs[i]:.2f} dB  {ssims[i]:.3f}" if r == 1 else title)
+            text = (
+                Path(names[i]).stem[:14]
+                if r == 0
+                else f"{psnrs[i]:.2f} dB  {ssims[i]:.3f}"
+                if r == 1
+                else title
+            )
             draw.text((i * cell_w + 2, y + 1), text, fill="black")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     sheet.save(path)
 
 
-def psnr_by_mask_ratio(backend, params, images, ratios, batch_size: int = 16,
-                       seed: int = 0) -> dict[str, float]:
+def psnr_by_mask_ratio(
+    backend, params, images, ratios, batch_size: int = 16, seed: int = 0
+) -> dict[str, float]:
     """Mean PSNR of reconstructions from inputs with a fraction ``r`` of tokens masked.
 
     A Stage-1 encoder only ever sees 40–60 % of its tokens replaced by the mask token; how
@@ -84,64 +94,107 @@ def psnr_by_mask_ratio(backend, params, images, ratios, batch_size: int = 16,
     Bernoulli(r) per token, seeded, the same for every checkpoint.
     """
     # unclipped, as the main row of the report
-    return {f"{r:g}": float(psnr(images, reconstruct_all(backend, params, images, batch_size,
-                                                          r, seed)).mean()) for r in ratios}
+    return {
+        f"{r:g}": float(
+            psnr(images, reconstruct_all(backend, params, images, batch_size, r, seed)).mean()
+        )
+        for r in ratios
+    }
 
 
-def reconstruct_all(backend, params, images, batch_size: int = 16, ratio: float = 0.0,
-                    seed: int = 0) -> np.ndarray:
+def reconstruct_all(
+    backend, params, images, batch_size: int = 16, ratio: float = 0.0, seed: int = 0
+) -> np.ndarray:
     """Reconstructions of ``images`` (B, H, W, C) in batches, a fraction ``ratio`` masked."""
     from maetok.masks import sample_mask
 
     n, recons = backend.cfg.model.num_patches, []
     for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
+        chunk = images[i : i + batch_size]
         mask = sample_mask(seed, i, len(chunk), n, ratio) if ratio > 0 else None
         recons.append(backend.reconstruct(params, chunk, mask))
     return np.concatenate(recons)
 
 
-def evaluate(cfg, backend, params, folder, out_dir=None, batch_size: int = 16,
-             mask_ratios: tuple[float, ...] = (), skip_broken: bool = False) -> dict:
+def evaluate(
+    cfg,
+    backend,
+    params,
+    folder,
+    out_dir=None,
+    batch_size: int = 16,
+    mask_ratios: tuple[float, ...] = (),
+    skip_broken: bool = False,
+) -> dict:
     """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
     m = cfg.model
     images, names = load_eval_images(folder, m.image_size, skip_broken)
     recon = reconstruct_all(backend, params, images, batch_size)
-    latents = np.concatenate([backend.encode(params, images[i:i + batch_size])
-                              for i in range(0, len(images), batch_size)])
+    latents = np.concatenate(
+        [
+            backend.encode(params, images[i : i + batch_size])
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     side = thumbnail_side(m)
     thumb = thumbnail_baseline(images, side)
     p_model, s_model = psnr(images, recon), ssim(images, recon)
     p_thumb, s_thumb = psnr(images, thumb), ssim(images, thumb)
     report = {
-        "images": len(images), "folder": str(folder),
+        "images": len(images),
+        "folder": str(folder),
         "tokenizer": {"psnr": float(p_model.mean()), "ssim": float(s_model.mean())},
-        "thumbnail": {"side": side, "values": side * side * m.channels,
-                      "psnr": float(p_thumb.mean()), "ssim": float(s_thumb.mean())},
+        "thumbnail": {
+            "side": side,
+            "values": side * side * m.channels,
+            "psnr": float(p_thumb.mean()),
+            "ssim": float(s_thumb.mean()),
+        },
         "latent_values": m.num_latent_tokens * m.latent_dim,
         "latents": latent_stats(latents),
-        "per_image": [{"name": n, "psnr": float(a), "ssim": float(b),
-                       "thumb_psnr": float(c), "thumb_ssim": float(d)}
-                      for n, a, b, c, d in zip(names, p_model, s_model, p_thumb, s_thumb)],
+        "per_image": [
+            {
+                "name": n,
+                "psnr": float(a),
+                "ssim": float(b),
+                "thumb_psnr": float(c),
+                "thumb_ssim": float(d),
+            }
+            for n, a, b, c, d in zip(names, p_model, s_model, p_thumb, s_thumb)
+        ],
     }
     print(f"{'':24s}{'PSNR (dB)':>10s}{'SSIM':>8s}")
     print(f"{'tokenizer':24s}{report['tokenizer']['psnr']:10.2f}{report['tokenizer']['ssim']:8.3f}")
-    print(f"{f'thumbnail {side}x{side} bicubic':24s}{report['thumbnail']['psnr']:10.2f}"
-          f"{report['thumbnail']['ssim']:8.3f}")
+    print(
+        f"{f'thumbnail {side}x{side} bicubic':24s}{report['thumbnail']['psnr']:10.2f}"
+        f"{report['thumbnail']['ssim']:8.3f}"
+    )
     if mask_ratios:
-        report["psnr_by_mask_ratio"] = psnr_by_mask_ratio(backend, params, images, mask_ratios,
-                                                          batch_size)
-        print("PSNR by input mask ratio: " + ", ".join(
-            f"r={r} {v:.2f} dB" for r, v in report["psnr_by_mask_ratio"].items()))
+        report["psnr_by_mask_ratio"] = psnr_by_mask_ratio(
+            backend, params, images, mask_ratios, batch_size
+        )
+        print(
+            "PSNR by input mask ratio: "
+            + ", ".join(f"r={r} {v:.2f} dB" for r, v in report["psnr_by_mask_ratio"].items())
+        )
     st = report["latents"]
-    print(f"latents: mean {st['mean']:.3f} std {st['std']:.3f}, per-token std "
-          f"{st['per_token_std_min']:.3f}–{st['per_token_std_max']:.3f}, "
-          f"dead dims {100 * st['dead_dim_fraction']:.1f}%")
+    print(
+        f"latents: mean {st['mean']:.3f} std {st['std']:.3f}, per-token std "
+        f"{st['per_token_std_min']:.3f}–{st['per_token_std_max']:.3f}, "
+        f"dead dims {100 * st['dead_dim_fraction']:.1f}%"
+    )
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
-        save_sheet(out / "eval_sheet.png", images, recon, names, p_model, s_model,
-                   scale=max(1, 128 // m.image_size))
+        save_sheet(
+            out / "eval_sheet.png",
+            images,
+            recon,
+            names,
+            p_model,
+            s_model,
+            scale=max(1, 128 // m.image_size),
+        )
         print(f"maetok: wrote {out / 'eval.json'} and {out / 'eval_sheet.png'}")
     return report

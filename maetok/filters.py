@@ -28,7 +28,7 @@ def _grid(radius: int) -> tuple[np.ndarray, np.ndarray]:
 def gaussian_window(size: int, sigma: float) -> np.ndarray:
     """A ``size × size`` Gaussian centred on the window, summing to 1."""
     r = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    g = np.exp(-(r ** 2) / (2 * sigma ** 2))
+    g = np.exp(-(r**2) / (2 * sigma**2))
     w = np.outer(g, g)
     return (w / w.sum()).astype(np.float32)
 
@@ -42,7 +42,7 @@ def gabor_bank() -> np.ndarray:
     y, x = _grid(radius)
     kernels = []
     for sigma in GABOR_SCALES:
-        envelope = np.exp(-(x ** 2 + y ** 2) / (2 * sigma ** 2))
+        envelope = np.exp(-(x**2 + y**2) / (2 * sigma**2))
         for o in range(GABOR_ORIENTATIONS):
             theta = np.pi * o / GABOR_ORIENTATIONS
             u = x * np.cos(theta) + y * np.sin(theta)
@@ -50,7 +50,7 @@ def gabor_bank() -> np.ndarray:
             even = envelope * np.cos(phase)
             even -= envelope * (even.sum() / envelope.sum())
             odd = envelope * np.sin(phase)
-            norm = np.sqrt((even ** 2).sum() + (odd ** 2).sum())
+            norm = np.sqrt((even**2).sum() + (odd**2).sum())
             kernels += [even / norm, odd / norm]
     return np.stack(kernels, -1)[:, :, None, :].astype(np.float32)
 
@@ -58,11 +58,16 @@ def gabor_bank() -> np.ndarray:
 def percep_bank() -> np.ndarray:
     """Gaussian-derivative kernels ``(5, 5, 1, 5)``: ∂x, ∂y, ∂xx, ∂yy, ∂xy at σ = 1."""
     y, x = _grid(2)
-    s2 = PERCEP_SIGMA ** 2
-    g = np.exp(-(x ** 2 + y ** 2) / (2 * s2))
+    s2 = PERCEP_SIGMA**2
+    g = np.exp(-(x**2 + y**2) / (2 * s2))
     g /= g.sum()
-    kernels = [-x / s2 * g, -y / s2 * g, (x ** 2 / s2 - 1) / s2 * g, (y ** 2 / s2 - 1) / s2 * g,
-               x * y / s2 ** 2 * g]
+    kernels = [
+        -x / s2 * g,
+        -y / s2 * g,
+        (x**2 / s2 - 1) / s2 * g,
+        (y**2 / s2 - 1) / s2 * g,
+        x * y / s2**2 * g,
+    ]
     kernels = [k - k.mean() for k in kernels]  # no response to a constant image
     kernels = [k / np.abs(k).sum() for k in kernels]
     return np.stack(kernels, -1)[:, :, None, :].astype(np.float32)

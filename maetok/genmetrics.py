@@ -33,6 +33,7 @@ def _as_features(x, name: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- Fréchet distance
 
+
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
     """Square root of a symmetric positive semi-definite matrix (tiny negative eigenvalues → 0)."""
     w, v = np.linalg.eigh(a)
@@ -59,6 +60,7 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 
 # ------------------------------------------------------------------------- precision / recall
+
 
 def _row_chunks(rows: int, cols: int):
     step = max(1, _CHUNK_BYTES // (4 * max(1, cols)))
@@ -93,8 +95,9 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
     real = _as_features(real_feats, "real_feats").astype(np.float32)
     fake = _as_features(fake_feats, "fake_feats").astype(np.float32)
     if min(len(real), len(fake)) <= k:
-        raise ValueError(f"need more than k={k} samples in each set, got {len(real)} real "
-                         f"and {len(fake)} fake")
+        raise ValueError(
+            f"need more than k={k} samples in each set, got {len(real)} real and {len(fake)} fake"
+        )
     centre = real.mean(0)  # centred float32 keeps the |a|² + |b|² − 2ab cancellation small
     real, fake = real - centre, fake - centre
     r_real, r_fake = _knn_radii(real, k), _knn_radii(fake, k)
@@ -110,14 +113,16 @@ def precision_recall(real_feats, fake_feats, k: int = 3) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------------ linear probe
 
+
 def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     mean, std = train.mean(0), train.std(0)
     std = np.where(std > 1e-8 * max(1.0, float(std.max())), std, 1.0)  # constant features stay 0
     return [((x - mean) / std).astype(np.float32) for x in (train, *others)]
 
 
-def _fit_softmax(x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float,
-                 steps: int) -> tuple[np.ndarray, np.ndarray]:
+def _fit_softmax(
+    x: np.ndarray, y: np.ndarray, num_classes: int, weight_decay: float, steps: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression by Nesterov-accelerated full-batch gradient descent.
 
     The loss is mean cross-entropy + ½·wd·‖W‖² (bias not decayed). Its Hessian is bounded
@@ -161,8 +166,16 @@ def _accuracy(x, y, w, b) -> float:
 PROBE_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2)
 
 
-def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, steps: int = 300,
-                 seed: int = 0, weight_decay: float | None = None) -> float:
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    num_classes: int,
+    steps: int = 300,
+    seed: int = 0,
+    weight_decay: float | None = None,
+) -> float:
     """Test accuracy of a linear softmax classifier on standardised, flattened features.
 
     ``weight_decay=None`` picks it from ``PROBE_WEIGHT_DECAYS`` by accuracy on a seeded 10 %
@@ -174,11 +187,12 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, steps: int 
         raise ValueError("features and labels differ in length")
     if weight_decay is None:
         perm = np.random.default_rng(seed).permutation(len(x_train))
-        val, fit = perm[: max(1, len(perm) // 10)], perm[max(1, len(perm) // 10):]
+        val, fit = perm[: max(1, len(perm) // 10)], perm[max(1, len(perm) // 10) :]
         xf, xv = _standardise(x_train[fit], x_train[val])
-        scores = [_accuracy(xv, y_train[val], *_fit_softmax(xf, y_train[fit], num_classes,
-                                                             wd, steps))
-                  for wd in PROBE_WEIGHT_DECAYS]
+        scores = [
+            _accuracy(xv, y_train[val], *_fit_softmax(xf, y_train[fit], num_classes, wd, steps))
+            for wd in PROBE_WEIGHT_DECAYS
+        ]
         weight_decay = PROBE_WEIGHT_DECAYS[int(np.argmax(scores))]  # first best: least decay
     xs, xt = _standardise(x_train, x_test)
     w, b = _fit_softmax(xs, y_train, num_classes, weight_decay, steps)
@@ -190,8 +204,9 @@ def linear_probe(train_x, train_y, test_x, test_y, num_classes: int, steps: int 
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _log_gauss(x: np.ndarray, x_sq: np.ndarray, means: np.ndarray,
-               variances: np.ndarray) -> np.ndarray:
+def _log_gauss(
+    x: np.ndarray, x_sq: np.ndarray, means: np.ndarray, variances: np.ndarray
+) -> np.ndarray:
     """(N, K) log N(x | μk, diag σk²), as three matrix products rather than an (N, K, D) array."""
     prec = 1.0 / variances  # (K, D)
     quad = x_sq @ prec.T - 2.0 * x @ (means * prec).T + np.sum(means**2 * prec, axis=1)
@@ -203,8 +218,7 @@ def _logsumexp(a: np.ndarray) -> np.ndarray:
     return (top + np.log(np.exp(a - top).sum(axis=1, keepdims=True)))[:, 0]
 
 
-def _kmeans_pp(x: np.ndarray, x_sq: np.ndarray, k: int,
-               rng: np.random.Generator) -> np.ndarray:
+def _kmeans_pp(x: np.ndarray, x_sq: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     """k-means++ seeding: each new centre drawn with probability ∝ squared distance."""
     norms = x_sq.sum(1)  # (N,)
     picks = [int(rng.integers(len(x)))]
@@ -215,8 +229,9 @@ def _kmeans_pp(x: np.ndarray, x_sq: np.ndarray, k: int,
         if len(picks) == k:
             break
         total = d2.sum()
-        picks.append(int(rng.choice(len(x), p=d2 / total)) if total > 0
-                     else int(rng.integers(len(x))))
+        picks.append(
+            int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        )
     return x[picks]
 
 
@@ -227,8 +242,7 @@ def _m_step(x, x_sq, resp, floor):
     return nk / nk.sum(), means, np.maximum(variances, floor)
 
 
-def fit_gmm(x, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6,
-            var_floor: float = 1e-3):
+def fit_gmm(x, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6, var_floor: float = 1e-3):
     """Diagonal-covariance GMM by EM → ``(weights (K,), means (K, D), variances (K, D))``.
 
     Seeded by k-means++ with one hard assignment; variances never fall below
@@ -256,8 +270,9 @@ def fit_gmm(x, k: int, seed: int = 0, iters: int = 100, tol: float = 1e-6,
     return weights, means, variances
 
 
-def gmm_nll(train_x, heldout_x, components=(1, 2, 4, 8, 16, 32), seed: int = 0,
-            iters: int = 100) -> dict[int, float]:
+def gmm_nll(
+    train_x, heldout_x, components=(1, 2, 4, 8, 16, 32), seed: int = 0, iters: int = 100
+) -> dict[int, float]:
     """Held-out NLL (nats per dimension) of a diagonal GMM fitted to ``train_x``, per K.
 
     Inputs are (N, ...) and flattened per sample; they are used as given, so normalise

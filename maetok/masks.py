@@ -30,8 +30,9 @@ def mask_ratio(step: int, t: TrainConfig) -> float:
     return float(step_rng(t.seed, step, STREAM_MASK).uniform(t.mask_min, t.mask_max))
 
 
-def sample_mask(seed: int, step: int, batch: int, n: int, ratio: float,
-                mode: str = "bernoulli") -> np.ndarray:
+def sample_mask(
+    seed: int, step: int, batch: int, n: int, ratio: float, mode: str = "bernoulli"
+) -> np.ndarray:
     """(B, N) float32 mask: Bernoulli(r) per token, or exactly ceil(N·r) tokens per image."""
     rng = step_rng(seed, step, STREAM_MASK)
     rng.uniform()  # the draw mask_ratio() used for r, so the mask stream follows it

@@ -28,7 +28,6 @@ class ParamSpec:
     init: str  # "xavier", "he" (normal, σ = √(2/fan_in)), "normal" (σ = 0.02), "zeros", "ones"
 
 
-
 def _dense(d_in: int, d_out: int, init: str = "xavier") -> Tree:
     return {"w": ParamSpec((d_in, d_out), init), "b": ParamSpec((d_out,), "zeros")}
 
@@ -89,8 +88,11 @@ def spec_aux(m: ModelConfig) -> Tree:
             aux[name] = spec_latent_decoder(m, m.aux_width, m.aux_depth, dim)
         else:  # the seed's 3-layer MLP on pixel-decoder features
             hid = m.aux_mlp_hidden
-            aux[name] = {"fc1": _dense(m.dec_width, hid), "fc2": _dense(hid, hid),
-                         "fc3": _dense(hid, dim)}
+            aux[name] = {
+                "fc1": _dense(m.dec_width, hid),
+                "fc2": _dense(hid, hid),
+                "fc3": _dense(hid, dim),
+            }
     return aux
 
 
@@ -105,7 +107,7 @@ def spec_params(m: ModelConfig) -> Tree:
 
 def disc_widths(m: ModelConfig) -> list[int]:
     """Channel widths of the patch-GAN: C, then disc_width doubling per stride-2 conv."""
-    return [m.channels] + [m.disc_width * 2 ** i for i in range(m.disc_depth)]
+    return [m.channels] + [m.disc_width * 2**i for i in range(m.disc_depth)]
 
 
 def spec_disc(m: ModelConfig) -> Tree:
@@ -113,8 +115,10 @@ def spec_disc(m: ModelConfig) -> Tree:
     widths = disc_widths(m)
     tree = {}
     for i in range(m.disc_depth):
-        tree[f"conv{i}"] = {"w": ParamSpec((4, 4, widths[i], widths[i + 1]), "xavier"),
-                            "b": ParamSpec((widths[i + 1],), "zeros")}
+        tree[f"conv{i}"] = {
+            "w": ParamSpec((4, 4, widths[i], widths[i + 1]), "xavier"),
+            "b": ParamSpec((widths[i + 1],), "zeros"),
+        }
     tree["out"] = {"w": ParamSpec((4, 4, widths[-1], 1), "xavier"), "b": ParamSpec((1,), "zeros")}
     return tree
 
@@ -148,6 +152,7 @@ def init_dit(c, seed: int) -> Tree:
 
 
 # ------------------------------------------------------------------------------ initialiser
+
 
 def _init_leaf(spec: ParamSpec, path: str, seed: int) -> np.ndarray:
     rng = np.random.default_rng([seed, zlib.crc32(path.encode())])

@@ -96,7 +96,8 @@ def parity_config(preset_name: str = "tiny", dtype: str = "float32"):
     return preset(preset_name).replace(
         model={"compute_dtype": dtype},
         loss={"use_adv": True, "adaptive_weight": True, "disc_start": 0},
-        train={"batch_size": PARITY_BATCH})
+        train={"batch_size": PARITY_BATCH},
+    )
 
 
 def disc_off_margin(disc: dict, images: np.ndarray, m) -> dict:
@@ -112,8 +113,13 @@ def disc_off_margin(disc: dict, images: np.ndarray, m) -> dict:
 
     from maetok_jax.discriminator import discriminator
 
-    logits = np.asarray(discriminator({k: {n: jnp.asarray(v) for n, v in p.items()}
-                                       for k, p in disc.items()}, jnp.asarray(images), m))
+    logits = np.asarray(
+        discriminator(
+            {k: {n: jnp.asarray(v) for n, v in p.items()} for k, p in disc.items()},
+            jnp.asarray(images),
+            m,
+        )
+    )
     out = {k: dict(v) for k, v in disc.items()}
     out["out"]["b"] = (disc["out"]["b"] + np.float32(1.0 - np.median(logits))).astype(np.float32)
     return out
@@ -135,8 +141,9 @@ def _pinned_precision(device: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
-def run_parity(preset_name: str = "tiny", device: str = "cpu", dtype: str = "float32"
-               ) -> tuple[list[tuple[str, float, float, bool]], bool]:
+def run_parity(
+    preset_name: str = "tiny", device: str = "cpu", dtype: str = "float32"
+) -> tuple[list[tuple[str, float, float, bool]], bool]:
     """Compare the backends on ``preset_name`` → (rows, every row passed)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
     with _pinned_precision(device):
@@ -198,27 +205,43 @@ def _run(preset_name: str, device: str, dtype: str):
 
     # ------------------------------------------------------------------ units
     pe = params["encoder"]["patch_embed"]
-    row("forward/patch_embed",
-        rel_err(tm.patch_embed(map_tree(lambda a: a.to(tdt), T(pe)), xt.to(tdt), m),
-                jax.jit(jm.patch_embed, static_argnums=2)(
-                    jax.tree_util.tree_map(lambda a: a.astype(jdt), J(pe)), xj.astype(jdt), m)),
-        f_tol)
+    row(
+        "forward/patch_embed",
+        rel_err(
+            tm.patch_embed(map_tree(lambda a: a.to(tdt), T(pe)), xt.to(tdt), m),
+            jax.jit(jm.patch_embed, static_argnums=2)(
+                jax.tree_util.tree_map(lambda a: a.astype(jdt), J(pe)), xj.astype(jdt), m
+            ),
+        ),
+        f_tol,
+    )
     k_dim = m.enc_width // m.enc_heads
     t_len = m.num_patches + m.num_latent_tokens
     q = rng.standard_normal((b, t_len, m.enc_heads, k_dim)).astype(np.float32)
     cj, sj = jr.rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
     ct, st = tr.rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens, tdev)
     cj, sj = jax.device_put(cj, jdev), jax.device_put(sj, jdev)
-    row("forward/rope", rel_err(tr.apply_rope(T(q).to(tdt), ct, st),
-                                jax.jit(jr.apply_rope)(J(q).astype(jdt), cj, sj)), f_tol)
+    row(
+        "forward/rope",
+        rel_err(
+            tr.apply_rope(T(q).to(tdt), ct, st), jax.jit(jr.apply_rope)(J(q).astype(jdt), cj, sj)
+        ),
+        f_tol,
+    )
     blk = jax.tree_util.tree_map(lambda a: a[0], params["encoder"]["blocks"])
     attn = {"qkv": blk["qkv"], "proj": blk["proj"]}
     xa = rng.standard_normal((b, t_len, m.enc_width)).astype(np.float32)
-    ya_t = ta.attention(map_tree(lambda a: a.to(tdt), T(attn)), T(xa).to(tdt), ct, st,
-                        m.enc_heads, m.attention)
+    ya_t = ta.attention(
+        map_tree(lambda a: a.to(tdt), T(attn)), T(xa).to(tdt), ct, st, m.enc_heads, m.attention
+    )
     ya_j = jax.jit(ja.attention, static_argnums=(4, 5))(
-        jax.tree_util.tree_map(lambda a: a.astype(jdt), J(attn)), J(xa).astype(jdt), cj, sj,
-        m.enc_heads, m.attention)
+        jax.tree_util.tree_map(lambda a: a.astype(jdt), J(attn)),
+        J(xa).astype(jdt),
+        cj,
+        sj,
+        m.enc_heads,
+        m.attention,
+    )
     row(f"forward/attention ({m.attention})", rel_err(ya_t, ya_j), f_tol)
 
     h_j = jax.jit(jm.encode, static_argnums=3)(enc_j, xj, kj, m)
@@ -230,7 +253,8 @@ def _run(preset_name: str, device: str, dtype: str):
     row("forward/decoder", rel_err(recon_t, recon_j), f_tol)
     feats_np = np.asarray(feats_j.astype(jnp.float32))
     preds_j = jax.jit(jm.aux_predict, static_argnums=3)(
-        pj["aux"], J(h_np), J(feats_np).astype(jdt), m)
+        pj["aux"], J(h_np), J(feats_np).astype(jdt), m
+    )
     preds_t = tm.aux_predict(pt["aux"], T(h_np), T(feats_np).to(tdt), m)
     for name in m.aux_targets:
         row(f"forward/aux/{name}", rel_err(preds_t[name], preds_j[name]), f_tol)
@@ -242,10 +266,21 @@ def _run(preset_name: str, device: str, dtype: str):
     for name in m.aux_targets:
         row(f"target/{name}", rel_err(tg_t[name], tg_j[name]), fp)
     r_np = np.asarray(recon_j, np.float32)
-    row("perceptual", rel_err(tp.perceptual_loss(xt, T(r_np), m),
-                              jax.jit(jp.perceptual_loss, static_argnums=2)(xj, J(r_np), m)), fp)
-    row("discriminator", rel_err(td.discriminator(dt_, xt, m),
-                                 jax.jit(jd.discriminator, static_argnums=2)(dj, xj, m)), fp)
+    row(
+        "perceptual",
+        rel_err(
+            tp.perceptual_loss(xt, T(r_np), m),
+            jax.jit(jp.perceptual_loss, static_argnums=2)(xj, J(r_np), m),
+        ),
+        fp,
+    )
+    row(
+        "discriminator",
+        rel_err(
+            td.discriminator(dt_, xt, m), jax.jit(jd.discriminator, static_argnums=2)(dj, xj, m)
+        ),
+        fp,
+    )
 
     # ------------------------------------------------------------------ losses and gradients
     lecam = {"real": np.float32(0.3), "fake": np.float32(-0.2)}
@@ -260,10 +295,19 @@ def _run(preset_name: str, device: str, dtype: str):
             return jt.generator_loss(tr_, fr, d, x, k, tg, jnp.float32(1.0), c)
 
         (_, (met_j, _)), g_j = jax.jit(jax.value_and_grad(jax_loss, has_aux=True))(
-            {k: pj[k] for k in keys}, {k: pj[k] for k in pj if k not in keys}, dj, xj, kj, tgt_j)
+            {k: pj[k] for k in keys}, {k: pj[k] for k in pj if k not in keys}, dj, xj, kj, tgt_j
+        )
         (_, (met_t, _)), g_t = tt.value_and_grad(
-            tt.generator_loss, {k: pt[k] for k in keys}, {k: pt[k] for k in pt if k not in keys},
-            dt_, xt, kt, tgt_t, torch.ones((), device=tdev), c)
+            tt.generator_loss,
+            {k: pt[k] for k in keys},
+            {k: pt[k] for k in pt if k not in keys},
+            dt_,
+            xt,
+            kt,
+            tgt_t,
+            torch.ones((), device=tdev),
+            c,
+        )
         if stage == 1:
             for name in met_j:
                 row(f"loss/{name}", rel_err(met_t[name], met_j[name]), f_tol)
@@ -275,8 +319,9 @@ def _run(preset_name: str, device: str, dtype: str):
             else:
                 row(f"grad/stage{stage}/{k}", worst_leaf(g_t[k], g_j[k])[0], g_tol)
 
-    (_, aux_j), gd_j = jax.jit(jax.value_and_grad(jt.disc_loss, has_aux=True),
-                               static_argnums=(4, 5))(dj, xj, J(r_np), J(lecam), lo, m)
+    (_, aux_j), gd_j = jax.jit(
+        jax.value_and_grad(jt.disc_loss, has_aux=True), static_argnums=(4, 5)
+    )(dj, xj, J(r_np), J(lecam), lo, m)
     (_, aux_t), gd_t = tt.value_and_grad(tt.disc_loss, dt_, xt, T(r_np), T(lecam), lo, m)
     for name, a_t, a_j in zip(("disc_hinge", "lecam"), aux_t[:2], aux_j[:2]):
         row(f"loss/{name}", rel_err(a_t, a_j), fp)  # the same fp32 inputs on both sides
@@ -288,21 +333,30 @@ def _run(preset_name: str, device: str, dtype: str):
 
     for name in ("adamw", "adam", "sgd"):
         t_cfg = cfg.replace(train={"optimizer": name}).train
-        p0 = {"w": rng.standard_normal((64, 48)).astype(np.float32),
-              "b": rng.standard_normal((48,)).astype(np.float32)}
+        p0 = {
+            "w": rng.standard_normal((64, 48)).astype(np.float32),
+            "b": rng.standard_normal((48,)).astype(np.float32),
+        }
         pj_, pt_ = J(p0), T(p0)
         oj, ot = jo.opt_init(pj_, t_cfg), to.opt_init(pt_, t_cfg)
-        update_j = jax.jit(lambda g, o, p, lr, t_cfg=t_cfg: jo.opt_update(
-            jo.clip_by_global_norm(g, t_cfg.grad_clip)[0], o, p, lr, t_cfg))
+        update_j = jax.jit(
+            lambda g, o, p, lr, t_cfg=t_cfg: jo.opt_update(
+                jo.clip_by_global_norm(g, t_cfg.grad_clip)[0], o, p, lr, t_cfg
+            )
+        )
         for _ in range(3):
             g = {k: (3 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in p0.items()}
             lr = np.float32(1e-2)
             pj_, oj = update_j(J(g), oj, pj_, lr)
             with torch.no_grad():
-                pt_, ot = to.opt_update(to.clip_by_global_norm(T(g), t_cfg.grad_clip)[0], ot,
-                                        pt_, torch.tensor(lr, device=tdev), t_cfg)
-        err = max(worst_leaf(pt_, pj_)[0], worst_leaf(ot.mu, oj.mu)[0],
-                  worst_leaf(ot.nu, oj.nu)[0])
+                pt_, ot = to.opt_update(
+                    to.clip_by_global_norm(T(g), t_cfg.grad_clip)[0],
+                    ot,
+                    pt_,
+                    torch.tensor(lr, device=tdev),
+                    t_cfg,
+                )
+        err = max(worst_leaf(pt_, pj_)[0], worst_leaf(ot.mu, oj.mu)[0], worst_leaf(ot.nu, oj.nu)[0])
         row(f"optim/{name} (3 steps, same gradients)", err, fp)
 
     # ------------------------------------------------------------------ trajectory
@@ -326,8 +380,11 @@ def _run(preset_name: str, device: str, dtype: str):
     if not bf16:  # bf16 gradients differ by ~1e-2, which Adam turns into sign flips: losses only
         end_j, end_t = jt.state_to_numpy(sj_), tt.state_to_numpy(st_)
         for group, start in (("params", params), ("disc", disc)):
-            row(f"trajectory/{TRAJECTORY_STEPS} steps: {group} (L2 of update)",
-                worst_update(end_t[group], end_j[group], start)[0], TOL["trajectory_early_fp32"])
+            row(
+                f"trajectory/{TRAJECTORY_STEPS} steps: {group} (L2 of update)",
+                worst_update(end_t[group], end_j[group], start)[0],
+                TOL["trajectory_early_fp32"],
+            )
     return rows
 
 
@@ -349,8 +406,10 @@ def main(args) -> int:
     select_device(device)  # one line, exit status 2, when torch cannot use it
     t0 = time.perf_counter()
     rows, ok = run_parity(args.preset, device, args.dtype)
-    print(f"maetok parity: preset {args.preset}, {args.dtype}, {device} "
-          f"({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"maetok parity: preset {args.preset}, {args.dtype}, {device} "
+        f"({time.perf_counter() - t0:.1f} s)"
+    )
     print_table(rows)
     return 0 if ok else 1
 

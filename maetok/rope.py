@@ -14,8 +14,9 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=None)
-def rope_tables(grid: int, num_latent: int, head_dim: int, theta: float
-                ) -> tuple[np.ndarray, np.ndarray]:
+def rope_tables(
+    grid: int, num_latent: int, head_dim: int, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
     """``(cos, sin)``, each float32 (N + L, K), N = grid², for ``x·cos + rotate_half(x)·sin``."""
     quarter = head_dim // 4
     freqs = theta ** (-np.arange(quarter, dtype=np.float64) / quarter)  # (K/4,)

@@ -77,8 +77,11 @@ def is_writer_process() -> bool:
 
 
 def _owner() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _acquire(lock: Path) -> None:
@@ -129,10 +132,12 @@ def _is_stale(lock: Path, owner: dict) -> bool:
 
 def _in_use(lock: Path, owner: dict) -> str:
     where = f"process {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}"
-    hint = ("wait for it to finish or choose another --out"
-            if owner.get("host") in (socket.gethostname(), "?") else
-            f"wait for it to finish or choose another --out; if nothing runs there any more, "
-            f"delete {lock}")
+    hint = (
+        "wait for it to finish or choose another --out"
+        if owner.get("host") in (socket.gethostname(), "?")
+        else f"wait for it to finish or choose another --out; if nothing runs there any more, "
+        f"delete {lock}"
+    )
     return f"{lock.parent} is in use by another maetok run ({where}): {hint}"
 
 
@@ -142,25 +147,34 @@ def data_identity(dataset) -> dict:
     from maetok.data import ImageFolder, SyntheticImages
 
     if isinstance(dataset, ImageFolder):
-        return {"kind": "folder", "folder": str(dataset.root.resolve()),
-                "images": len(dataset), "fingerprint": dataset.fingerprint}
+        return {
+            "kind": "folder",
+            "folder": str(dataset.root.resolve()),
+            "images": len(dataset),
+            "fingerprint": dataset.fingerprint,
+        }
     if isinstance(dataset, SyntheticImages):
-        return {"kind": "synthetic", "size": dataset.size, "count": dataset.count,
-                "seed": dataset.seed}
+        return {
+            "kind": "synthetic",
+            "size": dataset.size,
+            "count": dataset.count,
+            "seed": dataset.seed,
+        }
     return {"kind": type(dataset).__name__, "images": len(dataset)}
 
 
 def describe_data(ident: dict) -> str:
     if ident.get("kind") == "folder":
-        return (f"folder {ident['folder']} ({ident['images']} images, fingerprint "
-                f"{ident['fingerprint']})")
+        return (
+            f"folder {ident['folder']} ({ident['images']} images, fingerprint "
+            f"{ident['fingerprint']})"
+        )
     if ident.get("kind") == "synthetic":
         return f"the synthetic images (seed {ident['seed']})"
     return f"a {ident.get('kind')} dataset of {ident.get('images')} images"
 
 
-def open_dataset(data: str | None, cfg: Config, skip_broken: bool = False,
-                 progress: bool = True):
+def open_dataset(data: str | None, cfg: Config, skip_broken: bool = False, progress: bool = True):
     """``data`` (an image folder) or, for None, the built-in synthetic images."""
     from maetok.data import ImageFolder, SyntheticImages
 
@@ -177,18 +191,26 @@ def _dataset_of(ident: dict, cfg: Config, skip_broken: bool, progress: bool):
         return SyntheticImages(ident["size"], count=ident["count"], seed=ident["seed"])
     if ident["kind"] == "folder":
         if not Path(ident["folder"]).is_dir():
-            raise DataError(f"--resume: the run's data folder {ident['folder']} is gone; pass "
-                            "--data FOLDER --change data to continue on another folder")
+            raise DataError(
+                f"--resume: the run's data folder {ident['folder']} is gone; pass "
+                "--data FOLDER --change data to continue on another folder"
+            )
         return open_dataset(ident["folder"], cfg, skip_broken, progress)
-    raise DataError(f"--resume: the run was trained on {describe_data(ident)}, which the "
-                    "command line cannot reopen; pass --data FOLDER --change data")
+    raise DataError(
+        f"--resume: the run was trained on {describe_data(ident)}, which the "
+        "command line cannot reopen; pass --data FOLDER --change data"
+    )
 
 
 def config_diff(old: Config, new: Config) -> dict[str, list]:
     """``{"section.field": [old, new]}`` for every field that differs."""
     a, b = old.to_dict(), new.to_dict()
-    return {f"{part}.{k}": [a[part][k], b[part][k]]
-            for part in a for k in a[part] if a[part][k] != b[part][k]}
+    return {
+        f"{part}.{k}": [a[part][k], b[part][k]]
+        for part in a
+        for k in a[part]
+        if a[part][k] != b[part][k]
+    }
 
 
 def _frozen(field: str) -> bool:
@@ -215,9 +237,18 @@ class Resumed:
     changes: dict[str, list]
 
 
-def resume(out, changes: dict, *, base: Config | None = None, base_flag: str = "",
-           data: str | None = None, backend: str | None = None, allow: tuple[str, ...] = (),
-           skip_broken: bool = False, progress: bool = True) -> Resumed:
+def resume(
+    out,
+    changes: dict,
+    *,
+    base: Config | None = None,
+    base_flag: str = "",
+    data: str | None = None,
+    backend: str | None = None,
+    allow: tuple[str, ...] = (),
+    skip_broken: bool = False,
+    progress: bool = True,
+) -> Resumed:
     """Rebuild the run in ``out`` from its checkpoint, with only the changes asked for.
 
     ``changes`` are config overrides by section (``{"train": {"lr": 1e-4}}``). ``base`` is a
@@ -230,32 +261,44 @@ def resume(out, changes: dict, *, base: Config | None = None, base_flag: str = "
         raise CheckpointError(f"--resume: no checkpoint at {path}; train without --resume first")
     stored, meta = ckpt.read_header(path)
     if base is not None and config_diff(stored, base):
-        raise ConfigError(f"--resume: {base_flag} differs from the run's config "
-                          f"({_listing(config_diff(stored, base))}); a resumed run keeps its "
-                          f"config: drop {base_flag}, and change fields with --set "
-                          "SECTION.FIELD=VALUE")
+        raise ConfigError(
+            f"--resume: {base_flag} differs from the run's config "
+            f"({_listing(config_diff(stored, base))}); a resumed run keeps its "
+            f"config: drop {base_flag}, and change fields with --set "
+            "SECTION.FIELD=VALUE"
+        )
     cfg = stored.replace(**{k: v for k, v in changes.items() if v})
     changed = config_diff(stored, cfg)
     frozen = {k: v for k, v in changed.items() if _frozen(k)}
     if frozen:
-        raise ConfigError(f"--resume cannot change {_listing(frozen)}: the checkpoint's state "
-                          "is shaped by it; start a new run (another --out, or --overwrite)")
+        raise ConfigError(
+            f"--resume cannot change {_listing(frozen)}: the checkpoint's state "
+            "is shaped by it; start a new run (another --out, or --overwrite)"
+        )
 
     run_backend = meta.get("backend")
     chosen = backend or run_backend or "jax"
     if run_backend and chosen != run_backend:
         if "backend" not in allow:
-            raise ConfigError(f"--resume: this run was trained with --backend {run_backend}; "
-                              f"--backend {chosen} would continue it with other numerics: drop "
-                              "--backend, or pass --change backend to switch on purpose")
+            raise ConfigError(
+                f"--resume: this run was trained with --backend {run_backend}; "
+                f"--backend {chosen} would continue it with other numerics: drop "
+                "--backend, or pass --change backend to switch on purpose"
+            )
         changed["backend"] = [run_backend, chosen]
 
     run_data = meta.get("data")
-    if (data is not None and run_data is not None and "data" not in allow
-            and str(Path(data).resolve()) != run_data.get("folder")):
-        raise DataError(f"--resume: the run was trained on {describe_data(run_data)}, not on "
-                        f"{data}; resume on the run's own data (drop --data), or pass --change "
-                        "data to continue on this data on purpose")
+    if (
+        data is not None
+        and run_data is not None
+        and "data" not in allow
+        and str(Path(data).resolve()) != run_data.get("folder")
+    ):
+        raise DataError(
+            f"--resume: the run was trained on {describe_data(run_data)}, not on "
+            f"{data}; resume on the run's own data (drop --data), or pass --change "
+            "data to continue on this data on purpose"
+        )
     if data is None and run_data is not None:
         dataset = _dataset_of(run_data, cfg, skip_broken, progress)
     else:
@@ -264,13 +307,18 @@ def resume(out, changes: dict, *, base: Config | None = None, base_flag: str = "
     if run_data is not None and now != run_data:
         if "data" not in allow:
             same = now.get("folder") is not None and now.get("folder") == run_data.get("folder")
-            what = (f"the data folder {now['folder']} has changed since the run's checkpoint "
-                    f"(then {run_data['images']} images, fingerprint {run_data['fingerprint']}; "
-                    f"now {now['images']}, {now['fingerprint']})" if same else
-                    f"the run was trained on {describe_data(run_data)}, not on "
-                    f"{describe_data(now)}")
-            raise DataError(f"--resume: {what}; resume on the run's own data (drop --data), or "
-                            "pass --change data to continue on this data on purpose")
+            what = (
+                f"the data folder {now['folder']} has changed since the run's checkpoint "
+                f"(then {run_data['images']} images, fingerprint {run_data['fingerprint']}; "
+                f"now {now['images']}, {now['fingerprint']})"
+                if same
+                else f"the run was trained on {describe_data(run_data)}, not on "
+                f"{describe_data(now)}"
+            )
+            raise DataError(
+                f"--resume: {what}; resume on the run's own data (drop --data), or "
+                "pass --change data to continue on this data on purpose"
+            )
         changed["data"] = [describe_data(run_data), describe_data(now)]
     step = meta.get("step")
     return Resumed(cfg, dataset, chosen, step if isinstance(step, int) else None, changed)

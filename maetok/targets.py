@@ -27,7 +27,8 @@ def _hog_dim(m) -> int:
     if m.patch_size % cell:
         raise ConfigError(
             f"HOG target needs model.patch_size to be a multiple of its {cell}-pixel cell, "
-            f"got {m.patch_size}; drop 'hog' from model.aux_targets or change the patch size")
+            f"got {m.patch_size}; drop 'hog' from model.aux_targets or change the patch size"
+        )
     return m.channels * HOG_BINS * (m.patch_size // cell) ** 2
 
 
@@ -64,5 +65,7 @@ def check_implemented(table: dict[str, Callable], model_cfg, backend: str, modul
     """ConfigError unless every target of ``model_cfg.aux_targets`` has a function in ``table``."""
     missing = [n for n in model_cfg.aux_targets if n not in table]
     if missing:
-        raise ConfigError(f"auxiliary target(s) {missing} have no {backend} implementation; "
-                          f"call {module}.register_target first")
+        raise ConfigError(
+            f"auxiliary target(s) {missing} have no {backend} implementation; "
+            f"call {module}.register_target first"
+        )

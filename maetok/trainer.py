@@ -68,13 +68,15 @@ def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
         raise CheckpointError(f"{path} holds no {key!r} (EMA was off when it was trained)")
     from maetok.params import spec_params
     from maetok.tree import flatten
+
     want = {k: v.shape for k, v in flatten(spec_params(cfg.model)).items()}
     have = {k: v.shape for k, v in flatten(tree[key]).items()}
     if want != have:
         missing = sorted(set(want) - set(have))[:5]
         wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:5]
-        raise CheckpointError(f"{path}: parameters do not match the config "
-                              f"(missing {missing}, wrong shape {wrong})")
+        raise CheckpointError(
+            f"{path}: parameters do not match the config (missing {missing}, wrong shape {wrong})"
+        )
     return tree[key]
 
 
@@ -100,15 +102,20 @@ def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None, l
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
         if last_saved is not None:
-            advice = (f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}: "
-                      f"continue it with a lower learning rate, e.g. maetok train --resume "
-                      f"--out {out} --lr {lr / 10:g}")
+            advice = (
+                f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}: "
+                f"continue it with a lower learning rate, e.g. maetok train --resume "
+                f"--out {out} --lr {lr / 10:g}"
+            )
         else:
-            advice = ("no checkpoint had been written yet: start again with a lower --lr "
-                      "(and --overwrite) or more warm-up")
+            advice = (
+                "no checkpoint had been written yet: start again with a lower --lr "
+                "(and --overwrite) or more warm-up"
+            )
         raise NonFiniteLossError(
             f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
-            f"training stopped; {advice}")
+            f"training stopped; {advice}"
+        )
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
@@ -155,10 +162,21 @@ def _stop_requests():
             signal.signal(sig, old)
 
 
-def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=None,
-          resume: bool = False, stop_at: int | None = None, progress: bool = True,
-          device: str | None = None, compile: bool = False, devices: int | None = None,
-          shard_params: bool = False, changes: dict | None = None) -> dict:
+def train(
+    cfg: Config,
+    dataset,
+    out_dir,
+    backend_name: str = "jax",
+    init_from=None,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+    device: str | None = None,
+    compile: bool = False,
+    devices: int | None = None,
+    shard_params: bool = False,
+    changes: dict | None = None,
+) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
 
     ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
@@ -177,18 +195,16 @@ def train(cfg: Config, dataset, out_dir, backend_name: str = "jax", init_from=No
     backend_cls = get_backend(backend_name)
     if devices is None:
         devices = backend_cls.default_devices(device)
-    backend = backend_cls(cfg, device, compile=compile, devices=devices,
-                          shard_params=shard_params)
+    backend = backend_cls(cfg, device, compile=compile, devices=devices, shard_params=shard_params)
     if not backend.is_writer:
-        return _train(cfg, dataset, Path(out_dir), backend, init_from, resume, stop_at,
-                      progress, changes)
+        return _train(
+            cfg, dataset, Path(out_dir), backend, init_from, resume, stop_at, progress, changes
+        )
     with run.claim(out_dir) as out:
-        return _train(cfg, dataset, out, backend, init_from, resume, stop_at, progress,
-                      changes)
+        return _train(cfg, dataset, out, backend, init_from, resume, stop_at, progress, changes)
 
 
-def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progress,
-           changes) -> dict:
+def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progress, changes) -> dict:
     from tqdm import tqdm
 
     from maetok.viz import plot_curves, save_grid
@@ -222,12 +238,20 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
     last_saved, host = (start if resume else None), {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0
-    bar = tqdm(total=end - start, initial=0, desc=f"stage {t.stage}",
-               disable=not (progress and writer), unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=end - start,
+        initial=0,
+        desc=f"stage {t.stage}",
+        disable=not (progress and writer),
+        unit="step",
+        dynamic_ncols=True,
+    )
     try:
         workers = min(8, os.cpu_count() or 2)  # decoding and cropping run in numpy threads
-        with _stop_requests() as stop, \
-                Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches:
+        with (
+            _stop_requests() as stop,
+            Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches,
+        ):
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
@@ -242,30 +266,38 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     for s, ratio, host in pulled:
                         _check_finite(host, s, out, last_saved, t.lr)
-                        host.update(step=s, mask_ratio=ratio, lr=learning_rate(s, t),
-                                    images_per_s=rate)
+                        host.update(
+                            step=s, mask_ratio=ratio, lr=learning_rate(s, t), images_per_s=rate
+                        )
                         log.write(json.dumps(host) + "\n")
                     pending.clear()
                     log.flush()
                     t0, seen = time.perf_counter(), 0
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", rec=f"{host['rec']:.4f}",
-                                    img_s=f"{host['images_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{host['loss']:.4f}",
+                        rec=f"{host['rec']:.4f}",
+                        img_s=f"{host['images_per_s']:.1f}",
+                    )
                 bar.update(1)
                 if save:
                     tree = backend.state_to_numpy(state)  # every process: it may gather
                     if writer:
-                        ckpt.save_checkpoint(path, tree, cfg,
-                                             {"stage": t.stage, "step": step + 1, **identity})
+                        ckpt.save_checkpoint(
+                            path, tree, cfg, {"stage": t.stage, "step": step + 1, **identity}
+                        )
                     last_saved = step + 1
                 if stopping is not None:
                     raise TrainingStopped(stopping, step + 1, path)
                 if (step + 1) % t.sample_every == 0 or last:
-                    recon = backend.reconstruct(state["params"], preview["images"],
-                                                preview["mask"])
+                    recon = backend.reconstruct(state["params"], preview["images"], preview["mask"])
                     if writer:
-                        save_grid(out / "samples" / f"step_{step + 1:06d}.png",
-                                  preview["images"], recon, masks=preview["mask"],
-                                  patch_size=cfg.model.patch_size)
+                        save_grid(
+                            out / "samples" / f"step_{step + 1:06d}.png",
+                            preview["images"],
+                            recon,
+                            masks=preview["mask"],
+                            patch_size=cfg.model.patch_size,
+                        )
                 if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
                     t0 = time.perf_counter()
     finally:
@@ -273,7 +305,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
         log.close()
     peak = getattr(backend, "peak_memory_bytes", lambda: None)()
     if peak is not None:
-        host["peak_memory_gib"] = peak / 2 ** 30
+        host["peak_memory_gib"] = peak / 2**30
     if writer and (out / "metrics.jsonl").stat().st_size:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     return host

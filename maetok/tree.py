@@ -30,8 +30,12 @@ def map_tree(fn: Callable, tree, *rest):
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Tree, prefix: str = "") -> Tree:
     """``fn(path, leaf)`` at every leaf; paths start with ``prefix/`` when ``prefix`` is given."""
-    return {k: map_with_path(fn, v, _join(prefix, k)) if isinstance(v, dict)
-            else fn(_join(prefix, k), v) for k, v in tree.items()}
+    return {
+        k: map_with_path(fn, v, _join(prefix, k))
+        if isinstance(v, dict)
+        else fn(_join(prefix, k), v)
+        for k, v in tree.items()
+    }
 
 
 def iter_leaves(tree: Tree, prefix: str = "") -> Iterator[tuple[str, Any]]:

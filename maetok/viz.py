@@ -18,8 +18,19 @@ from maetok.errors import MAETokError
 
 _GAP, _LABEL_WIDTH, _MIN_PIXELS = 4, 110, 128
 # Metrics plotted besides every key starting with "loss"; "mask/hog" counts as "mask".
-CURVE_KEYS = ("rec", "mask", "percep", "adv", "disc", "lecam", "lr", "grad_norm",
-              "mask_ratio", "psnr", "ssim")
+CURVE_KEYS = (
+    "rec",
+    "mask",
+    "percep",
+    "adv",
+    "disc",
+    "lecam",
+    "lr",
+    "grad_norm",
+    "mask_ratio",
+    "psnr",
+    "ssim",
+)
 
 
 def _pixel_mask(masks, b: int, h: int, w: int, patch_size: int | None) -> np.ndarray:
@@ -27,14 +38,16 @@ def _pixel_mask(masks, b: int, h: int, w: int, patch_size: int | None) -> np.nda
     m = np.asarray(masks)[:b] > 0.5
     p = patch_size or int(round(math.sqrt(h * w / m.shape[1])))
     if (h // p) * (w // p) != m.shape[1] or h % p or w % p:
-        raise ValueError(f"a mask of {m.shape[1]} tokens does not fit {h}×{w} images with "
-                         f"patch size {p}")
+        raise ValueError(
+            f"a mask of {m.shape[1]} tokens does not fit {h}×{w} images with patch size {p}"
+        )
     m = m.reshape(b, h // p, w // p)
     return m.repeat(p, axis=1).repeat(p, axis=2)
 
 
-def save_grid(path, originals, reconstructions, masks=None, patch_size: int | None = None,
-              max_images: int = 8) -> Path:
+def save_grid(
+    path, originals, reconstructions, masks=None, patch_size: int | None = None, max_images: int = 8
+) -> Path:
     """One PNG comparing the first ``max_images`` images, a column per image.
 
     Rows: the originals (B, H, W, C) in [-1, 1]; if ``masks`` (B, N) is given, the masked
@@ -63,8 +76,10 @@ def save_class_grid(path, images, labels, class_names, per_class: int = 10) -> P
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or len(images) != len(labels):
-        raise ValueError(f"expected uint8 images and one label each, got {images.dtype} "
-                         f"{images.shape} and labels {labels.shape}")
+        raise ValueError(
+            f"expected uint8 images and one label each, got {images.dtype} "
+            f"{images.shape} and labels {labels.shape}"
+        )
     rows = [(name, images[labels == c][:per_class]) for c, name in enumerate(class_names)]
     return _save_rows(path, rows)
 
@@ -77,8 +92,9 @@ def _save_rows(path, rows: list[tuple[str, np.ndarray]]) -> Path:
     b = max(len(images) for _, images in rows)
     scale = max(1, math.ceil(_MIN_PIXELS / max(h, w)))
     ch, cw = h * scale, w * scale
-    canvas = Image.new("RGB", (_LABEL_WIDTH + b * (cw + _GAP), len(rows) * (ch + _GAP) + _GAP),
-                       "white")
+    canvas = Image.new(
+        "RGB", (_LABEL_WIDTH + b * (cw + _GAP), len(rows) * (ch + _GAP) + _GAP), "white"
+    )
     draw = ImageDraw.Draw(canvas)
     for r, (label, images) in enumerate(rows):
         top = _GAP + r * (ch + _GAP)
@@ -106,8 +122,9 @@ def read_curves(metrics_jsonl) -> dict[str, tuple[list[int], list[float]]]:
     """
     path = Path(metrics_jsonl)
     if not path.is_file():
-        raise MAETokError(f"metrics file {path} does not exist; it is written by training "
-                          "into the run folder")
+        raise MAETokError(
+            f"metrics file {path} does not exist; it is written by training into the run folder"
+        )
     curves: dict[str, tuple[list[int], list[float]]] = {}
     for line in path.read_text().splitlines():
         try:
@@ -139,8 +156,10 @@ def plot_curves(metrics_jsonl, out_png) -> list[str]:
 
     curves = read_curves(metrics_jsonl)
     if not curves:
-        raise MAETokError(f"{metrics_jsonl} holds no plottable metrics (keys starting with "
-                          f"'loss' or one of {', '.join(CURVE_KEYS)}, each with a 'step')")
+        raise MAETokError(
+            f"{metrics_jsonl} holds no plottable metrics (keys starting with "
+            f"'loss' or one of {', '.join(CURVE_KEYS)}, each with a 'step')"
+        )
     keys = sorted(curves, key=lambda k: (not k.startswith("loss"), k))
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)

@@ -34,19 +34,28 @@ def select_device(name: str | None):
     try:
         devices = jax.devices(platform)
     except RuntimeError:
-        raise MAETokError(f"--device {name}, but JAX has no {platform} device here (it has: "
-                          f"{have}); use --device {jax.default_backend()}") from None
+        raise MAETokError(
+            f"--device {name}, but JAX has no {platform} device here (it has: "
+            f"{have}); use --device {jax.default_backend()}"
+        ) from None
     if index and not (index.isdigit() and int(index) < len(devices)):
-        raise MAETokError(f"--device {name}: JAX sees {len(devices)} {platform} device(s), "
-                          f"numbered from 0")
+        raise MAETokError(
+            f"--device {name}: JAX sees {len(devices)} {platform} device(s), numbered from 0"
+        )
     return devices[int(index or 0)]
 
 
 class Backend:
     name = "jax"
 
-    def __init__(self, cfg, device: str | None = None, compile: bool = False,
-                 devices: int | None = None, shard_params: bool = False):
+    def __init__(
+        self,
+        cfg,
+        device: str | None = None,
+        compile: bool = False,
+        devices: int | None = None,
+        shard_params: bool = False,
+    ):
         # ``compile`` mirrors the torch Backend's switch; the JAX step is always jit-compiled.
         parallel.init_distributed()  # before anything asks JAX for its devices
         enable_compilation_cache()
@@ -60,11 +69,16 @@ class Backend:
         if devices is None and shard_params:
             devices = len(jax.local_devices(backend=platform))
         if devices is not None and ":" in (device or ""):
-            raise ConfigError(f"--device {device} names one device, but --devices takes a "
-                              f"platform: pass --device {device.partition(':')[0]} with "
-                              f"--devices {devices}, or leave out --devices")
-        self.dp = (parallel.DataParallel(cfg, devices, shard_params, platform)
-                   if devices is not None else None)
+            raise ConfigError(
+                f"--device {device} names one device, but --devices takes a "
+                f"platform: pass --device {device.partition(':')[0]} with "
+                f"--devices {devices}, or leave out --devices"
+            )
+        self.dp = (
+            parallel.DataParallel(cfg, devices, shard_params, platform)
+            if devices is not None
+            else None
+        )
         self.rows = self.dp.rows if self.dp else slice(None)
         self.is_writer = self.dp.is_writer if self.dp else True
 
@@ -139,8 +153,7 @@ class Backend:
         m = self.cfg.model
         if mask is None:
             mask = np.zeros((images.shape[0], m.num_patches), np.float32)
-        fn = self._jit("reconstruct",
-                       lambda p, x, k: model.forward(p, x, k, m, with_aux=False)[0])
+        fn = self._jit("reconstruct", lambda p, x, k: model.forward(p, x, k, m, with_aux=False)[0])
         return self._get(fn(params, self._put(images), self._put(mask)))
 
     def encode(self, params, images: np.ndarray) -> np.ndarray:

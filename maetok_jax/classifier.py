@@ -23,8 +23,14 @@ import numpy as np
 from tqdm import tqdm
 
 from maetok.checkpoint import load_tree, save_tree
-from maetok.classifier_spec import (FORMAT, STAGES, ClassifierConfig, init_classifier,
-                                    spec_classifier, spec_classifier_stats)
+from maetok.classifier_spec import (
+    FORMAT,
+    STAGES,
+    ClassifierConfig,
+    init_classifier,
+    spec_classifier,
+    spec_classifier_stats,
+)
 from maetok.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from maetok.schedules import one_cycle
 from maetok.tree import flatten, unflatten
@@ -35,21 +41,29 @@ tree_map = jax.tree_util.tree_map
 
 # ---------------------------------------------------------------------------------- network
 
+
 def _dtype(cfg: ClassifierConfig):
     return jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
 
 
 def _conv_bn_relu(p, s, x, cfg: ClassifierConfig, train: bool):
     """3×3 'same' conv → BatchNorm → ReLU; returns (y, new running stats)."""
-    y = jax.lax.conv_general_dilated(x, p["conv"]["w"].astype(x.dtype), (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = jax.lax.conv_general_dilated(
+        x,
+        p["conv"]["w"].astype(x.dtype),
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
     yf = y.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
     s = s["bn"]
     if train:
         mean, var = yf.mean((0, 1, 2)), yf.var((0, 1, 2))  # (C,)
         m = cfg.bn_momentum
-        new = {"mean": m * s["mean"] + (1 - m) * jax.lax.stop_gradient(mean),
-               "var": m * s["var"] + (1 - m) * jax.lax.stop_gradient(var)}
+        new = {
+            "mean": m * s["mean"] + (1 - m) * jax.lax.stop_gradient(mean),
+            "var": m * s["var"] + (1 - m) * jax.lax.stop_gradient(var),
+        }
     else:
         mean, var, new = s["mean"], s["var"], s
     scale = p["bn"]["scale"] * jax.lax.rsqrt(var + cfg.bn_eps)
@@ -102,7 +116,8 @@ def augment(images_uint8, key, cfg: ClassifierConfig):
         padded = jnp.pad(x, ((0, 0), (q, q), (q, q), (0, 0)), mode="reflect")
         offsets = jax.random.randint(k_crop, (b, 2), 0, 2 * q + 1)
         x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(
-            padded, offsets)
+            padded, offsets
+        )
     flip = jax.random.bernoulli(k_flip, 0.5, (b, 1, 1, 1))
     return jnp.where(flip, x[:, :, ::-1], x)
 
@@ -116,10 +131,15 @@ def smoothed_cross_entropy(logits, labels, smoothing: float):
 
 # ------------------------------------------------------------------------------- train step
 
+
 def init_train_state(cfg: ClassifierConfig) -> dict:
     params, stats = tree_map(jnp.asarray, init_classifier(cfg))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "stats": stats,
-            "opt": opt_init(params, cfg)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "stats": stats,
+        "opt": opt_init(params, cfg),
+    }
 
 
 def make_train_step(cfg: ClassifierConfig):
@@ -128,6 +148,7 @@ def make_train_step(cfg: ClassifierConfig):
     ``images`` uint8 (N, H, W, 3) and ``labels`` (N,) are the whole training set, left on
     the device; ``idx`` picks the batch. The crops and flips use ``fold_in(key, step)``.
     """
+
     def step(state, images, labels, idx, lr, key):
         x = augment(images[idx], jax.random.fold_in(key, state["step"]), cfg)
         y = labels[idx]
@@ -147,23 +168,36 @@ def make_train_step(cfg: ClassifierConfig):
 
 # ----------------------------------------------------------------------- training and use
 
+
 def _check_data(images, labels, cfg: ClassifierConfig, what: str) -> None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(f"{what} images must be uint8 (N, H, W, 3), got "
-                        f"{images.dtype} {images.shape}")
+        raise DataError(
+            f"{what} images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+        )
     if images.shape[1] % 8 or images.shape[2] % 8:
-        raise DataError(f"{what} images are {images.shape[2]}×{images.shape[1]}; the "
-                        "classifier pools three times, so both sides must be multiples of 8")
+        raise DataError(
+            f"{what} images are {images.shape[2]}×{images.shape[1]}; the "
+            "classifier pools three times, so both sides must be multiples of 8"
+        )
     if labels is not None:
         if labels.shape != (len(images),):
             raise DataError(f"{what}: {len(images)} images but labels of shape {labels.shape}")
         if len(labels) and not 0 <= labels.min() <= labels.max() < cfg.num_classes:
-            raise DataError(f"{what} labels must lie in [0, {cfg.num_classes}), found "
-                            f"{labels.min()}..{labels.max()}")
+            raise DataError(
+                f"{what} labels must lie in [0, {cfg.num_classes}), found "
+                f"{labels.min()}..{labels.max()}"
+            )
 
 
-def train_classifier(cfg: ClassifierConfig, train_images, train_labels, test_images,
-                     test_labels, out_path, progress: bool = True) -> dict:
+def train_classifier(
+    cfg: ClassifierConfig,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    out_path,
+    progress: bool = True,
+) -> dict:
     """Train on uint8 images with int labels, measure the test accuracy, save atomically.
 
     Returns ``test_accuracy``, ``train_loss``/``train_accuracy`` (last epoch, augmented),
@@ -176,8 +210,9 @@ def train_classifier(cfg: ClassifierConfig, train_images, train_labels, test_ima
     _check_data(test_images, test_labels, cfg, "test")
     per_epoch = len(train_images) // cfg.batch_size
     if per_epoch < 1:
-        raise ConfigError(f"batch size {cfg.batch_size} exceeds the {len(train_images)} "
-                          "training images")
+        raise ConfigError(
+            f"batch size {cfg.batch_size} exceeds the {len(train_images)} training images"
+        )
     total = cfg.epochs * per_epoch
     images, labels = jax.device_put(train_images), jax.device_put(train_labels)
     state = init_train_state(cfg)
@@ -190,30 +225,49 @@ def train_classifier(cfg: ClassifierConfig, train_images, train_labels, test_ima
             metrics = []
             for i in range(per_epoch):
                 s = epoch * per_epoch + i
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size].astype(np.int32)
-                state, m = step_fn(state, images, labels, idx,
-                                   np.float32(one_cycle(s, total, cfg.lr, cfg.warmup_fraction)),
-                                   key)
+                idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size].astype(np.int32)
+                state, m = step_fn(
+                    state,
+                    images,
+                    labels,
+                    idx,
+                    np.float32(one_cycle(s, total, cfg.lr, cfg.warmup_fraction)),
+                    key,
+                )
                 metrics.append(m)
                 bar.update(1)
             last = {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]}
             if not np.isfinite(last["loss"]):
-                raise NonFiniteLossError(f"classifier loss became {last['loss']} in epoch "
-                                         f"{epoch + 1}; lower --lr or use --dtype float32")
-            bar.set_postfix(epoch=epoch + 1, loss=f"{last['loss']:.3f}",
-                            acc=f"{last['accuracy']:.3f}")
+                raise NonFiniteLossError(
+                    f"classifier loss became {last['loss']} in epoch "
+                    f"{epoch + 1}; lower --lr or use --dtype float32"
+                )
+            bar.set_postfix(
+                epoch=epoch + 1, loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}"
+            )
     seconds = time.perf_counter() - start
     params, stats = (tree_map(np.asarray, state[k]) for k in ("params", "stats"))
     _, logits = classifier_features(params, stats, cfg, test_images)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == test_labels))
-    path = save_tree(out_path, {"params": params, "stats": stats}, cfg.to_json(),
-                     {"test_accuracy": accuracy, "steps": total, "train_seconds": seconds},
-                     FORMAT)
-    print(f"maetok: classifier test accuracy {100 * accuracy:.2f}% after {cfg.epochs} "
-          f"epochs ({seconds:.1f} s) → {path}")
-    return {"test_accuracy": accuracy, "train_loss": last["loss"],
-            "train_accuracy": last["accuracy"], "steps": total, "seconds": seconds,
-            "path": str(path)}
+    path = save_tree(
+        out_path,
+        {"params": params, "stats": stats},
+        cfg.to_json(),
+        {"test_accuracy": accuracy, "steps": total, "train_seconds": seconds},
+        FORMAT,
+    )
+    print(
+        f"maetok: classifier test accuracy {100 * accuracy:.2f}% after {cfg.epochs} "
+        f"epochs ({seconds:.1f} s) → {path}"
+    )
+    return {
+        "test_accuracy": accuracy,
+        "train_loss": last["loss"],
+        "train_accuracy": last["accuracy"],
+        "steps": total,
+        "seconds": seconds,
+        "path": str(path),
+    }
 
 
 def load_classifier(path, with_meta: bool = False):
@@ -225,16 +279,19 @@ def load_classifier(path, with_meta: bool = False):
     try:
         cfg = ClassifierConfig.from_json(config_json)
     except ConfigError as e:
-        raise CheckpointError(f"classifier checkpoint {path} has a missing or invalid config: "
-                              f"{e}") from e
+        raise CheckpointError(
+            f"classifier checkpoint {path} has a missing or invalid config: {e}"
+        ) from e
     for key, spec in (("params", spec_classifier(cfg)), ("stats", spec_classifier_stats(cfg))):
         want = {k: s.shape for k, s in flatten(spec).items()}
         have = {k: v.shape for k, v in flatten(tree.get(key, {})).items()}
         if want != have:
-            raise CheckpointError(f"classifier checkpoint {path}: {key} do not match its config "
-                                  f"(missing {sorted(set(want) - set(have))[:5]}, unexpected "
-                                  f"{sorted(set(have) - set(want))[:5]}, wrong shape "
-                                  f"{sorted(k for k in want if k in have and want[k] != have[k])[:5]})")
+            raise CheckpointError(
+                f"classifier checkpoint {path}: {key} do not match its config "
+                f"(missing {sorted(set(want) - set(have))[:5]}, unexpected "
+                f"{sorted(set(have) - set(want))[:5]}, wrong shape "
+                f"{sorted(k for k in want if k in have and want[k] != have[k])[:5]})"
+            )
     out = (tree["params"], tree["stats"], cfg)
     return (*out, meta) if with_meta else out
 
@@ -244,8 +301,9 @@ def _features_fn(cfg: ClassifierConfig):
     return jax.jit(lambda p, s, x: classify(p, s, _to_unit_range(x), cfg))
 
 
-def classifier_features(params, stats, cfg: ClassifierConfig, images_uint8,
-                        batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+def classifier_features(
+    params, stats, cfg: ClassifierConfig, images_uint8, batch_size: int = 1000
+) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, H, W, 3) → ``(features (N, F), logits (N, K))`` float32 numpy.
 
     Batches have one shape (the last is padded), so the network compiles once per config.
@@ -257,7 +315,7 @@ def classifier_features(params, stats, cfg: ClassifierConfig, images_uint8,
     b = max(1, min(batch_size, len(images)))
     feats, logits = [], []
     for i in range(0, len(images), b):
-        chunk = images[i:i + b]
+        chunk = images[i : i + b]
         n = len(chunk)
         if n < b:
             chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), np.uint8)])
@@ -265,4 +323,3 @@ def classifier_features(params, stats, cfg: ClassifierConfig, images_uint8,
         logits.append(np.asarray(lg)[:n])
         feats.append(np.asarray(ft)[:n])
     return np.concatenate(feats), np.concatenate(logits)
-

@@ -47,8 +47,12 @@ def init_state(cfg, params=None):
     if params is None:
         params = init_dit(cfg, cfg.seed)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "ema": jax.tree_util.tree_map(jnp.array, params), "opt": opt_init(params, cfg)}
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema": jax.tree_util.tree_map(jnp.array, params),
+        "opt": opt_init(params, cfg),
+    }
 
 
 def make_train_step(cfg):
@@ -76,29 +80,49 @@ def make_train_step(cfg):
 def latent_norm(latents: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel statistics of latents (N, L, h) over N and L: {"mean", "std"}, (h,) float32."""
     flat = np.asarray(latents, np.float64).reshape(-1, latents.shape[-1])
-    return {"mean": flat.mean(0).astype(np.float32),
-            "std": np.maximum(flat.std(0), STD_FLOOR).astype(np.float32)}
+    return {
+        "mean": flat.mean(0).astype(np.float32),
+        "std": np.maximum(flat.std(0), STD_FLOOR).astype(np.float32),
+    }
 
 
 def expected_layout(cfg) -> dict:
     """Flat key → (shape, dtype) that a diffusion checkpoint of ``cfg`` must have."""
     norm = {"mean": np.zeros(cfg.token_dim, np.float32), "std": np.zeros(cfg.token_dim, np.float32)}
     shapes = jax.eval_shape(lambda: init_state(cfg))
-    return ckpt.layout({**state_to_numpy(jax.tree_util.tree_map(
-        lambda s: np.zeros(s.shape, s.dtype), shapes)), "norm": norm})
+    return ckpt.layout(
+        {
+            **state_to_numpy(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)),
+            "norm": norm,
+        }
+    )
 
 
 def _check_finite(host: dict, step: int, out: Path, last_saved: int | None) -> None:
     bad = {k: v for k, v in host.items() if not math.isfinite(v)}
     if bad:
-        where = (f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}"
-                 if last_saved is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(f"non-finite loss at step {step} ({bad}); training stopped "
-                                 f"and {where}. Try a lower lr or more warm-up.")
+        where = (
+            f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}"
+            if last_saved is not None
+            else "no checkpoint had been written yet"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({bad}); training stopped "
+            f"and {where}. Try a lower lr or more warm-up."
+        )
 
 
-def fit(cfg, latents: np.ndarray, labels: np.ndarray, norm: dict, out_dir, meta: dict,
-        resume: bool = False, stop_at: int | None = None, progress: bool = True) -> dict:
+def fit(
+    cfg,
+    latents: np.ndarray,
+    labels: np.ndarray,
+    norm: dict,
+    out_dir,
+    meta: dict,
+    resume: bool = False,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Train on normalised ``latents`` (N, L, h) and ``labels`` (N,) up to ``cfg.steps``.
 
     ``norm`` ({"mean", "std"} (h,)) and ``meta`` (tokenizer path and sha256) are written
@@ -129,8 +153,9 @@ def fit(cfg, latents: np.ndarray, labels: np.ndarray, norm: dict, out_dir, meta:
 
     last_saved, host, pending = None, {}, []
     log = open(out / "metrics.jsonl", "a")
-    bar = tqdm(total=end - start, desc="diffusion", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=end - start, desc="diffusion", unit="step", disable=not progress, dynamic_ncols=True
+    )
     t0, done = time.perf_counter(), 0
     try:
         for step in range(start, end):

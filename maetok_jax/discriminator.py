@@ -21,9 +21,14 @@ _DN = ("NHWC", "HWIO", "NHWC")
 
 def _conv(x: jnp.ndarray, p: dict, stride: int, pad: tuple[int, int]) -> jnp.ndarray:
     """(B, h, w, in) → (B, h', w', out) with zero padding ``pad`` = (before, after) per axis."""
-    y = jax.lax.conv_general_dilated(x, p["w"], (stride, stride), (pad, pad),
-                                     dimension_numbers=_DN,
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+        x,
+        p["w"],
+        (stride, stride),
+        (pad, pad),
+        dimension_numbers=_DN,
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return y + p["b"]
 
 
@@ -46,14 +51,18 @@ def generator_adv_loss(fake_logits: jnp.ndarray) -> jnp.ndarray:
     return -jnp.mean(fake_logits)
 
 
-def lecam_loss(real_logits: jnp.ndarray, fake_logits: jnp.ndarray, ema_real, ema_fake) -> jnp.ndarray:
+def lecam_loss(
+    real_logits: jnp.ndarray, fake_logits: jnp.ndarray, ema_real, ema_fake
+) -> jnp.ndarray:
     """LeCAM regulariser; ``ema_real``/``ema_fake`` are scalars (EMAs of the mean logits)."""
-    return (jnp.mean(jax.nn.relu(real_logits - ema_fake) ** 2)
-            + jnp.mean(jax.nn.relu(ema_real - fake_logits) ** 2))
+    return jnp.mean(jax.nn.relu(real_logits - ema_fake) ** 2) + jnp.mean(
+        jax.nn.relu(ema_real - fake_logits) ** 2
+    )
 
 
-def update_lecam(ema_real, ema_fake, real_logits: jnp.ndarray, fake_logits: jnp.ndarray,
-                 decay: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def update_lecam(
+    ema_real, ema_fake, real_logits: jnp.ndarray, fake_logits: jnp.ndarray, decay: float
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """New (ema_real, ema_fake) = decay·ema + (1 − decay)·mean(logits); no gradient."""
     real = jax.lax.stop_gradient(jnp.mean(real_logits))
     fake = jax.lax.stop_gradient(jnp.mean(fake_logits))

@@ -54,8 +54,9 @@ def guided_velocity(params, x, t, y, cfg, guidance: float):
     if guidance == 1.0:
         return dit(params, x, t, y, cfg)
     null = jnp.full_like(y, cfg.num_classes)
-    v = dit(params, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-            jnp.concatenate([y, null]), cfg)  # (2B, L, h)
+    v = dit(
+        params, jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]), cfg
+    )  # (2B, L, h)
     v_cond, v_null = jnp.split(v, 2)
     return v_null + guidance * (v_cond - v_null)
 
@@ -89,12 +90,14 @@ def _sample(params, key, labels, cfg, sampler, num_steps, guidance):
 _compiled_sample = jax.jit(_sample, static_argnames=("cfg", "sampler", "num_steps", "guidance"))
 
 
-def sample(params, key, labels, cfg, sampler: str = "heun", num_steps: int = 50,
-           guidance: float = 1.0):
+def sample(
+    params, key, labels, cfg, sampler: str = "heun", num_steps: int = 50, guidance: float = 1.0
+):
     """Normalised latents (B, L, h) for ``labels`` (B,), from noise drawn with ``key``.
 
     Compiled once per (cfg, sampler, num_steps, guidance, B). A label equal to
     ``num_classes`` samples the unconditional model.
     """
-    return _compiled_sample(params, key, jnp.asarray(labels, jnp.int32), cfg, sampler,
-                            int(num_steps), float(guidance))
+    return _compiled_sample(
+        params, key, jnp.asarray(labels, jnp.int32), cfg, sampler, int(num_steps), float(guidance)
+    )

@@ -77,8 +77,16 @@ def _subset(n: int, size: int, seed: int, stream: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, stream]).choice(n, size, replace=False))
 
 
-def sample_metrics(images_uint8, labels, ref_images_uint8, ref_labels, classifier, k: int = 3,
-                   pr_samples: int = 10_000, seed: int = 0) -> dict:
+def sample_metrics(
+    images_uint8,
+    labels,
+    ref_images_uint8,
+    ref_labels,
+    classifier,
+    k: int = 3,
+    pr_samples: int = 10_000,
+    seed: int = 0,
+) -> dict:
     """Generated images against a reference set, in the classifier's feature space.
 
     ``images_uint8`` (N, H, W, 3) with ``labels`` (N,) the classes they were generated
@@ -90,24 +98,31 @@ def sample_metrics(images_uint8, labels, ref_images_uint8, ref_labels, classifie
     """
     images = np.asarray(images_uint8)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) < 2:
-        raise DataError(f"samples must be uint8 (N, H, W, 3) with N >= 2, got "
-                        f"{images.dtype} {images.shape}")
+        raise DataError(
+            f"samples must be uint8 (N, H, W, 3) with N >= 2, got {images.dtype} {images.shape}"
+        )
     params, stats, cfg, _, _ = _resolve(classifier)
     feats, logits = classifier_features(params, stats, cfg, images)
     ref_feats, ref_logits = reference_features(classifier, ref_images_uint8)
     n = min(len(feats), len(ref_feats), pr_samples)
-    precision, recall = precision_recall(ref_feats[_subset(len(ref_feats), n, seed, 0)],
-                                         feats[_subset(len(feats), n, seed, 1)], k)
-    out = {"fd_c10": frechet_distance(ref_feats, feats), "precision": precision,
-           "recall": recall, "num_samples": len(images)}
+    precision, recall = precision_recall(
+        ref_feats[_subset(len(ref_feats), n, seed, 0)], feats[_subset(len(feats), n, seed, 1)], k
+    )
+    out = {
+        "fd_c10": frechet_distance(ref_feats, feats),
+        "precision": precision,
+        "recall": recall,
+        "num_samples": len(images),
+    }
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (len(images),):
             raise DataError(f"{len(images)} samples but labels of shape {labels.shape}")
         out["class_consistency"] = float(np.mean(np.argmax(logits, 1) == labels))
     if ref_labels is not None:
-        out["reference_accuracy"] = float(np.mean(np.argmax(ref_logits, 1) ==
-                                                  np.asarray(ref_labels)))
+        out["reference_accuracy"] = float(
+            np.mean(np.argmax(ref_logits, 1) == np.asarray(ref_labels))
+        )
     return out
 
 
@@ -120,14 +135,27 @@ def normalise_latents(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray
 
 
 def _encode_all(backend, params, images_uint8, batch_size: int) -> np.ndarray:
-    return np.concatenate([backend.encode(params, from_uint8(images_uint8[i:i + batch_size]))
-                           for i in range(0, len(images_uint8), batch_size)])
+    return np.concatenate(
+        [
+            backend.encode(params, from_uint8(images_uint8[i : i + batch_size]))
+            for i in range(0, len(images_uint8), batch_size)
+        ]
+    )
 
 
-def tokenizer_metrics(tokenizer_checkpoint, train_images, train_labels, test_images,
-                      test_labels, use_ema: bool = False, components=GMM_COMPONENTS,
-                      gmm_train: int = 10_000, batch_size: int = 500, seed: int = 0,
-                      probe_steps: int = 300) -> dict:
+def tokenizer_metrics(
+    tokenizer_checkpoint,
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    use_ema: bool = False,
+    components=GMM_COMPONENTS,
+    gmm_train: int = 10_000,
+    batch_size: int = 500,
+    seed: int = 0,
+    probe_steps: int = 300,
+) -> dict:
     """Reconstruction and latent-space measurements of a tokenizer checkpoint (JAX backend).
 
     Images are uint8 (N, H, W, 3) at the tokenizer's image size. Returns ``psnr`` (test
@@ -145,19 +173,28 @@ def tokenizer_metrics(tokenizer_checkpoint, train_images, train_labels, test_ima
     size = cfg.model.image_size
     for what, images in (("training", train_images), ("test", test_images)):
         if np.asarray(images).shape[1:] != (size, size, 3):
-            raise DataError(f"{what} images are {np.asarray(images).shape[1:]}; tokenizer "
-                            f"{tokenizer_checkpoint} expects ({size}, {size}, 3)")
+            raise DataError(
+                f"{what} images are {np.asarray(images).shape[1:]}; tokenizer "
+                f"{tokenizer_checkpoint} expects ({size}, {size}, 3)"
+            )
     backend = get_backend("jax")(cfg)
     params = backend.to_device_tree(params_from_checkpoint(tokenizer_checkpoint, cfg, use_ema))
     test = from_uint8(test_images)
     recon = reconstruct_all(backend, params, test, batch_size)
-    z_train, z_test = normalise_latents(_encode_all(backend, params, train_images, batch_size),
-                                        _encode_all(backend, params, test_images, batch_size))
+    z_train, z_test = normalise_latents(
+        _encode_all(backend, params, train_images, batch_size),
+        _encode_all(backend, params, test_images, batch_size),
+    )
     num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
     flat_train, flat_test = z_train.reshape(len(z_train), -1), z_test.reshape(len(z_test), -1)
-    probe = linear_probe(flat_train, train_labels, flat_test, test_labels, num_classes,
-                         steps=probe_steps, seed=seed)
+    probe = linear_probe(
+        flat_train, train_labels, flat_test, test_labels, num_classes, steps=probe_steps, seed=seed
+    )
     fit = flat_train[_subset(len(flat_train), gmm_train, seed, 2)]
     nll = gmm_nll(fit, flat_test, tuple(k for k in components if k <= len(fit)), seed=seed)
-    return {"psnr": float(psnr(test, recon).mean()), "linear_probe": probe, "gmm_nll": nll,
-            "latent_shape": list(z_train.shape[1:])}
+    return {
+        "psnr": float(psnr(test, recon).mean()),
+        "linear_probe": probe,
+        "gmm_nll": nll,
+        "latent_shape": list(z_train.shape[1:]),
+    }

@@ -49,10 +49,9 @@ def encode(params, images, mask, m):
     z = jnp.broadcast_to(p["latent_tokens"] + p["latent_pos"], (b, *p["latent_tokens"].shape))
     t = jnp.concatenate([x, z], axis=1)  # (B, N + L, D)
     cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
-    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, m.attention, m.unroll,
-                    m.remat)
+    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, m.attention, m.unroll, m.remat)
     t = layer_norm(p["norm"], t, m.ln_eps)
-    h = dense(p["bottleneck"], t[:, m.num_patches:])  # (B, L, latent_dim)
+    h = dense(p["bottleneck"], t[:, m.num_patches :])  # (B, L, latent_dim)
     return h.astype(jnp.float32)
 
 
@@ -72,8 +71,7 @@ def decode_latents(params, h, m, heads: int):
     lat = dense(p["latent_proj"], h.astype(dt)) + p["latent_pos"]  # (B, L, D)
     t = jnp.concatenate([e, lat], axis=1)  # (B, N + L, D)
     cos, sin = rope_for(m, width, heads, m.num_latent_tokens)
-    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, m.attention, m.unroll,
-                    m.remat)
+    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, m.attention, m.unroll, m.remat)
     feats = layer_norm(p["norm"], t, m.ln_eps)[:, :n]  # (B, N, D)
     return dense(p["head"], feats), feats
 

@@ -59,8 +59,8 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
         grads = tree_map(lambda g, p: g + wd * p, grads, params)
     mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
     nu = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-    c1 = 1 - b1 ** t
-    c2 = 1 - b2 ** t
+    c1 = 1 - b1**t
+    c2 = 1 - b2**t
 
     def step(p, m, v):
         upd = (m / c1) / (jnp.sqrt(v / c2) + eps)

@@ -34,8 +34,10 @@ def init_distributed() -> None:
         return
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not address or "JAX_PROCESS_ID" not in os.environ:
-        raise ConfigError("JAX_NUM_PROCESSES > 1 needs JAX_COORDINATOR_ADDRESS (host:port of "
-                          "process 0) and JAX_PROCESS_ID (0 … N−1) in every process")
+        raise ConfigError(
+            "JAX_NUM_PROCESSES > 1 needs JAX_COORDINATOR_ADDRESS (host:port of "
+            "process 0) and JAX_PROCESS_ID (0 … N−1) in every process"
+        )
     jax.distributed.initialize(address, count, int(os.environ["JAX_PROCESS_ID"]))
 
 
@@ -45,11 +47,15 @@ def make_mesh(devices: int, platform: str | None = None) -> Mesh:
     every = jax.devices(platform)
     local = sum(d.process_index == jax.process_index() for d in every)
     if not 1 <= devices <= local:
-        raise ConfigError(f"--devices {devices}: this process sees {local} "
-                          f"{platform or jax.default_backend()} device(s); use 1 to {local}")
-    chosen = [d for p in range(jax.process_count())
-              for d in sorted((d for d in every if d.process_index == p),
-                              key=lambda d: d.id)[:devices]]
+        raise ConfigError(
+            f"--devices {devices}: this process sees {local} "
+            f"{platform or jax.default_backend()} device(s); use 1 to {local}"
+        )
+    chosen = [
+        d
+        for p in range(jax.process_count())
+        for d in sorted((d for d in every if d.process_index == p), key=lambda d: d.id)[:devices]
+    ]
     return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
@@ -65,16 +71,17 @@ def fsdp_spec(shape: tuple[int, ...], n: int) -> P:
 class DataParallel:
     """Placement of the state, the batch and results on a mesh (see the module docstring)."""
 
-    def __init__(self, cfg, devices: int, shard_params: bool = False,
-                 platform: str | None = None):
+    def __init__(self, cfg, devices: int, shard_params: bool = False, platform: str | None = None):
         init_distributed()
         self.mesh = make_mesh(devices, platform)
         self.size = self.mesh.devices.size
         self.shard_params = shard_params
         b = cfg.train.batch_size
         if b % self.size:
-            raise ConfigError(f"batch size {b} does not split over {self.size} devices; "
-                              f"use a multiple of {self.size}")
+            raise ConfigError(
+                f"batch size {b} does not split over {self.size} devices; "
+                f"use a multiple of {self.size}"
+            )
         per_process = b // jax.process_count()
         start = jax.process_index() * per_process
         self.rows = slice(start, start + per_process)  # this process's rows of the batch
@@ -98,9 +105,11 @@ class DataParallel:
 
     def put(self, tree, sharding=None):
         """Host or device values (the same in every process) → global arrays on the mesh."""
+
         def one(x, s):
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+
         if sharding is not None:
             return jax.tree_util.tree_map(lambda x: one(x, sharding), tree)
         return jax.tree_util.tree_map(lambda x: one(x, self.leaf_sharding(x)), tree)
@@ -121,6 +130,7 @@ class DataParallel:
             if x.sharding.is_fully_replicated:
                 return np.asarray(x.addressable_data(0))
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
         return jax.tree_util.tree_map(one, tree)
 
     @staticmethod
@@ -135,5 +145,6 @@ class DataParallel:
     # ------------------------------------------------------------------ the step
     def jit_step(self, step_fn, state):
         """``step_fn`` compiled for the mesh: the state keeps its placement across steps."""
-        return jax.jit(step_fn, donate_argnums=0,
-                       out_shardings=(self.shardings(state), self.replicated))
+        return jax.jit(
+            step_fn, donate_argnums=0, out_shardings=(self.shardings(state), self.replicated)
+        )

@@ -32,8 +32,9 @@ def _level_features(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
     r, nf = kernel.shape[0] // 2, kernel.shape[-1]
     y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, h, w, 1)
     y = jnp.pad(y, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    y = jax.lax.conv_general_dilated(y, kernel, (1, 1), "VALID", dimension_numbers=_DN,
-                                     precision=jax.lax.Precision.HIGHEST)  # (B·C, h, w, F)
+    y = jax.lax.conv_general_dilated(
+        y, kernel, (1, 1), "VALID", dimension_numbers=_DN, precision=jax.lax.Precision.HIGHEST
+    )  # (B·C, h, w, F)
     y = jnp.sqrt(y * y + PERCEP_EPS)
     return y.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
 

@@ -15,7 +15,7 @@ def rotate_half(x):
     """Within each axis half (rows, columns) of the head dim: [a, b] → [−b, a]."""
     k = x.shape[-1]
     q = k // 4
-    a_r, b_r, a_c, b_c = x[..., :q], x[..., q:2 * q], x[..., 2 * q:3 * q], x[..., 3 * q:]
+    a_r, b_r, a_c, b_c = x[..., :q], x[..., q : 2 * q], x[..., 2 * q : 3 * q], x[..., 3 * q :]
     return jnp.concatenate([-b_r, a_r, -b_c, a_c], axis=-1)
 
 

@@ -38,9 +38,14 @@ def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray) -> jnp.ndarray:
     r = kernel.shape[0] // 2
     x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, H, W, 1)
     x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    y = jax.lax.conv_general_dilated(x, jnp.asarray(kernel), (1, 1), "VALID",
-                                     dimension_numbers=_DN,
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+        x,
+        jnp.asarray(kernel),
+        (1, 1),
+        "VALID",
+        dimension_numbers=_DN,
+        precision=jax.lax.Precision.HIGHEST,
+    )
     return y.reshape(b, c, h, w, kernel.shape[-1])
 
 

@@ -22,8 +22,13 @@ import numpy as np
 
 from maetok import params as param_spec
 from maetok.tree import map_tree
-from maetok_jax.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
-                                      lecam_loss, update_lecam)
+from maetok_jax.discriminator import (
+    discriminator,
+    generator_adv_loss,
+    hinge_d_loss,
+    lecam_loss,
+    update_lecam,
+)
 from maetok_jax.losses import adaptive_adv_weight, mask_loss, nll_loss
 from maetok_jax.model import aux_predict, decode, encode
 from maetok_jax.optim import OptState, clip_by_global_norm, ema_update, opt_init, opt_update
@@ -40,8 +45,7 @@ def init_state(cfg, seed: int, params=None):
     if params is None:
         params = param_spec.init_params(cfg, seed)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params,
-             "opt": opt_init(params, cfg.train)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": opt_init(params, cfg.train)}
     if cfg.train.ema_decay > 0:
         state["ema"] = jax.tree_util.tree_map(jnp.array, params)
     if cfg.loss.use_adv:
@@ -99,17 +103,20 @@ def make_train_step(cfg):
         frozen = {k: v for k, v in params.items() if k not in keys}
         targets = compute_targets(images, m) if t.stage == 1 else {}
         grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-        (_, (metrics, recon)), grads = grad_fn(trainable, frozen, state.get("disc"), images,
-                                               mask, targets, adv_on, cfg)
+        (_, (metrics, recon)), grads = grad_fn(
+            trainable, frozen, state.get("disc"), images, mask, targets, adv_on, cfg
+        )
         grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
         opt = state["opt"]
-        sub = OptState(opt.count, {k: opt.mu[k] for k in keys},
-                       {k: opt.nu[k] for k in keys} if opt.nu else {})
+        sub = OptState(
+            opt.count, {k: opt.mu[k] for k in keys}, {k: opt.nu[k] for k in keys} if opt.nu else {}
+        )
         new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
         new_state = dict(state)
         new_state["params"] = {**params, **new_trainable}
-        new_state["opt"] = OptState(sub.count, {**opt.mu, **sub.mu},
-                                    {**opt.nu, **sub.nu} if opt.nu else {})
+        new_state["opt"] = OptState(
+            sub.count, {**opt.mu, **sub.mu}, {**opt.nu, **sub.nu} if opt.nu else {}
+        )
         if "ema" in state:
             new_ema = ema_update({k: state["ema"][k] for k in keys}, new_trainable, t.ema_decay)
             new_state["ema"] = {**state["ema"], **new_ema}
@@ -122,17 +129,21 @@ def make_train_step(cfg):
     def disc_update(state, images, recon, disc_lr, adv_on, metrics):
         grad_fn = jax.value_and_grad(disc_loss, has_aux=True)
         (d_total, (hinge, reg, real, fake)), d_grads = grad_fn(
-            state["disc"], images, recon, state["lecam"], lo, m)
+            state["disc"], images, recon, state["lecam"], lo, m
+        )
         d_grads, _ = clip_by_global_norm(d_grads, t.grad_clip)
         disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr, t)
-        ema_real, ema_fake = update_lecam(state["lecam"]["real"], state["lecam"]["fake"],
-                                          real, fake, lo.lecam_decay)
+        ema_real, ema_fake = update_lecam(
+            state["lecam"]["real"], state["lecam"]["fake"], real, fake, lo.lecam_decay
+        )
         on = adv_on > 0  # before disc_start the discriminator and its EMA stay as they are
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(on, a, b), new, old)
         metrics.update(disc=d_total, disc_hinge=hinge, lecam=reg)
-        return {"disc": keep(disc, state["disc"]),
-                "disc_opt": keep(disc_opt, state["disc_opt"]),
-                "lecam": keep({"real": ema_real, "fake": ema_fake}, state["lecam"])}
+        return {
+            "disc": keep(disc, state["disc"]),
+            "disc_opt": keep(disc_opt, state["disc_opt"]),
+            "lecam": keep({"real": ema_real, "fake": ema_fake}, state["lecam"]),
+        }
 
     return step
 
@@ -148,14 +159,21 @@ def step_inputs(batch, cfg, step: int, put=jnp.asarray):
     from maetok.schedules import step_scalars
 
     lr, disc_lr, adv_on = step_scalars(step, cfg)
-    return (put(batch["images"]), put(batch["mask"]), np.float32(lr),
-            np.float32(disc_lr), np.float32(adv_on))
+    return (
+        put(batch["images"]),
+        put(batch["mask"]),
+        np.float32(lr),
+        np.float32(disc_lr),
+        np.float32(adv_on),
+    )
 
 
 def state_to_numpy(state) -> dict:
     """The state as a nested dict of numpy arrays (OptState → {count, mu, nu}) for checkpoints."""
+
     def conv(x):
         return map_tree(conv, x._asdict()) if isinstance(x, OptState) else np.asarray(x)
+
     return map_tree(conv, state)
 
 

@@ -21,8 +21,17 @@ def block(params, x, cos, sin, heads: int, eps: float, impl: str = "plain"):
     return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps))
 
 
-def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain",
-                unroll: int = 1, remat: bool = False):
+def transformer(
+    blocks,
+    x,
+    cos,
+    sin,
+    heads: int,
+    eps: float,
+    impl: str = "plain",
+    unroll: int = 1,
+    remat: bool = False,
+):
     """Run every block of the stacked tree ``blocks`` (leaves (depth, ...)) over x (B, T, D)."""
 
     def body(h, layer_params):

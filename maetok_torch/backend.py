@@ -25,22 +25,37 @@ from maetok_torch import distributed, model, train
 class Backend:
     name = "torch"
 
-    def __init__(self, cfg, device: str | None = None, compile: bool = False,
-                 devices: int | None = None, shard_params: bool = False):
+    def __init__(
+        self,
+        cfg,
+        device: str | None = None,
+        compile: bool = False,
+        devices: int | None = None,
+        shard_params: bool = False,
+    ):
         if shard_params:
-            raise ConfigError("sharding the parameters (FSDP) is a JAX option; torch keeps a "
-                              "full copy per process")
+            raise ConfigError(
+                "sharding the parameters (FSDP) is a JAX option; torch keeps a "
+                "full copy per process"
+            )
         self.cfg = cfg
         self.dist = distributed.from_env(devices) if devices is not None else None
         if self.dist and compile:
             raise ConfigError("--compile runs one process; under torchrun the step runs eager")
         # after joining the process group: a plain "cuda" is then this rank's own GPU
         chosen = train.select_device(device)
-        if self.dist and device is not None and (
+        if (
+            self.dist
+            and device is not None
+            and (
                 chosen.type != self.dist.device.type
-                or chosen.index not in (None, self.dist.device.index)):
-            raise ConfigError(f"--device {device}: under torchrun each process uses its own "
-                              f"device ({self.dist.device} here); leave out --device")
+                or chosen.index not in (None, self.dist.device.index)
+            )
+        ):
+            raise ConfigError(
+                f"--device {device}: under torchrun each process uses its own "
+                f"device ({self.dist.device} here); leave out --device"
+            )
         self.device = self.dist.device if self.dist else chosen
         self.compile = compile
         self._step = None
@@ -55,8 +70,7 @@ class Backend:
         return world if world > 1 else None
 
     def describe(self) -> str:
-        where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                 else "cpu")
+        where = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         mode = "torch.compile" if self.compile else "eager"
         world = f", {self.dist.world} processes" if self.dist else ""
         return f"torch {torch.__version__} on {where} ({mode}{world})"
@@ -75,9 +89,13 @@ class Backend:
     def train_step(self, state, batch: dict, step: int):
         """One step; returns the new state and device-side metrics (no host sync)."""
         if self._step is None:
-            self._step = (train.compile_train_step(self.cfg) if self.compile
-                          else train.make_train_step(
-                              self.cfg, self.dist.reducer if self.dist else distributed.LOCAL))
+            self._step = (
+                train.compile_train_step(self.cfg)
+                if self.compile
+                else train.make_train_step(
+                    self.cfg, self.dist.reducer if self.dist else distributed.LOCAL
+                )
+            )
         return self._step(state, *train.step_inputs(batch, self.cfg, step, self.device))
 
     def agree_stop(self, signum: int | None) -> int | None:
@@ -116,16 +134,18 @@ class Backend:
         m = self.cfg.model
         if mask is None:
             mask = np.zeros((images.shape[0], m.num_patches), np.float32)
-        recon = model.forward(params, self._tensor(images), self._tensor(mask), m,
-                              with_aux=False)[0]
+        recon = model.forward(params, self._tensor(images), self._tensor(mask), m, with_aux=False)[
+            0
+        ]
         return recon.cpu().numpy()
 
     @torch.no_grad()
     def encode(self, params, images: np.ndarray) -> np.ndarray:
         """images (B, H, W, C) → latent tokens (B, L, latent_dim), no mask."""
         m = self.cfg.model
-        mask = torch.zeros((images.shape[0], m.num_patches), dtype=torch.float32,
-                           device=self.device)
+        mask = torch.zeros(
+            (images.shape[0], m.num_patches), dtype=torch.float32, device=self.device
+        )
         return model.encode(params["encoder"], self._tensor(images), mask, m).cpu().numpy()
 
     @torch.no_grad()

@@ -43,14 +43,18 @@ def generator_adv_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -torch.mean(fake_logits)
 
 
-def lecam_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real, ema_fake) -> torch.Tensor:
+def lecam_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, ema_real, ema_fake
+) -> torch.Tensor:
     """LeCAM regulariser; ``ema_real``/``ema_fake`` are scalars (EMAs of the mean logits)."""
-    return (torch.mean(F.relu(real_logits - ema_fake) ** 2)
-            + torch.mean(F.relu(ema_real - fake_logits) ** 2))
+    return torch.mean(F.relu(real_logits - ema_fake) ** 2) + torch.mean(
+        F.relu(ema_real - fake_logits) ** 2
+    )
 
 
-def update_lecam(ema_real, ema_fake, real_logits: torch.Tensor, fake_logits: torch.Tensor,
-                 decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+def update_lecam(
+    ema_real, ema_fake, real_logits: torch.Tensor, fake_logits: torch.Tensor, decay: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """New (ema_real, ema_fake) = decay·ema + (1 − decay)·mean(logits); no gradient."""
     real = torch.mean(real_logits.detach())
     fake = torch.mean(fake_logits.detach())

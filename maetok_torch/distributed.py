@@ -99,8 +99,10 @@ class Context:
     def batch_rows(self, batch_size: int) -> slice:
         """This rank's rows ``[r·B/N, (r+1)·B/N)`` of a global batch of ``batch_size``."""
         if batch_size % self.world:
-            raise ConfigError(f"batch size {batch_size} does not split over {self.world} "
-                              f"processes; use a multiple of {self.world}")
+            raise ConfigError(
+                f"batch size {batch_size} does not split over {self.world} "
+                f"processes; use a multiple of {self.world}"
+            )
         per = batch_size // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
@@ -124,11 +126,16 @@ def from_env(devices: int | None = None) -> Context | None:
     """
     world = world_size()
     if devices is not None and devices != world:
-        how = (f"torchrun started {world} processes" if "WORLD_SIZE" in os.environ
-               else "this is one process")
-        raise ConfigError(f"--devices {devices} but {how}: torch runs one process per device; "
-                          f"launch with torchrun --nproc_per_node {devices} (or leave out "
-                          "--devices)")
+        how = (
+            f"torchrun started {world} processes"
+            if "WORLD_SIZE" in os.environ
+            else "this is one process"
+        )
+        raise ConfigError(
+            f"--devices {devices} but {how}: torch runs one process per device; "
+            f"launch with torchrun --nproc_per_node {devices} (or leave out "
+            "--devices)"
+        )
     if world == 1:
         return None
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -139,8 +146,9 @@ def from_env(devices: int | None = None) -> Context | None:
         device = torch.device("cpu")
     if not dist.is_initialized():
         # MASTER_ADDR and MASTER_PORT come from the environment (env://), as torchrun sets them
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world
+        )
         atexit.register(dist.destroy_process_group)
     control = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return Context(rank, world, local_rank, device, ProcessGroupReducer(world), control)

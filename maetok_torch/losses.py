@@ -43,8 +43,11 @@ def mask_loss(preds, targets, mask, lo, count=None):
 def nll_loss(images, recon, m, lo):
     """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
     rec = reconstruction_loss(images, recon, lo.rec)
-    percep = (perceptual_loss(images, recon, m) if lo.lambda_percep > 0
-              else torch.zeros((), device=recon.device))
+    percep = (
+        perceptual_loss(images, recon, m)
+        if lo.lambda_percep > 0
+        else torch.zeros((), device=recon.device)
+    )
     return rec + lo.lambda_percep * percep, rec, percep
 
 

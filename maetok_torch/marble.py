@@ -55,8 +55,14 @@ import torch
 from maetok import checkpoint as ckpt
 from maetok.errors import CheckpointError, ConfigError, MAETokError, NonFiniteLossError
 from maetok.schedules import learning_rate
-from maetok_torch.marble_config import (Settings, as_images, latent_summary, parse_settings,
-                                        step_mask, walk_averages)
+from maetok_torch.marble_config import (
+    Settings,
+    as_images,
+    latent_summary,
+    parse_settings,
+    step_mask,
+    walk_averages,
+)
 
 log = logging.getLogger("maetok.marble")
 
@@ -82,15 +88,18 @@ def register(name: str = "maetok"):
                 "Marble is not installed, so the MAETok paradigm cannot be registered. Marble "
                 "is not on the package index: clone its repository (the one providing "
                 "marble/marblemain.py, github.com/FreddyE1982/_marble at the time of writing) "
-                "and `pip install -e .` inside it, or put its folder on PYTHONPATH.") from e
-        raise MarbleNotInstalledError(f"Marble is installed but `import marble.marblemain` "
-                                      f"failed: {e}") from e
+                "and `pip install -e .` inside it, or put its folder on PYTHONPATH."
+            ) from e
+        raise MarbleNotInstalledError(
+            f"Marble is installed but `import marble.marblemain` failed: {e}"
+        ) from e
     marblemain.register_learning_paradigm_type(name, MAETokParadigm)
     return MAETokParadigm
 
 
 def _hook(fn):
     """Run a hook under the paradigm's lock; an exception is recorded, never raised."""
+
     @functools.wraps(fn)
     def guarded(self, *args):
         with self._lock:
@@ -101,6 +110,7 @@ def _hook(fn):
             except Exception as e:  # noqa: BLE001 - the host would swallow it silently
                 self._record_error(fn.__name__, e)
                 return None
+
     return guarded
 
 
@@ -122,8 +132,12 @@ class MAETokParadigm:
             self.settings: Settings = parse_settings(config)
         except Exception as e:
             keys = sorted(map(str, config)) if hasattr(config, "keys") else []
-            LAST_CONFIG_ERROR = {"message": f"{type(e).__name__}: {e}", "keys": keys,
-                                 "time": time.monotonic(), "thread": threading.get_ident()}
+            LAST_CONFIG_ERROR = {
+                "message": f"{type(e).__name__}: {e}",
+                "keys": keys,
+                "time": time.monotonic(),
+                "thread": threading.get_ident(),
+            }
             log.error("MAETokParadigm: config rejected: %s", e)
             raise
         self.name = self.settings.name
@@ -144,8 +158,10 @@ class MAETokParadigm:
     def on_wanderer(self, w):
         if self._claimed_config_error is not None:
             err, self._claimed_config_error = self._claimed_config_error, None
-            raise ConfigError(f"the config given to load_paradigm was rejected ({err['message']}); "
-                              "the host fell back to a default instance, which will not train")
+            raise ConfigError(
+                f"the config given to load_paradigm was rejected ({err['message']}); "
+                "the host fell back to a default instance, which will not train"
+            )
         key = f"maetok:{id(self)}"
         store = getattr(w, "_plugin_state", None)
         if (store.get(key) is not None) if isinstance(store, dict) else id(w) in self._attached:
@@ -160,8 +176,18 @@ class MAETokParadigm:
     def on_init(self, w):
         self._ensure_state(self.settings.device or str(getattr(w, "_device", None) or "cpu"))
         t = self.settings.cfg.train
-        self._report(self.name, "events", {"init": {"seed": t.seed, "iteration": self.iteration,
-                                                    "stage": self.stage, "device": self._device}})
+        self._report(
+            self.name,
+            "events",
+            {
+                "init": {
+                    "seed": t.seed,
+                    "iteration": self.iteration,
+                    "stage": self.stage,
+                    "device": self._device,
+                }
+            },
+        )
 
     @_hook
     def before_walk(self, w, start_neuron):
@@ -171,8 +197,9 @@ class MAETokParadigm:
             for i in range(self.settings.pretrain_steps):
                 self._iterate(("pretrain", i), dead_end=False)
             self.pretrained = True
-            self._report(self.name, "pretrain", walk_averages(
-                self.history[-self.settings.pretrain_steps:]))
+            self._report(
+                self.name, "pretrain", walk_averages(self.history[-self.settings.pretrain_steps :])
+            )
         self._walk = {"index": len(self.walks) + 1, "first": self.iteration}
 
     @_hook
@@ -253,22 +280,32 @@ class MAETokParadigm:
         images = s.source.batch(self.iteration)  # (B, H, W, C)
         mask, ratio = self._mask_for(key, images.shape[0], stage_step)
         with torch.enable_grad(), _no_autocast(self._device):
-            new_state, metrics = backend.train_step(state, {"images": images, "mask": mask},
-                                                    stage_step)
+            new_state, metrics = backend.train_step(
+                state, {"images": images, "mask": mask}, stage_step
+            )
         values = backend.metrics_to_host(metrics)
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         if bad:  # keep the last good state (save() still writes it)
-            raise NonFiniteLossError(f"non-finite loss at iteration {self.iteration} ({bad}); "
-                                     "training stopped, try a lower lr or more warm-up")
+            raise NonFiniteLossError(
+                f"non-finite loss at iteration {self.iteration} ({bad}); "
+                "training stopped, try a lower lr or more warm-up"
+            )
         self._state = new_state
-        record = {"iteration": self.iteration, "stage": self.stage, "stage_step": stage_step,
-                  "wanderer_step": key[1] if key[0] == "walk" else None,
-                  "pretrain": key[0] == "pretrain", "dead_end": dead_end,
-                  "walk": self._walk["index"] if self._walk else 0,
-                  "mask_ratio": ratio, "lr": learning_rate(stage_step, t), **values}
+        record = {
+            "iteration": self.iteration,
+            "stage": self.stage,
+            "stage_step": stage_step,
+            "wanderer_step": key[1] if key[0] == "walk" else None,
+            "pretrain": key[0] == "pretrain",
+            "dead_end": dead_end,
+            "walk": self._walk["index"] if self._walk else 0,
+            "mask_ratio": ratio,
+            "lr": learning_rate(stage_step, t),
+            **values,
+        }
         self.history.append(record)
         if len(self.history) > s.history_limit:
-            del self.history[:len(self.history) - s.history_limit]
+            del self.history[: len(self.history) - s.history_limit]
         self._report("training", f"step_{self.iteration}", dict(record), self.name)
         aux = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("aux/")}
         if aux:
@@ -287,9 +324,15 @@ class MAETokParadigm:
     def _close_walk(self, stats: dict | None):
         walk, self._walk = self._walk, None
         records = [r for r in self.history if r["iteration"] >= walk["first"] and not r["pretrain"]]
-        summary = {"walk": walk["index"], "iterations": len(records), "stage": self.stage,
-                   "first_iteration": walk["first"], "end_iteration": self.iteration,
-                   "dead_ends": sum(r["dead_end"] for r in records), **walk_averages(records)}
+        summary = {
+            "walk": walk["index"],
+            "iterations": len(records),
+            "stage": self.stage,
+            "first_iteration": walk["first"],
+            "end_iteration": self.iteration,
+            "dead_ends": sum(r["dead_end"] for r in records),
+            **walk_averages(records),
+        }
         if stats is not None:
             summary.update(host_loss=_float(stats.get("loss")), host_steps=stats.get("steps"))
         self.walks.append(summary)
@@ -298,21 +341,28 @@ class MAETokParadigm:
     def _unique_name(self, w):
         """A second MAETok paradigm on the same brain reports under ``<name>_2`` etc."""
         brain = getattr(w, "brain", None)
-        others = [p for p in (getattr(brain, "_paradigms", None) or []) if p is not self
-                  and isinstance(p, MAETokParadigm)]
+        others = [
+            p
+            for p in (getattr(brain, "_paradigms", None) or [])
+            if p is not self and isinstance(p, MAETokParadigm)
+        ]
         taken = {p.name for p in others if p._state is not None}
         if self.name in taken:
             k = 2
             while f"{self.settings.name}_{k}" in taken:
                 k += 1
-            log.warning("MAETokParadigm: report name %r is taken on this brain; using %r",
-                        self.name, f"{self.settings.name}_{k}")
+            log.warning(
+                "MAETokParadigm: report name %r is taken on this brain; using %r",
+                self.name,
+                f"{self.settings.name}_{k}",
+            )
             self.name = f"{self.settings.name}_{k}"
 
     def _report(self, group: str, item: str, data: dict, *subgroups: str) -> None:
         if self._reporter is None:
             try:
                 from marble.marblemain import report
+
                 self._reporter = report
             except Exception:  # noqa: BLE001 - no Marble (or a broken one): history only
                 self._reporter = False
@@ -327,19 +377,40 @@ class MAETokParadigm:
         self.last_error = f"{hook}: {type(e).__name__}: {e}\n{tb}"
         self.error_count += 1
         self.stopped = True
-        log.error("MAETokParadigm %r: %s in %s at iteration %d: %s; training stopped (see "
-                  ".last_error)", self.name, type(e).__name__, hook, self.iteration, e)
-        self._report(self.name, "errors", {"count": self.error_count, "hook": hook,
-                                           "error": f"{type(e).__name__}: {e}",
-                                           "iteration": self.iteration, "traceback": tb})
+        log.error(
+            "MAETokParadigm %r: %s in %s at iteration %d: %s; training stopped (see .last_error)",
+            self.name,
+            type(e).__name__,
+            hook,
+            self.iteration,
+            e,
+        )
+        self._report(
+            self.name,
+            "errors",
+            {
+                "count": self.error_count,
+                "hook": hook,
+                "error": f"{type(e).__name__}: {e}",
+                "iteration": self.iteration,
+                "traceback": tb,
+            },
+        )
 
     def summary(self) -> dict:
         """Where training stands: iteration, stage, the last iteration's metrics, errors."""
         last = self.history[-1] if self.history else {}
-        return {"name": self.name, "device": self._device, "iteration": self.iteration,
-                "stage": self.stage, "walks": len(self.walks), "stopped": self.stopped,
-                "error_count": self.error_count, "last_error": self.last_error,
-                **{k: v for k, v in last.items() if isinstance(v, float)}}
+        return {
+            "name": self.name,
+            "device": self._device,
+            "iteration": self.iteration,
+            "stage": self.stage,
+            "walks": len(self.walks),
+            "stopped": self.stopped,
+            "error_count": self.error_count,
+            "last_error": self.last_error,
+            **{k: v for k, v in last.items() if isinstance(v, float)},
+        }
 
     def clear_error(self) -> None:
         """Resume training after an error (``last_error`` and ``error_count`` stay)."""
@@ -349,9 +420,15 @@ class MAETokParadigm:
     def save(self, path) -> Path:
         """Write the state in the project's checkpoint format (usable by ``maetok`` and JAX)."""
         with self._lock:
-            meta = {"backend": "torch", "stage": self.stage, "iteration": self.iteration,
-                    "stage_start": self.stage_start, "pretrained": self.pretrained,
-                    "mask_key": list(self._mask_key), "paradigm": self.settings.summary}
+            meta = {
+                "backend": "torch",
+                "stage": self.stage,
+                "iteration": self.iteration,
+                "stage_start": self.stage_start,
+                "pretrained": self.pretrained,
+                "mask_key": list(self._mask_key),
+                "paradigm": self.settings.summary,
+            }
             return ckpt.save_checkpoint(path, self.numpy_state(), self.cfg, meta)
 
     def load(self, path) -> "MAETokParadigm":
@@ -370,9 +447,12 @@ class MAETokParadigm:
         have = ckpt.layout(tree)
         if have != want:
             diff = sorted(set(have) ^ set(want)) + sorted(
-                k for k in set(have) & set(want) if have[k] != want[k])
-            raise CheckpointError(f"{path} does not fit this paradigm's stage-{stage} state "
-                                  f"(e.g. {diff[:5]}); check adversarial, ema_decay, optimizer")
+                k for k in set(have) & set(want) if have[k] != want[k]
+            )
+            raise CheckpointError(
+                f"{path} does not fit this paradigm's stage-{stage} state "
+                f"(e.g. {diff[:5]}); check adversarial, ema_decay, optimizer"
+            )
         self.stage, self._state = stage, backend.state_from_numpy(tree)
         step = int(np.asarray(tree["step"]))
         self.iteration = int(meta.get("iteration", step))
@@ -388,9 +468,13 @@ class MAETokParadigm:
         tree, file_cfg, meta = ckpt.load_checkpoint(path)
         sections = file_cfg.replace(train={"stage": 1}).to_dict()
         saved = meta.get("paradigm") if isinstance(meta.get("paradigm"), dict) else {}
-        options = {**{k: v for k, v in saved.items() if k != "preset"},
-                   "model": sections["model"], "loss": sections["loss"],
-                   "train": sections["train"], **dict(config or {})}
+        options = {
+            **{k: v for k, v in saved.items() if k != "preset"},
+            "model": sections["model"],
+            "loss": sections["loss"],
+            "train": sections["train"],
+            **dict(config or {}),
+        }
         return cls(options)._restore(path, tree, file_cfg, meta)
 
     # ------------------------------------------------------------------ inference
@@ -418,16 +502,21 @@ class MAETokParadigm:
             return self._backend().decode(self._params(use_ema), np.asarray(latents, np.float32))
 
     def __repr__(self) -> str:
-        return (f"MAETokParadigm(name={self.name!r}, stage={self.stage}, "
-                f"iteration={self.iteration}, stopped={self.stopped})")
+        return (
+            f"MAETokParadigm(name={self.name!r}, stage={self.stage}, "
+            f"iteration={self.iteration}, stopped={self.stopped})"
+        )
 
 
 def _claim_config_error() -> dict | None:
     """The config error the host's ``cls()`` retry follows, if it is that retry."""
     global LAST_CONFIG_ERROR
     err = LAST_CONFIG_ERROR
-    if err and err["thread"] == threading.get_ident() \
-            and time.monotonic() - err["time"] < _CLAIM_WINDOW_S:
+    if (
+        err
+        and err["thread"] == threading.get_ident()
+        and time.monotonic() - err["time"] < _CLAIM_WINDOW_S
+    ):
         LAST_CONFIG_ERROR = None
         return err
     return None

@@ -33,18 +33,47 @@ from maetok.schedules import anneal_ratio
 
 # Flat key → the Config fields it sets (section, field). Keys naming two fields set both.
 FIELD_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
-    **{k: (("model", k),) for k in (
-        "image_size", "channels", "patch_size", "num_latent_tokens", "latent_dim", "enc_width",
-        "dec_width", "enc_depth", "dec_depth", "enc_heads", "dec_heads", "aux_targets",
-        "aux_kind")},
+    **{
+        k: (("model", k),)
+        for k in (
+            "image_size",
+            "channels",
+            "patch_size",
+            "num_latent_tokens",
+            "latent_dim",
+            "enc_width",
+            "dec_width",
+            "enc_depth",
+            "dec_depth",
+            "enc_heads",
+            "dec_heads",
+            "aux_targets",
+            "aux_kind",
+        )
+    },
     "width": (("model", "enc_width"), ("model", "dec_width")),
     "heads": (("model", "enc_heads"), ("model", "dec_heads")),
     **{k: (("loss", k),) for k in ("lambda_percep", "lambda_adv", "gamma", "disc_start")},
     "adversarial": (("loss", "use_adv"),),
-    **{k: (("train", k),) for k in (
-        "lr", "optimizer", "seed", "batch_size", "anneal_steps", "anneal_schedule",
-        "warmup_steps", "lr_schedule", "weight_decay", "grad_clip", "ema_decay", "mask_min",
-        "mask_max", "mask_mode")},
+    **{
+        k: (("train", k),)
+        for k in (
+            "lr",
+            "optimizer",
+            "seed",
+            "batch_size",
+            "anneal_steps",
+            "anneal_schedule",
+            "warmup_steps",
+            "lr_schedule",
+            "weight_decay",
+            "grad_clip",
+            "ema_decay",
+            "mask_min",
+            "mask_max",
+            "mask_mode",
+        )
+    },
 }
 # The plugin's own keys, with their defaults.
 PLUGIN_DEFAULTS: dict[str, Any] = {
@@ -59,7 +88,9 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "batch_fn": None,  # callable(step) → images of one batch
     "image_folder": None,  # path of a folder of .png/.jpg images
     "synthetic_count": 1024,  # size of the default synthetic dataset
-    "model": None, "loss": None, "train": None,  # any other Config field, by section
+    "model": None,
+    "loss": None,
+    "train": None,  # any other Config field, by section
 }
 KNOWN_KEYS = tuple(sorted(set(FIELD_KEYS) | set(PLUGIN_DEFAULTS)))
 _SOURCES = ("images", "batch_fn", "image_folder")
@@ -86,12 +117,14 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
     if config is None:
         config = {}
     if not isinstance(config, Mapping):
-        raise ConfigError(f"the MAETokParadigm config must be a mapping, got "
-                          f"{type(config).__name__}")
+        raise ConfigError(
+            f"the MAETokParadigm config must be a mapping, got {type(config).__name__}"
+        )
     unknown = sorted(set(config) - set(KNOWN_KEYS))
     if unknown:
-        raise ConfigError(f"unknown MAETokParadigm option(s) {unknown}; known: "
-                          f"{', '.join(KNOWN_KEYS)}")
+        raise ConfigError(
+            f"unknown MAETokParadigm option(s) {unknown}; known: {', '.join(KNOWN_KEYS)}"
+        )
     opts = {**PLUGIN_DEFAULTS, **{k: v for k, v in config.items() if k in PLUGIN_DEFAULTS}}
 
     # An open-ended walk has no last step for a cosine to reach: hold lr after warm-up.
@@ -109,28 +142,42 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
         raise ConfigError(f"option 'preset' must be a preset name, got {opts['preset']!r}")
     cfg = preset(opts["preset"]).replace(**sections)  # validates every field
     if cfg.train.stage != 1:
-        raise ConfigError("train.stage is managed by the paradigm (Stage 1 first); use "
-                          "stage2_start to choose when Stage 2 begins")
+        raise ConfigError(
+            "train.stage is managed by the paradigm (Stage 1 first); use "
+            "stage2_start to choose when Stage 2 begins"
+        )
     cfg.replace(train={"stage": 2})  # a Stage-2 problem surfaces now, not mid-walk
 
     name = opts["name"]
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ConfigError(f"option 'name' must be a non-empty word (letters, digits, _ . -), "
-                          f"got {name!r}")
+        raise ConfigError(
+            f"option 'name' must be a non-empty word (letters, digits, _ . -), got {name!r}"
+        )
     stage2 = opts["stage2_start"]
     if stage2 is not None:
         stage2 = _int(stage2, "stage2_start", 1, "None (no Stage 2) or an iteration >= 1")
     device = opts["device"]
     if device is not None and not isinstance(device, str):
         raise ConfigError(f"option 'device' must be None or a torch device string, got {device!r}")
-    summary = {"preset": opts["preset"], "name": name, "stage2_start": stage2,
-               "pretrain_steps": _int(opts["pretrain_steps"], "pretrain_steps", 0),
-               "stats_every": _int(opts["stats_every"], "stats_every", 1),
-               "history_limit": _int(opts["history_limit"], "history_limit", 1)}
-    return Settings(cfg=cfg, name=name, stage2_start=stage2,
-                    pretrain_steps=summary["pretrain_steps"],
-                    stats_every=summary["stats_every"], history_limit=summary["history_limit"],
-                    device=device, source=make_source(opts, cfg), summary=summary)
+    summary = {
+        "preset": opts["preset"],
+        "name": name,
+        "stage2_start": stage2,
+        "pretrain_steps": _int(opts["pretrain_steps"], "pretrain_steps", 0),
+        "stats_every": _int(opts["stats_every"], "stats_every", 1),
+        "history_limit": _int(opts["history_limit"], "history_limit", 1),
+    }
+    return Settings(
+        cfg=cfg,
+        name=name,
+        stage2_start=stage2,
+        pretrain_steps=summary["pretrain_steps"],
+        stats_every=summary["stats_every"],
+        history_limit=summary["history_limit"],
+        device=device,
+        source=make_source(opts, cfg),
+        summary=summary,
+    )
 
 
 def _int(value, key: str, low: int, what: str | None = None) -> int:
@@ -159,8 +206,10 @@ def as_images(x, channels: int, what: str = "images") -> np.ndarray:
     if a.shape[-1] != channels and a.shape[1] == channels:
         a = a.transpose(0, 2, 3, 1)  # NCHW → NHWC
     if a.shape[-1] != channels:
-        raise DataError(f"{what} of shape {a.shape} have no axis of {channels} channels "
-                        "(expected (B, H, W, C) or (B, C, H, W))")
+        raise DataError(
+            f"{what} of shape {a.shape} have no axis of {channels} channels "
+            "(expected (B, H, W, C) or (B, C, H, W))"
+        )
     if a.dtype == np.uint8:
         return from_uint8(a)
     if a.dtype.kind not in "fiu":
@@ -170,8 +219,10 @@ def as_images(x, channels: int, what: str = "images") -> np.ndarray:
         raise DataError(f"{what} contain NaN or infinite values")
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
     if lo < -1.001 or hi > 1.001:
-        raise DataError(f"{what} as floats must lie in [-1, 1], found [{lo:.3g}, {hi:.3g}]; "
-                        "pass uint8 for [0, 255] pixels or rescale with x / 127.5 - 1")
+        raise DataError(
+            f"{what} as floats must lie in [-1, 1], found [{lo:.3g}, {hi:.3g}]; "
+            "pass uint8 for [0, 255] pixels or rescale with x / 127.5 - 1"
+        )
     return np.clip(a, -1.0, 1.0)
 
 
@@ -198,8 +249,9 @@ class _ArrayImages:
 class ImageSource:
     """``batch(step)`` → (B, H, W, C) float32 in [-1, 1], a pure function of the step."""
 
-    def __init__(self, cfg: Config, dataset=None, batch_fn: Callable | None = None,
-                 description: str = ""):
+    def __init__(
+        self, cfg: Config, dataset=None, batch_fn: Callable | None = None, description: str = ""
+    ):
         self.cfg, self.batch_fn, self.description = cfg, batch_fn, description
         self._pipeline = BatchSource(dataset, cfg, train=True) if dataset is not None else None
         self._fn_takes_step = batch_fn is not None and _accepts_one_argument(batch_fn)
@@ -216,8 +268,10 @@ class ImageSource:
         images = as_images(out, m.channels, "the images from batch_fn")
         want = (m.image_size, m.image_size)
         if images.shape[1:3] != want:
-            raise DataError(f"batch_fn returned images of {images.shape[1]}×{images.shape[2]} "
-                            f"pixels; the tokenizer takes {want[0]}×{want[1]} (image_size)")
+            raise DataError(
+                f"batch_fn returned images of {images.shape[1]}×{images.shape[2]} "
+                f"pixels; the tokenizer takes {want[0]}×{want[1]} (image_size)"
+            )
         if images.shape[0] == 0:
             raise DataError("batch_fn returned an empty batch")
         return images
@@ -238,37 +292,50 @@ def _accepts_one_argument(fn: Callable) -> bool:
 def make_source(opts: Mapping[str, Any], cfg: Config) -> ImageSource:
     given = [k for k in _SOURCES if opts.get(k) is not None]
     if len(given) > 1:
-        raise ConfigError(f"give at most one image source, got {given}; "
-                          f"choose one of {', '.join(_SOURCES)}")
+        raise ConfigError(
+            f"give at most one image source, got {given}; choose one of {', '.join(_SOURCES)}"
+        )
     m = cfg.model
     if opts.get("batch_fn") is not None:
         if not callable(opts["batch_fn"]):
             raise ConfigError(f"option 'batch_fn' must be callable, got {opts['batch_fn']!r}")
         return ImageSource(cfg, batch_fn=opts["batch_fn"], description="batch_fn")
     if m.channels != 3:
-        raise ConfigError(f"the image pipeline (images, image_folder, synthetic) yields RGB, "
-                          f"so channels must be 3, got {m.channels}; use batch_fn for other data")
+        raise ConfigError(
+            f"the image pipeline (images, image_folder, synthetic) yields RGB, "
+            f"so channels must be 3, got {m.channels}; use batch_fn for other data"
+        )
     if opts.get("images") is not None:
         raw = opts["images"]
         if hasattr(raw, "detach") and hasattr(raw, "cpu"):
             raw = raw.detach().cpu().numpy()
         arr = np.asarray(raw)
-        images = arr if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3 \
+        images = (
+            arr
+            if arr.dtype == np.uint8 and arr.ndim == 4 and arr.shape[-1] == 3
             else as_images(arr, 3, "option 'images'")
+        )
         if images.shape[0] == 0:
             raise DataError("option 'images' holds no images")
         if min(images.shape[1:3]) < m.image_size:
-            raise DataError(f"option 'images' are {images.shape[2]}×{images.shape[1]}, smaller "
-                            f"than the {m.image_size}×{m.image_size} crop (image_size)")
-        return ImageSource(cfg, dataset=_ArrayImages(images),
-                           description=f"{len(images)} in-memory images")
+            raise DataError(
+                f"option 'images' are {images.shape[2]}×{images.shape[1]}, smaller "
+                f"than the {m.image_size}×{m.image_size} crop (image_size)"
+            )
+        return ImageSource(
+            cfg, dataset=_ArrayImages(images), description=f"{len(images)} in-memory images"
+        )
     if opts.get("image_folder") is not None:
         folder = ImageFolder(opts["image_folder"], m.image_size)
-        return ImageSource(cfg, dataset=folder,
-                           description=f"{len(folder)} images from {opts['image_folder']}")
+        return ImageSource(
+            cfg, dataset=folder, description=f"{len(folder)} images from {opts['image_folder']}"
+        )
     count = _int(opts.get("synthetic_count", 1024), "synthetic_count", 1)
-    return ImageSource(cfg, dataset=SyntheticImages(m.image_size, count, cfg.train.seed),
-                       description=f"{count} synthetic images")
+    return ImageSource(
+        cfg,
+        dataset=SyntheticImages(m.image_size, count, cfg.train.seed),
+        description=f"{count} synthetic images",
+    )
 
 
 # ---------------------------------------------------------------------------- per iteration
@@ -283,8 +350,11 @@ def step_mask(cfg: Config, step: int, sub: int, batch: int, stage_step: int):
     anneal schedule at ``stage_step``.
     """
     t = cfg.train
-    seed = t.seed if sub == 0 else int(np.random.SeedSequence(
-        [t.seed, MASK_SUBSTREAM, sub + 2 ** 31]).generate_state(1)[0])
+    seed = (
+        t.seed
+        if sub == 0
+        else int(np.random.SeedSequence([t.seed, MASK_SUBSTREAM, sub + 2**31]).generate_state(1)[0])
+    )
     if t.stage == 2:
         ratio = anneal_ratio(stage_step, t)
     else:  # the draw maetok.masks.mask_ratio makes, with this seed
@@ -302,15 +372,25 @@ def latent_summary(h: np.ndarray) -> dict:
     out = latent_stats(h)
     token_var = h.var(axis=(0, 2))  # (L,)
     ref = max(float(np.median(token_var)), 1e-12)
-    out.update(token_var_min=float(token_var.min()), token_var_mean=float(token_var.mean()),
-               token_var_max=float(token_var.max()),
-               token_usage=float(np.mean(token_var >= COLLAPSE_REL_VAR * ref)),
-               collapse=out["dead_dim_fraction"])
+    out.update(
+        token_var_min=float(token_var.min()),
+        token_var_mean=float(token_var.mean()),
+        token_var_max=float(token_var.max()),
+        token_usage=float(np.mean(token_var >= COLLAPSE_REL_VAR * ref)),
+        collapse=out["dead_dim_fraction"],
+    )
     return out
 
 
-_NOT_AVERAGED = {"iteration", "stage", "stage_step", "wanderer_step", "pretrain", "dead_end",
-                 "walk"}
+_NOT_AVERAGED = {
+    "iteration",
+    "stage",
+    "stage_step",
+    "wanderer_step",
+    "pretrain",
+    "dead_end",
+    "walk",
+}
 
 
 def walk_averages(records: list[dict]) -> dict:

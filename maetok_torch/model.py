@@ -51,10 +51,9 @@ def encode(params, images, mask, m):
     z = (p["latent_tokens"] + p["latent_pos"]).expand(b, *p["latent_tokens"].shape)
     t = torch.cat([x, z], dim=1)  # (B, N + L, D)
     cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens, x.device)
-    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, m.attention, m.unroll,
-                    m.remat)
+    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, m.attention, m.unroll, m.remat)
     t = layer_norm(p["norm"], t, m.ln_eps)
-    h = dense(p["bottleneck"], t[:, m.num_patches:])  # (B, L, latent_dim)
+    h = dense(p["bottleneck"], t[:, m.num_patches :])  # (B, L, latent_dim)
     return h.to(torch.float32)
 
 
@@ -74,8 +73,7 @@ def decode_latents(params, h, m, heads: int):
     lat = dense(p["latent_proj"], h.to(dt)) + p["latent_pos"]  # (B, L, D)
     t = torch.cat([e, lat], dim=1)  # (B, N + L, D)
     cos, sin = rope_for(m, width, heads, m.num_latent_tokens, h.device)
-    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, m.attention, m.unroll,
-                    m.remat)
+    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, m.attention, m.unroll, m.remat)
     feats = layer_norm(p["norm"], t, m.ln_eps)[:, :n]  # (B, N, D)
     return dense(p["head"], feats), feats
 

@@ -41,8 +41,9 @@ def _level_features(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
     """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
-    kernel = torch.as_tensor(filter_banks(m.patch_size)["percep"], dtype=images.dtype,
-                             device=images.device).permute(3, 2, 0, 1)  # (5, 1, 5, 5)
+    kernel = torch.as_tensor(
+        filter_banks(m.patch_size)["percep"], dtype=images.dtype, device=images.device
+    ).permute(3, 2, 0, 1)  # (5, 1, 5, 5)
     feats, x = [], images
     for level in range(PERCEP_LEVELS):
         if level:

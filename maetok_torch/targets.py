@@ -63,8 +63,9 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     bins = torch.arange(nb, dtype=t.dtype, device=t.device)
     d = torch.remainder(t[..., None] - bins, float(nb))  # (B, C, H, W, 9)
     vote = torch.relu(1.0 - torch.minimum(d, nb - d))  # two neighbours, weights sum to 1
-    window = torch.as_tensor(np.tile(f["hog_window"], (h // p, w // p)),
-                             dtype=images.dtype, device=images.device)  # (H, W), one per patch
+    window = torch.as_tensor(
+        np.tile(f["hog_window"], (h // p, w // p)), dtype=images.dtype, device=images.device
+    )  # (H, W), one per patch
     v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
     hc, wc = h // cell, w // cell
     v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(dim=(3, 5))  # (B, C, H/cell, W/cell, 9)

@@ -27,8 +27,13 @@ import torch
 
 from maetok import params as param_spec
 from maetok.tree import flatten, map_tree, unflatten
-from maetok_torch.discriminator import (discriminator, generator_adv_loss, hinge_d_loss,
-                                        lecam_loss, update_lecam)
+from maetok_torch.discriminator import (
+    discriminator,
+    generator_adv_loss,
+    hinge_d_loss,
+    lecam_loss,
+    update_lecam,
+)
 from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, nll_loss
 from maetok_torch.model import aux_predict, decode, encode
@@ -85,16 +90,21 @@ def init_state(cfg, seed: int, params=None, device=None):
     if params is None:
         params = param_spec.init_params(cfg, seed)
     params = map_tree(lambda a: _to_tensor(a, device), params)
-    state = {"step": torch.zeros((), dtype=torch.int32, device=device), "params": params,
-             "opt": opt_init(params, cfg.train)}
+    state = {
+        "step": torch.zeros((), dtype=torch.int32, device=device),
+        "params": params,
+        "opt": opt_init(params, cfg.train),
+    }
     if cfg.train.ema_decay > 0:
         state["ema"] = map_tree(torch.clone, params)
     if cfg.loss.use_adv:
         disc = map_tree(lambda a: _to_tensor(a, device), param_spec.init_disc(cfg, seed))
         state["disc"] = disc
         state["disc_opt"] = opt_init(disc, cfg.train)
-        state["lecam"] = {"real": torch.zeros((), device=device),
-                          "fake": torch.zeros((), device=device)}
+        state["lecam"] = {
+            "real": torch.zeros((), device=device),
+            "fake": torch.zeros((), device=device),
+        }
     return state
 
 
@@ -112,8 +122,9 @@ def value_and_grad(fn, tree, *args, autograd: bool = False):
         with torch.enable_grad():
             value, aux = fn(unflatten(inputs), *args)
         found = torch.autograd.grad(value, list(inputs.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(v) if g is None else g
-                 for (k, v), g in zip(inputs.items(), found)}
+        grads = {
+            k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(inputs.items(), found)
+        }
         detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
         return (value.detach(), tuple(map_tree(detach, a) for a in aux)), unflatten(grads)
 
@@ -146,8 +157,9 @@ def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, 
         g_adv = generator_adv_loss(discriminator(disc, recon, m))
         weight = lo.lambda_adv * adv_on
         if lo.adaptive_weight:
-            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo,
-                                                  reduce.mean if reduce.world > 1 else None)
+            weight = weight * adaptive_adv_weight(
+                images, recon, feats, disc, m, lo, reduce.mean if reduce.world > 1 else None
+            )
         total = total + weight * g_adv
         metrics.update(adv=g_adv, adv_weight=weight)
     if stage == 1:
@@ -196,23 +208,36 @@ def make_train_step(cfg, reduce=LOCAL):
         frozen = {k: v for k, v in params.items() if k not in keys}
         targets = compute_targets(images, m) if t.stage == 1 else {}
         (_, (metrics, recon)), grads = value_and_grad(
-            generator_loss, trainable, frozen, state.get("disc"), images, mask, targets,
-            adv_on, cfg, reduce, autograd=m.remat or reduce.world > 1)
+            generator_loss,
+            trainable,
+            frozen,
+            state.get("disc"),
+            images,
+            mask,
+            targets,
+            adv_on,
+            cfg,
+            reduce,
+            autograd=m.remat or reduce.world > 1,
+        )
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
         with torch.no_grad():
             grads, gnorm = clip_by_global_norm(reduce.tree_mean(grads), t.grad_clip)
             opt = state["opt"]
-            sub = OptState(opt.count, {k: opt.mu[k] for k in keys},
-                           {k: opt.nu[k] for k in keys} if opt.nu else {})
+            sub = OptState(
+                opt.count,
+                {k: opt.mu[k] for k in keys},
+                {k: opt.nu[k] for k in keys} if opt.nu else {},
+            )
             new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
             new_state = dict(state)
             new_state["params"] = {**params, **new_trainable}
-            new_state["opt"] = OptState(sub.count, {**opt.mu, **sub.mu},
-                                        {**opt.nu, **sub.nu} if opt.nu else {})
+            new_state["opt"] = OptState(
+                sub.count, {**opt.mu, **sub.mu}, {**opt.nu, **sub.nu} if opt.nu else {}
+            )
             if "ema" in state:
-                new_ema = ema_update({k: state["ema"][k] for k in keys}, new_trainable,
-                                     t.ema_decay)
+                new_ema = ema_update({k: state["ema"][k] for k in keys}, new_trainable, t.ema_decay)
                 new_state["ema"] = {**state["ema"], **new_ema}
             metrics["grad_norm"] = gnorm
         if lo.use_adv:
@@ -222,14 +247,16 @@ def make_train_step(cfg, reduce=LOCAL):
 
     def disc_update(state, images, recon, disc_lr, adv_on, metrics):
         (d_total, (hinge, reg, real, fake)), d_grads = value_and_grad(
-            disc_loss, state["disc"], images, recon, state["lecam"], lo, m)
+            disc_loss, state["disc"], images, recon, state["lecam"], lo, m
+        )
         with torch.no_grad():
             d_grads, _ = clip_by_global_norm(reduce.tree_mean(d_grads), t.grad_clip)
             disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr, t)
             if reduce.world > 1:  # the EMAs follow the mean logits of the global batch
                 real, fake = reduce.mean(torch.mean(real)), reduce.mean(torch.mean(fake))
-            ema_real, ema_fake = update_lecam(state["lecam"]["real"], state["lecam"]["fake"],
-                                              real, fake, lo.lecam_decay)
+            ema_real, ema_fake = update_lecam(
+                state["lecam"]["real"], state["lecam"]["fake"], real, fake, lo.lecam_decay
+            )
             on = adv_on > 0  # before disc_start the discriminator and its EMA stay as they are
 
             def keep(new, old):
@@ -238,9 +265,11 @@ def make_train_step(cfg, reduce=LOCAL):
                 return map_tree(lambda a, b: torch.where(on, a, b), new, old)
 
             metrics.update(disc=d_total, disc_hinge=hinge.detach(), lecam=reg.detach())
-            return {"disc": keep(disc, state["disc"]),
-                    "disc_opt": keep(disc_opt, state["disc_opt"]),
-                    "lecam": keep({"real": ema_real, "fake": ema_fake}, state["lecam"])}
+            return {
+                "disc": keep(disc, state["disc"]),
+                "disc_opt": keep(disc_opt, state["disc_opt"]),
+                "lecam": keep({"real": ema_real, "fake": ema_fake}, state["lecam"]),
+            }
 
     return step
 
@@ -284,10 +313,12 @@ def state_to_numpy(state) -> dict:
 
     Exactly the JAX backend's tree: same keys, float32 parameters, int32 counts and step.
     """
+
     def conv(x):
         if isinstance(x, OptState):
             return map_tree(conv, x._asdict())
         return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
     return map_tree(conv, state)
 
 

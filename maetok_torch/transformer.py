@@ -26,8 +26,17 @@ def _slice(tree, i: int):
     return map_tree(lambda a: a[i], tree)
 
 
-def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain",
-                unroll: int = 1, remat: bool = False):
+def transformer(
+    blocks,
+    x,
+    cos,
+    sin,
+    heads: int,
+    eps: float,
+    impl: str = "plain",
+    unroll: int = 1,
+    remat: bool = False,
+):
     """Run every block of the stacked tree ``blocks`` (leaves (depth, ...)) over x (B, T, D).
 
     ``unroll`` is accepted for the JAX signature and has no effect: eager torch and
@@ -36,8 +45,9 @@ def transformer(blocks, x, cos, sin, heads: int, eps: float, impl: str = "plain"
     depth = blocks["qkv"]["w"].shape[0]
     for i in range(depth):
         if remat and x.requires_grad:
-            x = checkpoint(block, _slice(blocks, i), x, cos, sin, heads, eps, impl,
-                           use_reentrant=False)
+            x = checkpoint(
+                block, _slice(blocks, i), x, cos, sin, heads, eps, impl, use_reentrant=False
+            )
         else:
             x = block(_slice(blocks, i), x, cos, sin, heads, eps, impl)
     return x

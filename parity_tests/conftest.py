@@ -39,8 +39,12 @@ _DEVICE = {"name": "cpu"}  # set once from --device in pytest_configure
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", choices=("cpu", "cuda"), default="cpu",
-                     help="where both backends run the parity tests (default: cpu)")
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where both backends run the parity tests (default: cpu)",
+    )
 
 
 def pytest_configure(config):
@@ -54,7 +58,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def device(pytestconfig) -> str:
-    """"cpu" or "cuda", from --device."""
+    """The device name from --device: "cpu" or "cuda"."""
     name = pytestconfig.getoption("--device")
     if name == "cuda":
         if not torch.cuda.is_available():
@@ -73,6 +77,7 @@ def rng(request) -> np.random.Generator:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
 
 def to_jax(np_tree, device: str | None = None):
     """numpy tree → jax arrays, on the GPU when the session (or ``device``) is cuda."""
@@ -111,7 +116,9 @@ def assert_close(a, b, tol: float, name: str) -> None:
         return
     flat_a, flat_b = flatten({name: a}), flatten({name: b})
     if list(flat_b) != [name]:  # a tree: compare leaf by leaf
-        assert set(flat_a) == set(flat_b), f"{name}: keys differ {sorted(flat_a)} vs {sorted(flat_b)}"
+        assert set(flat_a) == set(flat_b), (
+            f"{name}: keys differ {sorted(flat_a)} vs {sorted(flat_b)}"
+        )
         for path in flat_b:
             assert_close(flat_a[path], flat_b[path], tol, path)
         return
@@ -119,12 +126,15 @@ def assert_close(a, b, tol: float, name: str) -> None:
     assert an.shape == bn.shape, f"{name}: shape {an.shape} vs {bn.shape}"
     assert np.all(np.isfinite(an)) and np.all(np.isfinite(bn)), f"{name}: non-finite values"
     err = rel_err(an, bn)
-    assert err <= tol, (f"{name}: relative error {err:.3e} > tol {tol:.1e} "
-                        f"(max|a-b| = {np.max(np.abs(an.astype(np.float64) - bn)):.3e}, "
-                        f"max|b| = {np.max(np.abs(bn)):.3e})")
+    assert err <= tol, (
+        f"{name}: relative error {err:.3e} > tol {tol:.1e} "
+        f"(max|a-b| = {np.max(np.abs(an.astype(np.float64) - bn)):.3e}, "
+        f"max|b| = {np.max(np.abs(bn)):.3e})"
+    )
 
 
 # ------------------------------------------------------------------------ train-step helpers
+
 
 def jax_device(device: str | None = None):
     """The jax device of the session (or of ``device``): where JAX states are put."""

@@ -29,8 +29,9 @@ from maetok.parity import disc_off_margin
 from maetok.trainer import load_state
 from maetok.tree import flatten
 
-CFG = preset("tiny").replace(train={"batch_size": 4},
-                             loss={"use_adv": True, "adaptive_weight": True, "disc_start": 3})
+CFG = preset("tiny").replace(
+    train={"batch_size": 4}, loss={"use_adv": True, "adaptive_weight": True, "disc_start": 3}
+)
 HALF, STEPS = 5, 10
 
 
@@ -76,11 +77,13 @@ def reference(device, tmp_path_factory):
         state = run.place(run.backend.state_from_numpy(_initial_tree()))
         state, first = run.steps(state, 0, HALF)
         path = folder / f"{name}_step{HALF}.safetensors"
-        save_checkpoint(path, run.backend.state_to_numpy(state), CFG,
-                        {"backend": name, "stage": 1})
+        save_checkpoint(path, run.backend.state_to_numpy(state), CFG, {"backend": name, "stage": 1})
         state, second = run.steps(state, HALF, STEPS)
-        out[name] = {"path": path, "history": first + second,
-                     "final": run.backend.state_to_numpy(state)}
+        out[name] = {
+            "path": path,
+            "history": first + second,
+            "final": run.backend.state_to_numpy(state),
+        }
     return out
 
 
@@ -90,8 +93,11 @@ def test_both_backends_write_the_same_layout(device):
     assert lay_j == lay_t
     assert lay_j["step"] == ((), "int32") and lay_j["opt/count"] == ((), "int32")
     assert lay_j["lecam/real"] == ((), "float32")
-    assert all(dtype == "float32" for key, (_, dtype) in lay_j.items()
-               if not key.endswith(("count", "step")))
+    assert all(
+        dtype == "float32"
+        for key, (_, dtype) in lay_j.items()
+        if not key.endswith(("count", "step"))
+    )
 
 
 @pytest.mark.parametrize("saver,loader", [("jax", "torch"), ("torch", "jax")])
@@ -112,14 +118,25 @@ def test_resume_in_the_other_backend(saver, loader, reference, device):
     tol = TOL["trajectory_fp32"]
     for i, (got, want) in enumerate(zip(history, ref["history"][HALF:])):
         assert set(got) == set(want)
-        assert_close({k: np.float32(v) for k, v in got.items()},
-                      {k: np.float32(v) for k, v in want.items()}, tol,
-                      f"{saver}→{loader} step {HALF + i}")
-    assert_close(flatten(run.backend.state_to_numpy(state)), flatten(ref["final"]), tol,
-                 f"{saver}→{loader} final state")
+        assert_close(
+            {k: np.float32(v) for k, v in got.items()},
+            {k: np.float32(v) for k, v in want.items()},
+            tol,
+            f"{saver}→{loader} step {HALF + i}",
+        )
+    assert_close(
+        flatten(run.backend.state_to_numpy(state)),
+        flatten(ref["final"]),
+        tol,
+        f"{saver}→{loader} final state",
+    )
 
 
 def test_uninterrupted_runs_agree(reference):
     """The two 10-step references themselves (the premise of the comparison above)."""
-    assert_close(flatten(reference["torch"]["final"]), flatten(reference["jax"]["final"]),
-                 TOL["trajectory_fp32"], "10 steps, torch vs jax")
+    assert_close(
+        flatten(reference["torch"]["final"]),
+        flatten(reference["jax"]["final"]),
+        TOL["trajectory_fp32"],
+        "10 steps, torch vs jax",
+    )

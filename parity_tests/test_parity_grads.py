@@ -57,15 +57,27 @@ def _grads(cfg, params, disc, x, mask, device):
 
     pj, xj, kj = to_jax(params), to_jax(x), to_jax(mask)
     (loss_jx, (met_j, _)), g_j = jax.jit(jax.value_and_grad(loss_j, has_aux=True))(
-        {k: pj[k] for k in keys}, {k: pj[k] for k in pj if k not in keys},
-        to_jax(disc) if disc else None, xj, kj)
+        {k: pj[k] for k in keys},
+        {k: pj[k] for k in pj if k not in keys},
+        to_jax(disc) if disc else None,
+        xj,
+        kj,
+    )
 
     pt, xt, kt = to_torch(params, device), to_torch(x, device), to_torch(mask, device)
     tg = ttg.compute_targets(xt, m) if cfg.train.stage == 1 else {}
     (loss_t, (met_t, _)), g_t = tt.value_and_grad(
-        tt.generator_loss, {k: pt[k] for k in keys}, {k: pt[k] for k in pt if k not in keys},
-        to_torch(disc, device) if disc else None, xt, kt, tg,
-        torch.tensor(adv_on, device=device), cfg, autograd=m.remat)
+        tt.generator_loss,
+        {k: pt[k] for k in keys},
+        {k: pt[k] for k in pt if k not in keys},
+        to_torch(disc, device) if disc else None,
+        xt,
+        kt,
+        tg,
+        torch.tensor(adv_on, device=device),
+        cfg,
+        autograd=m.remat,
+    )
     return (loss_t, met_t, g_t), (loss_jx, met_j, g_j)
 
 
@@ -86,8 +98,9 @@ def test_stage1_total_grads(name, rng, device):
     (loss_t, met_t, g_t), (loss_j, met_j, g_j) = _grads(cfg, *_inputs(rng, cfg), device)
     assert set(g_t) == {"encoder", "decoder", "aux"}
     assert_close(loss_t, loss_j, TOL["forward_fp32"], f"{name}/stage1 loss")
-    assert_close({k: v for k, v in met_t.items()}, dict(met_j), TOL["forward_fp32"],
-                 f"{name}/stage1 metrics")
+    assert_close(
+        {k: v for k, v in met_t.items()}, dict(met_j), TOL["forward_fp32"], f"{name}/stage1 metrics"
+    )
     _assert_every_leaf(g_t, g_j, f"{name}/stage1 grads")
 
 
@@ -108,12 +121,18 @@ def test_disc_loss_grads(rng, device):
     recon = np.clip(x + 0.3 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
     # EMAs away from 0 so both LeCAM branches are active and distinct.
     lecam = {"real": np.float32(rng.uniform(0.1, 0.5)), "fake": np.float32(rng.uniform(-0.5, -0.1))}
-    (tot_j, aux_j), g_j = jax.jit(jax.value_and_grad(jt.disc_loss, has_aux=True),
-                                  static_argnums=(4, 5))(
-        to_jax(disc), to_jax(x), to_jax(recon), to_jax(lecam), lo, m)
-    (tot_t, aux_t), g_t = tt.value_and_grad(tt.disc_loss, to_torch(disc, device),
-                                            to_torch(x, device), to_torch(recon, device),
-                                            to_torch(lecam, device), lo, m)
+    (tot_j, aux_j), g_j = jax.jit(
+        jax.value_and_grad(jt.disc_loss, has_aux=True), static_argnums=(4, 5)
+    )(to_jax(disc), to_jax(x), to_jax(recon), to_jax(lecam), lo, m)
+    (tot_t, aux_t), g_t = tt.value_and_grad(
+        tt.disc_loss,
+        to_torch(disc, device),
+        to_torch(x, device),
+        to_torch(recon, device),
+        to_torch(lecam, device),
+        lo,
+        m,
+    )
     assert_close(tot_t, tot_j, TOL["forward_fp32"], "disc_loss")
     assert_close(list(aux_t), list(aux_j), TOL["forward_fp32"], "disc_loss aux")
     _assert_every_leaf(g_t, g_j, "disc grads")

@@ -75,17 +75,20 @@ def _tables(m, width, heads, device):
 
 # ------------------------------------------------------------------------------ layers
 
+
 def test_patch_embed_and_unembed(rng, device):
     m = TINY.model
     p = _params(rng, TINY)
     x = _images(rng, m)
-    emb_j = jax.jit(jm.patch_embed, static_argnums=2)(to_jax(p["encoder"]["patch_embed"]),
-                                                       to_jax(x), m)
+    emb_j = jax.jit(jm.patch_embed, static_argnums=2)(
+        to_jax(p["encoder"]["patch_embed"]), to_jax(x), m
+    )
     emb_t = tm.patch_embed(to_torch(p["encoder"]["patch_embed"], device), to_torch(x, device), m)
     assert_close(emb_t, emb_j, FWD, "patch_embed")
     tokens = _normal(rng, B, m.num_patches, m.dec_width)
-    out_j = jax.jit(jm.patch_unembed, static_argnums=2)(to_jax(p["decoder"]["head"]),
-                                                         to_jax(tokens), m)
+    out_j = jax.jit(jm.patch_unembed, static_argnums=2)(
+        to_jax(p["decoder"]["head"]), to_jax(tokens), m
+    )
     out_t = tm.patch_unembed(to_torch(p["decoder"]["head"], device), to_torch(tokens, device), m)
     assert tuple(out_t.shape) == x.shape
     assert_close(out_t, out_j, FWD, "patch_unembed")
@@ -109,7 +112,7 @@ def test_apply_rope(rng, device):
     out_t = tr.apply_rope(to_torch(q, device), ct, st)
     assert_close(out_t, out_j, FWD, "apply_rope")
     # latent tokens (after the N image tokens) are not rotated
-    np.testing.assert_array_equal(out_t[:, m.num_patches:].cpu().numpy(), q[:, m.num_patches:])
+    np.testing.assert_array_equal(out_t[:, m.num_patches :].cpu().numpy(), q[:, m.num_patches :])
 
 
 def test_attention_plain(rng, device):
@@ -118,8 +121,9 @@ def test_attention_plain(rng, device):
     blk = _block0(_params(rng, TINY)["encoder"]["blocks"])
     attn = {"qkv": blk["qkv"], "proj": blk["proj"]}
     x = _normal(rng, B, m.num_patches + m.num_latent_tokens, m.enc_width)
-    out_j = jax.jit(ja.attention, static_argnums=(4, 5))(to_jax(attn), to_jax(x), cj, sj,
-                                                         m.enc_heads, "plain")
+    out_j = jax.jit(ja.attention, static_argnums=(4, 5))(
+        to_jax(attn), to_jax(x), cj, sj, m.enc_heads, "plain"
+    )
     out_t = ta.attention(to_torch(attn, device), to_torch(x, device), ct, st, m.enc_heads, "plain")
     assert_close(out_t, out_j, FWD, "attention/plain")
 
@@ -149,17 +153,20 @@ def test_block_and_transformer(rng, device):
     blocks = _params(rng, TINY)["encoder"]["blocks"]
     x = _normal(rng, B, m.num_patches + m.num_latent_tokens, m.enc_width)
     args = (m.enc_heads, m.ln_eps, "plain")
-    out_j = jax.jit(jtr.block, static_argnums=(4, 5, 6))(to_jax(_block0(blocks)), to_jax(x),
-                                                         cj, sj, *args)
+    out_j = jax.jit(jtr.block, static_argnums=(4, 5, 6))(
+        to_jax(_block0(blocks)), to_jax(x), cj, sj, *args
+    )
     out_t = ttr.block(to_torch(_block0(blocks), device), to_torch(x, device), ct, st, *args)
     assert_close(out_t, out_j, FWD, "block")
-    out_j = jax.jit(jtr.transformer, static_argnums=(4, 5, 6))(to_jax(blocks), to_jax(x),
-                                                               cj, sj, *args)
+    out_j = jax.jit(jtr.transformer, static_argnums=(4, 5, 6))(
+        to_jax(blocks), to_jax(x), cj, sj, *args
+    )
     out_t = ttr.transformer(to_torch(blocks, device), to_torch(x, device), ct, st, *args)
     assert_close(out_t, out_j, FWD, "transformer")
 
 
 # ------------------------------------------------------------------------------ model
+
 
 def test_encode(rng, device):
     m = TINY.model
@@ -189,8 +196,9 @@ def test_decode_latents_aux_decoder(rng, device):
     name = m.aux_targets[0]
     aux = _params(rng, TINY)["aux"][name]
     h = _normal(rng, B, m.num_latent_tokens, m.latent_dim)
-    out_j, feats_j = jax.jit(jm.decode_latents, static_argnums=(2, 3))(to_jax(aux), to_jax(h), m,
-                                                                        m.aux_heads)
+    out_j, feats_j = jax.jit(jm.decode_latents, static_argnums=(2, 3))(
+        to_jax(aux), to_jax(h), m, m.aux_heads
+    )
     out_t, feats_t = tm.decode_latents(to_torch(aux, device), to_torch(h, device), m, m.aux_heads)
     assert tuple(out_t.shape) == (B, m.num_patches, target_dim(name, m))
     assert_close(out_t, out_j, FWD, f"decode_latents/{name}")
@@ -222,6 +230,7 @@ def test_aux_predict(kind, rng, device):
 
 # ------------------------------------------------------------------------------ losses
 
+
 def test_mask_loss(rng, device):
     m = TINY.model
     lo = TINY.replace(loss={"gamma": {"hog": 0.5, "pixel": 2.0}}).loss
@@ -229,16 +238,24 @@ def test_mask_loss(rng, device):
     preds = {n: _normal(rng, B, m.num_patches, d) for n, d in dims.items()}
     targets = {n: _normal(rng, B, m.num_patches, d) for n, d in dims.items()}
     mask = _mask(rng, m)
-    total_j, terms_j = jax.jit(jl.mask_loss, static_argnums=3)(to_jax(preds), to_jax(targets),
-                                                               to_jax(mask), lo)
-    total_t, terms_t = tl.mask_loss(to_torch(preds, device), to_torch(targets, device),
-                                    to_torch(mask, device), lo)
+    total_j, terms_j = jax.jit(jl.mask_loss, static_argnums=3)(
+        to_jax(preds), to_jax(targets), to_jax(mask), lo
+    )
+    total_t, terms_t = tl.mask_loss(
+        to_torch(preds, device), to_torch(targets, device), to_torch(mask, device), lo
+    )
     assert_close(terms_t, terms_j, FWD, "mask_loss/terms")
     assert_close(total_t, total_j, FWD, "mask_loss/total")
     # no masked token → exactly 0 in both
     zero = np.zeros_like(mask)
-    assert float(tl.mask_loss(to_torch(preds, device), to_torch(targets, device),
-                              to_torch(zero, device), lo)[0]) == 0.0
+    assert (
+        float(
+            tl.mask_loss(
+                to_torch(preds, device), to_torch(targets, device), to_torch(zero, device), lo
+            )[0]
+        )
+        == 0.0
+    )
     assert float(jl.mask_loss(to_jax(preds), to_jax(targets), to_jax(zero), lo)[0]) == 0.0
 
 
@@ -270,9 +287,16 @@ def test_adaptive_adv_weight(rng, device):
     feats = _normal(rng, B, m.num_patches, m.dec_width)
     disc = init_disc(cfg, int(rng.integers(1 << 30)))
     w_j = jax.jit(jl.adaptive_adv_weight, static_argnums=(4, 5))(
-        to_jax(x), to_jax(r), to_jax(feats), to_jax(disc), m, lo)
-    w_t = tl.adaptive_adv_weight(to_torch(x, device), to_torch(r, device),
-                                 to_torch(feats, device), to_torch(disc, device), m, lo)
+        to_jax(x), to_jax(r), to_jax(feats), to_jax(disc), m, lo
+    )
+    w_t = tl.adaptive_adv_weight(
+        to_torch(x, device),
+        to_torch(r, device),
+        to_torch(feats, device),
+        to_torch(disc, device),
+        m,
+        lo,
+    )
     assert 0 < float(w_t) < 1e4
     assert_close(w_t, w_j, FWD, "adaptive_adv_weight")
 
@@ -292,13 +316,20 @@ def test_generator_loss_stage1(name, rng, device):
 
     disc_j = to_jax(disc) if disc else None
     disc_t = to_torch(disc, device) if disc else None
-    total_j, (metrics_j, recon_j) = jax.jit(loss_j)(to_jax(params), disc_j, to_jax(x),
-                                                    to_jax(mask), to_jax(targets))
+    total_j, (metrics_j, recon_j) = jax.jit(loss_j)(
+        to_jax(params), disc_j, to_jax(x), to_jax(mask), to_jax(targets)
+    )
     with torch.no_grad():
         total_t, (metrics_t, recon_t) = tt.generator_loss(
-            to_torch(params, device), {}, disc_t, to_torch(x, device),
-            to_torch(mask, device), to_torch(targets, device),
-            torch.ones((), device=device), cfg)
+            to_torch(params, device),
+            {},
+            disc_t,
+            to_torch(x, device),
+            to_torch(mask, device),
+            to_torch(targets, device),
+            torch.ones((), device=device),
+            cfg,
+        )
     assert set(metrics_t) == set(metrics_j)
     assert_close(recon_t, recon_j, FWD, f"{name}/recon")
     assert_close(total_t, total_j, FWD, f"{name}/total")

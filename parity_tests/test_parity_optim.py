@@ -20,21 +20,36 @@ import maetok_torch.optim as to
 from maetok.config import TrainConfig
 from maetok.tree import leaves, map_tree
 
-CASES = [("adamw", 0.0, 0.9), ("adamw", 0.5, 0.9), ("adam", 0.0, 0.9), ("adam", 0.5, 0.9),
-         ("sgd", 0.0, 0.9), ("sgd", 0.5, 0.9), ("sgd", 0.5, 0.0)]
+CASES = [
+    ("adamw", 0.0, 0.9),
+    ("adamw", 0.5, 0.9),
+    ("adam", 0.0, 0.9),
+    ("adam", 0.5, 0.9),
+    ("sgd", 0.0, 0.9),
+    ("sgd", 0.5, 0.9),
+    ("sgd", 0.5, 0.0),
+]
 STEPS = 5
 
 
 def _tree(rng, scale=1.0) -> dict:
     def leaf(*shape):
         return (scale * rng.standard_normal(shape)).astype(np.float32)
+
     return {"a": {"w": leaf(6, 4), "b": leaf(4)}, "z": leaf(3, 2, 5)}
 
 
 @pytest.mark.parametrize("name,clip,momentum", CASES)
 def test_optimizer_steps(name, clip, momentum, rng, device):
-    t = TrainConfig(optimizer=name, grad_clip=clip, momentum=momentum, weight_decay=0.01,
-                    b1=0.9, b2=0.95, eps=1e-8)
+    t = TrainConfig(
+        optimizer=name,
+        grad_clip=clip,
+        momentum=momentum,
+        weight_decay=0.01,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+    )
     params = _tree(rng)
 
     @jax.jit

@@ -72,8 +72,9 @@ def test_perceptual_loss_and_grad(rng, device):
     m = CONFIGS["tiny_p4"]
     x = _images(rng, m)
     r = np.clip(x + 0.2 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
-    loss_j, grad_j = jax.jit(jax.value_and_grad(
-        lambda a, b: jp.perceptual_loss(a, b, m), argnums=1))(to_jax(x), to_jax(r))
+    loss_j, grad_j = jax.jit(
+        jax.value_and_grad(lambda a, b: jp.perceptual_loss(a, b, m), argnums=1)
+    )(to_jax(x), to_jax(r))
     r_t = to_torch(r, device).requires_grad_(True)
     loss_t = tp.perceptual_loss(to_torch(x, device), r_t, m)
     loss_t.backward()
@@ -102,10 +103,15 @@ def test_gan_losses(rng, device):
     tol = TOL["forward_fp32"]
     assert_close(jd.hinge_d_loss(rj, fj), td.hinge_d_loss(rt, ft), tol, "hinge_d_loss")
     assert_close(jd.generator_adv_loss(fj), td.generator_adv_loss(ft), tol, "generator_adv_loss")
-    assert_close(jd.lecam_loss(rj, fj, ema_r, ema_f), td.lecam_loss(rt, ft, ema_r, ema_f), tol,
-                 "lecam_loss")
-    assert_close(jd.update_lecam(ema_r, ema_f, rj, fj, 0.999),
-                 td.update_lecam(ema_r, ema_f, rt, ft, 0.999), tol, "update_lecam")
+    assert_close(
+        jd.lecam_loss(rj, fj, ema_r, ema_f), td.lecam_loss(rt, ft, ema_r, ema_f), tol, "lecam_loss"
+    )
+    assert_close(
+        jd.update_lecam(ema_r, ema_f, rj, fj, 0.999),
+        td.update_lecam(ema_r, ema_f, rt, ft, 0.999),
+        tol,
+        "update_lecam",
+    )
 
 
 @pytest.mark.parametrize("cfg", list(CONFIGS))
@@ -122,14 +128,17 @@ def test_discriminator_hinge_grad(cfg, rng, device):
     def loss_jax(p, a, b):
         return jd.hinge_d_loss(jd.discriminator(p, a, m), jd.discriminator(p, b, m))
 
-    loss_j, grads_j = jax.jit(jax.value_and_grad(loss_jax))(to_jax(params), to_jax(real),
-                                                            to_jax(fake))
+    loss_j, grads_j = jax.jit(jax.value_and_grad(loss_jax))(
+        to_jax(params), to_jax(real), to_jax(fake)
+    )
     p_t = to_torch(params, device)
     leaves = [v for layer in p_t.values() for v in layer.values()]
     for leaf in leaves:
         leaf.requires_grad_(True)
-    loss_t = td.hinge_d_loss(td.discriminator(p_t, to_torch(real, device), m),
-                             td.discriminator(p_t, to_torch(fake, device), m))
+    loss_t = td.hinge_d_loss(
+        td.discriminator(p_t, to_torch(real, device), m),
+        td.discriminator(p_t, to_torch(fake, device), m),
+    )
     loss_t.backward()
     grads_t = {k: {n: v.grad for n, v in layer.items()} for k, layer in p_t.items()}
     assert_close(loss_j, loss_t, TOL["forward_fp32"], f"{cfg}/hinge_d_loss")

@@ -86,8 +86,17 @@ def fresh_states(cfg, device, params=None, disc=None):
 
 def _groups(state, keys):
     tree = (jt if isinstance(state["step"], jax.Array) else tt).state_to_numpy(state)
-    return {k: flatten({"p": tree["params"][k], "e": tree["ema"][k], "mu": tree["opt"]["mu"][k],
-                        "nu": tree["opt"]["nu"][k]}) for k in keys}
+    return {
+        k: flatten(
+            {
+                "p": tree["params"][k],
+                "e": tree["ema"][k],
+                "mu": tree["opt"]["mu"][k],
+                "nu": tree["opt"]["nu"][k],
+            }
+        )
+        for k in keys
+    }
 
 
 def test_stage1_then_stage2(device):
@@ -110,8 +119,9 @@ def test_stage1_then_stage2(device):
         after = _groups(state, ("encoder", "aux"))
         for group in before:
             for k in before[group]:
-                np.testing.assert_array_equal(after[group][k], before[group][k],
-                                              err_msg=f"stage 2 changed {group}/{k}")
+                np.testing.assert_array_equal(
+                    after[group][k], before[group][k], err_msg=f"stage 2 changed {group}/{k}"
+                )
     assert int(tt.state_to_numpy(st2)["opt"]["count"]) == STEPS
 
 
@@ -127,15 +137,18 @@ def test_adversarial_gating(device):
     def check(s, old_j, old_t, new_j, new_t):
         for old, new, conv in ((old_j, new_j, jt), (old_t, new_t, tt)):
             a, b = conv.state_to_numpy(old), conv.state_to_numpy(new)
-            same = all(np.array_equal(flatten(a[k])[p], flatten(b[k])[p])
-                       for k in ("disc", "disc_opt", "lecam") for p in flatten(a[k]))
+            same = all(
+                np.array_equal(flatten(a[k])[p], flatten(b[k])[p])
+                for k in ("disc", "disc_opt", "lecam")
+                for p in flatten(a[k])
+            )
             if s < cfg.loss.disc_start:
                 assert same, f"step {s}: the discriminator state changed before disc_start"
             moved.append(not same)
 
     sj, st = fresh_states(cfg, device, disc=disc)
     sj, st = run_both(cfg, sj, st, 0, STEPS, device, TOL["trajectory_fp32"], check)
-    assert all(moved[2 * cfg.loss.disc_start:]), "the discriminator did not train after disc_start"
+    assert all(moved[2 * cfg.loss.disc_start :]), "the discriminator did not train after disc_start"
     assert_states_close(st, sj, TOL["trajectory_fp32"], "adversarial run")
 
 

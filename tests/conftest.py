@@ -42,4 +42,5 @@ def cli_error(capsys, argv, alone: bool = False) -> str:
 def pytest_configure(config):
     # Tests build the same few train steps again and again: compile each once per machine.
     from maetok_jax import enable_compilation_cache
+
     enable_compilation_cache()

@@ -30,9 +30,15 @@ STEPS = 3
 # The adversarial loss with its adaptive weight and LeCAM on from step 0, so every
 # quantity that pools the batch (mask count, adaptive weight, LeCAM EMAs) is exercised.
 CFG = preset("tiny").replace(
-    train={"batch_size": 8, "steps": STEPS, "log_every": 1, "ckpt_every": 1000,
-           "sample_every": 1000},
-    loss={"use_adv": True, "adaptive_weight": True, "disc_start": 0})
+    train={
+        "batch_size": 8,
+        "steps": STEPS,
+        "log_every": 1,
+        "ckpt_every": 1000,
+        "sample_every": 1000,
+    },
+    loss={"use_adv": True, "adaptive_weight": True, "disc_start": 0},
+)
 # For the trainer runs the discriminator stays off (same compiled program): at
 # initialisation its output-bias gradient cancels analytically and is fp32 noise.
 TRAINER_CFG = CFG.replace(loss={"disc_start": 100})
@@ -82,9 +88,16 @@ def main(which: str, out: Path) -> int:
             leaves = jax.tree_util.tree_leaves(state)
             sharded = sum(not x.sharding.is_fully_replicated for x in leaves)
             save(out, name, history, tree)
-            (out / f"{name}_info.json").write_text(json.dumps(
-                {"devices": n, "sharded_leaves": sharded, "leaves": len(leaves),
-                 "describe": backend.describe()}))
+            (out / f"{name}_info.json").write_text(
+                json.dumps(
+                    {
+                        "devices": n,
+                        "sharded_leaves": sharded,
+                        "leaves": len(leaves),
+                        "describe": backend.describe(),
+                    }
+                )
+            )
         train(TRAINER_CFG, dataset(), out / "run", "jax", progress=False)
         return 0
     from maetok_torch.backend import Backend
@@ -93,8 +106,9 @@ def main(which: str, out: Path) -> int:
     history, tree, _ = run_steps(backend)
     if backend.is_writer:
         save(out, "nway", history, tree)
-        (out / "nway_info.json").write_text(json.dumps(
-            {"devices": backend.dist.world, "describe": backend.describe()}))
+        (out / "nway_info.json").write_text(
+            json.dumps({"devices": backend.dist.world, "describe": backend.describe()})
+        )
     train(TRAINER_CFG, dataset(), out / "run", "torch", progress=False)
     return 0
 

@@ -124,8 +124,9 @@ class Brain:
         if len(self.size) != self.n:
             raise ValueError("size must have length n")
         self.max_iters = max_iters
-        self.occupancy = {idx: self._inside(idx) for idx in itertools.product(
-            *(range(k) for k in self.size))}
+        self.occupancy = {
+            idx: self._inside(idx) for idx in itertools.product(*(range(k) for k in self.size))
+        }
         self.neurons: dict = {}
         self.synapses: list = []
         self._paradigms: list = []
@@ -135,8 +136,10 @@ class Brain:
         if self.n != 2:
             return True
         bounds = ((-2.0, 1.0), (-1.5, 1.5))
-        x, y = (lo + (hi - lo) * i / max(k - 1, 1) if k > 1 else (lo + hi) / 2
-                for i, k, (lo, hi) in zip(idx, self.size, bounds))
+        x, y = (
+            lo + (hi - lo) * i / max(k - 1, 1) if k > 1 else (lo + hi) / 2
+            for i, k, (lo, hi) in zip(idx, self.size, bounds)
+        )
         c, z = complex(x, y), 0j
         for _ in range(self.max_iters):
             z = z * z + c
@@ -159,8 +162,10 @@ class Brain:
         if idx in self.neurons:
             raise ValueError("Neuron already exists at this index")
         if self.neurons and connect_to is None:
-            raise RuntimeError("tried to create a neuron not connected to at least one another "
-                               "neuron via at least one other synapse")
+            raise RuntimeError(
+                "tried to create a neuron not connected to at least one another "
+                "neuron via at least one other synapse"
+            )
         if connect_to is not None and self.get_neuron(connect_to) is None:
             raise ValueError(f"connect_to {tuple(connect_to)} holds no neuron")
         if direction not in DIRECTIONS:
@@ -273,8 +278,10 @@ class Wanderer:
         while steps < max_steps and current is not None:
             visited.append(current)
             if id(current) not in params:
-                params[id(current)] = (torch.tensor(float(current.weight), requires_grad=True),
-                                       torch.tensor(float(current.bias), requires_grad=True))
+                params[id(current)] = (
+                    torch.tensor(float(current.weight), requires_grad=True),
+                    torch.tensor(float(current.bias), requires_grad=True),
+                )
             w, b = params[id(current)]
             x = current.tensor if carried is None else carried
             out = torch.tanh(x * w + b)
@@ -303,7 +310,7 @@ class Wanderer:
             current, carried, steps = nxt, out, steps + 1
             bar.update(1)
         bar.close()
-        loss = sum((o ** 2).mean() for o in outputs)
+        loss = sum((o**2).mean() for o in outputs)
         loss.backward()
         with torch.no_grad():
             for n in visited:
@@ -311,8 +318,12 @@ class Wanderer:
                 n.weight = float(w - lr * w.grad)
                 n.bias = float(b - lr * b.grad)
         self._walk_counter += 1
-        stats = {"loss": float(loss.detach()), "steps": steps, "visited": len(visited),
-                 "step_metrics": step_metrics}
+        stats = {
+            "loss": float(loss.detach()),
+            "steps": steps,
+            "visited": len(visited),
+            "step_metrics": step_metrics,
+        }
         for paradigm in self.brain.active_paradigms():
             try:
                 if hasattr(paradigm, "on_walk_end"):

@@ -34,15 +34,20 @@ def _photos(folder: Path, n=3, size=40, seed=0, ext="png"):
     rng = np.random.default_rng(seed)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (size, size + i, 3), dtype=np.uint8)).save(
-            folder / f"img{i}.{ext}")
+            folder / f"img{i}.{ext}"
+        )
     return folder
 
 
 def _run_checkpoint(out: Path, cfg, data_folder: Path):
     """A run folder as training leaves it (parameters only: enough to validate a resume)."""
-    meta = {"backend": "jax", "stage": 1, "step": 4,
-            "data": data_identity(ImageFolder(data_folder, cfg.model.image_size)),
-            "history": []}
+    meta = {
+        "backend": "jax",
+        "stage": 1,
+        "step": 4,
+        "data": data_identity(ImageFolder(data_folder, cfg.model.image_size)),
+        "history": [],
+    }
     save_checkpoint(out / CHECKPOINT_NAME, {"params": init_params(cfg, 0)}, cfg, meta)
 
 
@@ -58,7 +63,7 @@ def paths(tmp_path_factory):
     p["empty"] = t / "empty"
     trunc = _photos(t / "truncated", n=2, ext="jpg")
     whole = (trunc / "img0.jpg").read_bytes()
-    (trunc / "broken.jpg").write_bytes(whole[:len(whole) // 2])  # the header is intact
+    (trunc / "broken.jpg").write_bytes(whole[: len(whole) // 2])  # the header is intact
     p["truncated"] = trunc
     p["afile"] = t / "afile.txt"
     p["afile"].write_text("not a folder")
@@ -90,8 +95,11 @@ def paths(tmp_path_factory):
     _run_checkpoint(t / "run_changed", cfg, changed)
     _photos(changed / "more", n=1, seed=2)  # the folder grows after the checkpoint
     (t / "locked").mkdir()
-    (t / "locked" / LOCK_NAME).write_text(json.dumps(  # held by this (live) test process
-        {"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}))
+    (t / "locked" / LOCK_NAME).write_text(
+        json.dumps(  # held by this (live) test process
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": "now"}
+        )
+    )
     return p
 
 
@@ -113,16 +121,20 @@ CASES = {  # name: (argv, a piece of the expected message)
     "train: --set integer abc": (TRAIN + ["--set", "train.batch_size=abc"], "train.batch_size"),
     "train: --set empty number": (TRAIN + ["--set", "train.lr="], "train.lr"),
     "train: --set gamma number": (TRAIN + ["--set", "loss.gamma=5"], "loss.gamma"),
-    "train: --set aux_targets number": (TRAIN + ["--set", "model.aux_targets=5"],
-                                        "model.aux_targets"),
+    "train: --set aux_targets number": (
+        TRAIN + ["--set", "model.aux_targets=5"],
+        "model.aux_targets",
+    ),
     "train: --set unknown field": (TRAIN + ["--set", "train.nosuch=1"], "nosuch"),
     "train: --set without a section": (TRAIN + ["--set", "lr=1"], "SECTION.FIELD"),
     "train: --set impossible value": (TRAIN + ["--set", "model.patch_size=5"], "divisible"),
     "train: --config wrong type": (TRAIN + ["--config", "{tmp}/badtype.json"], "train.lr"),
     "train: --config not an object": (TRAIN + ["--config", "{tmp}/notobject.json"], "model"),
     "train: --config missing": (TRAIN + ["--config", "{tmp}/nope.json"], "cannot read"),
-    "train: --config and --preset": (TRAIN + ["--config", "{tmp}/badtype.json", "--preset",
-                                              "tiny"], "only one"),
+    "train: --config and --preset": (
+        TRAIN + ["--config", "{tmp}/badtype.json", "--preset", "tiny"],
+        "only one",
+    ),
     "train: NaN learning rate": (TRAIN + ["--lr", "nan"], "train.lr"),
     "train: --batch-size 0": (TRAIN + ["--batch-size", "0"], "--batch-size"),
     "train: --steps abc": (TRAIN + ["--steps", "abc"], "--steps"),
@@ -149,14 +161,18 @@ CASES = {  # name: (argv, a piece of the expected message)
     "reconstruct: random-byte checkpoint": (REC + ["--checkpoint", "{random}"], "not a readable"),
     "reconstruct: truncated checkpoint": (REC + ["--checkpoint", "{cut}"], "corrupt"),
     "reconstruct: NaN weights": (REC + ["--checkpoint", "{nan}"], "{nan_key}"),
-    "reconstruct: missing checkpoint": (REC + ["--checkpoint", "{tmp}/no.safetensors"],
-                                        "does not exist"),
+    "reconstruct: missing checkpoint": (
+        REC + ["--checkpoint", "{tmp}/no.safetensors"],
+        "does not exist",
+    ),
     "reconstruct: --ema without EMA": (REC + ["--ema"], "EMA"),
     "reconstruct: missing input": (REC + ["--input", "{tmp}/nope"], "does not exist"),
     "reconstruct: truncated jpeg": (REC + ["--input", "{truncated}"], "broken.jpg"),
     "reconstruct: --out is a file": (REC + ["--out", "{afile}"], "is a file"),
-    "reconstruct: torch --device cuda": (REC + ["--backend", "torch", "--device", "{cuda}"],
-                                         "cuda"),
+    "reconstruct: torch --device cuda": (
+        REC + ["--backend", "torch", "--device", "{cuda}"],
+        "cuda",
+    ),
     "encode: --batch-size 0": (ENC + ["--batch-size", "0"], "--batch-size"),
     "encode: --out is a folder": (ENC + ["--out", "{photos}"], "is a folder"),
     "encode: small images": (ENC + ["--input", "{small}"], "smaller than"),
@@ -174,8 +190,14 @@ CASES = {  # name: (argv, a piece of the expected message)
 
 def _run_cli(argv):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "maetok.cli", *argv], env=env,
-                          capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "maetok.cli", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def _argv(i: int, argv: list[str], paths: dict) -> list[str]:
@@ -189,8 +211,10 @@ def _argv(i: int, argv: list[str], paths: dict) -> list[str]:
 def results(paths):
     """Every case run once, a few at a time: each is a fresh interpreter."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        runs = {name: pool.submit(_run_cli, _argv(i, argv, paths))
-                for i, (name, (argv, _)) in enumerate(CASES.items())}
+        runs = {
+            name: pool.submit(_run_cli, _argv(i, argv, paths))
+            for i, (name, (argv, _)) in enumerate(CASES.items())
+        }
         return {name: run.result() for name, run in runs.items()}
 
 

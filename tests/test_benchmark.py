@@ -30,9 +30,24 @@ def test_flop_formula_matches_hand_count_for_base():
 
 def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
     out = tmp_path / "bench.jsonl"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "tiny",
-           "--backends", "jax,torch", "--batch", "4", "--steps", "2", "--warmup", "1",
-           "--json", str(out), "--timeout", "300"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_step.py"),
+        "--preset",
+        "tiny",
+        "--backends",
+        "jax,torch",
+        "--batch",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+        "--timeout",
+        "300",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "img/s" in proc.stdout and "TFLOP/s" in proc.stdout
@@ -47,12 +62,28 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
 
 
 def test_breakdown_times_every_part_on_cpu():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "breakdown.py"), "--preset", "tiny",
-           "--batch", "2", "--runs", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "breakdown.py"),
+        "--preset",
+        "tiny",
+        "--batch",
+        "2",
+        "--runs",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for part in ("encoder forward", "pixel decoder", "aux decoders", "targets", "perceptual",
-                 "optimiser", "whole Stage-1 step", "whole Stage-2 step"):
+    for part in (
+        "encoder forward",
+        "pixel decoder",
+        "aux decoders",
+        "targets",
+        "perceptual",
+        "optimiser",
+        "whole Stage-1 step",
+        "whole Stage-2 step",
+    ):
         line = next((x for x in proc.stdout.splitlines() if x.startswith(part)), None)
         assert line is not None, f"no {part!r} row in:\n{proc.stdout}"
         assert float(line.split(" ms")[0].split()[-1]) > 0
@@ -60,16 +91,40 @@ def test_breakdown_times_every_part_on_cpu():
 
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
     out = tmp_path / "bench.jsonl"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--preset", "tiny",
-           "--backends", "torch", "--batch", "2", "--steps", "2", "--warmup", "1",
-           "--devices", "plain,2", "--json", str(out), "--timeout", "300"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_step.py"),
+        "--preset",
+        "tiny",
+        "--backends",
+        "torch",
+        "--batch",
+        "2",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--devices",
+        "plain,2",
+        "--json",
+        str(out),
+        "--timeout",
+        "300",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "img/s/dev" in proc.stdout and "eff" in proc.stdout
     plain, two = [json.loads(line) for line in out.read_text().splitlines()]
     assert plain["devices"] is None and two["devices"] == 2
     assert (plain["global_batch"], two["global_batch"]) == (2, 4)  # --batch is per device
-    assert abs(two["images_per_s_per_device"] * 2 - two["images_per_s"]) < 1e-6 * two["images_per_s"]
+    assert (
+        abs(two["images_per_s_per_device"] * 2 - two["images_per_s"]) < 1e-6 * two["images_per_s"]
+    )
     assert plain["scaling_efficiency"] == 1.0
-    assert abs(two["scaling_efficiency"] - two["images_per_s_per_device"]
-               / plain["images_per_s_per_device"]) < 1e-9
+    assert (
+        abs(
+            two["scaling_efficiency"]
+            - two["images_per_s_per_device"] / plain["images_per_s_per_device"]
+        )
+        < 1e-9
+    )

@@ -29,18 +29,26 @@ def _state(rng):
     w = rng.standard_normal((3, 4)).astype(np.float32)
     return {
         "step": np.int64(1234),
-        "params": {"enc": {"w": w, "b": rng.standard_normal(4).astype(np.float32)},
-                   "flag": np.array([True, False])},
-        "opt": {"count": np.array(1234, np.int32),
-                "mu": {"enc": {"w": 0.1 * w, "b": rng.standard_normal(4).astype(np.float32)}}},
+        "params": {
+            "enc": {"w": w, "b": rng.standard_normal(4).astype(np.float32)},
+            "flag": np.array([True, False]),
+        },
+        "opt": {
+            "count": np.array(1234, np.int32),
+            "mu": {"enc": {"w": 0.1 * w, "b": rng.standard_normal(4).astype(np.float32)}},
+        },
         "ema": {"x": rng.standard_normal((2, 2)).astype(np.float64)},
     }
 
 
 def test_round_trip_is_bit_exact(tmp_path, rng, tiny):
     state = _state(rng)
-    path = save_checkpoint(tmp_path / "run" / "ckpt.safetensors", state, tiny,
-                           meta={"backend": "jax", "stage": 1, "extra": {"a": [1, 2]}, "n": "7"})
+    path = save_checkpoint(
+        tmp_path / "run" / "ckpt.safetensors",
+        state,
+        tiny,
+        meta={"backend": "jax", "stage": 1, "extra": {"a": [1, 2]}, "n": "7"},
+    )
     loaded, cfg, meta = load_checkpoint(path, tiny, layout(state))
     assert cfg == tiny and read_config(path) == tiny
     assert meta == {"backend": "jax", "stage": 1, "extra": {"a": [1, 2]}, "n": "7"}
@@ -58,8 +66,11 @@ def test_round_trip_is_bit_exact(tmp_path, rng, tiny):
 def test_layout_normalises_dtype_names():
     class FakeTorch:  # torch tensors print their dtype as "torch.float32"
         shape, dtype = (2, 3), "torch.float32"
+
     assert layout({"a": {"b": FakeTorch()}, "s": np.int64(3)}) == {
-        "a/b": ((2, 3), "float32"), "s": ((), "int64")}
+        "a/b": ((2, 3), "float32"),
+        "s": ((), "int64"),
+    }
 
 
 def _files(folder):
@@ -83,6 +94,7 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
 
     def broken_replace(src, dst):
         raise OSError(errno.EXDEV, "cross-device link")
+
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(CheckpointError, match="cannot write checkpoint .*cross-device link"):
         save_checkpoint(path, _state(rng), tiny)
@@ -90,8 +102,7 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
     assert _files(tmp_path) == ["ckpt.safetensors"]
 
 
-def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng, tiny,
-                                                                   monkeypatch):
+def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng, tiny, monkeypatch):
     path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
     before = path.read_bytes()
 
@@ -99,6 +110,7 @@ def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng,
         with open(filename, "wb") as f:
             f.write(b"\0" * 64)  # part of the file made it to disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
     with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint") as e:
         save_checkpoint(path, _state(rng), tiny)
@@ -115,8 +127,7 @@ def test_non_finite_weights_are_refused_on_load_naming_the_first(tmp_path, rng, 
     flat["params/enc/b"][0] = np.nan
     save_file(flat, path, metadata=metadata)
     for load in (lambda: load_checkpoint(path), lambda: load_checkpoint(path, tiny)):
-        with pytest.raises(CheckpointError, match="NaN or infinite values, first in "
-                                                  "params/enc/b;"):
+        with pytest.raises(CheckpointError, match="NaN or infinite values, first in params/enc/b;"):
             load()
     assert read_config(path) == tiny  # the header alone is still readable
 
@@ -187,17 +198,23 @@ def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
     save_file(tensors, tmp_path / "other.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="'pt'"):
         read_config(tmp_path / "other.safetensors")
-    save_file(tensors, tmp_path / "cfg.safetensors",
-              metadata={"format": "maetok-checkpoint/1", "config": '{"model": {"patch_size": 5}}'})
+    save_file(
+        tensors,
+        tmp_path / "cfg.safetensors",
+        metadata={"format": "maetok-checkpoint/1", "config": '{"model": {"patch_size": 5}}'},
+    )
     with pytest.raises(CheckpointError, match="invalid config.*not divisible"):
         load_checkpoint(tmp_path / "cfg.safetensors")
 
 
 def test_save_tree_is_the_general_writer(tmp_path, rng, tiny):
-    tree = {"net": {"w": rng.standard_normal((2, 3)).astype(np.float32)},
-            "stats": {"n": np.array(5, np.int32)}}
-    path = save_tree(tmp_path / "t.safetensors", tree, '{"a": 1}',
-                     {"accuracy": 0.5, "note": "x"}, "some-model/1")
+    tree = {
+        "net": {"w": rng.standard_normal((2, 3)).astype(np.float32)},
+        "stats": {"n": np.array(5, np.int32)},
+    }
+    path = save_tree(
+        tmp_path / "t.safetensors", tree, '{"a": 1}', {"accuracy": 0.5, "note": "x"}, "some-model/1"
+    )
     flat, config_json, meta = load_tree(path, "some-model/1")
     assert config_json == '{"a": 1}' and meta == {"accuracy": 0.5, "note": "x"}
     assert flat["net/w"].tobytes() == tree["net"]["w"].tobytes()

@@ -39,9 +39,18 @@ def make_archives(folder, rng, per_class=2, n_test=7, size=32, classes=cifar10.C
                 _add(tar, path, _encode(image, "JPEG"))
     test = rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, n_test)
-    meta = {"classes": list(cifar10.CLASSES), "images": [
-        {"id": i, "image_path": f"test_images/{i:05d}.png", "label_id": int(y),
-         "class_name": cifar10.CLASSES[y]} for i, y in enumerate(labels)]}
+    meta = {
+        "classes": list(cifar10.CLASSES),
+        "images": [
+            {
+                "id": i,
+                "image_path": f"test_images/{i:05d}.png",
+                "label_id": int(y),
+                "class_name": cifar10.CLASSES[y],
+            }
+            for i, y in enumerate(labels)
+        ],
+    }
     with tarfile.open(folder / cifar10.TEST_ARCHIVE, "w:gz") as tar:
         for i in rng.permutation(n_test):  # archive order is not the official order
             _add(tar, f"test_images/{i:05d}.png", _encode(test[i], "PNG"))

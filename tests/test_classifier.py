@@ -5,15 +5,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maetok.classifier_spec import (ClassifierConfig, init_classifier, spec_classifier,
-                                    spec_classifier_stats)
+from maetok.classifier_spec import (
+    ClassifierConfig,
+    init_classifier,
+    spec_classifier,
+    spec_classifier_stats,
+)
 from maetok.errors import CheckpointError, ConfigError, DataError
 from maetok.tree import flatten
-from maetok_jax.classifier import (augment, classifier_features, classify, forward,
-                                   load_classifier, smoothed_cross_entropy, train_classifier)
+from maetok_jax.classifier import (
+    augment,
+    classifier_features,
+    classify,
+    forward,
+    load_classifier,
+    smoothed_cross_entropy,
+    train_classifier,
+)
 
-TINY = ClassifierConfig(widths=(8, 16, 16, 32), num_classes=3, epochs=3, batch_size=32,
-                        lr=0.2, compute_dtype="float32")
+TINY = ClassifierConfig(
+    widths=(8, 16, 16, 32), num_classes=3, epochs=3, batch_size=32, lr=0.2, compute_dtype="float32"
+)
 classify_jit = jax.jit(classify, static_argnums=3)
 
 
@@ -39,13 +51,19 @@ def test_default_config_is_the_resnet9_recipe_and_round_trips():
     assert cfg.label_smoothing == 0.2 and cfg.compute_dtype == "bfloat16" and cfg.feature_dim == 512
     assert ClassifierConfig.from_json(TINY.to_json()) == TINY
     shapes = {k: s.shape for k, s in flatten(spec_classifier(cfg)).items()}
-    assert shapes["stem/conv/w"] == (3, 3, 3, 64) and shapes["layer3/res2/conv/w"] == (3, 3, 512, 512)
+    assert shapes["stem/conv/w"] == (3, 3, 3, 64) and shapes["layer3/res2/conv/w"] == (
+        3,
+        3,
+        512,
+        512,
+    )
     assert shapes["head/w"] == (512, 10) and "layer2/res1/conv/w" not in shapes
     n_params = sum(int(np.prod(s)) for s in shapes.values())
     assert 6.4e6 < n_params < 6.7e6  # the ResNet-9 of the fast recipes has about 6.5 M
     stats = flatten(spec_classifier_stats(cfg))
-    assert set(stats) == {k.replace("scale", m) for k in shapes if k.endswith("bn/scale")
-                          for m in ("mean", "var")}
+    assert set(stats) == {
+        k.replace("scale", m) for k in shapes if k.endswith("bn/scale") for m in ("mean", "var")
+    }
     with pytest.raises(ConfigError, match="widths"):
         ClassifierConfig(widths=(8, 8))
     with pytest.raises(ConfigError, match="compute_dtype"):
@@ -69,7 +87,7 @@ def test_augment_crops_a_reflected_window_and_flips(rng):
     padded = np.pad(unit, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
     flips = 0
     for i in range(16):
-        windows = [padded[i, r:r + 8, c:c + 8] for r in range(5) for c in range(5)]
+        windows = [padded[i, r : r + 8, c : c + 8] for r in range(5) for c in range(5)]
         match = [np.allclose(out[i], w, atol=1e-6) for w in windows]
         mirrored = [np.allclose(out[i], w[:, ::-1], atol=1e-6) for w in windows]
         assert any(match) or any(mirrored), i
@@ -94,10 +112,20 @@ def test_batchnorm_uses_batch_stats_in_training_and_running_stats_otherwise(rng)
     x = jnp.asarray(rng.uniform(-1, 1, (6, 16, 16, 3)).astype(np.float32))
     _, _, new = jax.jit(forward, static_argnums=(3, 4))(params, stats, x, TINY, True)
     m = new["stem"]["bn"]["mean"]
-    assert not np.allclose(m, 0) and np.allclose(m, 0.1 * np.asarray(
-        jax.lax.conv_general_dilated(x, params["stem"]["conv"]["w"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC")).mean((0, 1, 2))),
-        atol=1e-5)
+    assert not np.allclose(m, 0) and np.allclose(
+        m,
+        0.1
+        * np.asarray(
+            jax.lax.conv_general_dilated(
+                x,
+                params["stem"]["conv"]["w"],
+                (1, 1),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            ).mean((0, 1, 2))
+        ),
+        atol=1e-5,
+    )
     # inference is per-sample: a sample's output does not depend on the rest of the batch
     a, fa = classify_jit(params, stats, x, TINY)
     b, fb = classify_jit(params, stats, x[:2], TINY)
@@ -135,14 +163,17 @@ def test_bad_inputs_and_checkpoints_are_reported(tmp_path, rng):
     with pytest.raises(DataError, match="labels must lie"):
         train_classifier(TINY, x, y + 3, x, y, tmp_path / "a.safetensors", progress=False)
     with pytest.raises(DataError, match="uint8"):
-        train_classifier(TINY, x.astype(np.float32), y, x, y, tmp_path / "a.safetensors",
-                         progress=False)
+        train_classifier(
+            TINY, x.astype(np.float32), y, x, y, tmp_path / "a.safetensors", progress=False
+        )
     with pytest.raises(ConfigError, match="batch size"):
-        train_classifier(TINY.replace(batch_size=64), x, y, x, y, tmp_path / "a.safetensors",
-                         progress=False)
+        train_classifier(
+            TINY.replace(batch_size=64), x, y, x, y, tmp_path / "a.safetensors", progress=False
+        )
     with pytest.raises(CheckpointError, match="does not exist"):
         load_classifier(tmp_path / "none.safetensors")
     from maetok.checkpoint import save_tree
+
     save_tree(tmp_path / "other.safetensors", {"w": np.ones(2, np.float32)}, "{}", fmt="x/1")
     with pytest.raises(CheckpointError, match="expected format 'maetok-classifier/1'"):
         load_classifier(tmp_path / "other.safetensors")

@@ -10,8 +10,19 @@ from maetok.cli import main
 from maetok.config import preset
 from tests.conftest import cli_error
 
-FAST = ["--preset", "tiny", "--no-progress", "--set", "train.log_every=2",
-        "--set", "train.ckpt_every=4", "--set", "train.sample_every=4", "--batch-size", "4"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--no-progress",
+    "--set",
+    "train.log_every=2",
+    "--set",
+    "train.ckpt_every=4",
+    "--set",
+    "train.sample_every=4",
+    "--batch-size",
+    "4",
+]
 
 
 def _photos(folder, rng, n=3, size=40, mode="RGB"):
@@ -42,17 +53,60 @@ def test_train_writes_checkpoint_metrics_and_pictures(trained):
 def test_reconstruct_encode_decode_eval(trained, tmp_path, rng, capsys):
     photos = _photos(tmp_path / "photos", rng)
     ck = str(trained / "checkpoint.safetensors")
-    assert main(["reconstruct", "--checkpoint", ck, "--input", str(photos),
-                 "--out", str(tmp_path / "rec")]) == 0
-    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == ["img0.png", "img1.png", "img2.png"]
-    assert main(["encode", "--checkpoint", ck, "--input", str(photos),
-                 "--out", str(tmp_path / "lat.npy")]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                ck,
+                "--input",
+                str(photos),
+                "--out",
+                str(tmp_path / "rec"),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == [
+        "img0.png",
+        "img1.png",
+        "img2.png",
+    ]
+    assert (
+        main(
+            [
+                "encode",
+                "--checkpoint",
+                ck,
+                "--input",
+                str(photos),
+                "--out",
+                str(tmp_path / "lat.npy"),
+            ]
+        )
+        == 0
+    )
     m = preset("tiny").model
     assert np.load(tmp_path / "lat.npy").shape == (3, m.num_latent_tokens, m.latent_dim)
-    assert main(["decode", "--checkpoint", ck, "--latents", str(tmp_path / "lat.npy"),
-                 "--out", str(tmp_path / "dec")]) == 0
+    assert (
+        main(
+            [
+                "decode",
+                "--checkpoint",
+                ck,
+                "--latents",
+                str(tmp_path / "lat.npy"),
+                "--out",
+                str(tmp_path / "dec"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "dec").glob("*.png"))) == 3
-    assert main(["eval", "--checkpoint", ck, "--data", str(photos), "--out", str(tmp_path / "ev")]) == 0
+    assert (
+        main(["eval", "--checkpoint", ck, "--data", str(photos), "--out", str(tmp_path / "ev")])
+        == 0
+    )
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["images"] == 3 and np.isfinite(report["tokenizer"]["psnr"])
     assert (tmp_path / "ev" / "eval_sheet.png").exists()
@@ -62,16 +116,31 @@ def test_reconstruct_encode_decode_eval(trained, tmp_path, rng, capsys):
 def test_eval_reports_psnr_by_mask_ratio(trained, tmp_path, rng, capsys):
     photos = _photos(tmp_path / "photos", rng)
     ck = str(trained / "checkpoint.safetensors")
-    assert main(["eval", "--checkpoint", ck, "--data", str(photos), "--out", str(tmp_path / "ev"),
-                 "--mask-ratios", "0,0.5,1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                ck,
+                "--data",
+                str(photos),
+                "--out",
+                str(tmp_path / "ev"),
+                "--mask-ratios",
+                "0,0.5,1",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     by_r = report["psnr_by_mask_ratio"]
     assert list(by_r) == ["0", "0.5", "1"]
     assert abs(by_r["0"] - report["tokenizer"]["psnr"]) < 1e-4  # r = 0 is the plain eval
     assert by_r["1"] != by_r["0"]  # every token masked: the input is gone
     assert "PSNR by input mask ratio" in capsys.readouterr().out
-    line = cli_error(capsys, ["eval", "--checkpoint", ck, "--data", str(photos),
-                              "--mask-ratios", "0.2,1.5"])
+    line = cli_error(
+        capsys, ["eval", "--checkpoint", ck, "--data", str(photos), "--mask-ratios", "0.2,1.5"]
+    )
     assert "--mask-ratios" in line and "1.5" in line
 
 
@@ -79,32 +148,95 @@ def test_broken_images_stop_before_training_or_are_skipped_on_request(capsys, tm
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "a.jpg").write_bytes(b"not a jpeg at all")
-    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad),
-                              "--out", str(tmp_path / "o")])
+    line = cli_error(
+        capsys, ["train", *FAST, "--steps", "1", "--data", str(bad), "--out", str(tmp_path / "o")]
+    )
     assert "a.jpg" in line and "--skip-broken" in line
     assert not (tmp_path / "o").exists()  # nothing was started
-    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--data", str(bad), "--skip-broken",
-                              "--out", str(tmp_path / "o")])
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            *FAST,
+            "--steps",
+            "1",
+            "--data",
+            str(bad),
+            "--skip-broken",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "none of the 1" in line
     _photos(bad, rng, n=2)
     with pytest.warns(UserWarning, match="skipped 1 of 3 images.*a.jpg"):
-        assert main(["train", *FAST, "--steps", "1", "--data", str(bad), "--skip-broken",
-                     "--out", str(tmp_path / "o2")]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *FAST,
+                    "--steps",
+                    "1",
+                    "--data",
+                    str(bad),
+                    "--skip-broken",
+                    "--out",
+                    str(tmp_path / "o2"),
+                ]
+            )
+            == 0
+        )
 
 
 def test_checkpoint_from_another_config(capsys, trained, tmp_path):
-    line = cli_error(capsys, ["train", *FAST, "--steps", "2", "--stage", "2", "--set",
-                              "model.enc_width=32", "--init-from",
-                              str(trained / "checkpoint.safetensors"), "--out", str(tmp_path / "o")])
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            *FAST,
+            "--steps",
+            "2",
+            "--stage",
+            "2",
+            "--set",
+            "model.enc_width=32",
+            "--init-from",
+            str(trained / "checkpoint.safetensors"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "enc_width" in line
 
 
 def test_impossible_config(capsys, tmp_path):
-    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--set", "model.patch_size=5",
-                              "--out", str(tmp_path / "o")])
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            *FAST,
+            "--steps",
+            "1",
+            "--set",
+            "model.patch_size=5",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "divisible" in line
-    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--set", "train.mask_max=1.5",
-                              "--out", str(tmp_path / "o")])
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            *FAST,
+            "--steps",
+            "1",
+            "--set",
+            "train.mask_max=1.5",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert "mask_max" in line
 
 
@@ -112,9 +244,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(capsys, tmp_path):
     out = tmp_path / "nan"
     assert main(["train", *FAST, "--steps", "4", "--out", str(out)]) == 0
     before = (out / "checkpoint.safetensors").read_bytes()
-    line = cli_error(capsys, ["train", *FAST, "--steps", "8", "--lr", "1e30", "--overwrite", "--set",
-                              "train.grad_clip=0", "--set", "train.warmup_steps=0",
-                              "--set", "train.optimizer=sgd", "--out", str(out)])
+    line = cli_error(
+        capsys,
+        [
+            "train",
+            *FAST,
+            "--steps",
+            "8",
+            "--lr",
+            "1e30",
+            "--overwrite",
+            "--set",
+            "train.grad_clip=0",
+            "--set",
+            "train.warmup_steps=0",
+            "--set",
+            "train.optimizer=sgd",
+            "--out",
+            str(out),
+        ],
+    )
     assert "non-finite loss" in line and "checkpoint" in line
     assert (out / "checkpoint.safetensors").read_bytes() == before
 
@@ -137,11 +286,14 @@ def test_compile_runs_the_torch_step_under_torch_compile(capsys, tmp_path, monke
 
     monkeypatch.setattr(tt, "compile_train_step", traced_only)
     out = tmp_path / "compiled"
-    assert main(["train", *FAST, "--steps", "2", "--backend", "torch", "--compile",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", *FAST, "--steps", "2", "--backend", "torch", "--compile", "--out", str(out)])
+        == 0
+    )
     assert len(made) == 1 and made[0].graphs >= 1  # the step went through torch.compile
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 2 and all(np.isfinite(l["loss"]) for l in lines)
-    line = cli_error(capsys, ["train", *FAST, "--steps", "1", "--compile", "--out",
-                              str(tmp_path / "j")])
+    line = cli_error(
+        capsys, ["train", *FAST, "--steps", "1", "--compile", "--out", str(tmp_path / "j")]
+    )
     assert "--compile" in line and "torch" in line

@@ -22,23 +22,26 @@ def test_preset_sizes_follow_the_spec():
     assert 19e6 < count(init_params(preset("seed"), 0)) < 22e6  # seed: ~20.6 M parameters
 
 
-@pytest.mark.parametrize("section,changes,needle", [
-    ("model", {"patch_size": 5}, "not divisible"),
-    ("model", {"enc_heads": 5}, "does not divide"),
-    ("model", {"dec_width": 72, "dec_heads": 4}, "multiple of 4"),
-    ("model", {"aux_targets": ["hog", "sift"]}, "unknown auxiliary target"),
-    ("model", {"compute_dtype": "float16"}, "compute_dtype"),
-    ("model", {"enc_width": 0}, "positive"),
-    ("train", {"mask_min": -0.1}, "mask_min"),
-    ("train", {"mask_max": 1.2}, "mask_max"),
-    ("train", {"mask_min": 0.7, "mask_max": 0.6}, "larger than"),
-    ("train", {"anneal_start": 2.0}, "anneal_start"),
-    ("train", {"optimizer": "lamb"}, "optimizer"),
-    ("train", {"steps": 1.5}, "integer"),
-    ("train", {"stage": 3}, "stage"),
-    ("loss", {"gamma": {"sift": 1.0}}, "gamma"),
-    ("loss", {"rec": "huber"}, "loss.rec"),
-])
+@pytest.mark.parametrize(
+    "section,changes,needle",
+    [
+        ("model", {"patch_size": 5}, "not divisible"),
+        ("model", {"enc_heads": 5}, "does not divide"),
+        ("model", {"dec_width": 72, "dec_heads": 4}, "multiple of 4"),
+        ("model", {"aux_targets": ["hog", "sift"]}, "unknown auxiliary target"),
+        ("model", {"compute_dtype": "float16"}, "compute_dtype"),
+        ("model", {"enc_width": 0}, "positive"),
+        ("train", {"mask_min": -0.1}, "mask_min"),
+        ("train", {"mask_max": 1.2}, "mask_max"),
+        ("train", {"mask_min": 0.7, "mask_max": 0.6}, "larger than"),
+        ("train", {"anneal_start": 2.0}, "anneal_start"),
+        ("train", {"optimizer": "lamb"}, "optimizer"),
+        ("train", {"steps": 1.5}, "integer"),
+        ("train", {"stage": 3}, "stage"),
+        ("loss", {"gamma": {"sift": 1.0}}, "gamma"),
+        ("loss", {"rec": "huber"}, "loss.rec"),
+    ],
+)
 def test_impossible_values_are_rejected_by_name(section, changes, needle):
     with pytest.raises(ConfigError, match=needle):
         preset("tiny", **{section: changes})

@@ -7,8 +7,17 @@ import pytest
 from PIL import Image
 
 from maetok.config import preset
-from maetok.data import (BatchSource, ImageFolder, Prefetcher, SyntheticImages, center_crop,
-                         from_uint8, load_eval_images, save_images, to_uint8)
+from maetok.data import (
+    BatchSource,
+    ImageFolder,
+    Prefetcher,
+    SyntheticImages,
+    center_crop,
+    from_uint8,
+    load_eval_images,
+    save_images,
+    to_uint8,
+)
 from maetok.errors import DataError
 
 
@@ -80,7 +89,7 @@ def test_a_broken_file_is_reported_by_name_when_the_folder_is_indexed(folder):
     (folder / "zz_broken.jpg").unlink()
     # A truncated JPEG has a good header: only decoding the whole file finds it.
     jpeg = folder / "sub" / "b.JPG"
-    (folder / "cut.jpg").write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
+    (folder / "cut.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
     with Image.open(folder / "cut.jpg") as im:
         assert im.size == (36, 44)  # what a header-only check sees
     with pytest.raises(DataError, match="cut.jpg"):
@@ -146,7 +155,7 @@ def test_epochs_visit_every_image_once():
     src, _ = _source()  # 20 images, batches of 6: steps 0-9 cover three epochs exactly
     seen = np.concatenate([src.indices(s) for s in range(10)])
     for epoch in range(3):
-        assert sorted(seen[20 * epoch:20 * (epoch + 1)]) == list(range(20))
+        assert sorted(seen[20 * epoch : 20 * (epoch + 1)]) == list(range(20))
     assert not np.array_equal(seen[:20], seen[20:40])  # a fresh order each epoch
 
 
@@ -162,9 +171,15 @@ def test_train_crops_vary_and_eval_uses_centre_crops():
     offsets, flips = set(), 0
     for img, i in zip(tb["images"], tidx):
         full = from_uint8(ds[int(i)])
-        hits = [(y, x, f) for y in range(9) for x in range(9) for f in (0, 1)
-                if np.array_equal(img, full[y:y + 32, x:x + 32][:, ::-1] if f else
-                                  full[y:y + 32, x:x + 32])]
+        hits = [
+            (y, x, f)
+            for y in range(9)
+            for x in range(9)
+            for f in (0, 1)
+            if np.array_equal(
+                img, full[y : y + 32, x : x + 32][:, ::-1] if f else full[y : y + 32, x : x + 32]
+            )
+        ]
         assert hits, "a training crop is not a window of its image"
         offsets.add(hits[0][:2])
         flips += hits[0][2]

@@ -36,10 +36,20 @@ def _launch(which: str, out: Path) -> subprocess.Popen:
         cmd = [sys.executable, script, "jax", str(out)]
     else:
         env.update(OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", "2", script, "torch", str(out)]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            script,
+            "torch",
+            str(out),
+        ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _wait(proc: subprocess.Popen) -> None:
@@ -61,8 +71,7 @@ def assert_same_training(history, tree, ref_history, ref_tree, start, name):
             assert err <= TOL["trajectory_fp32"], f"{name} step {s} {k}: {got[k]} vs {want[k]}"
     assert tree.keys() == ref_tree.keys()
     for group in ("params", "ema", "disc"):
-        err, leaf = worst_update(_split(tree, group), _split(ref_tree, group),
-                                 _split(start, group))
+        err, leaf = worst_update(_split(tree, group), _split(ref_tree, group), _split(start, group))
         assert err <= TOL["trajectory_early_fp32"], f"{name}: {group} {leaf} off by {err:.2e}"
     for k in ("lecam/real", "lecam/fake"):
         assert rel_err(tree[k], ref_tree[k]) <= TOL["trajectory_fp32"], f"{name}: {k}"
@@ -111,8 +120,11 @@ def test_jax_four_devices_match_one_then_resume_on_one(tmp_path):
         info = json.loads((tmp_path / "nway" / f"{name}_info.json").read_text())
         assert info["devices"] == 4
         # FSDP: most leaves split over the devices; plain data parallel: all replicated
-        assert (info["sharded_leaves"] > info["leaves"] // 2) if name == "fsdp" \
+        assert (
+            (info["sharded_leaves"] > info["leaves"] // 2)
+            if name == "fsdp"
             else info["sharded_leaves"] == 0
+        )
     _resume_on_one_device(tmp_path, tmp_path / "nway" / "run", "jax")
 
 
@@ -134,9 +146,11 @@ def test_device_counts_that_cannot_work_are_one_line_errors(tmp_path, capsys):
     from maetok.cli import main
 
     common = ["train", "--preset", "tiny", "--steps", "1", "--batch-size", "4", "--no-progress"]
-    cases = [(["--backend", "torch", "--devices", "2"], "torchrun --nproc_per_node 2"),
-             (["--backend", "jax", "--devices", "3"], "use 1 to 1"),
-             (["--backend", "torch", "--shard-params"], "FSDP")]
+    cases = [
+        (["--backend", "torch", "--devices", "2"], "torchrun --nproc_per_node 2"),
+        (["--backend", "jax", "--devices", "3"], "use 1 to 1"),
+        (["--backend", "torch", "--shard-params"], "FSDP"),
+    ]
     for i, (extra, words) in enumerate(cases):
         assert main([*common, *extra, "--out", str(tmp_path / str(i))]) == 2
         err = capsys.readouterr().err.strip()
@@ -148,8 +162,9 @@ def test_batch_rows_are_the_global_batch_split_in_order():
 
     cfg = worker.CFG
     whole = BatchSource(worker.dataset(), cfg).batch(5)
-    parts = [BatchSource(worker.dataset(), cfg, rows=slice(r * 2, r * 2 + 2)).batch(5)
-             for r in range(4)]
+    parts = [
+        BatchSource(worker.dataset(), cfg, rows=slice(r * 2, r * 2 + 2)).batch(5) for r in range(4)
+    ]
     for key in ("images", "mask"):
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
     assert {p["mask_ratio"] for p in parts} == {whole["mask_ratio"]}
@@ -178,15 +193,38 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_after_one_saved_step(tmp_
     from maetok.run import LOCK_NAME
 
     out, tag = tmp_path / "run", str(os.getpid())
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "DATA_PARALLEL_TEST": tag}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           "2", "-m", "maetok.cli", "train", "--backend", "torch", "--preset", "tiny",
-           "--batch-size", "4", "--steps", "100000", "--no-progress", "--set",
-           "train.log_every=1", "--set", "train.ckpt_every=100000", "--set",
-           "train.sample_every=100000", "--out", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DATA_PARALLEL_TEST": tag}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "maetok.cli",
+        "train",
+        "--backend",
+        "torch",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "4",
+        "--steps",
+        "100000",
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.ckpt_every=100000",
+        "--set",
+        "train.sample_every=100000",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
@@ -209,11 +247,16 @@ def test_torchrun_sigterm_to_one_rank_stops_every_rank_after_one_saved_step(tmp_
     rows = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(stopped))
     assert sorted(p.name for p in out.iterdir()) == [
-        CHECKPOINT_NAME, "config.json", "metrics.jsonl"]  # no lock left, nothing else
+        CHECKPOINT_NAME,
+        "config.json",
+        "metrics.jsonl",
+    ]  # no lock left, nothing else
 
     capsys.readouterr()
-    assert main(["train", "--resume", "--no-progress", "--steps", str(stopped + 1),
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", "--resume", "--no-progress", "--steps", str(stopped + 1), "--out", str(out)])
+        == 0
+    )
     assert read_header(out / CHECKPOINT_NAME)[1]["step"] == stopped + 1
 
 
@@ -223,25 +266,69 @@ def test_resume_on_another_device_count_is_a_setting_not_a_change(tmp_path):
     from maetok.cli import main
 
     run, ref = tmp_path / "run", tmp_path / "ref"
-    fast = ["--no-progress", "--set", "train.log_every=1", "--set", "train.ckpt_every=1000",
-            "--set", "train.sample_every=1000", "--set", "train.lr_schedule=constant"]
-    assert main(["train", "--preset", "tiny", "--batch-size", "4", "--steps", "4", *fast,
-                 "--out", str(ref)]) == 0
-    assert main(["train", "--preset", "tiny", "--batch-size", "4", "--steps", "2", *fast,
-                 "--out", str(run)]) == 0
-    assert main(["train", "--resume", "--steps", "3", "--devices", "1", *fast,
-                 "--out", str(run)]) == 0
-    assert main(["train", "--resume", "--steps", "4", "--shard-params", *fast,
-                 "--out", str(run)]) == 0
+    fast = [
+        "--no-progress",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.ckpt_every=1000",
+        "--set",
+        "train.sample_every=1000",
+        "--set",
+        "train.lr_schedule=constant",
+    ]
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--steps",
+                "4",
+                *fast,
+                "--out",
+                str(ref),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--batch-size",
+                "4",
+                "--steps",
+                "2",
+                *fast,
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train", "--resume", "--steps", "3", "--devices", "1", *fast, "--out", str(run)]) == 0
+    )
+    assert (
+        main(["train", "--resume", "--steps", "4", "--shard-params", *fast, "--out", str(run)]) == 0
+    )
     _, meta = read_header(run / CHECKPOINT_NAME)
     assert meta["step"] == 4 and [h["changes"] for h in meta["history"]] == [
-        {"train.steps": [2, 3]}, {"train.steps": [3, 4]}]
+        {"train.steps": [2, 3]},
+        {"train.steps": [3, 4]},
+    ]
     rows = [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows == [0, 1, 2, 3]
     a, _, _ = load_checkpoint(run / CHECKPOINT_NAME)
     b, cfg, _ = load_checkpoint(ref / CHECKPOINT_NAME)
     backend = get_backend("jax")(cfg)
     start = flatten(backend.state_to_numpy(backend.init_state(cfg.train.seed)))
-    err, leaf = worst_update(_split(flatten(a), "params"), _split(flatten(b), "params"),
-                             _split(start, "params"))
+    err, leaf = worst_update(
+        _split(flatten(a), "params"), _split(flatten(b), "params"), _split(start, "params")
+    )
     assert err <= TOL["trajectory_early_fp32"], f"{leaf} off by {err:.2e}"

@@ -24,11 +24,14 @@ TOY = dict(num_tokens=4, token_dim=4, batch_size=32, lr=2e-3, ema_decay=0.9)
 
 def _random_params(cfg, rng, scale=0.1):
     """DiT parameters with every leaf random (the zero-initialised ones would hide bugs)."""
-    return map_tree(lambda a: jnp.asarray(a + scale * rng.standard_normal(a.shape), jnp.float32),
-                    init_dit(cfg, 0))
+    return map_tree(
+        lambda a: jnp.asarray(a + scale * rng.standard_normal(a.shape), jnp.float32),
+        init_dit(cfg, 0),
+    )
 
 
 # ---------------------------------------------------------------------------------- config
+
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_presets_round_trip_through_json(name):
@@ -37,15 +40,18 @@ def test_presets_round_trip_through_json(name):
     assert again == cfg and hash(again) == hash(cfg)
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"heads": 5}, "diffusion.heads 5 does not divide"),
-    ({"b2": 1.0}, "diffusion.b2"),
-    ({"label_dropout": -0.1}, "diffusion.label_dropout"),
-    ({"time_sampling": "cosine"}, "diffusion.time_sampling"),
-    ({"sampler": "rk4"}, "diffusion.sampler"),
-    ({"steps": 1.5}, "diffusion.steps must be an integer"),
-    ({"widht": 64}, "unknown diffusion option(s) ['widht']"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"heads": 5}, "diffusion.heads 5 does not divide"),
+        ({"b2": 1.0}, "diffusion.b2"),
+        ({"label_dropout": -0.1}, "diffusion.label_dropout"),
+        ({"time_sampling": "cosine"}, "diffusion.time_sampling"),
+        ({"sampler": "rk4"}, "diffusion.sampler"),
+        ({"steps": 1.5}, "diffusion.steps must be an integer"),
+        ({"widht": 64}, "unknown diffusion option(s) ['widht']"),
+    ],
+)
 def test_bad_values_name_the_field(changes, needle):
     with pytest.raises(ConfigError) as e:
         preset("tiny").replace(**changes)
@@ -62,6 +68,7 @@ def test_blocks_start_as_identity_and_velocity_at_zero(rng):
     def outputs(params, x, z, t, y):  # (velocity, first block applied to z)
         block = jax.tree_util.tree_map(lambda a: a[0], params["blocks"])
         return dit(params, x, t, y, cfg), dit_block(block, z, condition(params, t, y, cfg), cfg)
+
     v, z_out = jax.jit(outputs)(params, x, z, t, y)
     assert float(jnp.abs(v).max()) == 0.0  # zero head: v = 0
     np.testing.assert_array_equal(z_out, z)
@@ -70,12 +77,15 @@ def test_blocks_start_as_identity_and_velocity_at_zero(rng):
 
 # ----------------------------------------------------------------------------- the sampler
 
+
 def _gaussian_velocity(mu, sigma):
     """Exact velocity of x_t = (1 − t)·ε + t·x for x ~ N(μ, σ²) per element."""
+
     def velocity(x, t):
         t = t[:, None, None]
         s2 = (1 - t) ** 2 + (t * sigma) ** 2
-        return mu + (t * sigma ** 2 - (1 - t)) / s2 * (x - t * mu)
+        return mu + (t * sigma**2 - (1 - t)) / s2 * (x - t * mu)
+
     return velocity
 
 
@@ -101,8 +111,12 @@ def test_guidance_one_is_the_conditional_model(rng):
     v_null = dit(params, x, t, jnp.full_like(y, cfg.num_classes), cfg)
     assert float(jnp.abs(v_cond - v_null).max()) > 1e-3  # the label matters
     np.testing.assert_array_equal(guided_velocity(params, x, t, y, cfg, 1.0), v_cond)
-    np.testing.assert_allclose(guided_velocity(params, x, t, y, cfg, 2.5),
-                               v_null + 2.5 * (v_cond - v_null), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        guided_velocity(params, x, t, y, cfg, 2.5),
+        v_null + 2.5 * (v_cond - v_null),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     # sample() draws its noise from the key and integrates the conditional velocity at g = 1
     key = jax.random.key(7)
     got = sample(params, key, y, cfg, "euler", 4, guidance=1.0)
@@ -112,6 +126,7 @@ def test_guidance_one_is_the_conditional_model(rng):
 
 
 # ---------------------------------------------------------------------------------- training
+
 
 def _toy_data(rng, n_per_class=16):
     """Two well-separated Gaussian modes per class: latents (N, 4, 4), labels (N,), modes."""
@@ -148,8 +163,9 @@ def test_ema_follows_its_formula(rng):
     moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), after, before)
     assert max(jax.tree_util.tree_leaves(moved)) > 1e-3
     want = jax.tree_util.tree_map(lambda b, a: 0.9 * b + 0.1 * a, before, after)
-    jax.tree_util.tree_map(lambda w, g: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7),
-                           want, ema)
+    jax.tree_util.tree_map(
+        lambda w, g: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), want, ema
+    )
 
 
 def test_resume_is_bit_exact(tmp_path, rng):
@@ -162,8 +178,9 @@ def test_resume_is_bit_exact(tmp_path, rng):
     mid, _, mid_meta = ckpt.load_diffusion(tmp_path / "split" / dtrain.CHECKPOINT_NAME)
     assert mid_meta["step"] == 3 and int(mid["step"]) == 3
     dtrain.fit(cfg, latents, labels, norm, tmp_path / "split", meta, resume=True, progress=False)
-    a, cfg_a, meta_a = ckpt.load_diffusion(tmp_path / "straight" / dtrain.CHECKPOINT_NAME,
-                                           dtrain.expected_layout)
+    a, cfg_a, meta_a = ckpt.load_diffusion(
+        tmp_path / "straight" / dtrain.CHECKPOINT_NAME, dtrain.expected_layout
+    )
     b, _, meta_b = ckpt.load_diffusion(tmp_path / "split" / dtrain.CHECKPOINT_NAME)
     assert cfg_a == cfg and meta_a == meta_b == {**meta, "step": 6}
     flat_a, flat_b = ckpt.flatten(a), ckpt.flatten(b)
@@ -175,4 +192,5 @@ def test_resume_is_bit_exact(tmp_path, rng):
     def losses(run):
         lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
         return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
     assert losses("straight") == losses("split") and len(losses("straight")) == 6

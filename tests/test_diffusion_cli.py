@@ -13,8 +13,17 @@ from maetok.config import preset
 from maetok_jax.backend import Backend
 from tests.conftest import cli_error
 
-FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "8", "--set", "log_every=2",
-        "--set", "ckpt_every=2"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--no-progress",
+    "--batch-size",
+    "8",
+    "--set",
+    "log_every=2",
+    "--set",
+    "ckpt_every=2",
+]
 
 
 def _tokenizer(path, cfg):
@@ -29,9 +38,11 @@ def setup(tmp_path_factory):
     tok = _tokenizer(root / "tok.safetensors", preset("tiny"))
     rng = np.random.default_rng(0)
     (root / "cache").mkdir()
-    np.savez(root / "cache" / "train.npz",
-             images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
-             labels=(np.arange(30) % 10).astype(np.int32))
+    np.savez(
+        root / "cache" / "train.npz",
+        images=rng.integers(0, 256, (30, 32, 32, 3), dtype=np.uint8),
+        labels=(np.arange(30) % 10).astype(np.int32),
+    )
     (root / "cifar").mkdir()  # the archives are not needed once the cache holds the arrays
     data = ["--tokenizer", str(tok), "--cifar", str(root / "cifar"), "--cache", str(root / "cache")]
     run = root / "run"
@@ -44,7 +55,11 @@ def test_train_writes_checkpoint_metrics_curves_and_latent_cache(setup):
     tree, cfg, meta = ckpt.load_diffusion(run / "diffusion.safetensors")
     m = preset("tiny").model
     assert (cfg.num_tokens, cfg.token_dim, cfg.batch_size, cfg.steps) == (
-        m.num_latent_tokens, m.latent_dim, 8, 4)
+        m.num_latent_tokens,
+        m.latent_dim,
+        8,
+        4,
+    )
     assert meta["step"] == 4 and meta["tokenizer_sha256"] == ckpt.file_sha256(tok)
     assert meta["tokenizer"] == str(tok.resolve()) and meta["tokenizer_ema"] is False
     caches = list(run.glob("latents-*.npz"))
@@ -63,9 +78,24 @@ def test_train_writes_checkpoint_metrics_curves_and_latent_cache(setup):
 def test_resume_continues_from_the_cached_latents(setup, monkeypatch):
     _, _, data, run = setup
     import maetok.cifar10
+
     monkeypatch.setattr(maetok.cifar10, "load_split", lambda *a, **k: pytest.fail("re-encoded"))
-    assert main(["diffusion", "train", *data, "--out", str(run), "--resume", "--steps", "6",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "diffusion",
+                "train",
+                *data,
+                "--out",
+                str(run),
+                "--resume",
+                "--steps",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _, cfg, meta = ckpt.load_diffusion(run / "diffusion.safetensors")
     assert meta["step"] == 6 and cfg.steps == 6
     steps = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -75,9 +105,30 @@ def test_resume_continues_from_the_cached_latents(setup, monkeypatch):
 def test_sample_writes_images_labels_and_a_class_grid(setup, tmp_path):
     _, _, _, run = setup
     out, grid = tmp_path / "s.npz", tmp_path / "grid.png"
-    assert main(["diffusion", "sample", "--checkpoint", str(run / "diffusion.safetensors"),
-                 "--num", "2", "--per-class", "--steps", "3", "--guidance", "2",
-                 "--batch-size", "8", "--out", str(out), "--grid", str(grid)]) == 0
+    assert (
+        main(
+            [
+                "diffusion",
+                "sample",
+                "--checkpoint",
+                str(run / "diffusion.safetensors"),
+                "--num",
+                "2",
+                "--per-class",
+                "--steps",
+                "3",
+                "--guidance",
+                "2",
+                "--batch-size",
+                "8",
+                "--out",
+                str(out),
+                "--grid",
+                str(grid),
+            ]
+        )
+        == 0
+    )
     with np.load(out) as f:
         images, labels = f["images"], f["labels"]
     assert images.dtype == np.uint8 and images.shape == (20, 32, 32, 3)
@@ -99,14 +150,46 @@ def test_bad_input_is_one_line(setup, tmp_path, capsys):
     msg = cli_error(capsys, [*train, *data, "--out", str(tmp_path / "b"), "--set", "num_tokens=3"])
     assert "fixed by the tokenizer" in msg
     wide = _tokenizer(tmp_path / "wide.safetensors", preset("tiny", model={"image_size": 64}))
-    msg = cli_error(capsys, [*train, "--tokenizer", str(wide), "--cifar", str(root / "cifar"),
-                             "--out", str(tmp_path / "c")])
+    msg = cli_error(
+        capsys,
+        [
+            *train,
+            "--tokenizer",
+            str(wide),
+            "--cifar",
+            str(root / "cifar"),
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert "64×64×3" in msg
-    msg = cli_error(capsys, [*train, "--tokenizer", str(tok), "--cifar", str(tmp_path / "none"),
-                             "--cache", str(tmp_path / "empty"), "--out", str(tmp_path / "d")])
+    msg = cli_error(
+        capsys,
+        [
+            *train,
+            "--tokenizer",
+            str(tok),
+            "--cifar",
+            str(tmp_path / "none"),
+            "--cache",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "d"),
+        ],
+    )
     assert "CIFAR-10 folder" in msg
-    msg = cli_error(capsys, [*train, "--tokenizer", str(tmp_path / "missing.safetensors"),
-                             "--cifar", ".", "--out", str(tmp_path / "e")])
+    msg = cli_error(
+        capsys,
+        [
+            *train,
+            "--tokenizer",
+            str(tmp_path / "missing.safetensors"),
+            "--cifar",
+            ".",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     assert "does not exist" in msg
     msg = cli_error(capsys, ["diffusion", "sample", "--checkpoint", str(tok)])
     assert "maetok-diffusion/1" in msg

@@ -16,10 +16,12 @@ from tests.test_cifar10 import make_archives
 @pytest.fixture
 def run(monkeypatch):
     """``run(argv)`` → exit status, through ``maetok.cli.main`` and its error handling."""
+
     def parser():
         p = argparse.ArgumentParser(prog="maetok")
         register(p.add_subparsers(dest="command", required=True))
         return p
+
     monkeypatch.setattr(cli, "build_parser", parser)
     return cli.main
 
@@ -27,6 +29,7 @@ def run(monkeypatch):
 def _tokenizer(path, tiny):
     from maetok.checkpoint import save_checkpoint
     from maetok.trainer import get_backend
+
     backend = get_backend("jax")(tiny)
     save_checkpoint(path, backend.state_to_numpy(backend.init_state(0)), tiny)
     return backend
@@ -36,8 +39,19 @@ def test_classifier_then_eval(tmp_path, rng, tiny, run, capsys):
     make_archives(tmp_path / "src", rng, per_class=4, n_test=12)
     cache = tmp_path / "cache"
     common = ["--cifar", str(tmp_path / "src"), "--cache", str(cache)]
-    train = ["classifier", *common, "--widths", "4,8,8,8", "--epochs", "1", "--batch-size",
-             "8", "--dtype", "float32", "--no-progress"]
+    train = [
+        "classifier",
+        *common,
+        "--widths",
+        "4,8,8,8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--dtype",
+        "float32",
+        "--no-progress",
+    ]
     assert run(["prepare", *common]) == 0
     assert f"train images for `maetok train --data`: {cache / 'train'}" in capsys.readouterr().out
     assert run(train) == 0
@@ -47,13 +61,33 @@ def test_classifier_then_eval(tmp_path, rng, tiny, run, capsys):
     assert "reusing classifier" in capsys.readouterr().out
 
     from maetok import cifar10
+
     test_images, test_labels = cifar10.load_split("test", cache=cache)
     np.savez(tmp_path / "samples.npz", images=test_images, labels=test_labels)
     backend = _tokenizer(tmp_path / "tok.safetensors", tiny)
     report_path = tmp_path / "report.json"
-    assert run(["eval", "--cache", str(cache), "--samples", str(tmp_path / "samples.npz"),
-                "--ref", "test", "--tokenizer", str(tmp_path / "tok.safetensors"),
-                "--components", "1,2", "--gmm-train", "30", "--out", str(report_path)]) == 0
+    assert (
+        run(
+            [
+                "eval",
+                "--cache",
+                str(cache),
+                "--samples",
+                str(tmp_path / "samples.npz"),
+                "--ref",
+                "test",
+                "--tokenizer",
+                str(tmp_path / "tok.safetensors"),
+                "--components",
+                "1,2",
+                "--gmm-train",
+                "30",
+                "--out",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "fd_c10" in printed and "linear probe" in printed
     report = json.loads(report_path.read_text())
@@ -67,10 +101,12 @@ def test_classifier_then_eval(tmp_path, rng, tiny, run, capsys):
     assert 0.0 <= t["linear_probe"] <= 1.0
     from maetok.data import from_uint8
     from maetok.metrics import psnr
+
     x = from_uint8(test_images)
     params = backend.to_device_tree(backend.state_to_numpy(backend.init_state(0))["params"])
-    assert t["psnr"] == pytest.approx(float(psnr(x, backend.reconstruct(params, x)).mean()),
-                                      rel=1e-4)
+    assert t["psnr"] == pytest.approx(
+        float(psnr(x, backend.reconstruct(params, x)).mean()), rel=1e-4
+    )
 
 
 def test_latents_are_normalised_per_channel_with_training_statistics(rng):
@@ -83,13 +119,16 @@ def test_latents_are_normalised_per_channel_with_training_statistics(rng):
     np.testing.assert_allclose(z_other, (other - mean) / std, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["eval"], "needs --samples"),
-    (["eval", "--samples", "nowhere.npz"], "cannot read samples"),
-    (["eval", "--tokenizer", "t.safetensors", "--components", "0,2"], "--components"),
-    (["classifier", "--cifar", "missing_folder"], "does not exist"),
-    (["classifier", "--widths", "8,x"], "--widths"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval"], "needs --samples"),
+        (["eval", "--samples", "nowhere.npz"], "cannot read samples"),
+        (["eval", "--tokenizer", "t.safetensors", "--components", "0,2"], "--components"),
+        (["classifier", "--cifar", "missing_folder"], "does not exist"),
+        (["classifier", "--widths", "8,x"], "--widths"),
+    ],
+)
 def test_bad_input_is_one_line_with_status_2(tmp_path, monkeypatch, run, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MAETOK_CACHE", str(tmp_path / "cache"))

@@ -34,8 +34,12 @@ def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
     assert r["by_mask_ratio"][0.0] == r["val_psnr_curve"][-1]  # r = 0 is the plain evaluation
     assert 5 < r["thumbnail_psnr"] < 60 and np.isfinite(r["rec"])
     # Stage 2 from the saved parameters: the encoder starts where the first run ended
-    r2 = main("s2", {"steps": 2, "init": "smoke", "train": {"batch_size": 2, "stage": 2}},
-              tmp_path, tmp_path / "saved")
+    r2 = main(
+        "s2",
+        {"steps": 2, "init": "smoke", "train": {"batch_size": 2, "stage": 2}},
+        tmp_path,
+        tmp_path / "saved",
+    )
     a, b = (np.load(tmp_path / "saved" / f"{n}.npz") for n in ("smoke", "s2"))
     enc = [k for k in a.files if k.startswith("encoder/")]
     assert enc and all(np.array_equal(a[k], b[k]) for k in enc)  # frozen in Stage 2
@@ -50,10 +54,13 @@ def test_quality_table_collects_the_recipe_reports(tmp_path, capsys):
 
     def report(folder, psnr, by_r=None):
         folder.mkdir(parents=True)
-        r = {"images": 100, "latent_values": 4096,
-             "tokenizer": {"psnr": psnr, "ssim": 0.3},
-             "thumbnail": {"side": 37, "values": 4107, "psnr": 22.07, "ssim": 0.476},
-             "latents": {"std": 4.2, "dead_dim_fraction": 0.0}}
+        r = {
+            "images": 100,
+            "latent_values": 4096,
+            "tokenizer": {"psnr": psnr, "ssim": 0.3},
+            "thumbnail": {"side": 37, "values": 4107, "psnr": 22.07, "ssim": 0.476},
+            "latents": {"std": 4.2, "dead_dim_fraction": 0.0},
+        }
         if by_r:
             r["psnr_by_mask_ratio"] = by_r
         (folder / "eval.json").write_text(json.dumps(r))
@@ -72,18 +79,43 @@ def test_quality_table_collects_the_recipe_reports(tmp_path, capsys):
 def _run(args, cwd, env_extra=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith("TQDM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_marble_example_trains_one_iteration_per_step_of_a_real_walk(tmp_path):
     saved = tmp_path / "tok.safetensors"
-    run = _run([str(ROOT / "examples" / "marble_maetok.py"), "--host", "test", "--walks", "3",
-                "--steps", "4", "--neurons", "3", "--stage2-start", "6", "--save", str(saved)],
-               tmp_path)
+    run = _run(
+        [
+            str(ROOT / "examples" / "marble_maetok.py"),
+            "--host",
+            "test",
+            "--walks",
+            "3",
+            "--steps",
+            "4",
+            "--neurons",
+            "3",
+            "--stage2-start",
+            "6",
+            "--save",
+            str(saved),
+        ],
+        tmp_path,
+    )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    walks = re.findall(r"^walk \d+: (\d+) steps( \+ dead end)? -> (\d+) tokenizer iterations",
-                       run.stdout, re.MULTILINE)
+    walks = re.findall(
+        r"^walk \d+: (\d+) steps( \+ dead end)? -> (\d+) tokenizer iterations",
+        run.stdout,
+        re.MULTILINE,
+    )
     assert [(int(s), d, int(i)) for s, d, i in walks] == [(4, "", 4)] * 3
     assert "3 walks: 12 steps, 12 tokenizer iterations\n" in run.stdout
     assert "errors: 0" in run.stdout and "(stage 2, iteration 16)" in run.stdout  # 4 pretraining
@@ -91,8 +123,10 @@ def test_marble_example_trains_one_iteration_per_step_of_a_real_walk(tmp_path):
     assert "walk:" not in run.stderr and "\r" not in run.stderr  # the host's bars are off
 
     # The host does draw its bar when nothing switches it off.
-    walk = ("from tests import marble_host as h; b = h.chain_brain(4); "
-            "h.Wanderer(b).walk(start=h.chain_start(b))")
+    walk = (
+        "from tests import marble_host as h; b = h.chain_brain(4); "
+        "h.Wanderer(b).walk(start=h.chain_start(b))"
+    )
     bar = _run(["-c", walk], ROOT)
     assert bar.returncode == 0 and "walk:" in bar.stderr
 
@@ -118,9 +152,9 @@ def test_marble_example_flags_walks_that_take_no_step(monkeypatch, capsys):
 
 def test_the_readme_marble_snippet_runs_under_the_strict_host(tmp_path, monkeypatch, rng):
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Using MAETok inside Marble"):]
+    section = readme[readme.index("## Using MAETok inside Marble") :]
     start = section.index("```python\n") + len("```python\n")
-    code = section[start:section.index("\n```", start)]
+    code = section[start : section.index("\n```", start)]
     photos = tmp_path / "path" / "to" / "photos"
     photos.mkdir(parents=True)
     for i in range(4):
@@ -142,19 +176,28 @@ def _study(out: Path, rng) -> dict:
     for t in ("plain_ae", "maetok_s1", "maetok_s2"):
         tok = out / "tokenizers" / t
         tok.mkdir(parents=True)
-        report = {"psnr": float(rng.uniform(20, 25)), "linear_probe": float(rng.uniform(0.3, 0.6)),
-                  "gmm_nll": {"1": 0.3, "4": 0.2, "16": 0.1, "32": 0.05}, "latent_shape": [16, 8]}
+        report = {
+            "psnr": float(rng.uniform(20, 25)),
+            "linear_probe": float(rng.uniform(0.3, 0.6)),
+            "gmm_nll": {"1": 0.3, "4": 0.2, "16": 0.1, "32": 0.05},
+            "latent_shape": [16, 8],
+        }
         (tok / "metrics.json").write_text(json.dumps({"tokenizers": {str(tok): report}}))
         for s in (0, 1):
             run = out / "diffusion" / f"{t}_seed{s}"
             run.mkdir(parents=True)
             for g in ("1.0", "1.5"):
                 fd[t, s, g] = float(rng.uniform(50, 120))
-                sample = {"fd_c10": fd[t, s, g], "precision": 0.5, "recall": 0.25,
-                          "class_consistency": 0.4}
+                sample = {
+                    "fd_c10": fd[t, s, g],
+                    "precision": 0.5,
+                    "recall": 0.25,
+                    "class_consistency": 0.4,
+                }
                 (run / f"eval_g{g}.json").write_text(json.dumps({"samples": sample}))
                 Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(
-                    run / f"grid_g{g}.png")
+                    run / f"grid_g{g}.png"
+                )
     return fd
 
 
@@ -163,12 +206,27 @@ def test_diffusability_table_gives_mean_and_half_range_over_seeds(tmp_path, rng)
 
     fd = _study(tmp_path / "c10", rng)
     figure = tmp_path / "fig.png"
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "diffusability_table.py"),
-                           str(tmp_path / "c10"), "--guidance", "1.5", "--figure", str(figure)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "diffusability_table.py"),
+            str(tmp_path / "c10"),
+            "--guidance",
+            "1.5",
+            "--figure",
+            str(figure),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in proc.stdout.splitlines()
-            if line.startswith("| ") and "tokenizer" not in line}
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and "tokenizer" not in line
+    }
     assert set(rows) == {"plain AE", "MAETok Stage 1", "MAETok Stage 1 + 2"}
     for name, title in (("plain_ae", "plain AE"), ("maetok_s2", "MAETok Stage 1 + 2")):
         for g in ("1.0", "1.5"):
@@ -181,9 +239,21 @@ def test_diffusability_table_gives_mean_and_half_range_over_seeds(tmp_path, rng)
 def test_study_script_is_valid_bash_and_names_every_phase(tmp_path):
     script = ROOT / "examples" / "cifar10_diffusability.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    proc = subprocess.run(["bash", str(script), "nosuchphase"], capture_output=True, text=True,
-                          env={**os.environ, "OUT": str(tmp_path / "study")})
+    proc = subprocess.run(
+        ["bash", str(script), "nosuchphase"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OUT": str(tmp_path / "study")},
+    )
     assert proc.returncode == 2
-    for phase in ("prepare", "classifier", "tokenizers", "tokmetrics", "diffusion", "sample",
-                  "eval", "table"):
+    for phase in (
+        "prepare",
+        "classifier",
+        "tokenizers",
+        "tokmetrics",
+        "diffusion",
+        "sample",
+        "eval",
+        "table",
+    ):
         assert phase in proc.stdout

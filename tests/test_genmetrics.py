@@ -63,6 +63,7 @@ def test_precision_recall_separates_fidelity_from_coverage(rng):
 
 def test_precision_recall_is_chunk_independent(rng, monkeypatch):
     from maetok import genmetrics
+
     real, fake = rng.standard_normal((300, 5)), 1.3 * rng.standard_normal((250, 5))
     whole = precision_recall(real, fake, k=4)
     monkeypatch.setattr(genmetrics, "_CHUNK_BYTES", 4 * 300 * 7)  # 7 rows per block
@@ -109,7 +110,8 @@ def test_gmm_finds_the_modes_and_the_entropy(rng):
     # modes this far apart barely overlap, so the entropy is that of the label plus the
     # weighted Gaussian entropies, to within e^-40 or so
     entropy = -np.sum(weights * np.log(weights)) + np.sum(
-        weights * 0.5 * np.sum(np.log(2 * np.pi * np.e * sds**2), axis=1))
+        weights * 0.5 * np.sum(np.log(2 * np.pi * np.e * sds**2), axis=1)
+    )
     assert nll[1] > nll[2] > nll[3] + 0.3
     assert nll[3] == pytest.approx(entropy / d, abs=0.02)
     assert abs(nll[4] - nll[3]) < 0.02 and abs(nll[6] - nll[3]) < 0.03

@@ -28,7 +28,7 @@ def test_patchify_round_trip_and_layout(tiny, rng):
     np.testing.assert_array_equal(unpatchify(tokens, m.patch_size, 32, 32, 3), x)
     # token 1 is the second patch of the first row: pixels [0:p, p:2p]
     p = m.patch_size
-    np.testing.assert_array_equal(tokens[0, 1].reshape(p, p, 3), x[0, :p, p:2 * p])
+    np.testing.assert_array_equal(tokens[0, 1].reshape(p, p, 3), x[0, :p, p : 2 * p])
 
 
 def test_every_unit_has_the_documented_shape(tiny, rng):
@@ -63,7 +63,9 @@ def test_masked_positions_receive_the_mask_token(tiny, rng):
     out = np.asarray(model.apply_mask(x, mask, enc["mask_token"]))
     masked = np.asarray(mask) > 0
     assert masked.any() and (~masked).any()
-    np.testing.assert_array_equal(out[masked], np.broadcast_to(enc["mask_token"], out[masked].shape))
+    np.testing.assert_array_equal(
+        out[masked], np.broadcast_to(enc["mask_token"], out[masked].shape)
+    )
     np.testing.assert_array_equal(out[~masked], np.asarray(x)[~masked])
 
 
@@ -84,14 +86,16 @@ def test_latent_tokens_never_receive_rope(tiny, rng):
     m = tiny.model
     k = m.enc_width // m.enc_heads
     cos, sin = rope_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
-    x = jnp.asarray(rng.normal(size=(2, m.num_patches + m.num_latent_tokens, m.enc_heads, k)),
-                    jnp.float32)
+    x = jnp.asarray(
+        rng.normal(size=(2, m.num_patches + m.num_latent_tokens, m.enc_heads, k)), jnp.float32
+    )
     y = np.asarray(apply_rope(x, jnp.asarray(cos), jnp.asarray(sin)))
-    np.testing.assert_array_equal(y[:, m.num_patches:], np.asarray(x)[:, m.num_patches:])
+    np.testing.assert_array_equal(y[:, m.num_patches :], np.asarray(x)[:, m.num_patches :])
     # image tokens (but the one at row 0, column 0) are rotated, norms preserved
-    assert np.abs(y[:, 1:m.num_patches] - np.asarray(x)[:, 1:m.num_patches]).max() > 1e-3
-    np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(np.asarray(x), axis=-1),
-                               rtol=1e-5)
+    assert np.abs(y[:, 1 : m.num_patches] - np.asarray(x)[:, 1 : m.num_patches]).max() > 1e-3
+    np.testing.assert_allclose(
+        np.linalg.norm(y, axis=-1), np.linalg.norm(np.asarray(x), axis=-1), rtol=1e-5
+    )
 
 
 def test_rope_scores_depend_on_relative_position(tiny, rng):
@@ -140,7 +144,7 @@ def test_remat_and_unroll_change_memory_not_numbers(tiny, rng):
 
     def loss(p, m):
         recon, h, preds = model.forward(p, images, mask, m)
-        return jnp.mean(recon ** 2) + jnp.mean(h ** 2) + sum(jnp.mean(v ** 2) for v in preds.values())
+        return jnp.mean(recon**2) + jnp.mean(h**2) + sum(jnp.mean(v**2) for v in preds.values())
 
     ref_val, ref_grad = jax.value_and_grad(loss)(params, tiny.model)
     for change in ({"remat": True}, {"unroll": 2}):

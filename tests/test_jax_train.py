@@ -13,8 +13,16 @@ from maetok_jax.train import state_to_numpy
 
 
 def _cfg(**train):
-    base = dict(steps=40, batch_size=8, warmup_steps=5, lr=2e-3, log_every=5, ckpt_every=1000,
-                sample_every=1000, ema_decay=0.9)
+    base = dict(
+        steps=40,
+        batch_size=8,
+        warmup_steps=5,
+        lr=2e-3,
+        log_every=5,
+        ckpt_every=1000,
+        sample_every=1000,
+        ema_decay=0.9,
+    )
     base.update(train)
     return preset("tiny", train=base)
 
@@ -56,10 +64,15 @@ def test_stage2_leaves_every_encoder_parameter_bit_identical():
                 np.testing.assert_array_equal(flatten(after[tree][group])[k], v, err_msg=k)
         for k, v in flatten(start["opt"]["mu"][group]).items():
             np.testing.assert_array_equal(flatten(after["opt"]["mu"][group])[k], v, err_msg=k)
-            np.testing.assert_array_equal(flatten(after["opt"]["nu"][group])[k],
-                                          flatten(start["opt"]["nu"][group])[k], err_msg=k)
-    moved = [np.abs(flatten(after["params"]["decoder"])[k] - v).max()
-             for k, v in flatten(start["params"]["decoder"]).items()]
+            np.testing.assert_array_equal(
+                flatten(after["opt"]["nu"][group])[k],
+                flatten(start["opt"]["nu"][group])[k],
+                err_msg=k,
+            )
+    moved = [
+        np.abs(flatten(after["params"]["decoder"])[k] - v).max()
+        for k, v in flatten(start["params"]["decoder"]).items()
+    ]
     assert max(moved) > 1e-4  # while the decoder trains
     assert "mask" not in hist[-1]  # aux decoders unused
 
@@ -80,6 +93,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     train(cfg, data, tmp_path / "b", "jax", stop_at=4, progress=False)
     train(cfg, data, tmp_path / "b", "jax", resume=True, progress=False)
     from maetok.checkpoint import load_checkpoint
+
     a, _, _ = load_checkpoint(tmp_path / "a" / CHECKPOINT_NAME)
     b, _, _ = load_checkpoint(tmp_path / "b" / CHECKPOINT_NAME)
     assert int(a["step"]) == int(b["step"]) == 8
@@ -102,6 +116,8 @@ def test_gan_phase_switch_keeps_one_program_and_trains_the_discriminator():
     assert all(h["adv_weight"] == 0 for h in hist)
     state, hist, _ = _run(cfg, 3, state, start=3, backend=backend)
     end = state_to_numpy(state)
-    assert any(np.abs(flatten(end["disc"])[k] - v).max() > 0 for k, v in flatten(mid["disc"]).items())
+    assert any(
+        np.abs(flatten(end["disc"])[k] - v).max() > 0 for k, v in flatten(mid["disc"]).items()
+    )
     assert all(h["adv_weight"] > 0 for h in hist)
     assert backend.compiled_count() == 1

@@ -20,8 +20,17 @@ from tests import marble_host as host
 
 # A tokenizer smaller than `tiny` (16² images, one block each side) keeps an iteration
 # around 0.05 s on one CPU core.
-SMALL = {"preset": "tiny", "image_size": 16, "enc_depth": 1, "dec_depth": 1, "batch_size": 4,
-         "warmup_steps": 2, "lr": 2e-3, "synthetic_count": 64, "stats_every": 5}
+SMALL = {
+    "preset": "tiny",
+    "image_size": 16,
+    "enc_depth": 1,
+    "dec_depth": 1,
+    "batch_size": 4,
+    "warmup_steps": 2,
+    "lr": 2e-3,
+    "synthetic_count": 64,
+    "stats_every": 5,
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -158,8 +167,11 @@ def test_same_seed_same_parameters_and_the_walk_is_untouched(no_marble):
     assert wa._global_step_counter == wc._global_step_counter
     assert wa._walk_counter == wc._walk_counter
     assert [s["loss"] for s in stats_a] == [s["loss"] for s in stats_c]
-    assert all((brain_a.neurons[i].weight, brain_a.neurons[i].bias)
-               == (brain_c.neurons[i].weight, brain_c.neurons[i].bias) for i in brain_a.neurons)
+    assert all(
+        (brain_a.neurons[i].weight, brain_a.neurons[i].bias)
+        == (brain_c.neurons[i].weight, brain_c.neurons[i].bias)
+        for i in brain_a.neurons
+    )
 
     before = wa.rng.getstate()
     a.before_walk(wa, None)
@@ -206,14 +218,17 @@ def test_the_discriminator_trains_and_survives_the_stage_switch():
     assert not states_equal(disc, p.numpy_state()["disc"])  # still trained in Stage 2
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ({"bogus": 1}, "known: "),
-    ({"patch_size": 5}, "not divisible"),
-    ({"stage2_start": 0}, "stage2_start"),
-    ({"optimizer": "lamb"}, "optimizer"),
-    ({"images": np.zeros((2, 32, 32, 3), np.uint8), "batch_fn": lambda s: None}, "at most one"),
-    ({"images": np.full((2, 32, 32, 3), 200.0, np.float32)}, "[-1, 1]"),
-])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ({"bogus": 1}, "known: "),
+        ({"patch_size": 5}, "not divisible"),
+        ({"stage2_start": 0}, "stage2_start"),
+        ({"optimizer": "lamb"}, "optimizer"),
+        ({"images": np.zeros((2, 32, 32, 3), np.uint8), "batch_fn": lambda s: None}, "at most one"),
+        ({"images": np.full((2, 32, 32, 3), 200.0, np.float32)}, "[-1, 1]"),
+    ],
+)
 def test_a_broken_config_is_reported_not_silent(bad, needle):
     with pytest.raises((ConfigError, DataError), match=None) as info:
         MAETokParadigm({**SMALL, **bad})
@@ -281,8 +296,19 @@ def test_reports_go_to_marbles_reporter_and_history_without_it(no_marble):
         p, w, _, stats = walk_many({**SMALL, "stats_every": 1}, walks=2)
         tree = marble.REPORTER.tree
         step0 = tree["training"]["maetok"]["step_0"]
-        for key in ("loss", "rec", "percep", "mask", "aux/hog", "lr", "mask_ratio", "stage",
-                    "iteration", "wanderer_step", "grad_norm"):
+        for key in (
+            "loss",
+            "rec",
+            "percep",
+            "mask",
+            "aux/hog",
+            "lr",
+            "mask_ratio",
+            "stage",
+            "iteration",
+            "wanderer_step",
+            "grad_norm",
+        ):
             assert key in step0
         assert step0["wanderer_step"] == 1 and step0["stage"] == 1
         assert len(tree["training"]["maetok"]) == p.iteration
@@ -332,8 +358,14 @@ def test_images_are_converted_at_the_boundary():
     p = MAETokParadigm({**SMALL, "images": nchw})
     q = MAETokParadigm({**SMALL, "images": nhwc.astype(np.float32) / 127.5 - 1})
     assert np.allclose(p.settings.source.batch(3), q.settings.source.batch(3), atol=1e-6)
-    fn = MAETokParadigm({**SMALL, "batch_fn": lambda: {"images": torch.tensor(nhwc[:4, :16, :16])
-                                                               .permute(0, 3, 1, 2).float() / 255}})
+    fn = MAETokParadigm(
+        {
+            **SMALL,
+            "batch_fn": lambda: {
+                "images": torch.tensor(nhwc[:4, :16, :16]).permute(0, 3, 1, 2).float() / 255
+            },
+        }
+    )
     got = fn.settings.source.batch(0)
     assert got.shape == (4, 16, 16, 3) and got.dtype == np.float32
     bad = MAETokParadigm({**SMALL, "batch_fn": lambda step: nhwc})  # 20² images, not 16²
@@ -399,6 +431,22 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
     folder.mkdir()
     for i in range(2):
         Image.fromarray(((images[i] + 1) * 127.5).astype(np.uint8)).save(folder / f"{i}.png")
-    assert main(["reconstruct", "--backend", "torch", "--device", "cpu", "--checkpoint",
-                 str(s2), "--input", str(folder), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+                "--checkpoint",
+                str(s2),
+                "--input",
+                str(folder),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]

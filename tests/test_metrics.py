@@ -16,8 +16,7 @@ def test_psnr_of_a_constant_offset(rng):
     b = a + offsets[:, None, None, None]
     # MSE = offset², so PSNR = 10·log10(range² / offset²) = 20·log10(2 / offset)
     np.testing.assert_allclose(psnr(a, b), 20 * np.log10(2.0 / offsets), rtol=1e-5)
-    np.testing.assert_allclose(psnr(a, b, data_range=1.0), 20 * np.log10(1.0 / offsets),
-                               rtol=1e-5)
+    np.testing.assert_allclose(psnr(a, b, data_range=1.0), 20 * np.log10(1.0 / offsets), rtol=1e-5)
     same = psnr(a, a)
     assert same.shape == (3,) and np.all(np.isinf(same))
 
@@ -39,12 +38,13 @@ def _ssim_reference(x, y, data_range=2.0):
     for c in range(x.shape[2]):
         for i in range(h_out):
             for j in range(w_out):
-                px, py = x[i:i + 11, j:j + 11, c], y[i:i + 11, j:j + 11, c]
+                px, py = x[i : i + 11, j : j + 11, c], y[i : i + 11, j : j + 11, c]
                 mx, my = (w * px).sum(), (w * py).sum()
                 vx, vy = (w * (px - mx) ** 2).sum(), (w * (py - my) ** 2).sum()
                 cov = (w * (px - mx) * (py - my)).sum()
-                total += ((2 * mx * my + c1) * (2 * cov + c2)
-                          / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2)))
+                total += (
+                    (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+                )
     return total / (x.shape[2] * h_out * w_out)
 
 
@@ -62,7 +62,7 @@ def test_gaussian_window():
     g = gaussian_window()
     assert g.shape == (11,) and abs(g.sum() - 1) < 1e-12 and g.argmax() == 5
     np.testing.assert_allclose(g, g[::-1])
-    np.testing.assert_allclose(g[6] / g[5], np.exp(-0.5 / 1.5 ** 2))
+    np.testing.assert_allclose(g[6] / g[5], np.exp(-0.5 / 1.5**2))
 
 
 def test_shape_errors(rng):

@@ -17,7 +17,7 @@ def numpy_reference(params, grads_seq, t, lr):
     for step, grads in enumerate(grads_seq, start=1):
         g = {k: v.astype(np.float64) for k, v in grads.items()}
         if t.grad_clip > 0:
-            norm = np.sqrt(sum((v ** 2).sum() for v in g.values()))
+            norm = np.sqrt(sum((v**2).sum() for v in g.values()))
             scale = min(1.0, t.grad_clip / (norm + 1e-6))
             g = {k: v * scale for k, v in g.items()}
         for k in p:
@@ -29,7 +29,7 @@ def numpy_reference(params, grads_seq, t, lr):
                 continue
             mu[k] = t.b1 * mu[k] + (1 - t.b1) * g[k]
             nu[k] = t.b2 * nu[k] + (1 - t.b2) * g[k] ** 2
-            upd = (mu[k] / (1 - t.b1 ** step)) / (np.sqrt(nu[k] / (1 - t.b2 ** step)) + t.eps)
+            upd = (mu[k] / (1 - t.b1**step)) / (np.sqrt(nu[k] / (1 - t.b2**step)) + t.eps)
             if t.optimizer == "adamw":
                 upd = upd + t.weight_decay * p[k]
             p[k] = p[k] - lr * upd
@@ -39,10 +39,14 @@ def numpy_reference(params, grads_seq, t, lr):
 @pytest.mark.parametrize("name,clip", [("adam", 0.0), ("adamw", 0.5), ("sgd", 0.0), ("sgd", 0.5)])
 def test_optimizer_matches_numpy(name, clip, rng):
     t = TrainConfig(optimizer=name, weight_decay=0.01, grad_clip=clip, momentum=0.8)
-    params = {"a": rng.normal(size=(4, 3)).astype(np.float32),
-              "b": rng.normal(size=(5,)).astype(np.float32)}
-    grads_seq = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-                 for _ in range(6)]
+    params = {
+        "a": rng.normal(size=(4, 3)).astype(np.float32),
+        "b": rng.normal(size=(5,)).astype(np.float32),
+    }
+    grads_seq = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
+        for _ in range(6)
+    ]
     lr = 0.05
     p = {k: jnp.asarray(v) for k, v in params.items()}
     state = opt_init(p, t)
@@ -100,15 +104,23 @@ def test_nesterov_sgd_matches_numpy(rng):
         g = g + 0.01 * ref
         mu = 0.9 * mu + g
         ref = ref - 0.1 * (g + 0.9 * mu)
-    plain, _ = sgd_update({"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)},
-                          0.1, t)
+    plain, _ = sgd_update(
+        {"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)}, 0.1, t
+    )
     assert np.abs(ref - p0).max() > 1e-2
     np.testing.assert_allclose(np.asarray(p["w"]), ref, rtol=2e-5, atol=2e-6)
     # with a zero buffer the first Nesterov step is (1 + momentum)× the plain one
-    first, _ = sgd_update({"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)},
-                          0.1, t, nesterov=True)
-    np.testing.assert_allclose(np.asarray(first["w"]) - p0, 1.9 * (np.asarray(plain["w"]) - p0),
-                               rtol=1e-5, atol=1e-7)
+    first, _ = sgd_update(
+        {"w": jnp.asarray(grads_seq[0])},
+        opt_init(p, t),
+        {"w": jnp.asarray(p0)},
+        0.1,
+        t,
+        nesterov=True,
+    )
+    np.testing.assert_allclose(
+        np.asarray(first["w"]) - p0, 1.9 * (np.asarray(plain["w"]) - p0), rtol=1e-5, atol=1e-7
+    )
 
 
 def test_one_cycle_rises_then_falls_to_zero():

@@ -17,9 +17,21 @@ from tests.conftest import cli_error
 
 # A constant learning rate after warm-up: the schedule does not depend on train.steps, so a
 # run extended with --steps matches one that was that long from the start.
-FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "4",
-        "--set", "train.log_every=1", "--set", "train.ckpt_every=2",
-        "--set", "train.sample_every=1000", "--set", "train.lr_schedule=constant"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--no-progress",
+    "--batch-size",
+    "4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.ckpt_every=2",
+    "--set",
+    "train.sample_every=1000",
+    "--set",
+    "train.lr_schedule=constant",
+]
 
 
 def _steps(out):
@@ -52,28 +64,50 @@ def test_resume_continues_the_stored_run_and_records_changes(tmp_path, photos, c
     for k in fa:  # the same images in the same order: bit-identical to the uninterrupted run
         np.testing.assert_array_equal(fb[k], fa[k], err_msg=k)
     assert meta["data"]["folder"] == str(photos.resolve()) and meta["data"]["images"] == 5
-    assert meta["history"] == [{"step": 4, "time": meta["history"][0]["time"],
-                                "changes": {"train.steps": [4, 6]}}]
+    assert meta["history"] == [
+        {"step": 4, "time": meta["history"][0]["time"], "changes": {"train.steps": [4, 6]}}
+    ]
     assert _steps(parts) == list(range(6))  # the stale rows are gone, none is repeated
     whole_rows = (whole / "metrics.jsonl").read_text().splitlines()
     parts_rows = (parts / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(r)["loss"] for r in parts_rows] == [json.loads(r)["loss"] for r in whole_rows]
+    assert [json.loads(r)["loss"] for r in parts_rows] == [
+        json.loads(r)["loss"] for r in whole_rows
+    ]
 
     # A NaN: the message points at the checkpoint and says how to continue from it ...
     before = (parts / CHECKPOINT_NAME).read_bytes()
-    line = cli_error(capsys, ["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e30",
-                              "--out", str(parts)], alone=True)
+    line = cli_error(
+        capsys,
+        ["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e30", "--out", str(parts)],
+        alone=True,
+    )
     assert "non-finite loss" in line and "(step 6)" in line, line
     assert f"maetok train --resume --out {parts} --lr 1e+29" in line
     assert "no checkpoint had been written" not in line
     assert (parts / CHECKPOINT_NAME).read_bytes() == before
     # ... and the lower learning rate is used, and recorded
-    assert main(["train", "--resume", "--no-progress", "--steps", "8", "--lr", "1e-4",
-                 "--out", str(parts)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--resume",
+                "--no-progress",
+                "--steps",
+                "8",
+                "--lr",
+                "1e-4",
+                "--out",
+                str(parts),
+            ]
+        )
+        == 0
+    )
     state, cfg, meta = ckpt.load_checkpoint(parts / CHECKPOINT_NAME)
     assert int(state["step"]) == 8 and cfg.train.lr == 1e-4
     assert [h["changes"] for h in meta["history"]] == [
-        {"train.steps": [4, 6]}, {"train.steps": [6, 8], "train.lr": [1e-3, 1e-4]}]
+        {"train.steps": [4, 6]},
+        {"train.steps": [6, 8], "train.lr": [1e-3, 1e-4]},
+    ]
     assert [h["step"] for h in meta["history"]] == [4, 6]
     rows = [json.loads(r) for r in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(8)) and all(np.isfinite(r["loss"]) for r in rows)

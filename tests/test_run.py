@@ -18,14 +18,24 @@ from maetok.errors import MAETokError
 from maetok.run import CHECKPOINT_NAME, LOCK_NAME, claim
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--preset", "tiny", "--no-progress", "--batch-size", "4", "--set", "train.log_every=1",
-        "--set", "train.sample_every=1000"]
+FAST = [
+    "--preset",
+    "tiny",
+    "--no-progress",
+    "--batch-size",
+    "4",
+    "--set",
+    "train.log_every=1",
+    "--set",
+    "train.sample_every=1000",
+]
 
 
 def _lock(out: Path, pid, host=None):
     out.mkdir(parents=True, exist_ok=True)
-    (out / LOCK_NAME).write_text(json.dumps(
-        {"pid": pid, "host": host or socket.gethostname(), "since": "earlier"}))
+    (out / LOCK_NAME).write_text(
+        json.dumps({"pid": pid, "host": host or socket.gethostname(), "since": "earlier"})
+    )
 
 
 def _dead_pid() -> int:
@@ -37,9 +47,14 @@ def _dead_pid() -> int:
 def test_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     out = tmp_path / "run"
     _lock(out, os.getppid())  # alive: the process that started the tests
-    with pytest.raises(MAETokError, match=rf"in use by another maetok run \(process "
-                                          rf"{os.getppid()} on {socket.gethostname()}"), \
-            claim(out):
+    with (
+        pytest.raises(
+            MAETokError,
+            match=rf"in use by another maetok run \(process "
+            rf"{os.getppid()} on {socket.gethostname()}",
+        ),
+        claim(out),
+    ):
         pass
     _lock(out, 4242, host="elsewhere")  # cannot be checked from here: the message says how
     with pytest.raises(MAETokError, match=f"elsewhere.*delete {out / LOCK_NAME}"), claim(out):
@@ -80,8 +95,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeyp
         return real(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(ckpt, "save_file", fills_up)
-    code = main(["train", *FAST, "--steps", "4", "--set", "train.ckpt_every=2",
-                 "--out", str(out)])
+    code = main(["train", *FAST, "--steps", "4", "--set", "train.ckpt_every=2", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("maetok: error: cannot write checkpoint") and "No space" in err[0]
@@ -95,9 +109,24 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen(
-        [sys.executable, "-m", "maetok.cli", "train", *FAST, "--steps", "100000",
-         "--set", "train.ckpt_every=100000", "--out", str(out)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "maetok.cli",
+            "train",
+            *FAST,
+            "--steps",
+            "100000",
+            "--set",
+            "train.ckpt_every=100000",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text()):
@@ -122,8 +151,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(tmp_path, capsys):
     assert rows == list(range(stopped))  # every step up to the checkpoint is logged, once
     assert not (out / LOCK_NAME).exists()
 
-    assert main(["train", "--resume", "--no-progress", "--steps", str(stopped + 2),
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", "--resume", "--no-progress", "--steps", str(stopped + 2), "--out", str(out)])
+        == 0
+    )
     assert ckpt.read_header(out / CHECKPOINT_NAME)[1]["step"] == stopped + 2
     rows = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows == list(range(stopped + 2))

@@ -54,8 +54,7 @@ def _mod(backend: str, name: str):
 
 
 def _arr(backend: str, x):
-    return map_tree(jnp.asarray if backend == "jax" else lambda a: torch.as_tensor(np.array(a)),
-                    x)
+    return map_tree(jnp.asarray if backend == "jax" else lambda a: torch.as_tensor(np.array(a)), x)
 
 
 def _run(backend: str, fn, *args):
@@ -72,6 +71,7 @@ def _np(y) -> np.ndarray:
 
 # ------------------------------------------------------------------------ numpy references
 
+
 def _reflect(i: int, n: int) -> int:
     """numpy 'reflect' index (edge not repeated), for one reflection."""
     return -i if i < 0 else (2 * (n - 1) - i if i >= n else i)
@@ -85,8 +85,12 @@ def ref_corr_reflect(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     out = np.zeros((h, w, kernel.shape[-1]))
     for y in range(h):
         for x in range(w):
-            win = np.array([[img[_reflect(y + i - r, h), _reflect(x + j - r, w)]
-                             for j in range(k)] for i in range(k)])
+            win = np.array(
+                [
+                    [img[_reflect(y + i - r, h), _reflect(x + j - r, w)] for j in range(k)]
+                    for i in range(k)
+                ]
+            )
             out[y, x] = np.tensordot(win, kernel, axes=([0, 1], [0, 1]))
     return out
 
@@ -116,7 +120,7 @@ def ref_hog(images: np.ndarray, m) -> np.ndarray:
                     weight = math.hypot(gx, gy) * win[y % p, x % p]
                     hist[bi, y // cell, x // cell, ci, lo % nb] += (1 - frac) * weight
                     hist[bi, y // cell, x // cell, ci, (lo + 1) % nb] += frac * weight
-    hist /= np.sqrt((hist ** 2).sum(-1, keepdims=True) + 1e-6)
+    hist /= np.sqrt((hist**2).sum(-1, keepdims=True) + 1e-6)
     u, gh, gw = p // cell, h // p, w // p
     out = np.zeros((b, gh * gw, u * u * c * nb))
     for bi in range(b):
@@ -126,8 +130,9 @@ def ref_hog(images: np.ndarray, m) -> np.ndarray:
                     for j in range(u):
                         for ci in range(c):
                             for k in range(nb):
-                                out[bi, py * gw + px, ((i * u + j) * c + ci) * nb + k] = \
-                                    hist[bi, py * u + i, px * u + j, ci, k]
+                                out[bi, py * gw + px, ((i * u + j) * c + ci) * nb + k] = hist[
+                                    bi, py * u + i, px * u + j, ci, k
+                                ]
     return out
 
 
@@ -144,8 +149,9 @@ def ref_conv_features(images: np.ndarray, m) -> np.ndarray:
             e = np.sqrt(r[..., 0::2] ** 2 + r[..., 1::2] ** 2 + 1e-6)  # (h, w, S·O)
             for py in range(gh):
                 for px in range(gw):
-                    out[bi, py * gw + px, ci * so:(ci + 1) * so] = \
-                        e[py * p:(py + 1) * p, px * p:(px + 1) * p].mean((0, 1))
+                    out[bi, py * gw + px, ci * so : (ci + 1) * so] = e[
+                        py * p : (py + 1) * p, px * p : (px + 1) * p
+                    ].mean((0, 1))
     return out
 
 
@@ -162,7 +168,7 @@ def ref_perceptual_features(images: np.ndarray, m) -> list[np.ndarray]:
         for bi in range(b):
             for ci in range(c):
                 r = ref_corr_reflect(x[bi, :, :, ci], bank)
-                f[bi, :, :, ci * nf:(ci + 1) * nf] = np.sqrt(r ** 2 + 1e-6)
+                f[bi, :, :, ci * nf : (ci + 1) * nf] = np.sqrt(r**2 + 1e-6)
         feats.append(f)
     return feats
 
@@ -176,7 +182,7 @@ def _ref_conv_zero(x, w, bias, stride, pad):
     out = np.zeros((ho, wo, w.shape[-1]))
     for y in range(ho):
         for xx in range(wo):
-            patch = xp[y * stride:y * stride + k, xx * stride:xx * stride + k]
+            patch = xp[y * stride : y * stride + k, xx * stride : xx * stride + k]
             out[y, xx] = np.tensordot(patch, w, axes=3) + bias
     return out
 
@@ -195,6 +201,7 @@ def ref_discriminator(params, images, m) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ tests
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size,p", [(16, 4), (16, 8), (32, 16)])
@@ -227,7 +234,8 @@ def test_normalized_pixels_standardise_each_patch(backend, rng):
     patches = x.reshape(2, 8, 4, 8, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(2, 64, 48)
     patches = patches.astype(np.float64)
     ref = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(
-        patches.var(-1, keepdims=True) + 1e-6)
+        patches.var(-1, keepdims=True) + 1e-6
+    )
     np.testing.assert_allclose(y, ref, rtol=RTOL, atol=ATOL)
 
 
@@ -238,12 +246,16 @@ def test_hog_edge_orientation(backend, rng):
     lo, hi = rng.uniform(-0.9, -0.5), rng.uniform(0.5, 0.9)
     vertical = np.full((1, 16, 16, 3), lo, np.float32)
     vertical[:, :, 8:] = hi
-    y = _np(_run(backend, _mod(backend, "targets").hog, _arr(backend, vertical), m)).reshape(4, 3, 9)
+    y = _np(_run(backend, _mod(backend, "targets").hog, _arr(backend, vertical), m)).reshape(
+        4, 3, 9
+    )
     np.testing.assert_allclose(y[..., 4], 1.0, atol=1e-4)  # every cell touches the edge
     assert np.abs(np.delete(y, 4, axis=-1)).max() < 1e-6
     horizontal = np.ascontiguousarray(vertical.transpose(0, 2, 1, 3))
-    y = _np(_run(backend, _mod(backend, "targets").hog, _arr(backend, horizontal), m)).reshape(4, 3, 9)
-    np.testing.assert_allclose(y[..., [0, 8]], 2 ** -0.5, atol=1e-4)
+    y = _np(_run(backend, _mod(backend, "targets").hog, _arr(backend, horizontal), m)).reshape(
+        4, 3, 9
+    )
+    np.testing.assert_allclose(y[..., [0, 8]], 2**-0.5, atol=1e-4)
     assert np.abs(y[..., 1:8]).max() < 1e-6
 
 
@@ -300,8 +312,9 @@ def test_perceptual_loss_zero_positive_and_gradient(backend, rng):
     x = _images(rng, m)
     r = np.clip(x + 0.1 * rng.standard_normal(x.shape), -1, 1).astype(np.float32)
     if backend == "jax":  # one compile for both calls
-        value_and_grad = jax.jit(jax.value_and_grad(
-            lambda a, b: mod.perceptual_loss(a, b, m), argnums=1))
+        value_and_grad = jax.jit(
+            jax.value_and_grad(lambda a, b: mod.perceptual_loss(a, b, m), argnums=1)
+        )
         same, _ = value_and_grad(jnp.asarray(x), jnp.asarray(x.copy()))
         diff, g = value_and_grad(jnp.asarray(x), jnp.asarray(r))
         g = np.asarray(g)
@@ -320,8 +333,10 @@ def test_perceptual_loss_zero_positive_and_gradient(backend, rng):
 def test_discriminator_matches_loop_reference(backend, rng):
     m = _cfg(16, 4)  # tiny: disc_width 16, disc_depth 2
     params = init_disc(m, int(rng.integers(1 << 30)))
-    params = {k: {"w": v["w"], "b": (0.1 * rng.standard_normal(v["b"].shape)).astype(np.float32)}
-              for k, v in params.items()}  # non-zero biases so they are tested too
+    params = {
+        k: {"w": v["w"], "b": (0.1 * rng.standard_normal(v["b"].shape)).astype(np.float32)}
+        for k, v in params.items()
+    }  # non-zero biases so they are tested too
     x = _images(rng, m)
     disc = _mod(backend, "discriminator").discriminator
     y = _np(_run(backend, disc, _arr(backend, params), _arr(backend, x), m))

@@ -11,10 +11,18 @@ TREE = {"b": {"y": 1, "x": np.arange(3)}, "a": 2, "c": {"z": {"k": "leaf"}, "e":
 
 
 def test_paths_and_order():
-    assert list(iter_leaves(TREE)) == [("a", 2), ("b/x", TREE["b"]["x"]), ("b/y", 1),
-                                       ("c/z/k", "leaf")]
-    assert [path for path, _ in iter_leaves(TREE, "root")] == ["root/a", "root/b/x", "root/b/y",
-                                                               "root/c/z/k"]
+    assert list(iter_leaves(TREE)) == [
+        ("a", 2),
+        ("b/x", TREE["b"]["x"]),
+        ("b/y", 1),
+        ("c/z/k", "leaf"),
+    ]
+    assert [path for path, _ in iter_leaves(TREE, "root")] == [
+        "root/a",
+        "root/b/x",
+        "root/b/y",
+        "root/c/z/k",
+    ]
     assert leaves(TREE) == [2, TREE["b"]["x"], 1, "leaf"]
     assert list(flatten(TREE)) == ["a", "b/x", "b/y", "c/z/k"]
 
@@ -38,8 +46,10 @@ def test_map_tree_over_several_trees():
     a = {"p": {"q": 1.0, "r": 2.0}, "s": 3.0}
     b = {"p": {"q": 10.0, "r": 20.0}, "s": 30.0}
     c = {"p": {"q": 100.0, "r": 200.0}, "s": 300.0}
-    assert map_tree(lambda x, y, z: x + y + z, a, b, c) == {"p": {"q": 111.0, "r": 222.0},
-                                                          "s": 333.0}
+    assert map_tree(lambda x, y, z: x + y + z, a, b, c) == {
+        "p": {"q": 111.0, "r": 222.0},
+        "s": 333.0,
+    }
     with pytest.raises(KeyError):
         map_tree(lambda x, y: x + y, a, {"p": {"q": 1.0}, "s": 1.0})
 
@@ -50,8 +60,9 @@ def test_map_with_path():
     assert map_with_path(lambda path, leaf: path, {"p": {"q": 1}}) == {"p": {"q": "p/q"}}
 
 
-@pytest.mark.parametrize("walk", [lambda fn, t: map_tree(fn, t),
-                                  lambda fn, t: map_with_path(lambda p, x: fn(x), t)])
+@pytest.mark.parametrize(
+    "walk", [lambda fn, t: map_tree(fn, t), lambda fn, t: map_with_path(lambda p, x: fn(x), t)]
+)
 def test_error_inside_fn_propagates_once(walk):
     calls = []
 
