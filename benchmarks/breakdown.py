@@ -21,20 +21,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
 
-from benchmarks.train_step import _blocks, transformer_flops  # noqa: E402
-from maetok.config import preset  # noqa: E402
-from maetok.data import BatchSource, SyntheticImages  # noqa: E402
-from maetok.masks import mask_for_step  # noqa: E402
-from maetok.targets import target_dim  # noqa: E402
-from maetok_jax import train  # noqa: E402
-from maetok_jax.model import aux_predict, decode, encode  # noqa: E402
-from maetok_jax.optim import clip_by_global_norm, ema_update, opt_update  # noqa: E402
-from maetok_jax.perceptual import perceptual_loss  # noqa: E402
-from maetok_jax.targets import compute_targets  # noqa: E402
+from benchmarks.train_step import transformer_flops
+from maetok.config import preset
+from maetok.data import BatchSource, SyntheticImages
+from maetok.masks import mask_for_step
+from maetok_jax import train
+from maetok_jax.model import aux_predict, decode, encode
+from maetok_jax.optim import clip_by_global_norm, ema_update, opt_update
+from maetok_jax.perceptual import perceptual_loss
+from maetok_jax.targets import compute_targets
 
 
 def timed(fn, *args, runs: int = 10) -> float:
@@ -82,7 +80,6 @@ def main(argv=None) -> int:
     h = jax.jit(lambda p_, x, k: encode(p_, x, k, m))(params["encoder"], images, mask)
     recon, feats = jax.jit(lambda p_, z: decode(p_, z, m))(params["decoder"], h)
     flops = transformer_flops(m, 1)
-    n = m.num_patches + m.num_latent_tokens
     aux_fwd = flops["aux_fwd"]
 
     rows = []

@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from maetok.diffusion_config import preset  # noqa: E402
-from maetok.params import count, init_dit  # noqa: E402
-from maetok_jax import diffusion_train as dtrain  # noqa: E402
-from maetok_jax.flow import sample  # noqa: E402
+from maetok.diffusion_config import preset
+from maetok.params import count, init_dit
+from maetok_jax import diffusion_train as dtrain
+from maetok_jax.flow import sample
 
 CIFAR_TRAIN = 50_000
 

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     if not files:
         print(f"no *.json.gz trace under {args.trace_dir}")
         return 1
-    data = json.loads(gzip.open(files[-1]).read())
+    with gzip.open(files[-1]) as f:
+        data = json.loads(f.read())
     events = data["traceEvents"] if isinstance(data, dict) else data
     pids = {
         e["pid"]: e["args"]["name"]

@@ -43,10 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from maetok.config import preset  # noqa: E402
-from maetok.filters import PERCEP_LEVELS, filter_banks  # noqa: E402
-from maetok.params import disc_widths  # noqa: E402
-from maetok.targets import target_dim  # noqa: E402
+from maetok.config import preset
+from maetok.filters import PERCEP_LEVELS, filter_banks
+from maetok.params import disc_widths
+from maetok.targets import target_dim
 
 H100_BF16_DENSE = 989.0  # TFLOP/s, H100 SXM spec sheet
 
@@ -165,6 +165,7 @@ def run_single(args) -> dict:
             jax.block_until_ready(x)
     else:
         import torch
+
         from maetok_torch.backend import Backend
 
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
         args.batch = _ints(args.batch)[-1]
         try:
             result = run_single(args)
-        except Exception as e:  # noqa: BLE001 — out-of-memory among others: report, not crash
+        except Exception as e:  # out-of-memory among others: report, not crash
             text = " ".join(str(e).split())
             oom = "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
             print(

@@ -156,7 +156,7 @@ def _open(path: Path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         return safe_open(str(path), framework="numpy")
-    except Exception as e:  # noqa: BLE001 - safetensors raises several unrelated types
+    except Exception as e:  # safetensors raises several unrelated types
         raise CheckpointError(
             f"{path} is not a readable safetensors checkpoint ({e}); it may "
             "be truncated or corrupt: use an earlier checkpoint"
@@ -175,8 +175,8 @@ def _metadata(path: Path, handle, fmt: str = FORMAT) -> dict[str, str]:
 
 def _tensors(path: Path, handle) -> dict:
     try:
-        return {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as e:  # noqa: BLE001
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - a safetensors handle is not iterable
+    except Exception as e:  # safetensors raises several unrelated types
         raise CheckpointError(
             f"cannot read the tensors of {path} ({e}); it may be "
             "truncated or corrupt: use an earlier checkpoint"

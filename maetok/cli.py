@@ -306,8 +306,8 @@ def cmd_eval(args) -> int:
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         ratios = tuple(float(r) for r in text.split(",") if r.strip())
-    except ValueError:
-        raise ConfigError(f"--mask-ratios takes numbers separated by commas, got {text!r}")
+    except ValueError as e:
+        raise ConfigError(f"--mask-ratios takes numbers separated by commas, got {text!r}") from e
     bad = [r for r in ratios if not 0.0 <= r <= 1.0]
     if bad:
         raise ConfigError(f"--mask-ratios must lie in [0, 1], got {bad}")
@@ -324,8 +324,8 @@ class _Parser(argparse.ArgumentParser):
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from e
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -334,8 +334,8 @@ def _positive_int(text: str) -> int:
 def _ratio(text: str) -> float:
     try:
         value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from e
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
     return value

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from maetok.errors import ConfigError
 
@@ -125,7 +126,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def replace(self, **parts: Mapping[str, Any]) -> "Config":
+    def replace(self, **parts: Mapping[str, Any]) -> Config:
         """Return a copy with fields changed, e.g. ``cfg.replace(train={"steps": 10})``."""
         new = {}
         for part, changes in parts.items():
@@ -145,7 +146,7 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "Config":
+    def from_dict(d: Mapping[str, Any]) -> Config:
         if not isinstance(d, Mapping):
             raise ConfigError(
                 f"a config is an object with sections model, loss and train, got {d!r}"
@@ -161,7 +162,7 @@ class Config:
         return validate(Config(**parts))
 
     @staticmethod
-    def from_json(text: str) -> "Config":
+    def from_json(text: str) -> Config:
         return Config.from_dict(parse_json(text))
 
 
@@ -335,7 +336,7 @@ def validate(cfg: Config) -> Config:
     _choice(t.lr_schedule, ("cosine", "constant"), "train.lr_schedule")
     _choice(t.mask_mode, ("bernoulli", "exact"), "train.mask_mode")
     _choice(t.anneal_schedule, ("linear", "cosine", "exponential"), "train.anneal_schedule")
-    _require(t.lr > 0 and t.disc_lr > 0, f"train.lr and train.disc_lr must be positive")
+    _require(t.lr > 0 and t.disc_lr > 0, "train.lr and train.disc_lr must be positive")
     _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, f"train.b1/b2 must be in [0, 1), got {t.b1}, {t.b2}")
     _require(t.eps > 0, f"train.eps must be positive, got {t.eps}")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")

@@ -290,7 +290,7 @@ class ImageFolder:
         try:
             with Image.open(path) as im:
                 image = _to_rgb(ImageOps.exif_transpose(im))
-        except Exception as e:  # noqa: BLE001 - report any decoder failure with the file name
+        except Exception as e:  # report any decoder failure with the file name
             raise DataError(f"cannot decode image {path}: {e}") from e
         image.flags.writeable = False
         with self._lock:
@@ -421,7 +421,7 @@ class Prefetcher:
             self._pending.append(self._pool.submit(self._source.batch, self._next))
             self._next += 1
 
-    def __iter__(self) -> "Prefetcher":
+    def __iter__(self) -> Prefetcher:
         return self
 
     def __next__(self) -> dict:
@@ -442,7 +442,7 @@ class Prefetcher:
         self._pending.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Prefetcher:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from maetok.config import _choice, _replace_checked, _require, parse_json
 from maetok.errors import ConfigError
@@ -72,7 +73,7 @@ class DiffusionConfig:
         """What ``maetok_jax.optim`` reads: always AdamW here."""
         return "adamw"
 
-    def replace(self, **changes: Any) -> "DiffusionConfig":
+    def replace(self, **changes: Any) -> DiffusionConfig:
         """A validated copy with fields changed, e.g. ``cfg.replace(steps=10)``."""
         return validate(_replace_checked(self, changes, "diffusion"))
 
@@ -83,11 +84,11 @@ class DiffusionConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "DiffusionConfig":
+    def from_dict(d: Mapping[str, Any]) -> DiffusionConfig:
         return DiffusionConfig().replace(**d)
 
     @staticmethod
-    def from_json(text: str) -> "DiffusionConfig":
+    def from_json(text: str) -> DiffusionConfig:
         d = parse_json(text)
         if not isinstance(d, dict):
             raise ConfigError(f"a diffusion config is a JSON object, got {type(d).__name__}")

@@ -34,8 +34,8 @@ def _classifier_path(explicit, args) -> Path:
 def _widths(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(w) for w in text.split(","))
-    except ValueError:
-        raise ConfigError(f"--widths takes 4 integers separated by commas, got {text!r}")
+    except ValueError as e:
+        raise ConfigError(f"--widths takes 4 integers separated by commas, got {text!r}") from e
 
 
 def cmd_prepare(args) -> int:
@@ -95,7 +95,7 @@ def _load_samples(path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         with np.load(path) as data:
             images = data["images"]
-            labels = data["labels"] if "labels" in data else None
+            labels = data.get("labels")
     except (OSError, ValueError, KeyError) as e:
         raise DataError(
             f"cannot read samples {path} (an .npz with 'images' uint8 "

@@ -25,7 +25,7 @@ COLLAPSE_REL_VAR = 1e-3  # a latent dim with variance below this × the median d
 
 def thumbnail_side(m) -> int:
     """Side of the square RGB thumbnail holding as many values as L·latent_dim."""
-    return max(1, int(round(math.sqrt(m.num_latent_tokens * m.latent_dim / m.channels))))
+    return max(1, round(math.sqrt(m.num_latent_tokens * m.latent_dim / m.channels)))
 
 
 def thumbnail_baseline(images: np.ndarray, side: int) -> np.ndarray:

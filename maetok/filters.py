@@ -73,7 +73,7 @@ def percep_bank() -> np.ndarray:
     return np.stack(kernels, -1)[:, :, None, :].astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
     """Every fixed kernel the targets and the perceptual loss use, for one patch size."""
     return {

@@ -165,11 +165,11 @@ def _run(preset_name: str, device: str, dtype: str):
     import maetok_jax.train as jt
     import maetok_torch.attention as ta
     import maetok_torch.discriminator as td
+    import maetok_torch.model as tm
     import maetok_torch.perceptual as tp
     import maetok_torch.rope as tr
     import maetok_torch.targets as ttg
     import maetok_torch.train as tt
-    import maetok_torch.model as tm
     from maetok.params import init_disc, init_params
 
     cfg = parity_config(preset_name, dtype)
@@ -249,7 +249,7 @@ def _run(preset_name: str, device: str, dtype: str):
     row("forward/encoder", rel_err(h_t, h_j), f_tol)
     h_np = np.asarray(h_j, np.float32)  # the decoders read the same latents
     recon_j, feats_j = jax.jit(jm.decode, static_argnums=2)(pj["decoder"], J(h_np), m)
-    recon_t, feats_t = tm.decode(pt["decoder"], T(h_np), m)
+    recon_t, _feats_t = tm.decode(pt["decoder"], T(h_np), m)
     row("forward/decoder", rel_err(recon_t, recon_j), f_tol)
     feats_np = np.asarray(feats_j.astype(jnp.float32))
     preds_j = jax.jit(jm.aux_predict, static_argnums=3)(

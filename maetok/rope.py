@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def rope_tables(
     grid: int, num_latent: int, head_dim: int, theta: float
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -91,7 +91,7 @@ def _acquire(lock: Path) -> None:
         except FileExistsError:
             owner = _read_lock(lock)
             if owner is not None and not _is_stale(lock, owner):
-                raise MAETokError(_in_use(lock, owner))
+                raise MAETokError(_in_use(lock, owner)) from None
             lock.unlink(missing_ok=True)  # its owner is gone: take it over
             continue
         with os.fdopen(fd, "w") as f:

@@ -12,7 +12,7 @@ from maetok.config import TrainConfig
 
 
 def learning_rate(step: int, t: TrainConfig, base_lr: float | None = None) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine to ``min_lr_ratio·lr`` or flat."""
+    """Linear warm-up to ``lr`` in ``warmup_steps``, then cosine to ``min_lr_ratio·lr`` or flat."""
     lr = t.lr if base_lr is None else base_lr
     if t.warmup_steps and step < t.warmup_steps:
         return lr * (step + 1) / t.warmup_steps

@@ -8,7 +8,7 @@ framework, and holds the table operations both backends share.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from maetok.errors import ConfigError
 

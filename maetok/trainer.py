@@ -31,8 +31,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 from maetok import checkpoint as ckpt
 from maetok import run
 from maetok.config import Config
@@ -62,7 +60,7 @@ def load_state(backend, path, cfg: Config):
 
 def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
     """Only the tokenizer parameters (or their EMA) of a checkpoint, as numpy, checked."""
-    tree, file_cfg, _ = ckpt.load_checkpoint(path, cfg)
+    tree, _file_cfg, _ = ckpt.load_checkpoint(path, cfg)
     key = "ema" if use_ema else "params"
     if key not in tree:
         raise CheckpointError(f"{path} holds no {key!r} (EMA was off when it was trained)")
@@ -234,7 +232,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
     preview = BatchSource(dataset, cfg, train=False).batch(0)
     if writer:
         _truncate_metrics(out / "metrics.jsonl", start)
-    log = open(out / "metrics.jsonl" if writer else os.devnull, "a")
+    log = open(out / "metrics.jsonl" if writer else os.devnull, "a")  # noqa: SIM115 - closed in the finally below
     last_saved, host = (start if resume else None), {}
     pending = []  # (step, device metrics) not yet pulled: no host sync inside the loop
     t0, seen = time.perf_counter(), 0

@@ -36,7 +36,7 @@ CURVE_KEYS = (
 def _pixel_mask(masks, b: int, h: int, w: int, patch_size: int | None) -> np.ndarray:
     """(B, N) token mask → (B, H, W) bool, 1 = masked; p inferred from N if not given."""
     m = np.asarray(masks)[:b] > 0.5
-    p = patch_size or int(round(math.sqrt(h * w / m.shape[1])))
+    p = patch_size or round(math.sqrt(h * w / m.shape[1]))
     if (h // p) * (w // p) != m.shape[1] or h % p or w % p:
         raise ValueError(
             f"a mask of {m.shape[1]} tokens does not fit {h}×{w} images with patch size {p}"

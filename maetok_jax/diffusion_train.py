@@ -152,7 +152,7 @@ def fit(
         ckpt.save_diffusion(path, tree, cfg, {**meta, "step": step_done})
 
     last_saved, host, pending = None, {}, []
-    log = open(out / "metrics.jsonl", "a")
+    log = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in the finally below
     bar = tqdm(
         total=end - start, desc="diffusion", unit="step", disable=not progress, dynamic_ncols=True
     )

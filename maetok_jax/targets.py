@@ -14,7 +14,7 @@ Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numeric
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

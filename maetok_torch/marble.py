@@ -369,7 +369,7 @@ class MAETokParadigm:
         if self._reporter:
             try:
                 self._reporter(group, item, data, *subgroups)
-            except Exception:  # noqa: BLE001 - a failing reporter must not stop training
+            except Exception:  # a failing reporter must not stop training
                 log.debug("Marble's report() failed for %s/%s", group, item, exc_info=True)
 
     def _record_error(self, hook: str, e: BaseException) -> None:
@@ -431,12 +431,12 @@ class MAETokParadigm:
             }
             return ckpt.save_checkpoint(path, self.numpy_state(), self.cfg, meta)
 
-    def load(self, path) -> "MAETokParadigm":
+    def load(self, path) -> MAETokParadigm:
         """Restore a checkpoint (this paradigm's or ``maetok train``'s): state, stage, iteration."""
         with self._lock:
             return self._restore(path, *ckpt.load_checkpoint(path, self.settings.cfg))
 
-    def _restore(self, path, tree: dict, file_cfg, meta: dict) -> "MAETokParadigm":
+    def _restore(self, path, tree: dict, file_cfg, meta: dict) -> MAETokParadigm:
         from maetok.trainer import expected_layout
         from maetok_torch.train import default_device
 
@@ -463,7 +463,7 @@ class MAETokParadigm:
         return self
 
     @classmethod
-    def from_checkpoint(cls, path, config=None) -> "MAETokParadigm":
+    def from_checkpoint(cls, path, config=None) -> MAETokParadigm:
         """A paradigm built from the checkpoint's config and options (``config`` overrides)."""
         tree, file_cfg, meta = ckpt.load_checkpoint(path)
         sections = file_cfg.replace(train={"stage": 1}).to_dict()

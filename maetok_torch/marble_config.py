@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -105,7 +106,7 @@ class Settings:
     stats_every: int
     history_limit: int
     device: str | None
-    source: "ImageSource"
+    source: ImageSource
     summary: dict  # the JSON-able options, stored in checkpoints
 
     def stage_cfg(self, stage: int) -> Config:

@@ -79,14 +79,14 @@ def decode_latents(params, h, m, heads: int):
 
 
 def decode(params, h, m):
-    """Pixel decoder: h (B, L, latent_dim) → (images (B, H, W, C) float32, features (B, N, D_dec))."""
+    """Pixel decoder: h (B, L, latent_dim) → (images (B, H, W, C) float32, feats (B, N, D_dec))."""
     tokens, feats = decode_latents(params, h, m, m.dec_heads)
     images = unpatchify(tokens, m.patch_size, m.image_size, m.image_size, m.channels)
     return images.to(torch.float32), feats
 
 
 def aux_mlp(params, feats, m):
-    """The seed's auxiliary head: 3-layer GELU MLP on decoder features (B, N, D_dec) → (B, N, D_j)."""
+    """The seed's auxiliary head: 3-layer GELU MLP on decoder feats (B, N, D_dec) → (B, N, D_j)."""
     p = cast_tree(params, compute_dtype(m))
     x = gelu(dense(p["fc1"], feats))
     x = gelu(dense(p["fc2"], x))

@@ -16,7 +16,7 @@ Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numeric
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -111,8 +111,9 @@ def init_state(cfg, seed: int, params=None, device=None):
 def value_and_grad(fn, tree, *args, autograd: bool = False):
     """``jax.value_and_grad(fn, has_aux=True)(tree, *args)``: → ((value, aux), grads).
 
-    ``fn(tree, *args) → (scalar, aux)``, ``aux`` a tuple of trees; ``grads`` has the structure of ``tree``, with zeros
-    for leaves that do not reach the value, as in JAX. Built on ``torch.func`` so that
+    ``fn(tree, *args) → (scalar, aux)``, ``aux`` a tuple of trees; ``grads`` has the structure
+    of ``tree``, with zeros for leaves that do not reach the value, as in JAX. Built on
+    ``torch.func`` so that
     ``torch.compile`` traces the backward pass into the step's graph; ``autograd=True`` uses
     ``torch.autograd.grad`` instead, which rematerialised blocks (``model.remat``, through
     ``torch.utils.checkpoint``'s saved-tensor hooks) need.
@@ -125,7 +126,7 @@ def value_and_grad(fn, tree, *args, autograd: bool = False):
         grads = {
             k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(inputs.items(), found)
         }
-        detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a  # noqa: E731
+        detach = lambda a: a.detach() if isinstance(a, torch.Tensor) else a
         return (value.detach(), tuple(map_tree(detach, a) for a in aux)), unflatten(grads)
 
     def inner(t):

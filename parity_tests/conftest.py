@@ -14,26 +14,26 @@ import os
 # (torch shares the device).
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import functools  # noqa: E402
-import sys  # noqa: E402
-import zlib  # noqa: E402
-from pathlib import Path  # noqa: E402
+import functools
+import sys
+import zlib
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
 try:  # the repository root, when the package is not installed
-    import maetok  # noqa: F401
+    import maetok  # noqa: F401 - only whether it imports
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import torch  # noqa: E402
+import jax
+import torch
 
 # THE tolerance table lives in maetok/parity.py, so the `maetok parity` report and this suite
 # hold the backends to the same numbers. Relative errors (rel_err below): max|a − b| / max|b|.
-from maetok.parity import TOL  # noqa: E402,F401
-from maetok.tree import flatten, map_tree  # noqa: E402
+from maetok.parity import TOL  # noqa: F401 - the parity tests import it from here
+from maetok.tree import flatten, map_tree
 
 _DEVICE = {"name": "cpu"}  # set once from --device in pytest_configure
 
@@ -141,7 +141,7 @@ def jax_device(device: str | None = None):
     return jax.devices("gpu")[0] if (device or _DEVICE["name"]) == "cuda" else jax.devices("cpu")[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jax_step(cfg):
     """``jax.jit(make_train_step(cfg))``, built once per config for the whole session: a
     train-step compile takes 10–20 s on a 2-core CPU, and the trajectory and checkpoint

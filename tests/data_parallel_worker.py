@@ -20,11 +20,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from maetok.config import preset  # noqa: E402
-from maetok.data import BatchSource, SyntheticImages  # noqa: E402
-from maetok.params import init_disc  # noqa: E402
-from maetok.parity import disc_off_margin  # noqa: E402
-from maetok.tree import flatten  # noqa: E402
+from maetok.config import preset
+from maetok.data import BatchSource, SyntheticImages
+from maetok.params import init_disc
+from maetok.parity import disc_off_margin
+from maetok.tree import flatten
 
 STEPS = 3
 # The adversarial loss with its adaptive weight and LeCAM on from step 0, so every

@@ -192,7 +192,7 @@ class Brain:
             raise ValueError(f"Unknown learning paradigm: {name}")
         try:
             obj = plug(dict(config or {}))
-        except Exception:  # noqa: BLE001 - exactly Marble's fallback
+        except Exception:  # noqa: BLE001 - Marble's own fallback to a no-argument plugin
             obj = plug()
         self._paradigms.append(obj)
         return obj
@@ -246,12 +246,12 @@ class Wanderer:
             try:
                 if hasattr(paradigm, "on_wanderer"):
                     paradigm.on_wanderer(self)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
                 pass
             try:
                 if hasattr(paradigm, "on_init"):
                     paradigm.on_init(self)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
                 pass
 
     def _choices(self, n: Neuron) -> list:
@@ -271,7 +271,7 @@ class Wanderer:
             for paradigm in self.brain.active_paradigms():
                 if hasattr(paradigm, "before_walk"):
                     paradigm.before_walk(self, current)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
             pass
         steps, carried = 0, None
         bar = tqdm(total=max_steps, desc="walk", leave=False)  # Marble's own bar
@@ -294,7 +294,7 @@ class Wanderer:
                     for paradigm in self.brain.active_paradigms():
                         if hasattr(paradigm, "on_step"):
                             paradigm.on_step(self, current, None, "none", steps, out)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
                     pass
                 choices = self._choices(current)  # a plugin may have grown the graph
                 if not choices:
@@ -305,7 +305,7 @@ class Wanderer:
                 try:
                     if hasattr(paradigm, "on_step"):
                         paradigm.on_step(self, current, syn, direction, steps, out)
-                except Exception:  # noqa: BLE001
+                except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
                     pass
             current, carried, steps = nxt, out, steps + 1
             bar.update(1)
@@ -328,7 +328,7 @@ class Wanderer:
             try:
                 if hasattr(paradigm, "on_walk_end"):
                     paradigm.on_walk_end(self, stats)
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - Marble swallows a paradigm hook's errors
                 pass
         return stats
 

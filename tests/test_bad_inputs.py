@@ -75,7 +75,7 @@ def paths(tmp_path_factory):
     p["cut"] = t / "cut.safetensors"
     p["cut"].write_bytes(good.read_bytes()[:-100])
     with safe_open(str(good), framework="numpy") as f:
-        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not iterable
     bad_key = sorted(flatten({"params": init_params(cfg, 0)}))[3]
     tensors[bad_key] = tensors[bad_key].copy()
     tensors[bad_key].flat[0] = np.nan

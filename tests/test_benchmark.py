@@ -1,4 +1,4 @@
-"""The speed benchmark runs on CPU with the tiny preset, and its FLOP count is the documented one."""
+"""The speed benchmark runs on CPU with the tiny preset; its FLOP count is the documented one."""
 
 import json
 import math

@@ -19,7 +19,6 @@ from maetok.checkpoint import (
     save_checkpoint,
     save_tree,
 )
-from maetok.config import preset
 from maetok.errors import CheckpointError
 from maetok.tree import flatten
 
@@ -96,7 +95,7 @@ def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
         raise OSError(errno.EXDEV, "cross-device link")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(CheckpointError, match="cannot write checkpoint .*cross-device link"):
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*cross-device link"):
         save_checkpoint(path, _state(rng), tiny)
     assert path.read_bytes() == before
     assert _files(tmp_path) == ["ckpt.safetensors"]
@@ -112,7 +111,7 @@ def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng,
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(checkpoint, "save_file", disk_full)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint") as e:
+    with pytest.raises(CheckpointError, match=r"No space left on device.*previous checkpoint") as e:
         save_checkpoint(path, _state(rng), tiny)
     assert "\n" not in str(e.value)
     assert path.read_bytes() == before
@@ -122,7 +121,7 @@ def test_disk_full_is_a_checkpoint_error_and_the_old_file_is_kept(tmp_path, rng,
 def test_non_finite_weights_are_refused_on_load_naming_the_first(tmp_path, rng, tiny):
     path = save_checkpoint(tmp_path / "c.safetensors", _state(rng), tiny)
     with safe_open(str(path), framework="numpy") as f:
-        metadata, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata, flat = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - a safetensors handle is not iterable
     flat["params/enc/w"][1, 2] = np.inf
     flat["params/enc/b"][0] = np.nan
     save_file(flat, path, metadata=metadata)
@@ -203,7 +202,7 @@ def test_foreign_safetensors_and_bad_config_are_rejected(tmp_path, rng):
         tmp_path / "cfg.safetensors",
         metadata={"format": "maetok-checkpoint/1", "config": '{"model": {"patch_size": 5}}'},
     )
-    with pytest.raises(CheckpointError, match="invalid config.*not divisible"):
+    with pytest.raises(CheckpointError, match=r"invalid config.*not divisible"):
         load_checkpoint(tmp_path / "cfg.safetensors")
 
 

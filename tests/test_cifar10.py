@@ -98,7 +98,7 @@ def test_errors_name_the_problem(tmp_path, rng):
     with pytest.raises(DataError, match="does not exist"):
         cifar10.prepare(tmp_path / "nowhere", tmp_path / "cache")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="has no train_jpg.tar.gz"):
+    with pytest.raises(DataError, match=r"has no train_jpg.tar.gz"):
         cifar10.prepare(tmp_path / "empty", tmp_path / "cache")
     with pytest.raises(DataError, match="pass the CIFAR-10 folder"):
         cifar10.load_split("train", cache=tmp_path / "cache")

@@ -128,7 +128,7 @@ def test_batchnorm_uses_batch_stats_in_training_and_running_stats_otherwise(rng)
     )
     # inference is per-sample: a sample's output does not depend on the rest of the batch
     a, fa = classify_jit(params, stats, x, TINY)
-    b, fb = classify_jit(params, stats, x[:2], TINY)
+    b, _fb = classify_jit(params, stats, x[:2], TINY)
     np.testing.assert_allclose(a[:2], b, rtol=1e-5, atol=1e-6)
     assert fa.shape == (6, 32)
 
@@ -136,7 +136,7 @@ def test_batchnorm_uses_batch_stats_in_training_and_running_stats_otherwise(rng)
 def test_bfloat16_compute_stays_close_to_float32(rng):
     params, stats = init_classifier(TINY)
     x = jnp.asarray(rng.uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32))
-    l32, f32 = classify_jit(params, stats, x, TINY)
+    _l32, f32 = classify_jit(params, stats, x, TINY)
     l16, f16 = classify_jit(params, stats, x, TINY.replace(compute_dtype="bfloat16"))
     assert l16.dtype == jnp.float32 and f16.dtype == jnp.float32
     assert float(jnp.abs(f16 - f32).max()) < 0.05 * float(jnp.abs(f32).max())

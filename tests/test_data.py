@@ -84,7 +84,7 @@ def test_image_folder_reads_every_mode_as_rgb_and_skips_broken_files_on_request(
 
 
 def test_a_broken_file_is_reported_by_name_when_the_folder_is_indexed(folder):
-    with pytest.raises(DataError, match="zz_broken.jpg.*--skip-broken"):
+    with pytest.raises(DataError, match=r"zz_broken.jpg.*--skip-broken"):
         ImageFolder(folder, min_size=32)
     (folder / "zz_broken.jpg").unlink()
     # A truncated JPEG has a good header: only decoding the whole file finds it.
@@ -92,7 +92,7 @@ def test_a_broken_file_is_reported_by_name_when_the_folder_is_indexed(folder):
     (folder / "cut.jpg").write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) // 2])
     with Image.open(folder / "cut.jpg") as im:
         assert im.size == (36, 44)  # what a header-only check sees
-    with pytest.raises(DataError, match="cut.jpg"):
+    with pytest.raises(DataError, match=r"cut.jpg"):
         ImageFolder(folder, min_size=32)
 
 
@@ -124,7 +124,7 @@ def test_decode_failure_after_indexing_names_the_file(folder):
     (folder / "zz_broken.jpg").unlink()
     ds = ImageFolder(folder, min_size=32, cache_bytes=0)  # nothing kept: read again on use
     (folder / "a.png").write_bytes((folder / "a.png").read_bytes()[:60])  # header only
-    with pytest.raises(DataError, match="a.png"):
+    with pytest.raises(DataError, match=r"a.png"):
         ds[0]
 
 

@@ -163,7 +163,7 @@ def test_the_readme_marble_snippet_runs_under_the_strict_host(tmp_path, monkeypa
     monkeypatch.setenv("TQDM_DISABLE", "1")
     with host.installed():
         ns = {}
-        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102 - the README's own code
+        exec(compile(code, "README.md", "exec"), ns)  # the README's own code
     tok, stats = ns["tok"], ns["stats"]
     assert tok.last_error is None and len(ns["brain"].neurons) == 6
     assert stats["steps"] == 20 and tok.iteration == 20

@@ -50,7 +50,7 @@ def test_every_unit_has_the_documented_shape(tiny, rng):
 def test_mlp_aux_heads_have_target_shapes(tiny, rng):
     cfg = tiny.replace(model={"aux_kind": "mlp"})
     params, images, mask = _setup(cfg, rng)
-    recon, h, preds = model.forward(params, images, mask, cfg.model)
+    _recon, _h, preds = model.forward(params, images, mask, cfg.model)
     for name, pred in preds.items():
         assert pred.shape == (2, cfg.model.num_patches, target_dim(name, cfg.model))
 
@@ -123,7 +123,7 @@ def test_rope_scores_depend_on_relative_position(tiny, rng):
 def test_bfloat16_compute_keeps_float32_outputs(tiny, rng):
     cfg = tiny.replace(model={"compute_dtype": "bfloat16"})
     params, images, mask = _setup(cfg, rng)
-    recon, h, preds = model.forward(params, images, mask, cfg.model)
+    recon, h, _preds = model.forward(params, images, mask, cfg.model)
     ref, _, _ = model.forward(params, images, mask, tiny.model)
     assert recon.dtype == jnp.float32 and h.dtype == jnp.float32
     err = float(jnp.abs(recon - ref).max() / jnp.abs(ref).max())

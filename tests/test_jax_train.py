@@ -1,8 +1,6 @@
 """Training behaviour of the JAX backend: learning, freezing, recompilation, resume (SPEC §6)."""
 
-import jax
 import numpy as np
-import pytest
 
 from maetok.config import preset
 from maetok.data import BatchSource, SyntheticImages

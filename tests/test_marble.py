@@ -142,7 +142,7 @@ def test_a_chain_joined_backwards_walks_no_step_and_bi_walks_on():
 
 
 def test_losses_fall_over_walks_one_iteration_per_step(no_marble):
-    p, w, _, stats = walk_many(SMALL, walks=6)
+    p, _w, _, stats = walk_many(SMALL, walks=6)
     assert p.last_error is None and p.error_count == 0
     calls = sum(s["steps"] + 1 for s in stats)  # every walk ends with the dead-end call
     assert p.iteration == calls == len(p.history)
@@ -156,7 +156,7 @@ def test_losses_fall_over_walks_one_iteration_per_step(no_marble):
 def test_same_seed_same_parameters_and_the_walk_is_untouched(no_marble):
     cfg = {**SMALL, "stage2_start": 6}
     a, wa, brain_a, stats_a = walk_many(cfg, walks=3)
-    b, wb, _, _ = walk_many(cfg, walks=3)
+    b, _wb, _, _ = walk_many(cfg, walks=3)
     assert a.iteration == b.iteration > 6 and a.stage == 2
     assert states_equal(a.numpy_state(), b.numpy_state())
     assert [r["mask_ratio"] for r in a.history] == [r["mask_ratio"] for r in b.history]
@@ -238,7 +238,7 @@ def test_a_broken_config_is_reported_not_silent(bad, needle):
     with host.installed() as marble:
         brain = host.chain_brain(5)
         p = brain.load_paradigm(MAETokParadigm, {**SMALL, **bad})  # the host retries cls()
-        _, w, _, stats = walk_many(None, walks=2, brain=brain)
+        _, _w, _, stats = walk_many(None, walks=2, brain=brain)
         assert p.stopped and p.error_count == 1 and p.iteration == 0 and not p.history
         assert needle in p.last_error and "rejected" in p.last_error
         errors = marble.REPORTER.get("maetok", "errors")
@@ -293,7 +293,7 @@ def test_reports_go_to_marbles_reporter_and_history_without_it(no_marble):
     quiet, *_ = walk_many(SMALL, walks=1)
     assert quiet.history and quiet.last_error is None  # no reporter: history only
     with host.installed() as marble:
-        p, w, _, stats = walk_many({**SMALL, "stats_every": 1}, walks=2)
+        p, _w, _, stats = walk_many({**SMALL, "stats_every": 1}, walks=2)
         tree = marble.REPORTER.tree
         step0 = tree["training"]["maetok"]["step_0"]
         for key in (
@@ -394,7 +394,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
 
     file_cfg = ckpt.read_config(path)
     assert file_cfg == p.settings.cfg
-    tree, _, meta = ckpt.load_checkpoint(path)
+    _tree, _, meta = ckpt.load_checkpoint(path)
     assert (meta["stage"], meta["iteration"], meta["backend"]) == (1, 3, "torch")
 
     # Resume: a new paradigm loads at iteration 3 and, on the same Wanderer steps, ends

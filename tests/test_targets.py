@@ -17,20 +17,20 @@ import numpy as np
 import pytest
 
 try:  # the repository root, when the package is not installed
-    import maetok  # noqa: F401
+    import maetok  # noqa: F401 - only whether it imports
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import torch  # noqa: E402
+import jax
+import jax.numpy as jnp
+import torch
 
-import maetok.targets as core  # noqa: E402
-from maetok.config import preset  # noqa: E402
-from maetok.errors import ConfigError  # noqa: E402
-from maetok.filters import PERCEP_LEVELS, filter_banks  # noqa: E402
-from maetok.params import init_disc  # noqa: E402
-from maetok.tree import map_tree  # noqa: E402
+import maetok.targets as core
+from maetok.config import preset
+from maetok.errors import ConfigError
+from maetok.filters import PERCEP_LEVELS, filter_banks
+from maetok.params import init_disc
+from maetok.tree import map_tree
 
 BACKENDS = ("jax", "torch")
 RTOL, ATOL = 1e-5, 1e-5  # float32 code vs float64 references
