@@ -1,9 +1,9 @@
 """Checkpoints: one safetensors file holding the whole training state and its config.
 
 The state is a nested dict of arrays (parameters, optimiser moments, EMA, step counter),
-stored flat under ``/``-joined keys (SPEC §2), so a checkpoint written by one backend loads
-unchanged in the other. The metadata carries ``format``, the full config as JSON, and any
-caller entries (e.g. the step or wall time).
+stored flat under ``/``-joined keys (docs/design.md §2), so a checkpoint written by one
+backend loads unchanged in the other. The metadata carries ``format``, the full config as
+JSON, and any caller entries (e.g. the step or wall time).
 
 Saving is atomic: the file is written next to its destination, flushed to disk and then
 renamed over it, so a crash or a refused save never leaves a half-written or NaN

@@ -2,9 +2,9 @@
 
 Three parts, stored together in every checkpoint:
 
-- ``ModelConfig``: shapes of the tokenizer (SPEC §3, §8).
-- ``LossConfig``: loss terms and weights (SPEC §4–5).
-- ``TrainConfig``: optimiser, schedules, masking, batch (SPEC §6–7).
+- ``ModelConfig``: shapes of the tokenizer (docs/design.md §3, §8).
+- ``LossConfig``: loss terms and weights (docs/design.md §4–5).
+- ``TrainConfig``: optimiser, schedules, masking, batch (docs/design.md §6–7).
 
 The dataclasses are frozen so they can be static arguments under ``jax.jit`` and so a
 config can never change under a running train step. Bad values raise ``ConfigError``
@@ -54,7 +54,7 @@ class ModelConfig:
     unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     remat: bool = False  # recompute block internals in the backward pass (memory for compute)
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
-    # positions are told apart by RoPE alone (SPEC §3.4); on, training converges faster.
+    # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.
     query_pos: bool = False
 
     @property
@@ -360,7 +360,7 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# SPEC §8. Train settings differ by use: `tiny` is sized for tests and CPU demos.
+# docs/design.md §8. Train settings differ by use: `tiny` is sized for tests and CPU demos.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(

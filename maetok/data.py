@@ -1,11 +1,11 @@
 """The image pipeline: datasets, reproducible batches with crops and masks, prefetching.
 
-Everything random here is a pure function of ``(cfg.train.seed, step)`` (SPEC §6): which
+Everything random here is a pure function of ``(cfg.train.seed, step)`` (docs/design.md §6): which
 images a step sees, where they are cropped, whether they are flipped and which tokens are
 masked. A resumed run therefore sees exactly the batches it would have seen, and the JAX
 and torch backends can be fed the same numbers.
 
-Images leave this module channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (SPEC §2).
+Images leave this module channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (docs/design.md §2).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Fixed filter banks as numpy, built by one function so both backends use the same numbers.
 
-- Sobel kernels and the per-patch Gaussian window for HOG (SPEC §4).
+- Sobel kernels and the per-patch Gaussian window for HOG (docs/design.md §4).
 - A Gabor bank (quadrature pairs at several scales and orientations) for the multi-scale
   conv target.
-- Gaussian-derivative kernels for the frozen perceptual feature pyramid (SPEC §5).
+- Gaussian-derivative kernels for the frozen perceptual feature pyramid (docs/design.md §5).
 
 Kernels are ``(kh, kw, 1, F)`` and are applied to each colour channel separately.
 """
@@ -79,7 +79,7 @@ def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
     return {
         "sobel_x": np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32),  # gx
         "sobel_y": np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], np.float32),  # gy = gxᵀ
-        # SPEC §4: a 16×16 window with σ = 8 for p = 16; in general p × p with σ = p/2.
+        # docs/design.md §4: a 16×16 window with σ = 8 for p = 16; in general p × p with σ = p/2.
         "hog_window": gaussian_window(patch_size, patch_size / 2.0),
         "gabor": gabor_bank(),
         "percep": percep_bank(),

@@ -1,4 +1,4 @@
-"""Token masks as a pure function of (seed, step, batch shape, r) (SPEC §6).
+"""Token masks as a pure function of (seed, step, batch shape, r) (docs/design.md §6).
 
 Masks are drawn on the host with numpy, in the data pipeline, so the JAX and torch
 backends see the same mask at the same step and a resumed run sees the masks it would

@@ -1,4 +1,4 @@
-"""The parameter tree: names, shapes and init rules, shared by every backend (SPEC §2).
+"""The parameter tree: names, shapes and init rules, shared by every backend (docs/design.md §2).
 
 The tree is the public interface of the model. Both backends read and write exactly these
 keys, shapes and layouts (a dense weight is ``(in, out)``, applied as ``x @ w + b``;

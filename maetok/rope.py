@@ -1,4 +1,4 @@
-"""Axial 2D RoPE tables (SPEC §3.3, §3.6), built once in numpy so both backends rotate alike.
+"""Axial 2D RoPE tables (docs/design.md §3.3, §3.6), built once in numpy so both backends agree.
 
 A head of width K is split in two halves: the first K/2 dims rotate with the token's row,
 the last K/2 with its column. Within each half, dims ``i`` and ``i + K/4`` form a rotating

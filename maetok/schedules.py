@@ -1,4 +1,4 @@
-"""Learning-rate and mask-ratio schedules (SPEC §6–7), as plain functions of the step.
+"""Learning-rate and mask-ratio schedules (docs/design.md §6–7), as plain functions of the step.
 
 They are written with ``math`` only and evaluated on the host, so both backends see the
 same numbers: the learning rate enters each train step as an argument.

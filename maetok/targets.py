@@ -1,4 +1,4 @@
-"""Auxiliary-target dimensions: the framework-free half of the target registry (SPEC §4).
+"""Auxiliary-target dimensions: the framework-free half of the target registry (docs/design.md §4).
 
 Each backend keeps the functions that compute a target (``images → (B, N, D_j)``) in the
 ``TARGETS`` table of its own ``targets`` module; this module records each target's width
@@ -18,7 +18,7 @@ HOG_BINS = 9
 
 
 def hog_cell(patch_size: int) -> int:
-    """Side of one HOG cell: 8 pixels (SPEC §4), or the whole patch when p < 8."""
+    """Side of one HOG cell: 8 pixels (docs/design.md §4), or the whole patch when p < 8."""
     return 8 if patch_size >= 8 else patch_size
 
 

@@ -1,4 +1,4 @@
-"""Multi-head self-attention with 2D RoPE on q/k (SPEC §3.3).
+"""Multi-head self-attention with 2D RoPE on q/k (docs/design.md §3.3).
 
 Two implementations give the same function:
 - ``plain``: explicit ``softmax(q kᵀ / √K) v`` with the softmax in float32 — the

@@ -1,4 +1,4 @@
-"""Patch-GAN discriminator and its losses (SPEC §5), over ``maetok.params.spec_disc``.
+"""Patch-GAN discriminator and its losses (docs/design.md §5), over ``maetok.params.spec_disc``.
 
 ``disc_depth`` 4×4 stride-2 convs (zero padding 1 on every side, bias, LeakyReLU 0.2),
 then a 4×4 stride-1 conv to one logit per location. No normalisation layers. Kernels are

@@ -1,4 +1,4 @@
-"""The latent diffusion transformer: a DiT with adaLN-Zero blocks (SPEC §11).
+"""The latent diffusion transformer: a DiT with adaLN-Zero blocks (docs/design.md §11).
 
 Over ``maetok.params.spec_dit``. Shapes: B batch, L latent tokens, h channels per token,
 D width. The network reads the interpolated latents x (B, L, h), the time t (B,) in [0, 1]

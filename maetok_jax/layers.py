@@ -1,4 +1,4 @@
-"""Elementary layers: dense, LayerNorm, GELU MLP (SPEC §3.3).
+"""Elementary layers: dense, LayerNorm, GELU MLP (docs/design.md §3.3).
 
 Pinned numerics (LayerNorm statistics, exact GELU): ``maetok.numerics``.
 """

@@ -1,6 +1,6 @@
-"""The tokenizer: patch embed, masked encoder, pixel decoder, auxiliary decoders (SPEC §3).
+"""The tokenizer: patch embed, masked encoder, pixel decoder, aux decoders (docs/design.md §3).
 
-Shapes (SPEC §2): B batch, H×W×C image, p patch, N image tokens, L latent tokens,
+Shapes (docs/design.md §2): B batch, H×W×C image, p patch, N image tokens, L latent tokens,
 D width. The encoder reads ``[x_masked ; z + pos_z]`` (N + L tokens, image tokens first,
 so RoPE rotates positions ``< N`` only); the pixel decoder reads
 ``[e ; dense(h) + pos_h]`` and keeps the first N outputs.

@@ -1,4 +1,4 @@
-"""Hand-written optimisers over parameter trees (SPEC §7): Adam/AdamW, SGD, clipping, EMA.
+"""Hand-written optimisers over parameter trees (docs/design.md §7): Adam/AdamW, SGD, clipping, EMA.
 
 Each optimiser is a pair ``init(params) -> OptState`` and
 ``update(grads, state, params, lr, t) -> (params, state)``, with one operation order shared

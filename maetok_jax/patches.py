@@ -1,4 +1,4 @@
-"""Patchify and unpatchify: the fixed reshapes inside P and P⁻¹ (SPEC §3.1, §3.4).
+"""Patchify and unpatchify: the fixed reshapes inside P and P⁻¹ (docs/design.md §3.1, §3.4).
 
 Tokens are numbered row-major over the (H/p)×(W/p) grid; each patch is flattened in
 (row, column, channel) order, so a token vector is ``p·p·C`` long.

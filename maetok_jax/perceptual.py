@@ -1,4 +1,4 @@
-"""The frozen in-project perceptual feature pyramid and its loss (SPEC §5).
+"""The frozen in-project perceptual feature pyramid and its loss (docs/design.md §5).
 
 No downloaded weights: level 0 is the image, level l+1 the 2×2 average-pooled level l,
 and each level is passed through the fixed Gaussian-derivative bank

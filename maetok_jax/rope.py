@@ -1,4 +1,4 @@
-"""Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (SPEC §3.3)."""
+"""Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (docs/design.md §3.3)."""
 
 import jax.numpy as jnp
 

@@ -1,4 +1,4 @@
-"""Auxiliary targets (SPEC §4): fixed features of the image, one vector per image token.
+"""Auxiliary targets (docs/design.md §4): fixed features of the image, one vector per image token.
 
 Every target maps ``images (B, H, W, C) → (B, N, D_j)`` with ``D_j =
 maetok.targets.target_dim(name, m)``. They are computed from the clean image, never

@@ -1,4 +1,4 @@
-"""Train state and the Stage-1 / Stage-2 train steps (SPEC §5–7).
+"""Train state and the Stage-1 / Stage-2 train steps (docs/design.md §5–7).
 
 The train state is a plain dict pytree::
 

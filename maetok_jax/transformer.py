@@ -1,4 +1,4 @@
-"""Pre-norm transformer blocks, stacked along a leading depth axis (SPEC §3.3).
+"""Pre-norm transformer blocks, stacked along a leading depth axis (docs/design.md §3.3).
 
 ``x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x))``. The stack runs under ``lax.scan`` so the
 compiled program holds one block, not ``depth`` copies; ``unroll`` trades compile time for

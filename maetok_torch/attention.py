@@ -1,4 +1,6 @@
-"""Multi-head self-attention with 2D RoPE on q/k (SPEC §3.3). Mirrors ``maetok_jax/attention.py``.
+"""Multi-head self-attention with 2D RoPE on q/k (docs/design.md §3.3).
+
+Mirrors ``maetok_jax/attention.py``.
 
 Two implementations give the same function:
 - ``plain``: explicit ``softmax(q kᵀ / √K) v`` with the softmax in float32 and the scale

@@ -1,4 +1,6 @@
-"""Elementary layers: dense, LayerNorm, GELU MLP (SPEC §3.3). Mirrors ``maetok_jax/layers.py``.
+"""Elementary layers: dense, LayerNorm, GELU MLP (docs/design.md §3.3).
+
+Mirrors ``maetok_jax/layers.py``.
 
 Plain functions over dicts of tensors (no ``nn.Module``). Pinned numerics (LayerNorm
 statistics, exact GELU): ``maetok.numerics``; LayerNorm is written out rather than

@@ -1,4 +1,4 @@
-"""Loss terms (SPEC §4–5): L_rec, L_mask, the adaptive adversarial weight, and the totals.
+"""Loss terms (docs/design.md §4–5): L_rec, L_mask, the adaptive adversarial weight, and the totals.
 
 Mirrors ``maetok_jax/losses.py``. The perceptual pyramid and the discriminator's own
 losses live in ``perceptual`` and ``discriminator``; this module combines them into the

@@ -1,4 +1,4 @@
-"""MAETok as a learning-paradigm plugin for Marble (Brain + Wanderer), SPEC §9.
+"""MAETok as a learning-paradigm plugin for Marble (Brain + Wanderer), docs/design.md §9.
 
 The tokenizer trains alongside a Marble walk: one MAETok iteration per Wanderer step, on
 the Wanderer's device, with its own parameters and hand-written optimiser. The walk's own

@@ -6,7 +6,7 @@ plus overrides, validated by ``maetok.config``), the plugin's own options (``nam
 ``stage2_start``, ``pretrain_steps``, ...) and an ``ImageSource``. Every problem raises
 ``ConfigError`` naming the key and what would be valid; an unknown key lists the known ones.
 
-Images enter the tokenizer channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (SPEC §2).
+Images enter the tokenizer channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (docs/design.md §2).
 ``as_images`` is the one place where other layouts are converted: uint8 in [0, 255] is
 rescaled, and a torch tensor (or array) whose channel axis is axis 1 (NCHW) is transposed.
 

@@ -1,4 +1,4 @@
-"""Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (SPEC §3.3).
+"""Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (docs/design.md §3.3).
 
 Mirrors ``maetok_jax/rope.py``: the tables come from the same numpy function, and
 ``rotate_half`` uses the same layout ([rows | columns], each half split in two).

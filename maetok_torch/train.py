@@ -1,4 +1,6 @@
-"""Train state and the Stage-1 / Stage-2 train steps (SPEC §5–7). Mirrors ``maetok_jax/train.py``.
+"""Train state and the Stage-1 / Stage-2 train steps (docs/design.md §5–7).
+
+Mirrors ``maetok_jax/train.py``.
 
 The train state is a plain dict of tensors, all on one device::
 

@@ -1,4 +1,4 @@
-"""Pre-norm transformer blocks, stacked along a leading depth axis (SPEC §3.3).
+"""Pre-norm transformer blocks, stacked along a leading depth axis (docs/design.md §3.3).
 
 ``x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x))``. Mirrors ``maetok_jax/transformer.py``; where
 JAX scans over the stacked tree, this loops over the depth index and slices every leaf.

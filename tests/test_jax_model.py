@@ -1,4 +1,4 @@
-"""Shapes and structural properties of the JAX tokenizer (SPEC §3)."""
+"""Shapes and structural properties of the JAX tokenizer (docs/design.md §3)."""
 
 import jax
 import jax.numpy as jnp

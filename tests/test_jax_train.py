@@ -1,4 +1,4 @@
-"""Training behaviour of the JAX backend: learning, freezing, recompilation, resume (SPEC §6)."""
+"""JAX backend training: learning, freezing, recompilation, resume (docs/design.md §6)."""
 
 import numpy as np
 

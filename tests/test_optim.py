@@ -1,4 +1,4 @@
-"""Hand-written optimisers against a plain numpy reference over several steps (SPEC §7)."""
+"""Hand-written optimisers against a plain numpy reference, several steps (docs/design.md §7)."""
 
 import jax.numpy as jnp
 import numpy as np
