@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from maetok.data import load_eval_images, to_uint8
+from maetok.data import from_uint8, load_eval_images, to_uint8
 from maetok.metrics import psnr, ssim
 
 COLLAPSE_REL_VAR = 1e-3  # a latent dim with variance below this × the median dim's is "dead"
@@ -116,6 +116,15 @@ def reconstruct_all(
     return np.concatenate(recons)
 
 
+def encode_all(backend, params, images, batch_size: int = 16) -> np.ndarray:
+    """Latents (B, L, h) of ``images`` (B, H, W, C) in batches; uint8 images are scaled to
+    [-1, 1] one batch at a time, so a large uint8 set is never held as float32 whole."""
+    chunks = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+    return np.concatenate(
+        [backend.encode(params, from_uint8(c) if c.dtype == np.uint8 else c) for c in chunks]
+    )
+
+
 def evaluate(
     cfg,
     backend,
@@ -130,12 +139,7 @@ def evaluate(
     m = cfg.model
     images, names = load_eval_images(folder, m.image_size, skip_broken)
     recon = reconstruct_all(backend, params, images, batch_size)
-    latents = np.concatenate(
-        [
-            backend.encode(params, images[i : i + batch_size])
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    latents = encode_all(backend, params, images, batch_size)
     side = thumbnail_side(m)
     thumb = thumbnail_baseline(images, side)
     p_model, s_model = psnr(images, recon), ssim(images, recon)

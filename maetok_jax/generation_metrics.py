@@ -134,15 +134,6 @@ def normalise_latents(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray
     return [((x - mean) / std).astype(np.float32) for x in (train, *others)]
 
 
-def _encode_all(backend, params, images_uint8, batch_size: int) -> np.ndarray:
-    return np.concatenate(
-        [
-            backend.encode(params, from_uint8(images_uint8[i : i + batch_size]))
-            for i in range(0, len(images_uint8), batch_size)
-        ]
-    )
-
-
 def tokenizer_metrics(
     tokenizer_checkpoint,
     train_images,
@@ -165,7 +156,7 @@ def tokenizer_metrics(
     ``latent_shape`` [L, d].
     """
     from maetok import checkpoint as ckpt
-    from maetok.evaluate import reconstruct_all
+    from maetok.evaluate import encode_all, reconstruct_all
     from maetok.metrics import psnr
     from maetok.trainer import get_backend, params_from_checkpoint
 
@@ -182,8 +173,8 @@ def tokenizer_metrics(
     test = from_uint8(test_images)
     recon = reconstruct_all(backend, params, test, batch_size)
     z_train, z_test = normalise_latents(
-        _encode_all(backend, params, train_images, batch_size),
-        _encode_all(backend, params, test_images, batch_size),
+        encode_all(backend, params, train_images, batch_size),
+        encode_all(backend, params, test_images, batch_size),
     )
     num_classes = int(max(np.max(train_labels), np.max(test_labels))) + 1
     flat_train, flat_test = z_train.reshape(len(z_train), -1), z_test.reshape(len(z_test), -1)
