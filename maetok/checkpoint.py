@@ -326,6 +326,19 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def tensor_digest(path, fmt: str = FORMAT) -> str:
+    """Hex sha256 of a checkpoint's tensors (names, dtypes, shapes and bytes, in name order),
+    blind to its metadata: two runs that computed the same state give the same digest even
+    when they wrote to different folders."""
+    flat, _, _ = load_tree(path, fmt)
+    digest = hashlib.sha256()
+    for key in sorted(flat):
+        array = np.ascontiguousarray(flat[key])
+        digest.update(f"{key}\0{array.dtype.str}\0{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def save_diffusion(path, tree: dict, cfg: DiffusionConfig, meta: dict | None = None) -> Path:
     """Write a diffusion model's tree (state and latent statistics) with its config and meta."""
     return save_tree(path, tree, cfg.to_json(), meta, DIFFUSION_FORMAT)

@@ -55,6 +55,8 @@ def _changes(args) -> dict:
     ):
         if getattr(args, flag) is not None:
             train[field] = getattr(args, flag)
+    if getattr(args, "nondeterministic", False):
+        train["deterministic"] = False
     if args.dtype:
         changes.setdefault("model", {})["compute_dtype"] = args.dtype
     if args.image_size:
@@ -90,6 +92,7 @@ def _train_config(args) -> Config:
 
 
 def cmd_train(args) -> int:
+    from maetok import checkpoint as ckpt
     from maetok import run
     from maetok.trainer import CHECKPOINT_NAME, train
 
@@ -185,7 +188,8 @@ def cmd_train(args) -> int:
                 if "peak_memory_gib" in last
                 else ""
             )
-            + f"; checkpoint {out / CHECKPOINT_NAME}"
+            + f"; checkpoint {out / CHECKPOINT_NAME} (tensors sha256 "
+            f"{ckpt.tensor_digest(out / CHECKPOINT_NAME)[:16]})"
         )
     return 0
 
@@ -415,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any config field, e.g. --set loss.use_adv=true (repeatable)",
     )
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--nondeterministic",
+        action="store_true",
+        help="let the GPU pick its fastest kernels, some of which (atomics, autotuning) "
+        "give slightly different results run to run; by default training is "
+        "reproducible (train.deterministic)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",

@@ -118,6 +118,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 500
     sample_every: int = 500
+    # GPU kernels chosen for run-to-run bit-identical results (maetok/reproducible.py);
+    # False trades that for speed (``maetok train --nondeterministic``).
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ def _fill(u: np.ndarray, v: np.ndarray, r: float, rng: np.random.Generator) -> n
 
 
 class ImageFolder:
-    """Every .jpg/.jpeg/.png under ``root`` (recursive, sorted), each at least ``min_size``².
+    """Every .jpg/.jpeg/.png under ``root`` (recursive, through links to folders, sorted), each
+    at least ``min_size``².
 
     Indexing decodes every file in full, in parallel threads with a progress bar, so a bad
     dataset fails before training starts: a file that cannot be decoded (corrupt, truncated)
@@ -196,9 +197,7 @@ class ImageFolder:
         self._lock = threading.Lock()
         if not self.root.is_dir():
             raise DataError(f"data folder {self.root} does not exist (or is not a folder)")
-        found = sorted(
-            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-        )
+        found = _image_files(self.root)
         if not found:
             raise DataError(
                 f"no images in data folder {self.root}: looked for "
@@ -298,6 +297,25 @@ class ImageFolder:
                 self._cache[i] = image
                 self._cache_left -= image.nbytes
         return image
+
+
+def _image_files(root: Path) -> list[Path]:
+    """Every image file under ``root``, sorted, following links to folders (so a training
+    folder may be a few links to other folders), each real folder visited once."""
+    found, seen = [], set()
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or two links to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        subfolders.sort()  # the same folders win, whatever order the file system lists
+        found += [
+            Path(folder) / f
+            for f in files
+            if Path(f).suffix.lower() in IMAGE_EXTENSIONS and (Path(folder) / f).is_file()
+        ]
+    return sorted(found)
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

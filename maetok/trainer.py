@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from maetok import checkpoint as ckpt
-from maetok import run
+from maetok import reproducible, run
 from maetok.config import Config
 from maetok.data import BatchSource, Prefetcher
 from maetok.errors import CheckpointError, NonFiniteLossError, TrainingStopped
@@ -190,6 +190,7 @@ def train(
     the next step boundary and raise ``TrainingStopped`` in every process, after the same
     step.
     """
+    reproducible.request(backend_name, cfg.train.deterministic)  # before the backend starts
     backend_cls = get_backend(backend_name)
     if devices is None:
         devices = backend_cls.default_devices(device)

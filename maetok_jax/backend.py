@@ -45,6 +45,23 @@ def select_device(name: str | None):
     return devices[int(index or 0)]
 
 
+def _check_deterministic_flag() -> None:
+    """Warn when JAX's GPU client started without ``maetok.reproducible``'s flag: then
+    ``train.deterministic`` cannot hold in this process (the flag is read at start-up)."""
+    import os
+    import warnings
+
+    from maetok.reproducible import XLA_FLAG
+
+    if XLA_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        warnings.warn(
+            "train.deterministic is on, but JAX's GPU client started without "
+            f"XLA_FLAGS={XLA_FLAG}: results may differ run to run (set it before JAX "
+            "starts, as `maetok train` does)",
+            stacklevel=3,
+        )
+
+
 class Backend:
     name = "jax"
 
@@ -110,6 +127,8 @@ class Backend:
     # ------------------------------------------------------------------ training
     def train_step(self, state, batch: dict, step: int):
         """One compiled step; returns the new state and device-side metrics (no host sync)."""
+        if self._step is None and self.cfg.train.deterministic and self.device.platform == "gpu":
+            _check_deterministic_flag()
         if self.dp:
             if self._step is None:
                 self._step = self.dp.jit_step(train.make_train_step(self.cfg), state)

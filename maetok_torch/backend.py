@@ -22,6 +22,14 @@ from maetok.tree import map_tree
 from maetok_torch import distributed, model, train
 
 
+def deterministic_kernels() -> None:
+    """Deterministic CUDA kernels for the rest of the process (``maetok.reproducible``): an
+    op without one warns once instead of failing, and cuDNN stops autotuning."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Backend:
     name = "torch"
 
@@ -57,6 +65,8 @@ class Backend:
                 f"device ({self.dist.device} here); leave out --device"
             )
         self.device = self.dist.device if self.dist else chosen
+        if cfg.train.deterministic and self.device.type == "cuda":
+            deterministic_kernels()
         self.compile = compile
         self._step = None
         self.rows = self.dist.batch_rows(cfg.train.batch_size) if self.dist else slice(None)

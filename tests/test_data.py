@@ -232,3 +232,23 @@ def test_save_images_refuses_colliding_names(rng, tmp_path):
     with pytest.raises(DataError, match=r"\['x.jpg', 'x.png'\]"):
         save_images(tmp_path, images, ["x.jpg", "x.png"])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_image_folder_follows_links_to_folders_once(tmp_path, rng):
+    """A training folder made of links to other folders (as the recipe builds it) sees
+    every image of each, and a link back up the tree is not walked twice."""
+    for name, count in (("photos", 3), ("bsds", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / name / f"{i}.png")
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "photos").symlink_to(tmp_path / "photos")
+    (train / "bsds").symlink_to(tmp_path / "bsds")
+    (train / "bsds_again").symlink_to(tmp_path / "bsds")
+    (tmp_path / "photos" / "loop").symlink_to(train)
+    folder = ImageFolder(train, 32, progress=False)
+    assert len(folder) == 5
+    assert sorted(folder.names)[:2] == ["bsds/0.png", "bsds/1.png"]
+    assert {n.split("/")[0] for n in folder.names} == {"photos", "bsds"}
