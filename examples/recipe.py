@@ -1,0 +1,465 @@
+"""The tokenizer recipe on real photographs, its lever study and its three-seed table.
+
+Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
+``bsds500/val`` (centre crops, never trained on), against the equal-size thumbnail::
+
+    # one run of the recipe (resumable: run the same command again to continue it)
+    python examples/recipe.py run runs/recipe/maetok_s0 --variant maetok --seed 0
+    python examples/recipe.py run runs/recipe/plain_s0 --variant plain --seed 0
+
+    # the whole study on one GPU: the recipe and the plain autoencoder at three seeds, a
+    # repeat of seed 0 (the determinism check), and every lever at half the budget, all
+    # at once; --budget-min sizes the steps from a short probe of the GPU's throughput
+    python examples/recipe.py study runs/recipe --budget-min 15
+
+    # the tables (Markdown) of a study folder
+    python examples/recipe.py table runs/recipe
+
+``--data`` is the folder holding ``photos/`` and ``bsds500/`` (default ``../shared/data``).
+The training folder is ``OUT/train_data``: links to the two training sets, which
+``maetok.data.ImageFolder`` follows. Every run is ``maetok train`` (Stage 1, then Stage 2
+from its checkpoint; the plain autoencoder trains the same number of steps in one stage
+with no mask and no auxiliary decoders) and ``maetok eval`` of the EMA weights (and, for
+the EMA lever, of the raw weights). A run that is cut off continues with ``--resume``
+from its last checkpoint when the same command is given again; finished stages are
+skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAETOK = [sys.executable, "-m", "maetok.cli"]
+
+# The recipe: settings of every run (``--set`` fields of `maetok train`); a lever changes one.
+RECIPE = {
+    "model.attention": "fused",
+    "model.query_pos": True,  # learnable decoder query positions: faster convergence
+    "model.compute_dtype": "bfloat16",
+    "train.batch_size": 64,
+    "train.lr": 2e-3,
+    "train.warmup_steps": 100,
+    "train.b2": 0.95,
+    "train.grad_clip": 1.0,
+    "train.ema_decay": 0.999,
+    "train.mask_min": 0.0,  # r ~ U[0, 0.6]: the encoder also sees lightly masked images
+    "train.mask_max": 0.6,
+    "loss.gamma": {"hog": 0.1, "conv": 0.1, "pixel": 0.1},
+    "loss.rec": "mse",
+    "loss.lambda_percep": 0.0,
+    "train.log_every": 50,
+    "train.ckpt_every": 500,
+    "train.sample_every": 1000,
+}
+STAGE2_SHARE = 0.4  # of the steps; Stage 2 anneals r 0.6 → 0 over its first three quarters
+PLAIN = {"train.mask_min": 0.0, "train.mask_max": 0.0, "model.aux_targets": []}
+DEFAULT_STEPS = 6000  # Stage 1 + Stage 2
+
+# One change each from RECIPE, measured at half the budget against the recipe at half the
+# budget. ``stage2_share`` is not a config field: it moves steps from Stage 1 to Stage 2.
+LEVERS = {
+    "lr 1e-3": {"train.lr": 1e-3},
+    "lr 4e-3": {"train.lr": 4e-3},
+    "warm-up 500 steps": {"train.warmup_steps": 500},
+    "β2 = 0.99": {"train.b2": 0.99},
+    "no gradient clipping": {"train.grad_clip": 0.0},
+    "paper masking: r ~ U[0.4, 0.6], γ = 1": {
+        "train.mask_min": 0.4,
+        "loss.gamma": {"hog": 1.0, "conv": 1.0, "pixel": 1.0},
+    },
+    "L1 reconstruction": {"loss.rec": "l1"},
+    "perceptual λ1 = 1": {"loss.lambda_percep": 1.0},
+    "longer Stage 2 (60 % of steps)": {"stage2_share": 0.6},
+}
+
+
+def plain(settings: dict) -> dict:
+    """``settings`` for the plain autoencoder: no mask, no auxiliary decoders (so no γ)."""
+    return {**{k: v for k, v in settings.items() if k != "loss.gamma"}, **PLAIN}
+
+
+def _sets(settings: dict) -> list[str]:
+    out = []
+    for key, value in settings.items():
+        out += ["--set", f"{key}={json.dumps(value)}"]
+    return out
+
+
+def _done_steps(ckpt: Path) -> int | None:
+    """The step a checkpoint was saved at, or None if there is none."""
+    if not ckpt.is_file():
+        return None
+    from maetok.checkpoint import read_header
+
+    return int(read_header(ckpt)[1]["step"])
+
+
+def _train(out: Path, steps: int, args: list[str], log) -> None:
+    """``maetok train`` into ``out`` for ``steps``; continues a cut-off run, skips a done one."""
+    done = _done_steps(out / "checkpoint.safetensors")
+    if done is not None and done >= steps:
+        return
+    cmd = [*MAETOK, "train", "--no-progress", "--out", str(out)]
+    cmd += ["--resume"] if done is not None else [*args, "--steps", str(steps)]
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _eval(ckpt: Path, out: Path, val: Path, log, ema: bool = True) -> None:
+    if (out / "eval.json").is_file():
+        return
+    cmd = [*MAETOK, "eval", "--checkpoint", str(ckpt), "--data", str(val), "--out", str(out)]
+    cmd += ["--batch-size", "50"] + (["--ema"] if ema else [])
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def train_folder(data: Path, out: Path) -> Path:
+    """``out/train_data``: links to ``photos/`` and ``bsds500/train`` under ``data``."""
+    folder = out / "train_data"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, source in (("photos", data / "photos"), ("bsds500_train", data / "bsds500/train")):
+        if not source.is_dir():
+            sys.exit(f"recipe: error: no training folder {source} (pass --data)")
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(source.resolve(), target_is_directory=True)
+    return folder
+
+
+def run_one(
+    out: Path,
+    variant: str,
+    seed: int,
+    steps: int,
+    train: Path,
+    val: Path,
+    preset: str = "seed",
+    changes: dict | None = None,
+    raw_eval: bool = False,
+) -> None:
+    """One run of the recipe with ``changes``: Stage 1 → Stage 2 (or the plain autoencoder
+    in one stage), then ``maetok eval`` of each stage's checkpoint."""
+    settings = {**RECIPE, **(changes or {})}
+    share = settings.pop("stage2_share", STAGE2_SHARE)
+    if variant == "plain":
+        settings = plain(settings)
+    base = ["--preset", preset, "--data", str(train), "--seed", str(seed), *_sets(settings)]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "recipe.log", "a") as log:
+        log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {variant} seed {seed} {steps} steps\n")
+        log.flush()
+        if variant == "plain":
+            _train(out / "stage1", steps, base, log)
+            stages = ["stage1"]
+        else:
+            s2 = max(1, round(steps * share))
+            _train(out / "stage1", steps - s2, base, log)
+            stage2 = [
+                *base,
+                "--stage",
+                "2",
+                "--init-from",
+                str(out / "stage1/checkpoint.safetensors"),
+                "--set",
+                f"train.anneal_steps={max(1, s2 * 3 // 4)}",
+                "--set",
+                f"train.warmup_steps={min(settings['train.warmup_steps'], s2 // 10)}",
+            ]
+            _train(out / "stage2", s2, stage2, log)
+            stages = ["stage1", "stage2"]
+        for stage in stages:
+            _eval(out / stage / "checkpoint.safetensors", out / stage / "eval", val, log)
+        if raw_eval:
+            last = out / stages[-1]
+            _eval(last / "checkpoint.safetensors", last / "eval_raw", val, log, ema=False)
+
+
+# ------------------------------------------------------------------------------ the study
+
+
+def jobs(steps: int, seeds=(0, 1, 2), levers: int | None = None) -> list[dict]:
+    """Every run of the study: name, variant, seed, steps and changes (the first ``levers``
+    levers only, if given)."""
+    out = []
+    for seed in seeds:
+        out.append(dict(name=f"maetok_s{seed}", variant="maetok", seed=seed, steps=steps))
+        out.append(dict(name=f"plain_s{seed}", variant="plain", seed=seed, steps=steps))
+    # the determinism check: seed 0 again, compiled afresh (no shared compilation cache, so
+    # its kernels are chosen, and autotuned, on their own)
+    out.append(
+        dict(
+            name="maetok_s0_repeat",
+            variant="maetok",
+            seed=seeds[0],
+            steps=steps,
+            env={"MAETOK_JAX_CACHE": "off"},
+        )
+    )
+    half = max(2, steps // 2)
+    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=half, raw_eval=True))
+    for i, (lever, change) in enumerate(list(LEVERS.items())[:levers]):
+        out.append(
+            dict(
+                name=f"lever_{i}", lever=lever, variant="maetok", seed=0, steps=half, changes=change
+            )
+        )
+    return out
+
+
+def _launch(job: dict, folder: Path, args, steps_only: int | None = None):
+    """Start one job as a child process of this script's ``run`` command."""
+    cmd = [sys.executable, __file__, "run", str(folder / job["name"]), "--variant", job["variant"]]
+    cmd += ["--seed", str(job["seed"]), "--steps", str(steps_only or job["steps"])]
+    cmd += ["--data", str(args.data), "--preset", args.preset, "--train", str(args.train)]
+    if job.get("changes"):
+        cmd += ["--changes", json.dumps(job["changes"])]
+    if job.get("raw_eval"):
+        cmd += ["--raw-eval"]
+    if steps_only:
+        cmd += ["--stage1-only"]
+    folder.mkdir(parents=True, exist_ok=True)
+    log = open(folder / f"{job['name']}.out", "a")  # noqa: SIM115 - closed by _wait
+    env = {**os.environ, **job.get("env", {})}
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
+
+
+def _wait(procs: list, what: str) -> None:
+    from tqdm import tqdm
+
+    with tqdm(total=len(procs), desc=what, unit="run", dynamic_ncols=True) as bar:
+        while procs:
+            for item in list(procs):
+                proc, log, name = item
+                if proc.poll() is not None:
+                    log.close()
+                    procs.remove(item)
+                    bar.update(1)
+                    if proc.returncode:
+                        print(f"recipe: {name} failed (exit {proc.returncode}); see its .out")
+            time.sleep(2)
+
+
+def _rate(metrics: Path) -> float | None:
+    """Images/s of a run over its last three logged intervals (compilation excluded)."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    if len(lines) < 2:
+        return None
+    return statistics.median(json.loads(line)["images_per_s"] for line in lines[1:][-3:])
+
+
+def probe(folder: Path, args, probe_steps: int, budget_s: float) -> int:
+    """Run the first stage of every job for ``probe_steps`` steps at once and measure the
+    GPU's total images/s under that load; return the largest step count (a multiple of
+    100) whose study fits in ``budget_s`` seconds at 90 % of that throughput.
+
+    The model is work over throughput: the study's images (full runs ``steps``, lever runs
+    half) over the summed images/s of the runs side by side. It is conservative, as the
+    Stage-2 and plain-autoencoder steps cost less than the Stage-1 steps probed.
+    """
+    todo = jobs(100, args.seeds, args.levers)
+    procs = [(*_launch(j, folder / "probe", args, probe_steps), j["name"]) for j in todo]
+    _wait(procs, "probe")
+    rates = {}
+    for job in todo:
+        rate = _rate(folder / "probe" / job["name"] / "stage1/metrics.jsonl")
+        if rate is None:
+            sys.exit(f"recipe: error: the probe of {job['name']} logged nothing")
+        rates[job["name"]] = rate
+    total = sum(rates.values())
+    images_per_step = RECIPE["train.batch_size"] * sum(j["steps"] for j in todo) / 100
+    steps = int(0.9 * total * budget_s / images_per_step) // 100 * 100
+    print(
+        f"recipe: {len(todo)} runs side by side, {total:.0f} images/s in all "
+        f"({min(rates.values()):.0f}–{max(rates.values()):.0f} each) → {steps} steps"
+    )
+    (folder / "probe.json").write_text(json.dumps({"images_per_s": rates, "steps": steps}))
+    return max(steps, 100)
+
+
+def study(folder: Path, args) -> None:
+    steps = args.steps
+    if args.budget_min:
+        steps = probe(folder, args, args.probe_steps, args.budget_min * 60)
+    (folder / "study.json").write_text(json.dumps({"steps": steps}))
+    procs = [(*_launch(j, folder, args), j["name"]) for j in jobs(steps, args.seeds, args.levers)]
+    _wait(procs, "study")
+    print(table(folder))
+
+
+# ------------------------------------------------------------------------------ the tables
+
+
+def _report(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _images_per_s(metrics: Path) -> float | None:
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    # one line per step, each with its logging interval's rate; the median leaves out the
+    # first interval's, which includes compiling
+    rates = [json.loads(line)["images_per_s"] for line in lines]
+    return statistics.median(rates) if rates else None
+
+
+def _mean_spread(values: list[float], digits: int) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(folder: Path) -> str:
+    """The seed table, the lever table and the determinism check of a study folder."""
+    from maetok.checkpoint import tensor_digest
+
+    steps = json.loads((folder / "study.json").read_text())["steps"]
+    lines = [f"Study in {folder}: {steps} steps per full run.\n"]
+    rows = [
+        ("MAETok Stage 1", "maetok_s{}", "stage1"),
+        ("MAETok Stage 1 + Stage 2", "maetok_s{}", "stage2"),
+        ("plain autoencoder", "plain_s{}", "stage1"),
+    ]
+    lines.append("| model (BSDS500 val) | seeds | PSNR (dB) | SSIM | beats thumbnail on |")
+    lines.append("|---|---|---|---|---|")
+    thumb = None
+    for label, pattern, stage in rows:
+        reports = [
+            r
+            for seed in (0, 1, 2)
+            if (r := _report(folder / pattern.format(seed) / stage / "eval/eval.json"))
+        ]
+        if not reports:
+            continue
+        thumb = reports[0]["thumbnail"]
+        psnrs = [r["tokenizer"]["psnr"] for r in reports]
+        ssims = [r["tokenizer"]["ssim"] for r in reports]
+        wins = [
+            f"{sum(i['psnr'] > i['thumb_psnr'] for i in r['per_image'])}/{r['images']}"
+            for r in reports
+        ]
+        lines.append(
+            f"| {label} | {len(reports)} | {_mean_spread(psnrs, 2)} | {_mean_spread(ssims, 3)} "
+            f"| {', '.join(map(str, wins))} |"
+        )
+    if thumb:
+        lines.append(
+            f"| thumbnail {thumb['side']}×{thumb['side']} bicubic | – | {thumb['psnr']:.2f} "
+            f"| {thumb['ssim']:.3f} | – |"
+        )
+    lines.append("\n(± is the standard deviation over the seeds.)\n")
+
+    ref = _report(folder / "lever_recipe/stage2/eval/eval.json")
+    if ref:
+        ref_psnr = ref["tokenizer"]["psnr"]
+        lines.append(f"Levers at {max(2, steps // 2)} steps, seed 0, one change each:\n")
+        lines.append("| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | images/s (Stage 1) |")
+        lines.append("|---|---|---|---|---|")
+        rate = _images_per_s(folder / "lever_recipe/stage1/metrics.jsonl")
+        lines.append(
+            f"| none (the recipe) | {ref_psnr:.2f} | – | {ref['tokenizer']['ssim']:.3f} "
+            f"| {rate or 0:.0f} |"
+        )
+        raw = _report(folder / "lever_recipe/stage2/eval_raw/eval.json")
+        if raw:
+            p = raw["tokenizer"]["psnr"]
+            lines.append(
+                f"| raw weights instead of EMA (same run) | {p:.2f} | {p - ref_psnr:+.2f} "
+                f"| {raw['tokenizer']['ssim']:.3f} | – |"
+            )
+        for i, lever in enumerate(LEVERS):
+            if not (folder / f"lever_{i}").is_dir():
+                continue  # not in this study
+            r = _report(folder / f"lever_{i}/stage2/eval/eval.json")
+            if r is None:
+                lines.append(f"| {lever} | (did not finish) | | | |")
+                continue
+            p = r["tokenizer"]["psnr"]
+            rate = _images_per_s(folder / f"lever_{i}/stage1/metrics.jsonl")
+            lines.append(
+                f"| {lever} | {p:.2f} | {p - ref_psnr:+.2f} | {r['tokenizer']['ssim']:.3f} "
+                f"| {rate or 0:.0f} |"
+            )
+    lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
+    for stage in ("stage1", "stage2"):
+        a = folder / f"maetok_s0/{stage}/checkpoint.safetensors"
+        b = folder / f"maetok_s0_repeat/{stage}/checkpoint.safetensors"
+        if a.is_file() and b.is_file():
+            da, db = tensor_digest(a), tensor_digest(b)
+            same = "identical" if da == db else "DIFFERENT"
+            lines.append(f"- {stage}: {da[:16]} and {db[:16]}: {same}")
+    text = "\n".join(lines)
+    (folder / "tables.md").write_text(text + "\n")
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="recipe", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    for name in ("run", "study"):
+        q = sub.add_parser(name)
+        q.add_argument("out", type=Path)
+        q.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+        q.add_argument("--train", type=Path, help="training folder (default: OUT/train_data)")
+        q.add_argument("--preset", default="seed")
+        q.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Stage 1 + Stage 2")
+    run_p = sub.choices["run"]
+    run_p.add_argument("--variant", choices=("maetok", "plain"), default="maetok")
+    run_p.add_argument("--seed", type=int, default=0)
+    run_p.add_argument("--changes", type=json.loads, default=None, help="JSON of --set fields")
+    run_p.add_argument("--raw-eval", action="store_true", help="also evaluate the raw weights")
+    run_p.add_argument("--stage1-only", action="store_true", help=argparse.SUPPRESS)
+    study_p = sub.choices["study"]
+    study_p.add_argument("--budget-min", type=float, help="size the steps to this many minutes")
+    study_p.add_argument("--probe-steps", type=int, default=200)
+    study_p.add_argument(
+        "--seeds", type=lambda t: tuple(int(x) for x in t.split(",")), default=(0, 1, 2)
+    )
+    study_p.add_argument("--levers", type=int, help="only the first N levers")
+    sub.add_parser("table").add_argument("out", type=Path)
+    args = p.parse_args(argv)
+    if args.command == "table":
+        print(table(args.out))
+        return 0
+    val = args.data / "bsds500/val"
+    if args.command == "study":
+        args.train = args.train or train_folder(args.data, args.out)
+        study(args.out, args)
+        return 0
+    train = args.train or train_folder(args.data, args.out.parent)
+    if args.stage1_only:  # the probe: the first stage only, no evaluation
+        settings = {**RECIPE, **(args.changes or {})}
+        settings.pop("stage2_share", None)
+        settings["train.log_every"] = 20
+        if args.variant == "plain":
+            settings = plain(settings)
+        base = ["--preset", args.preset, "--data", str(train), "--seed", str(args.seed)]
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "recipe.log", "a") as log:
+            _train(args.out / "stage1", args.steps, [*base, *_sets(settings)], log)
+        return 0
+    run_one(
+        args.out,
+        args.variant,
+        args.seed,
+        args.steps,
+        train,
+        val,
+        args.preset,
+        args.changes,
+        args.raw_eval,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # runs share one GPU
+    sys.exit(main())
