@@ -42,9 +42,10 @@ import maetok_torch.rope as tr
 import maetok_torch.targets as ttg
 import maetok_torch.train as tt
 import maetok_torch.transformer as ttr
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
 from maetok.filters import PERCEP_LEVELS
 from maetok.parity import TOL, TRAJECTORY_STEPS, parity_config, tree_err, worst_update
+from maetok.synthetic import SyntheticImages
 from maetok.targets import target_dim
 from maetok.tree import flatten
 from maetok_parity.harness import (

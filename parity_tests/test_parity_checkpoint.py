@@ -22,9 +22,10 @@ import maetok_torch.backend as tb
 import maetok_torch.train as tt
 from maetok.checkpoint import layout, load_checkpoint, save_checkpoint
 from maetok.config import preset
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
 from maetok.params import init_disc
 from maetok.parity import TOL, tree_err
+from maetok.synthetic import SyntheticImages
 from maetok.trainer import load_state
 from maetok.tree import flatten
 from maetok_parity.harness import disc_off_margin, jax_device, jax_step

@@ -21,8 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maetok.config import preset
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
 from maetok.params import init_disc
+from maetok.synthetic import SyntheticImages
 from maetok.tree import flatten
 
 STEPS = 3

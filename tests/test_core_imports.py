@@ -35,7 +35,7 @@ print(json.dumps(found))
 
 def test_core_modules_import_no_backend():
     names = ["maetok"] + [f"maetok.{m.name}" for m in pkgutil.iter_modules(maetok.__path__)]
-    assert {"maetok.parity", "maetok.cli", "maetok.trainer"} <= set(names)
+    assert {"maetok.parity", "maetok.cli", "maetok.trainer", "maetok.synthetic"} <= set(names)
     out = subprocess.run(
         [sys.executable, "-c", PROBE, ",".join(names), ",".join(BACKENDS)],
         cwd=ROOT,
