@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maetok import checkpoint as ckpt
-from maetok.config import Config
+from maetok.config import Config, ModelConfig, compute_only
 from maetok.errors import CheckpointError, ConfigError, DataError, MAETokError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -218,7 +218,7 @@ def config_diff(old: Config, new: Config) -> dict[str, list]:
 def _frozen(field: str) -> bool:
     """Fields a resumed run cannot change: its weights or its train state are shaped by them."""
     part, _, name = field.partition(".")
-    return field == "train.stage" or (part == "model" and name not in ckpt.COMPUTE_ONLY)
+    return field == "train.stage" or (part == "model" and name not in compute_only(ModelConfig))
 
 
 def _listing(diff: dict[str, list], limit: int = 4) -> str:
