@@ -209,19 +209,19 @@ def decoder(case: Case):
 
 
 def aux_decoder(case: Case):
-    """One auxiliary ViT decoder on the latent tokens (``decode_latents``)."""
+    """One auxiliary ViT decoder on the latent tokens (``latent_decoder``)."""
     m = case.cfg.model
     name = m.aux_targets[0]
     aux = case.params()["aux"][name]
     h = case.normal(2, m.num_latent_tokens, m.latent_dim)
-    out_j, feats_j = jax.jit(jm.decode_latents, static_argnums=(2, 3))(
+    out_j, feats_j = jax.jit(jm.latent_decoder, static_argnums=(2, 3))(
         case.jax(aux), case.jax(h), m, m.aux_heads
     )
-    out_t, feats_t = tm.decode_latents(case.torch(aux), case.torch(h), m, m.aux_heads)
+    out_t, feats_t = tm.latent_decoder(case.torch(aux), case.torch(h), m, m.aux_heads)
     assert tuple(out_t.shape) == (2, m.num_patches, target_dim(name, m))
     return [
-        row(f"forward/decode_latents/{name}", out_t, out_j, case.forward_tol),
-        row(f"forward/decode_latents/{name} features", feats_t, feats_j, case.forward_tol),
+        row(f"forward/latent_decoder/{name}", out_t, out_j, case.forward_tol),
+        row(f"forward/latent_decoder/{name} features", feats_t, feats_j, case.forward_tol),
     ]
 
 
@@ -402,16 +402,17 @@ def reconstruction_loss(case: Case):
     return [row(f"loss/reconstruction ({kind})", out_t, out_j, TOL["forward_fp32"])]
 
 
-def nll_loss(case: Case):
+def rec_percep_loss(case: Case):
     """Reconstruction + weighted perceptual loss, with ``lambda_percep = 0.7``."""
     cfg = case.cfg.replace(loss={"lambda_percep": 0.7})
     x = case.images()
     r = np.clip(x + case.normal(*x.shape, scale=0.2), -1, 1).astype(np.float32)
-    out_j = jax.jit(jl.nll_loss, static_argnums=(2, 3))(
+    out_j = jax.jit(jl.rec_percep_loss, static_argnums=(2, 3))(
         case.jax(x), case.jax(r), cfg.model, cfg.loss
     )
-    out_t = tl.nll_loss(case.torch(x), case.torch(r), cfg.model, cfg.loss)
-    return [row(f"loss/nll_loss ({cfg.loss.rec})", list(out_t), list(out_j), TOL["forward_fp32"])]
+    out_t = tl.rec_percep_loss(case.torch(x), case.torch(r), cfg.model, cfg.loss)
+    name = f"loss/rec_percep_loss ({cfg.loss.rec})"
+    return [row(name, list(out_t), list(out_j), TOL["forward_fp32"])]
 
 
 def adaptive_adv_weight(case: Case):
