@@ -26,8 +26,9 @@ import jax.numpy as jnp
 
 from benchmarks.train_step import transformer_flops
 from maetok.config import preset
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
 from maetok.masks import mask_for_step
+from maetok.synthetic import SyntheticImages
 from maetok_jax import train
 from maetok_jax.model import aux_predict, decode, encode
 from maetok_jax.optim import clip_by_global_norm, ema_update, opt_update

@@ -133,8 +133,9 @@ def run_single(args) -> dict:
     """Time one backend in this process."""
     import numpy as np
 
-    from maetok.data import BatchSource, ImageFolder, Prefetcher, SyntheticImages
+    from maetok.data import BatchSource, ImageFolder, Prefetcher
     from maetok.masks import mask_for_step
+    from maetok.synthetic import SyntheticImages
 
     name = args.single
     devices = None if args.devices in (None, "plain") else int(args.devices)

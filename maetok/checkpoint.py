@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from maetok.config import Config
+from maetok.config import Config, ModelConfig, compute_only
 from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
 from maetok.tree import flatten, unflatten
@@ -259,16 +259,12 @@ def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-# How the model computes, not what its parameters are: a checkpoint may change these.
-COMPUTE_ONLY = ("compute_dtype", "attention", "unroll", "remat")
-
-
 def _check_model(path: Path, found: Config, want: Config) -> None:
     a, b = found.to_dict()["model"], want.to_dict()["model"]
     diffs = [
         f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"
         for k in sorted(a)
-        if a[k] != b[k] and k not in COMPUTE_ONLY
+        if a[k] != b[k] and k not in compute_only(ModelConfig)
     ]
     if diffs:  # one line: the command line prints user errors as a single line
         raise CheckpointError(

@@ -23,6 +23,9 @@ from typing import Any
 from maetok.errors import ConfigError
 
 BUILTIN_TARGETS = ("hog", "conv", "pixel")
+# Field metadata of the settings that change neither the parameter tree nor the numbers a
+# trained model computes (beyond rounding): see ``compute_only``.
+COMPUTE_ONLY = {"compute_only": True}
 
 
 @dataclass(frozen=True)
@@ -49,10 +52,16 @@ class ModelConfig:
     aux_mlp_hidden: int = 256  # hidden width of the "mlp" aux heads
     disc_width: int = 64  # patch-GAN: first conv width, doubled at each stride-2 conv
     disc_depth: int = 3  # number of stride-2 convs
-    compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32
-    attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
-    unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
-    remat: bool = False  # recompute block internals in the backward pass (memory for compute)
+    # How the model computes, not what its parameters are or (beyond rounding) what it
+    # outputs: compute-only fields (``compute_only``), which a checkpoint's user may change.
+    # "float32" or "bfloat16"; parameters stay float32
+    compute_dtype: str = field(default="float32", metadata=COMPUTE_ONLY)
+    # "plain" (explicit softmax) or "fused" (framework kernel)
+    attention: str = field(default="plain", metadata=COMPUTE_ONLY)
+    # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
+    unroll: int = field(default=1, metadata=COMPUTE_ONLY)
+    # recompute block internals in the backward pass (memory for compute)
+    remat: bool = field(default=False, metadata=COMPUTE_ONLY)
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
     # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.
     query_pos: bool = False
@@ -115,12 +124,13 @@ class TrainConfig:
     anneal_start: float = 0.6  # stage 2: r goes from anneal_start to 0
     anneal_steps: int = 1000
     anneal_schedule: str = "linear"  # "linear", "cosine" or "exponential"
-    log_every: int = 10
-    ckpt_every: int = 500
-    sample_every: int = 500
+    # Cadences of the trainer's output: what it writes, never what it computes.
+    log_every: int = field(default=10, metadata=COMPUTE_ONLY)
+    ckpt_every: int = field(default=500, metadata=COMPUTE_ONLY)
+    sample_every: int = field(default=500, metadata=COMPUTE_ONLY)
     # GPU kernels chosen for run-to-run bit-identical results (maetok/reproducible.py);
     # False trades that for speed (``maetok train --nondeterministic``).
-    deterministic: bool = True
+    deterministic: bool = field(default=True, metadata=COMPUTE_ONLY)
 
 
 @dataclass(frozen=True)
@@ -167,6 +177,14 @@ class Config:
     @staticmethod
     def from_json(text: str) -> Config:
         return Config.from_dict(parse_json(text))
+
+
+def compute_only(section) -> frozenset[str]:
+    """The fields of a config section (a dataclass or its instance) marked compute-only: how
+    the model computes or how often the trainer writes, never what the parameters are or
+    (beyond rounding) what a trained model computes. A checkpoint saved with other values of
+    these loads as is, and a resumed run may change them."""
+    return frozenset(f.name for f in dataclasses.fields(section) if f.metadata.get("compute_only"))
 
 
 def parse_json(text: str) -> dict:
@@ -363,7 +381,8 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-# docs/design.md §8. Train settings differ by use: `tiny` is sized for tests and CPU demos.
+# docs/design.md §8. Each preset lists only what differs from the dataclass defaults. Train
+# settings differ by use: `tiny` is sized for tests and CPU demos.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
         "model": dict(
@@ -391,26 +410,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             warmup_steps=20,
             ema_decay=0.99,
             anneal_steps=300,
-            log_every=10,
             ckpt_every=100,
             sample_every=100,
         ),
     },
-    "seed": {
-        "model": dict(
-            image_size=256,
-            patch_size=16,
-            num_latent_tokens=128,
-            latent_dim=32,
-            enc_width=256,
-            enc_depth=12,
-            enc_heads=8,
-            dec_width=256,
-            dec_depth=8,
-            dec_heads=8,
-        ),
-        "train": dict(batch_size=32, lr=3e-4, warmup_steps=200),
-    },
+    # The ModelConfig defaults: 256² images, 16-px patches, 128 tokens × 32, width 256.
+    "seed": {"train": dict(lr=3e-4, warmup_steps=200)},
     # CIFAR-10 (32²) for the diffusability study: 4-px patches (an 8×8 grid, as in the
     # 256²/16 setting), 16 tokens × 8 channels = 128 numbers for 3,072 pixel values, a 24×
     # compression in the middle of the 12–48× range of the 256² tokenizers. Short token
@@ -421,10 +426,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             patch_size=4,
             num_latent_tokens=16,
             latent_dim=8,
-            enc_width=256,
             enc_depth=6,
             enc_heads=4,
-            dec_width=256,
             dec_depth=6,
             dec_heads=4,
             aux_width=128,
@@ -445,20 +448,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             sample_every=1000,
         ),
     },
+    # `seed`'s tokens at width 768 (12 heads) and a 12-block decoder.
     "base": {
-        "model": dict(
-            image_size=256,
-            patch_size=16,
-            num_latent_tokens=128,
-            latent_dim=32,
-            enc_width=768,
-            enc_depth=12,
-            enc_heads=12,
-            dec_width=768,
-            dec_depth=12,
-            dec_heads=12,
-        ),
-        "train": dict(batch_size=64, lr=1e-4, warmup_steps=500),
+        "model": dict(enc_width=768, enc_heads=12, dec_width=768, dec_depth=12, dec_heads=12),
+        "train": dict(batch_size=64, warmup_steps=500),
     },
 }
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from maetok import checkpoint as ckpt
-from maetok.config import Config
+from maetok.config import Config, ModelConfig, compute_only
 from maetok.errors import CheckpointError, ConfigError, DataError, MAETokError
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -144,7 +144,8 @@ def _in_use(lock: Path, owner: dict) -> str:
 # ------------------------------------------------------------------------------ identity
 def data_identity(dataset) -> dict:
     """What a run trains on, as stored in its checkpoints (JSON-ready)."""
-    from maetok.data import ImageFolder, SyntheticImages
+    from maetok.data import ImageFolder
+    from maetok.synthetic import SyntheticImages
 
     if isinstance(dataset, ImageFolder):
         return {
@@ -176,7 +177,8 @@ def describe_data(ident: dict) -> str:
 
 def open_dataset(data: str | None, cfg: Config, skip_broken: bool = False, progress: bool = True):
     """``data`` (an image folder) or, for None, the built-in synthetic images."""
-    from maetok.data import ImageFolder, SyntheticImages
+    from maetok.data import ImageFolder
+    from maetok.synthetic import SyntheticImages
 
     if data is None:
         return SyntheticImages(cfg.model.image_size, seed=cfg.train.seed)
@@ -185,7 +187,7 @@ def open_dataset(data: str | None, cfg: Config, skip_broken: bool = False, progr
 
 def _dataset_of(ident: dict, cfg: Config, skip_broken: bool, progress: bool):
     """Reopen the data a run's checkpoint names."""
-    from maetok.data import SyntheticImages
+    from maetok.synthetic import SyntheticImages
 
     if ident["kind"] == "synthetic":
         return SyntheticImages(ident["size"], count=ident["count"], seed=ident["seed"])
@@ -216,7 +218,7 @@ def config_diff(old: Config, new: Config) -> dict[str, list]:
 def _frozen(field: str) -> bool:
     """Fields a resumed run cannot change: its weights or its train state are shaped by them."""
     part, _, name = field.partition(".")
-    return field == "train.stage" or (part == "model" and name not in ckpt.COMPUTE_ONLY)
+    return field == "train.stage" or (part == "model" and name not in compute_only(ModelConfig))
 
 
 def _listing(diff: dict[str, list], limit: int = 4) -> str:

@@ -37,7 +37,7 @@ def mask_loss(preds, targets, mask, lo):
     return jnp.asarray(total, jnp.float32), terms
 
 
-def nll_loss(images, recon, m, lo):
+def rec_percep_loss(images, recon, m, lo):
     """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
     rec = reconstruction_loss(images, recon, lo.rec)
     percep = perceptual_loss(images, recon, m) if lo.lambda_percep > 0 else jnp.zeros(())
@@ -45,8 +45,8 @@ def nll_loss(images, recon, m, lo):
 
 
 def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
-    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX], W the
-    decoder's last dense.
+    """‖∇_W L_rec_percep‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX],
+    W the decoder's last dense and L_rec_percep = L_rec + λ1·L_percep (``rec_percep_loss``).
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient.
@@ -54,12 +54,12 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
     recon = jax.lax.stop_gradient(recon)
     feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
     disc_params = jax.lax.stop_gradient(disc_params)
-    g_nll = jax.grad(lambda r: nll_loss(images, r, m, lo)[0])(recon)
+    g_rec_percep = jax.grad(lambda r: rec_percep_loss(images, r, m, lo)[0])(recon)
     g_adv = jax.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
 
     def weight_grad_norm(g):
         gw = jnp.einsum("bnd,bno->do", feats, patchify(g, m.patch_size))
         return jnp.sqrt(jnp.sum(jnp.square(gw)))
 
-    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
+    w = weight_grad_norm(g_rec_percep) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
     return jax.lax.stop_gradient(jnp.clip(w, 0.0, ADV_WEIGHT_MAX))

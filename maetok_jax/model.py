@@ -55,7 +55,7 @@ def encode(params, images, mask, m):
     return h.astype(jnp.float32)
 
 
-def decode_latents(params, h, m, heads: int):
+def latent_decoder(params, h, m, heads: int):
     """A latent decoder: h (B, L, latent_dim) → (head output (B, N, out), features (B, N, D)).
 
     Shared by the pixel decoder and the ViT auxiliary decoders; image positions start as
@@ -78,7 +78,7 @@ def decode_latents(params, h, m, heads: int):
 
 def decode(params, h, m):
     """Pixel decoder: h (B, L, latent_dim) → (images (B, H, W, C) float32, feats (B, N, D_dec))."""
-    tokens, feats = decode_latents(params, h, m, m.dec_heads)
+    tokens, feats = latent_decoder(params, h, m, m.dec_heads)
     images = unpatchify(tokens, m.patch_size, m.image_size, m.image_size, m.channels)
     return images.astype(jnp.float32), feats
 
@@ -96,7 +96,7 @@ def aux_predict(params, h, dec_feats, m):
     preds = {}
     for name in m.aux_targets:
         if m.aux_kind == "vit":
-            out, _ = decode_latents(params[name], h, m, m.aux_heads)
+            out, _ = latent_decoder(params[name], h, m, m.aux_heads)
         else:
             out = aux_mlp(params[name], dec_feats, m)
         preds[name] = out.astype(jnp.float32)

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 from maetok.rope import rope_tables
 
 
-def rope_for(m, width: int, heads: int, num_tokens_latent: int):
+def rope_for(m, width: int, heads: int, num_latent_tokens: int):
     """The (cos, sin) constants, float32 (N + L, K), for a stack of width ``width``."""
-    cos, sin = rope_tables(m.grid, num_tokens_latent, width // heads, m.rope_theta)
+    cos, sin = rope_tables(m.grid, num_latent_tokens, width // heads, m.rope_theta)
     return jnp.asarray(cos), jnp.asarray(sin)
 
 

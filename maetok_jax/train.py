@@ -29,7 +29,7 @@ from maetok_jax.discriminator import (
     lecam_loss,
     update_lecam,
 )
-from maetok_jax.losses import adaptive_adv_weight, mask_loss, nll_loss
+from maetok_jax.losses import adaptive_adv_weight, mask_loss, rec_percep_loss
 from maetok_jax.model import aux_predict, decode, encode
 from maetok_jax.optim import OptState, clip_by_global_norm, ema_update, opt_init, opt_update
 from maetok_jax.targets import compute_targets
@@ -64,8 +64,8 @@ def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
     if stage == 2:
         h = jax.lax.stop_gradient(h)
     recon, feats = decode(params["decoder"], h, m)
-    nll, rec, percep = nll_loss(images, recon, m, lo)
-    total, metrics = nll, {"rec": rec, "percep": percep}
+    rec_percep, rec, percep = rec_percep_loss(images, recon, m, lo)
+    total, metrics = rec_percep, {"rec": rec, "percep": percep}
     if lo.use_adv:
         g_adv = generator_adv_loss(discriminator(disc, recon, m))
         weight = lo.lambda_adv * adv_on

@@ -40,7 +40,7 @@ def mask_loss(preds, targets, mask, lo, count=None):
     return torch.as_tensor(total, dtype=torch.float32, device=mask.device), terms
 
 
-def nll_loss(images, recon, m, lo):
+def rec_percep_loss(images, recon, m, lo):
     """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
     rec = reconstruction_loss(images, recon, lo.rec)
     percep = (
@@ -52,8 +52,8 @@ def nll_loss(images, recon, m, lo):
 
 
 def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
-    """‖∇_W L_nll‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX], W the
-    decoder's last dense.
+    """‖∇_W L_rec_percep‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX],
+    W the decoder's last dense and L_rec_percep = L_rec + λ1·L_percep (``rec_percep_loss``).
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient: both
@@ -64,7 +64,7 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
     feats = feats.detach().to(torch.float32)
     disc_params = {k: {n: v.detach() for n, v in layer.items()} for k, layer in disc_params.items()}
     recon = recon.detach()
-    g_nll = torch.func.grad(lambda r: nll_loss(images, r, m, lo)[0])(recon)
+    g_rec_percep = torch.func.grad(lambda r: rec_percep_loss(images, r, m, lo)[0])(recon)
     g_adv = torch.func.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
 
     def weight_grad_norm(g):
@@ -73,5 +73,5 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
             gw = mean(gw)
         return torch.sqrt(torch.sum(torch.square(gw)))
 
-    w = weight_grad_norm(g_nll) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
+    w = weight_grad_norm(g_rec_percep) / (weight_grad_norm(g_adv) + ADV_WEIGHT_EPS)
     return torch.clamp(w, 0.0, ADV_WEIGHT_MAX).detach()

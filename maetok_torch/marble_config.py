@@ -26,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from maetok.config import Config, preset
-from maetok.data import BatchSource, ImageFolder, SyntheticImages, from_uint8
+from maetok.data import BatchSource, ImageFolder, from_uint8
 from maetok.errors import ConfigError, DataError
 from maetok.evaluate import COLLAPSE_REL_VAR, latent_stats
 from maetok.masks import STREAM_MASK, sample_mask, step_rng
 from maetok.schedules import anneal_ratio
+from maetok.synthetic import SyntheticImages
 
 # Flat key → the Config fields it sets (section, field). Keys naming two fields set both.
 FIELD_KEYS: dict[str, tuple[tuple[str, str], ...]] = {

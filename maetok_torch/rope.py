@@ -13,7 +13,7 @@ from maetok.rope import rope_tables
 _ON_DEVICE: dict = {}
 
 
-def rope_for(m, width: int, heads: int, num_tokens_latent: int, device=None):
+def rope_for(m, width: int, heads: int, num_latent_tokens: int, device=None):
     """The (cos, sin) constants, float32 (N + L, K), for a stack of width ``width``.
 
     ``device`` is the one argument JAX does not need (it places constants itself).
@@ -23,11 +23,11 @@ def rope_for(m, width: int, heads: int, num_tokens_latent: int, device=None):
         # Inside torch.compile the tables become constants of the graph: a module-level
         # tensor read inside the step's torch.func.grad region breaks inductor (torch 2.13),
         # and a cache mutated while tracing would hold traced tensors.
-        cos, sin = rope_tables(m.grid, num_tokens_latent, width // heads, m.rope_theta)
+        cos, sin = rope_tables(m.grid, num_latent_tokens, width // heads, m.rope_theta)
         return torch.as_tensor(cos, device=dev), torch.as_tensor(sin, device=dev)
-    key = (m.grid, num_tokens_latent, width // heads, m.rope_theta, str(dev))
+    key = (m.grid, num_latent_tokens, width // heads, m.rope_theta, str(dev))
     if key not in _ON_DEVICE:
-        cos, sin = rope_tables(m.grid, num_tokens_latent, width // heads, m.rope_theta)
+        cos, sin = rope_tables(m.grid, num_latent_tokens, width // heads, m.rope_theta)
         _ON_DEVICE[key] = (torch.as_tensor(cos, device=dev), torch.as_tensor(sin, device=dev))
     return _ON_DEVICE[key]
 

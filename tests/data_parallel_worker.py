@@ -21,9 +21,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from maetok.config import preset
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
 from maetok.params import init_disc
-from maetok.parity import disc_off_margin
+from maetok.synthetic import SyntheticImages
 from maetok.tree import flatten
 
 STEPS = 3
@@ -50,6 +50,8 @@ def dataset(cfg=CFG):
 
 def initial_tree(backend) -> dict:
     """The numpy train state both sides start from (discriminator bias off the margin)."""
+    from maetok_parity.harness import disc_off_margin  # imports both backends
+
     tree = backend.state_to_numpy(backend.init_state(CFG.train.seed))
     first = BatchSource(dataset(), CFG).batch(0)["images"]
     tree["disc"] = disc_off_margin(init_disc(CFG, CFG.train.seed), first, CFG.model)

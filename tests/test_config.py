@@ -2,7 +2,15 @@
 
 import pytest
 
-from maetok.config import Config, preset
+from maetok.config import (
+    PRESETS,
+    Config,
+    LossConfig,
+    ModelConfig,
+    TrainConfig,
+    compute_only,
+    preset,
+)
 from maetok.errors import ConfigError
 from maetok.masks import mask_for_step, sample_mask
 from maetok.params import count, init_params
@@ -20,6 +28,61 @@ def test_preset_sizes_follow_the_spec():
     assert (base.enc_width, base.enc_depth, base.enc_heads) == (768, 12, 12)
     assert base.num_patches == 256 and base.num_latent_tokens == 128
     assert 19e6 < count(init_params(preset("seed"), 0)) < 22e6  # seed: ~20.6 M parameters
+
+
+# What `seed` has always been: the fields that shape it and how it trains.
+SEED = {
+    "model": dict(
+        image_size=256,
+        channels=3,
+        patch_size=16,
+        num_latent_tokens=128,
+        latent_dim=32,
+        enc_width=256,
+        enc_depth=12,
+        enc_heads=8,
+        dec_width=256,
+        dec_depth=8,
+        dec_heads=8,
+        mlp_ratio=4,
+        aux_targets=("hog", "conv", "pixel"),
+        aux_kind="vit",
+        aux_width=192,
+        aux_depth=3,
+        aux_heads=3,
+        disc_width=64,
+        disc_depth=3,
+        compute_dtype="float32",
+        attention="plain",
+        query_pos=False,
+    ),
+    "train": dict(stage=1, batch_size=32, lr=3e-4, warmup_steps=200, optimizer="adamw"),
+}
+
+
+def test_seed_preset_is_what_it_was():
+    cfg = preset("seed")
+    for section, fields in SEED.items():
+        got = {k: getattr(getattr(cfg, section), k) for k in fields}
+        assert got == fields, section
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_list_only_what_differs_from_the_defaults(name):
+    defaults = {"model": ModelConfig(), "loss": LossConfig(), "train": TrainConfig()}
+    same = [
+        f"{section}.{k}"
+        for section, fields in PRESETS[name].items()
+        for k, v in fields.items()
+        if getattr(defaults[section], k) == v
+    ]
+    assert same == [], f"preset {name} restates defaults: {same}"
+
+
+def test_compute_only_fields_are_marked_on_the_fields():
+    assert compute_only(ModelConfig) == {"compute_dtype", "attention", "unroll", "remat"}
+    assert compute_only(TrainConfig()) == {"log_every", "ckpt_every", "sample_every"}
+    assert compute_only(LossConfig) == frozenset()
 
 
 @pytest.mark.parametrize(

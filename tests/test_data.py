@@ -11,7 +11,6 @@ from maetok.data import (
     BatchSource,
     ImageFolder,
     Prefetcher,
-    SyntheticImages,
     center_crop,
     from_uint8,
     load_eval_images,
@@ -19,6 +18,7 @@ from maetok.data import (
     to_uint8,
 )
 from maetok.errors import DataError
+from maetok.synthetic import SyntheticImages
 
 
 def test_synthetic_images_are_deterministic_and_varied():

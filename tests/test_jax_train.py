@@ -3,7 +3,8 @@
 import numpy as np
 
 from maetok.config import preset
-from maetok.data import BatchSource, SyntheticImages
+from maetok.data import BatchSource
+from maetok.synthetic import SyntheticImages
 from maetok.trainer import CHECKPOINT_NAME, train
 from maetok.tree import flatten
 from maetok_jax.backend import Backend
