@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -144,7 +145,6 @@ def run_one(
     val: Path,
     preset: str = "seed",
     changes: dict | None = None,
-    raw_eval: bool = False,
 ) -> None:
     """One run of the recipe with ``changes``: Stage 1 → Stage 2 (or the plain autoencoder
     in one stage), then ``maetok eval`` of each stage's checkpoint."""
@@ -176,11 +176,9 @@ def run_one(
             ]
             _train(out / "stage2", s2, stage2, log)
             stages = ["stage1", "stage2"]
-        for stage in stages:
+        for stage in stages:  # the EMA weights and the raw weights of every stage
             _eval(out / stage / "checkpoint.safetensors", out / stage / "eval", val, log)
-        if raw_eval:
-            last = out / stages[-1]
-            _eval(last / "checkpoint.safetensors", last / "eval_raw", val, log, ema=False)
+            _eval(out / stage / "checkpoint.safetensors", out / stage / "eval_raw", val, log, False)
 
 
 # ------------------------------------------------------------------------------ the study
@@ -205,7 +203,7 @@ def jobs(steps: int, seeds=(0, 1, 2), levers: int | None = None) -> list[dict]:
         )
     )
     half = max(2, steps // 2)
-    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=half, raw_eval=True))
+    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=half))
     for i, (lever, change) in enumerate(list(LEVERS.items())[:levers]):
         out.append(
             dict(
@@ -222,8 +220,6 @@ def _launch(job: dict, folder: Path, args, steps_only: int | None = None):
     cmd += ["--data", str(args.data), "--preset", args.preset, "--train", str(args.train)]
     if job.get("changes"):
         cmd += ["--changes", json.dumps(job["changes"])]
-    if job.get("raw_eval"):
-        cmd += ["--raw-eval"]
     if steps_only:
         cmd += ["--stage1-only"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -323,10 +319,16 @@ def _mean_spread(values: list[float], digits: int) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _digests(run: Path) -> dict[str, str]:
+    """Stage → the tensor digest ``maetok train`` printed when the stage finished."""
+    log = run / "recipe.log"
+    text = log.read_text() if log.is_file() else ""
+    pattern = r"/(stage\d)/checkpoint\.safetensors \(tensors sha256 ([0-9a-f]+)\)"
+    return dict(re.findall(pattern, text))
+
+
 def table(folder: Path) -> str:
     """The seed table, the lever table and the determinism check of a study folder."""
-    from maetok.checkpoint import tensor_digest
-
     steps = json.loads((folder / "study.json").read_text())["steps"]
     lines = [f"Study in {folder}: {steps} steps per full run.\n"]
     rows = [
@@ -334,32 +336,33 @@ def table(folder: Path) -> str:
         ("MAETok Stage 1 + Stage 2", "maetok_s{}", "stage2"),
         ("plain autoencoder", "plain_s{}", "stage1"),
     ]
-    lines.append("| model (BSDS500 val) | seeds | PSNR (dB) | SSIM | beats thumbnail on |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(
+        "| model (BSDS500 val) | seeds | PSNR (dB) | SSIM | PSNR, EMA weights | "
+        "SSIM, EMA weights | beats the thumbnail on |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     thumb = None
     for label, pattern, stage in rows:
-        reports = [
-            r
-            for seed in (0, 1, 2)
-            if (r := _report(folder / pattern.format(seed) / stage / "eval/eval.json"))
-        ]
-        if not reports:
+        runs = [folder / pattern.format(seed) / stage for seed in (0, 1, 2)]
+        raw = [r for run in runs if (r := _report(run / "eval_raw/eval.json"))]
+        ema = [r for run in runs if (r := _report(run / "eval/eval.json"))]
+        if not raw and not ema:
             continue
-        thumb = reports[0]["thumbnail"]
-        psnrs = [r["tokenizer"]["psnr"] for r in reports]
-        ssims = [r["tokenizer"]["ssim"] for r in reports]
+        thumb = (raw or ema)[0]["thumbnail"]
+        cells = []
+        for reports in (raw, ema):
+            cells.append(_mean_spread([r["tokenizer"]["psnr"] for r in reports], 2))
+            cells.append(_mean_spread([r["tokenizer"]["ssim"] for r in reports], 3))
         wins = [
-            f"{sum(i['psnr'] > i['thumb_psnr'] for i in r['per_image'])}/{r['images']}"
-            for r in reports
+            f"{sum(i['psnr'] > i['thumb_psnr'] for i in r['per_image'])}/{r['images']}" for r in raw
         ]
         lines.append(
-            f"| {label} | {len(reports)} | {_mean_spread(psnrs, 2)} | {_mean_spread(ssims, 3)} "
-            f"| {', '.join(map(str, wins))} |"
+            f"| {label} | {len(raw or ema)} | {' | '.join(cells)} | {', '.join(wins) or '–'} |"
         )
     if thumb:
         lines.append(
             f"| thumbnail {thumb['side']}×{thumb['side']} bicubic | – | {thumb['psnr']:.2f} "
-            f"| {thumb['ssim']:.3f} | – |"
+            f"| {thumb['ssim']:.3f} | – | – | – |"
         )
     lines.append("\n(± is the standard deviation over the seeds.)\n")
 
@@ -395,13 +398,10 @@ def table(folder: Path) -> str:
                 f"| {rate or 0:.0f} |"
             )
     lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
-    for stage in ("stage1", "stage2"):
-        a = folder / f"maetok_s0/{stage}/checkpoint.safetensors"
-        b = folder / f"maetok_s0_repeat/{stage}/checkpoint.safetensors"
-        if a.is_file() and b.is_file():
-            da, db = tensor_digest(a), tensor_digest(b)
-            same = "identical" if da == db else "DIFFERENT"
-            lines.append(f"- {stage}: {da[:16]} and {db[:16]}: {same}")
+    first, again = _digests(folder / "maetok_s0"), _digests(folder / "maetok_s0_repeat")
+    for stage in sorted(first.keys() & again.keys()):
+        same = "identical" if first[stage] == again[stage] else "DIFFERENT"
+        lines.append(f"- {stage}: {first[stage]} and {again[stage]}: {same}")
     text = "\n".join(lines)
     (folder / "tables.md").write_text(text + "\n")
     return text
@@ -421,7 +421,6 @@ def main(argv=None) -> int:
     run_p.add_argument("--variant", choices=("maetok", "plain"), default="maetok")
     run_p.add_argument("--seed", type=int, default=0)
     run_p.add_argument("--changes", type=json.loads, default=None, help="JSON of --set fields")
-    run_p.add_argument("--raw-eval", action="store_true", help="also evaluate the raw weights")
     run_p.add_argument("--stage1-only", action="store_true", help=argparse.SUPPRESS)
     study_p = sub.choices["study"]
     study_p.add_argument("--budget-min", type=float, help="size the steps to this many minutes")
@@ -462,7 +461,6 @@ def main(argv=None) -> int:
         val,
         args.preset,
         args.changes,
-        args.raw_eval,
     )
     return 0
 

@@ -47,33 +47,67 @@ def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
     assert np.isfinite(r2["val_psnr_curve"]).all()
 
 
-def test_quality_table_collects_the_recipe_reports(tmp_path, capsys):
+def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp_path):
     import json
 
-    from examples.quality_table import main as table
+    from examples import recipe
 
-    def report(folder, psnr, by_r=None):
+    def report(folder, psnr, beats=0):
         folder.mkdir(parents=True)
+        per_image = [
+            {"psnr": psnr + (1 if i < beats else -1), "thumb_psnr": psnr} for i in range(4)
+        ]
         r = {
-            "images": 100,
-            "latent_values": 4096,
-            "tokenizer": {"psnr": psnr, "ssim": 0.3},
+            "images": 4,
+            "tokenizer": {"psnr": psnr, "ssim": psnr / 100},
             "thumbnail": {"side": 37, "values": 4107, "psnr": 22.07, "ssim": 0.476},
-            "latents": {"std": 4.2, "dead_dim_fraction": 0.0},
+            "per_image": per_image,
         }
-        if by_r:
-            r["psnr_by_mask_ratio"] = by_r
         (folder / "eval.json").write_text(json.dumps(r))
 
-    assert table(str(tmp_path)) == 1  # nothing to collect
-    report(tmp_path / "full/stage2/eval", 17.36, {"0.1": 18.5})
-    report(tmp_path / "plain_ae/stage1/eval", 22.5)
-    assert table(str(tmp_path)) == 0
-    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("|")]
-    assert "PSNR at r = 0.1" in rows[0]
-    assert rows[2].startswith("| thumbnail 37×37") and "22.07" in rows[2]
-    assert "17.36" in rows[3] and "18.50" in rows[3]
-    assert "22.50" in rows[4] and "| – |" in rows[4]  # no mask-ratio report for this one
+    (tmp_path / "study.json").write_text(json.dumps({"steps": 1600}))
+    for seed, psnr in enumerate((19.0, 20.0, 21.0)):
+        report(tmp_path / f"maetok_s{seed}/stage2/eval_raw", psnr, beats=seed)
+        report(tmp_path / f"maetok_s{seed}/stage2/eval", psnr - 1)
+    report(tmp_path / "lever_recipe/stage2/eval", 18.0)
+    report(tmp_path / "lever_recipe/stage2/eval_raw", 18.5)
+    report(tmp_path / "lever_1/stage2/eval", 18.25)
+    done = "checkpoint /x/{}/checkpoint.safetensors (tensors sha256 {})\n"
+    (tmp_path / "maetok_s0/recipe.log").write_text(
+        done.format("stage1", "aa") + done.format("stage2", "bb")
+    )
+    (tmp_path / "maetok_s0_repeat").mkdir()
+    (tmp_path / "maetok_s0_repeat/recipe.log").write_text(
+        done.format("stage1", "aa") + done.format("stage2", "bc")
+    )
+    text = recipe.table(tmp_path)
+    rows = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| ")}
+    s1s2 = rows["MAETok Stage 1 + Stage 2"]
+    assert "| 3 | 20.00 ± 1.00 | 0.200 ± 0.010 | 19.00 ± 1.00 |" in s1s2
+    assert "0/4, 1/4, 2/4" in s1s2
+    assert "MAETok Stage 1" not in rows and "22.07" in rows["thumbnail 37×37 bicubic"]
+    lever = list(recipe.LEVERS)[1]
+    assert "| 18.25 | +0.25 |" in rows[lever] and list(recipe.LEVERS)[0] not in rows
+    assert "| 18.50 | +0.50 |" in rows["raw weights instead of EMA (same run)"]
+    assert "- stage1: aa and aa: identical" in text and "- stage2: bb and bc: DIFFERENT" in text
+    assert (tmp_path / "tables.md").read_text().strip() == text.strip()
+
+
+def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
+    from examples import recipe
+
+    jobs = recipe.jobs(1000)
+    names = [j["name"] for j in jobs]
+    assert names[:7] == [
+        "maetok_s0", "plain_s0", "maetok_s1", "plain_s1", "maetok_s2", "plain_s2",
+        "maetok_s0_repeat",
+    ]  # fmt: skip
+    repeat = jobs[6]
+    assert repeat["seed"] == 0 and repeat["env"] == {"MAETOK_JAX_CACHE": "off"}
+    levers = [j for j in jobs if j["name"].startswith("lever_")]
+    assert len(levers) == len(recipe.LEVERS) + 1 and {j["steps"] for j in levers} == {500}
+    assert "loss.gamma" not in recipe.plain(recipe.RECIPE)
+    assert recipe.plain(recipe.RECIPE)["model.aux_targets"] == []
 
 
 def _run(args, cwd, env_extra=None):
