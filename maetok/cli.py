@@ -1,4 +1,4 @@
-"""The ``maetok`` command line: train, reconstruct, encode, decode, eval, diffusion.
+"""The ``maetok`` command line: train, reconstruct, encode, decode, eval, export, diffusion.
 
 Every command takes ``--backend jax|torch`` (JAX by default). A problem with the user's
 input (arguments, config, data, checkpoint, a NaN loss) or with the machine (a full disk)
@@ -203,12 +203,12 @@ def _folder_out(path: str) -> Path:
 
 
 def _checked_params(args):
-    """The checkpoint's config and parameters (numpy), checked before any backend loads."""
-    from maetok import checkpoint as ckpt
-    from maetok.trainer import params_from_checkpoint
+    """The config and parameters (numpy) of --checkpoint (a training checkpoint or an
+    exported file; the shipped tokenizer when not given), checked before any backend loads."""
+    from maetok.pretrained import load_params, resolve
 
-    cfg = ckpt.read_config(args.checkpoint)
-    return cfg, params_from_checkpoint(args.checkpoint, cfg, use_ema=args.ema)
+    args.checkpoint = resolve(args.checkpoint)
+    return load_params(args.checkpoint, use_ema=args.ema)
 
 
 def _on_backend(args, cfg, params):
@@ -290,9 +290,9 @@ def cmd_decode(args) -> int:
 def cmd_eval(args) -> int:
     from maetok.evaluate import evaluate
 
-    out = _folder_out(args.out or Path(args.checkpoint).parent / "eval")
     ratios = _ratios(args.mask_ratios)
     cfg, params = _checked_params(args)
+    out = _folder_out(args.out or Path(args.checkpoint).parent / "eval")
     backend, params = _on_backend(args, cfg, params)
     evaluate(
         cfg,
@@ -303,6 +303,20 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         mask_ratios=ratios,
         skip_broken=args.skip_broken,
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from maetok.pretrained import export_weights
+
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; export writes one .safetensors file")
+    path = export_weights(args.checkpoint, out, use_ema=args.ema)
+    print(
+        f"maetok: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB: encoder and decoder, "
+        f"{'EMA' if args.ema else 'raw'} weights, float16)"
     )
     return 0
 
@@ -359,7 +373,11 @@ def _common(p, checkpoint: bool = True):
         "tpu); default: the best available",
     )
     if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint")
+        p.add_argument(
+            "--checkpoint",
+            help="a `maetok train` checkpoint or a `maetok export` file (default: the "
+            "pretrained tokenizer shipped with the package, if this installation has one)",
+        )
         p.add_argument("--ema", action="store_true", help="use the EMA parameters")
         p.add_argument("--batch-size", type=_positive_int, default=16)
 
@@ -486,6 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _skip_broken(p)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser(
+        "export", help="a checkpoint's encoder and decoder, 16-bit, for inference and sharing"
+    )
+    p.add_argument("--checkpoint", required=True, help="a `maetok train` checkpoint")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.set_defaults(fn=cmd_export)
 
     from maetok.parity import add_parser as add_parity_parser
 
