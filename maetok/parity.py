@@ -338,10 +338,12 @@ def _run(preset_name: str, device: str, dtype: str):
             "b": rng.standard_normal((48,)).astype(np.float32),
         }
         pj_, pt_ = J(p0), T(p0)
-        oj, ot = jo.opt_init(pj_, t_cfg), to.opt_init(pt_, t_cfg)
+        init_j, opt_update_j = jo.make_optimizer(t_cfg)
+        init_t, opt_update_t = to.make_optimizer(t_cfg)
+        oj, ot = init_j(pj_), init_t(pt_)
         update_j = jax.jit(
-            lambda g, o, p, lr, t_cfg=t_cfg: jo.opt_update(
-                jo.clip_by_global_norm(g, t_cfg.grad_clip)[0], o, p, lr, t_cfg
+            lambda g, o, p, lr, t_cfg=t_cfg, opt_update_j=opt_update_j: opt_update_j(
+                jo.clip_by_global_norm(g, t_cfg.grad_clip)[0], o, p, lr
             )
         )
         for _ in range(3):
@@ -349,12 +351,11 @@ def _run(preset_name: str, device: str, dtype: str):
             lr = np.float32(1e-2)
             pj_, oj = update_j(J(g), oj, pj_, lr)
             with torch.no_grad():
-                pt_, ot = to.opt_update(
+                pt_, ot = opt_update_t(
                     to.clip_by_global_norm(T(g), t_cfg.grad_clip)[0],
                     ot,
                     pt_,
                     torch.tensor(lr, device=tdev),
-                    t_cfg,
                 )
         err = max(worst_leaf(pt_, pj_)[0], worst_leaf(ot.mu, oj.mu)[0], worst_leaf(ot.nu, oj.nu)[0])
         row(f"optim/{name} (3 steps, same gradients)", err, fp)

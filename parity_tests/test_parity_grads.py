@@ -23,6 +23,7 @@ import maetok_torch.train as tt
 from maetok.config import preset
 from maetok.params import init_disc, init_params
 from maetok.parity import disc_off_margin
+from maetok.train_state import trainable_keys
 from maetok.tree import iter_leaves
 
 TINY = preset("tiny")
@@ -47,7 +48,7 @@ def _inputs(rng, cfg):
 
 def _grads(cfg, params, disc, x, mask, device):
     """(loss, metrics, grads) of ``generator_loss`` over the stage's groups, in both backends."""
-    keys = jt.trainable_keys(cfg.train.stage)
+    keys = trainable_keys(cfg.train.stage)
     m = cfg.model
     adv_on = 1.0
 

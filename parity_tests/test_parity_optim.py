@@ -52,14 +52,17 @@ def test_optimizer_steps(name, clip, momentum, rng, device):
     )
     params = _tree(rng)
 
+    init_j, update_j = jo.make_optimizer(t)
+    init_t, update_t = to.make_optimizer(t)
+
     @jax.jit
     def step_j(g, state, p, lr):
         g, norm = jo.clip_by_global_norm(g, t.grad_clip)
-        new_p, new_state = jo.opt_update(g, state, p, lr, t)
+        new_p, new_state = update_j(g, state, p, lr)
         return new_p, new_state, norm
 
     pj, pt = to_jax(params), to_torch(params, device)
-    sj, st = jo.opt_init(pj, t), to.opt_init(pt, t)
+    sj, st = init_j(pj), init_t(pt)
     assert st.count.dtype == torch.int32 and (st.nu == {}) == (name == "sgd")
     for i in range(STEPS):
         grads = _tree(rng, scale=float(rng.uniform(0.2, 3.0)))  # clipping on some steps
@@ -67,7 +70,7 @@ def test_optimizer_steps(name, clip, momentum, rng, device):
         pj, sj, norm_j = step_j(to_jax(grads), sj, pj, lr)
         with torch.no_grad():
             g, norm_t = to.clip_by_global_norm(to_torch(grads, device), t.grad_clip)
-            pt, st = to.opt_update(g, st, pt, torch.tensor(lr, device=device), t)
+            pt, st = update_t(g, st, pt, torch.tensor(lr, device=device))
         tag = f"{name}/clip={clip}/momentum={momentum}/step {i}"
         assert_close(norm_t, norm_j, TOL["forward_fp32"], f"{tag}/global norm")
         assert_close(pt, pj, TOL["forward_fp32"], f"{tag}/params")
