@@ -38,7 +38,7 @@ from maetok.data import BatchSource, Prefetcher
 from maetok.errors import CheckpointError, NonFiniteLossError, TrainingStopped
 from maetok.params import spec_params
 from maetok.run import CHECKPOINT_NAME
-from maetok.schedules import learning_rate
+from maetok.schedules import due, learning_rate
 from maetok.train_state import ema_params, expected_layout, start_stage2, trainable_keys
 from maetok.tree import flatten
 
@@ -267,10 +267,11 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
                 seen += t.batch_size  # the global batch, over every process
-                last = step + 1 == end
+                done = step + 1
+                last = done == end
                 stopping = backend.agree_stop(stop[0])  # read once: it may change any time
-                save = (step + 1) % t.ckpt_every == 0 or last or stopping is not None
-                if (step + 1) % t.log_every == 0 or save:
+                save = due(done, t.ckpt_every) or last or stopping is not None
+                if due(done, t.log_every) or save:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
                     # throughput over the interval since the last pull (the pull above waits
                     # for the device), so compilation and checkpoints stay out of later ones
@@ -299,7 +300,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                     last_saved = step + 1
                 if stopping is not None:
                     raise TrainingStopped(stopping, step + 1, path)
-                if (step + 1) % t.sample_every == 0 or last:
+                if due(done, t.sample_every) or last:
                     recon = backend.reconstruct(state["params"], preview["images"], preview["mask"])
                     if writer:
                         save_grid(
@@ -309,7 +310,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                             masks=preview["mask"],
                             patch_size=cfg.model.patch_size,
                         )
-                if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
+                if due(done, t.ckpt_every) or due(done, t.sample_every):
                     t0 = time.perf_counter()
     finally:
         bar.close()

@@ -32,7 +32,7 @@ import numpy as np
 from maetok import checkpoint as ckpt
 from maetok.errors import CheckpointError
 from maetok.params import init_dit
-from maetok.schedules import learning_rate
+from maetok.schedules import due, learning_rate
 from maetok.trainer import check_finite
 from maetok_jax.flow import flow_loss
 from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
@@ -151,7 +151,8 @@ def fit(
             pending.append((step, lr, metrics))
             done += 1
             last = step + 1 == end
-            if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0 or last:
+            save = due(step + 1, cfg.ckpt_every) or last
+            if due(step + 1, cfg.log_every) or save:
                 pulled = jax.device_get([m for _, _, m in pending])  # the one host sync
                 rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
                 for (s, lr_s, _), values in zip(pending, pulled):
@@ -167,7 +168,7 @@ def fit(
                 log.flush()
                 pending.clear()
                 bar.set_postfix(loss=f"{host['loss']:.4f}", samples_s=f"{rate:.0f}")
-                if (step + 1) % cfg.ckpt_every == 0 or last:
+                if save:
                     save(step + 1)
                     last_saved = step + 1
                 t0, done = time.perf_counter(), 0

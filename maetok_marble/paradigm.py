@@ -55,7 +55,7 @@ import torch
 from maetok import checkpoint as ckpt
 from maetok.errors import CheckpointError, ConfigError, MAETokError
 from maetok.masks import mask_for_step, substream_seed
-from maetok.schedules import learning_rate
+from maetok.schedules import due, learning_rate
 from maetok.train_state import ema_params, expected_layout, start_stage2
 from maetok.trainer import check_finite
 from maetok_marble.settings import (
@@ -308,7 +308,7 @@ class MAETokParadigm:
         aux = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("aux/")}
         if aux:
             self._report(self.name, "aux", {**aux, "iteration": self.iteration})
-        if self.iteration % s.stats_every == 0:
+        if due(self.iteration, s.stats_every):
             self._report(self.name, "tokens", self.token_stats(images))
         self.iteration += 1
 
