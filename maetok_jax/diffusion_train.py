@@ -151,8 +151,8 @@ def fit(
             pending.append((step, lr, metrics))
             done += 1
             last = step + 1 == end
-            save = due(step + 1, cfg.ckpt_every) or last
-            if due(step + 1, cfg.log_every) or save:
+            checkpoint_now = due(step + 1, cfg.ckpt_every) or last
+            if due(step + 1, cfg.log_every) or checkpoint_now:
                 pulled = jax.device_get([m for _, _, m in pending])  # the one host sync
                 rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
                 for (s, lr_s, _), values in zip(pending, pulled):
@@ -168,7 +168,7 @@ def fit(
                 log.flush()
                 pending.clear()
                 bar.set_postfix(loss=f"{host['loss']:.4f}", samples_s=f"{rate:.0f}")
-                if save:
+                if checkpoint_now:
                     save(step + 1)
                     last_saved = step + 1
                 t0, done = time.perf_counter(), 0
