@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from maetok.config import Config
+from maetok.config import COMPUTE_ONLY, Config
 from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
 from maetok.tree import flatten, unflatten
@@ -257,10 +257,6 @@ def load_checkpoint(
 
 def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
-
-
-# How the model computes, not what its parameters are: a checkpoint may change these.
-COMPUTE_ONLY = ("compute_dtype", "attention", "unroll", "remat")
 
 
 def _check_model(path: Path, found: Config, want: Config) -> None:

@@ -23,6 +23,12 @@ from typing import Any
 from maetok.errors import ConfigError
 
 BUILTIN_TARGETS = ("hog", "conv", "pixel")
+REMAT_MODES = ("none", "full", "dots", "dots_attn")
+
+
+def _compute(default):
+    """A model field that says how to compute, not what: marked ``compute_only``."""
+    return field(default=default, metadata={"compute_only": True})
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,31 @@ class ModelConfig:
     aux_mlp_hidden: int = 256  # hidden width of the "mlp" aux heads
     disc_width: int = 64  # patch-GAN: first conv width, doubled at each stride-2 conv
     disc_depth: int = 3  # number of stride-2 convs
-    compute_dtype: str = "float32"  # "float32" or "bfloat16"; parameters stay float32
-    attention: str = "plain"  # "plain" (explicit softmax) or "fused" (framework kernel)
-    unroll: int = 1  # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
-    remat: bool = False  # recompute block internals in the backward pass (memory for compute)
+    # How the model computes, not what it computes (``compute_only``): these never change the
+    # parameter tree, a checkpoint may be read with other values, and each is a switch that
+    # ``benchmarks/train_step.py --set model.X=...`` can turn off to measure it.
+    compute_dtype: str = _compute("float32")  # "float32" or "bfloat16"; parameters stay float32
+    attention: str = _compute("plain")  # "plain" (explicit softmax) or "fused" (framework kernel)
+    unroll: int = _compute(1)  # JAX: blocks per lax.scan iteration (compile time vs scheduling)
+    # Recompute in the backward pass: "none"; "full" (every block internal); "dots" (keep the
+    # dense matmul outputs, recompute LayerNorm, GELU, RoPE, attention); "dots_attn" (also keep
+    # the attention output). Old configs' true/false read as "full"/"none".
+    remat: str = _compute("none")
+    # bf16 compute: LayerNorm and GELU keep bf16 activations with float32 statistics and save
+    # only their bf16 input for the backward pass (float32 compute: no effect).
+    lowp_norm: bool = _compute(True)
+    # q, k and v from their own matmuls, built in the attention kernel's layout and rotated
+    # there; off: one (D, 3D) matmul split afterwards. The same numbers up to rounding.
+    split_qkv: bool = _compute(True)
+    # bf16 compute: the fixed convolutions (targets, perceptual pyramid) in bf16 at default
+    # precision; off, or float32 compute: float32 at the highest precision.
+    fast_filters: bool = _compute(True)
+    # ViT auxiliary decoders of equal shapes run as one stacked computation (their parameters
+    # stacked at call time); off: one after the other.
+    stack_aux: bool = _compute(True)
+    # torch.compile (``--compile``): "block" compiles the transformer block once and reuses it
+    # across depth and stacks; "step" compiles the whole train step (minutes).
+    compile_scope: str = _compute("block")
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
     # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.
     query_pos: bool = False
@@ -71,6 +98,11 @@ class ModelConfig:
     def patch_dim(self) -> int:
         """p·p·C, the length of one flattened patch."""
         return self.patch_size * self.patch_size * self.channels
+
+
+COMPUTE_ONLY = tuple(
+    f.name for f in dataclasses.fields(ModelConfig) if f.metadata.get("compute_only")
+)
 
 
 @dataclass(frozen=True)
@@ -230,6 +262,8 @@ def _typed(name: str, default, value):
                 f"string), got {value!r}"
             )
         return tuple(value)
+    if name == "model.remat" and isinstance(value, bool):  # configs before the modes
+        return "full" if value else "none"
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -301,6 +335,8 @@ def validate(cfg: Config) -> Config:
     _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
     _choice(m.attention, ("plain", "fused"), "model.attention")
     _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
+    _choice(m.remat, REMAT_MODES, "model.remat")
+    _choice(m.compile_scope, ("block", "step"), "model.compile_scope")
     _require(
         len(set(m.aux_targets)) == len(m.aux_targets),
         f"model.aux_targets has duplicates: {list(m.aux_targets)}",

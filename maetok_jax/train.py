@@ -106,12 +106,13 @@ def make_train_step(cfg):
         (_, (metrics, recon)), grads = grad_fn(
             trainable, frozen, state.get("disc"), images, mask, targets, adv_on, cfg
         )
-        grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
         opt = state["opt"]
         sub = OptState(
             opt.count, {k: opt.mu[k] for k in keys}, {k: opt.nu[k] for k in keys} if opt.nu else {}
         )
-        new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
+        with jax.named_scope("optimiser"):  # a GPU profile's name for the update
+            grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
+            new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
         new_state = dict(state)
         new_state["params"] = {**params, **new_trainable}
         new_state["opt"] = OptState(
