@@ -55,7 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="plain", choices=("plain", "fused"))
     p.add_argument("--unroll", type=int, default=1)
-    p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="dots",
+        default="none",
+        choices=("none", "full", "dots", "dots_attn"),
+    )
     p.add_argument("--runs", type=int, default=10)
     p.add_argument(
         "--trace",

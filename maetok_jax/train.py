@@ -106,8 +106,9 @@ def make_train_step(cfg):
         (_, (metrics, recon)), grads = grad_fn(
             trainable, frozen, state.get("disc"), images, mask, targets, adv_on, cfg
         )
-        grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
-        trainable, opt = opt_update(grads, state["opt"], trainable, lr)
+        with jax.named_scope("optimiser"):  # a GPU profile's name for the update
+            grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
+            trainable, opt = opt_update(grads, state["opt"], trainable, lr)
         new_state = {**state, "params": {**params, **trainable}, "opt": opt}
         if "ema" in state:
             new_state["ema"] = ema_update(state["ema"], trainable, t.ema_decay)

@@ -506,7 +506,7 @@ def _stage_grads(case: Case, stage: int):
         tg,
         torch.ones((), device=case.device),
         cfg,
-        autograd=m.remat,
+        autograd=m.remat != "none",
     )
     assert set(g_t) == set(g_j) == set(keys)
     assert set(met_t) == set(met_j)

@@ -43,6 +43,7 @@ from maetok_torch.losses import adaptive_adv_weight, mask_loss, rec_percep_loss
 from maetok_torch.model import aux_predict, decode, encode
 from maetok_torch.optim import OptState, clip_by_global_norm, ema_update, make_optimizer
 from maetok_torch.targets import compute_targets
+from maetok_torch.transformer import compiled_blocks
 
 
 def default_device() -> str:
@@ -191,19 +192,27 @@ def _scalar(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
-def make_train_step(cfg, reduce=LOCAL):
+def make_train_step(cfg, reduce=LOCAL, block_backend=None):
     """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``.
 
     ``lr``, ``disc_lr`` and ``adv_on`` are floats or 0-d float32 tensors; ``metrics`` is a
     dict of 0-d float32 tensors still on the device. Under data parallelism ``reduce`` is a
     ``maetok_torch.distributed`` reducer, the batch is this rank's slice of the global one,
-    and the update is the one-process update on the global batch.
+    and the update is the one-process update on the global batch. ``block_backend``: a
+    ``torch.compile`` backend the transformer blocks run compiled with
+    (``model.compile_scope = "block"``); None: eager.
     """
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
     _, opt_update = make_optimizer(t)
 
-    def step(state, images, mask, lr, disc_lr, adv_on):
+    def step(*args):
+        if block_backend is None:
+            return eager_step(*args)
+        with compiled_blocks(block_backend):
+            return eager_step(*args)
+
+    def eager_step(state, images, mask, lr, disc_lr, adv_on):
         dev = images.device
         lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
         params = state["params"]
@@ -221,7 +230,8 @@ def make_train_step(cfg, reduce=LOCAL):
             adv_on,
             cfg,
             reduce,
-            autograd=m.remat or reduce.world > 1,
+            # compiled blocks are autograd Functions, which torch.func does not trace
+            autograd=m.remat != "none" or reduce.world > 1 or block_backend is not None,
         )
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
@@ -267,7 +277,9 @@ def make_train_step(cfg, reduce=LOCAL):
 
 
 def compile_train_step(cfg, backend: str = "inductor"):
-    """The train step under ``torch.compile`` (optional; eager is the default path).
+    """The train step under ``torch.compile`` (optional; eager is the default path):
+    ``model.compile_scope`` "step" compiles the whole step, "block" only the transformer
+    block, once for all stacks of one shape (the rest of the step runs eagerly).
 
     The returned callable has a ``graphs`` attribute: how many graphs the compiler has
     built so far (a graph break counts as one more graph, a recompilation as one more).
@@ -280,7 +292,10 @@ def compile_train_step(cfg, backend: str = "inductor"):
         compiled.graphs += 1
         return compiler(gm, example_inputs)
 
-    fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
+    if cfg.model.compile_scope == "block":
+        fn = make_train_step(cfg, block_backend=counting)
+    else:
+        fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
 
     def compiled(*args):
         return fn(*args)
