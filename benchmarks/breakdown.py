@@ -29,9 +29,10 @@ from maetok.config import preset
 from maetok.data import BatchSource
 from maetok.masks import mask_for_step
 from maetok.synthetic import SyntheticImages
+from maetok.train_state import trainable_keys
 from maetok_jax import train
 from maetok_jax.model import aux_predict, decode, encode
-from maetok_jax.optim import clip_by_global_norm, ema_update, opt_update
+from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
 from maetok_jax.perceptual import perceptual_loss
 from maetok_jax.targets import compute_targets
 
@@ -54,7 +55,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="plain", choices=("plain", "fused"))
     p.add_argument("--unroll", type=int, default=1)
-    p.add_argument("--remat", action="store_true")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="dots",
+        default="none",
+        choices=("none", "full", "dots", "dots_attn"),
+    )
     p.add_argument("--runs", type=int, default=10)
     p.add_argument(
         "--trace",
@@ -133,13 +140,14 @@ def main(argv=None) -> int:
         ),
     )
 
-    keys = train.trainable_keys(1)
+    keys = trainable_keys(1)
+    _, opt_update = make_optimizer(cfg.train)
 
     def optimise(state, grads):
         g, _ = clip_by_global_norm(grads, cfg.train.grad_clip)
         trainable = {k: state["params"][k] for k in keys}
-        new, opt = opt_update(g, state["opt"], trainable, jnp.float32(1e-4), cfg.train)
-        ema = ema_update({k: state["ema"][k] for k in keys}, new, 0.999) if "ema" in state else None
+        new, opt = opt_update(g, state["opt"], trainable, jnp.float32(1e-4))
+        ema = ema_update(state["ema"], new, 0.999) if "ema" in state else None
         return new, opt, ema
 
     grads = jax.tree_util.tree_map(lambda a: a * 1e-3, {k: params[k] for k in keys})

@@ -4,6 +4,7 @@
 #
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
 #   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
+#   OUT=dir bash benchmarks/gpu.sh levers    each speed lever on and off: $OUT/levers.md
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -23,7 +24,7 @@ PY
     ;;
   jax)    # JAX Stage 1 batch sweep, Stage 2, real JPEGs through the data pipeline
     $B --preset base --stage 1 --batch 64,128 --backends jax --ceiling --timeout 150
-    $B --preset base --stage 1 --batch 256 --backends jax --remat --timeout 150
+    $B --preset base --stage 1 --batch 256 --backends jax --remat dots --timeout 150
     $B --preset base --stage 2 --batch 128 --backends jax --timeout 120
     $B --preset base --stage 1 --batch 128 --backends jax --data "$DATA" --timeout 150 ;;
   torch)  # torch eager and compiled
@@ -36,6 +37,9 @@ PY
     $B --preset base --stage 1 --batch 128 --backends jax --unroll 12 --timeout 150
     python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
         --json "$RESULTS" --preset base --stage 1 --batch 128 --backends jax --timeout 150 ;;
+  levers)  # every ModelConfig speed switch on and off, one Markdown table (~6 min on an H200)
+    mkdir -p "${OUT:-.}"
+    python benchmarks/levers.py --out "${OUT:-.}/levers.md" --json "$RESULTS" ;;
   scaling)  # data parallelism: per-GPU and total img/s, scaling efficiency against one GPU
     N=${N:-$(nvidia-smi -L | wc -l)}
     $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends jax --devices "plain,1,$N" --timeout 300
@@ -54,5 +58,5 @@ for r in rows:
         print(f"step {r['step']:4d}  loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s")
 PY
     ;;
-  *) echo "parts: train, jax, torch, extra, scaling, scaling_run"; exit 2 ;;
+  *) echo "parts: train, jax, torch, extra, levers, scaling, scaling_run"; exit 2 ;;
 esac

@@ -7,7 +7,13 @@ Each backend runs in its own subprocess, so peak memory is its own. Per backend 
 reports images/s (median over timed steps, each step synchronised with the device),
 model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dense peak
 (989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
-memory, and the time of the first step (compilation included).
+memory, the time of the first step and the compile time (the first step less a timed
+one; for ``torch-compile``, ``model.compile_scope`` says what is compiled: "block", the
+default, or "step").
+
+``--set SECTION.FIELD=VALUE`` overrides any config field, e.g. the compute-only switches of
+``ModelConfig`` (``--set model.stack_aux=false``); ``benchmarks/levers.py`` times each of
+them off in turn.
 
 Data parallelism: ``--devices 1,2,4,8`` times each backend on that many devices (JAX: a
 mesh in one process; torch: that many processes under ``torchrun``), ``--batch`` images per
@@ -43,6 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from maetok.cli import _overrides
 from maetok.config import preset
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.params import disc_widths
@@ -154,6 +161,8 @@ def run_single(args) -> dict:
         },
         "loss": {"use_adv": args.gan},
     }
+    for section, fields in _overrides(args.set or []).items():  # --set wins
+        overrides.setdefault(section, {}).update(fields)
     cfg = preset(args.preset, **overrides)
     if name == "jax":
         from maetok_jax.backend import Backend
@@ -221,7 +230,9 @@ def run_single(args) -> dict:
         "gan": args.gan,
         "attention": args.attention,
         "unroll": args.unroll,
-        "remat": args.remat,
+        "remat": cfg.model.remat,
+        "set": list(args.set or []),
+        "label": args.label,
         "data": args.data or "in-memory synthetic",
         "images_per_s": ips,
         "step_ms_median": med * 1e3,
@@ -231,6 +242,8 @@ def run_single(args) -> dict:
         "model_gflop_per_image": flops["train_step"] / 1e9,
         "conv_gflop_per_image": conv_flops(cfg, args.stage) / 1e9,
         "first_step_s": first,
+        # compilation (XLA, or torch.compile's graphs) ≈ the first step less a timed one
+        "compile_s": max(first - med, 0.0),
         "final_loss": loss,
         "peak_memory_gib": (backend.peak_memory_bytes() or 0) / 2**30,
         "device": backend.describe(),
@@ -258,7 +271,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append results to this JSON-lines file")
     p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
     p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
-    p.add_argument("--remat", action="store_true", help="recompute block internals in backward")
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="dots",
+        default="none",
+        choices=("none", "full", "dots", "dots_attn"),
+        help="model.remat: what the backward pass recomputes (alone: dots)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.FIELD=VALUE",
+        help="override a config field, e.g. --set model.stack_aux=false (repeatable)",
+    )
+    p.add_argument("--label", default="", help="a name for this run in the JSON rows")
     p.add_argument(
         "--devices",
         help="data parallelism: device counts to time, e.g. 1,2,4,8 "
@@ -365,7 +392,7 @@ def print_table(results) -> None:
     head = (
         f"{'backend':15s}{'dev':>6s}{'img/s':>9s}{'img/s/dev':>10s}{'eff':>6s}"
         f"{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
-        f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'loss':>9s}"
+        f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'compile s':>10s}{'loss':>9s}"
     )
     print(head + "\n" + "-" * len(head))
     ceiling = max((r.get("matmul_ceiling_tflops", 0) for r in ok), default=0)
@@ -379,7 +406,8 @@ def print_table(results) -> None:
             f"{r.get('images_per_s_per_device', r['images_per_s']):10.1f}{eff}"
             f"{r['step_ms_median']:9.1f}"
             f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / n / H100_BF16_DENSE:6.1f}%"
-            f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}{r['final_loss']:9.4f}"
+            f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}"
+            f"{r['compile_s']:10.1f}{r['final_loss']:9.4f}"
         )
     if ceiling:
         print(f"measured 8192³ bf16 matmul: {ceiling:.0f} TFLOP/s")

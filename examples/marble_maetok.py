@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     ctx = marble_host(args.host)
     if ctx is None:
         return 0
-    from maetok_torch.marble import register
+    from maetok_marble import register
 
     with ctx as marblemain:
         register()  # MAETokParadigm under "maetok"
@@ -102,11 +102,11 @@ def main(argv=None) -> int:
             "maetok",
             {
                 "preset": "tiny",
-                "batch_size": 8,
-                "lr": 2e-3,
-                "warmup_steps": 5,
+                "train.batch_size": 8,
+                "train.lr": 2e-3,
+                "train.warmup_steps": 5,
                 "stage2_start": args.stage2_start,
-                "anneal_steps": 20,
+                "train.anneal_steps": 20,
                 "pretrain_steps": 4,
                 "stats_every": 5,
             },

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -227,32 +228,50 @@ def read_header(path) -> tuple[Config, dict]:
         return _config_of(path, metadata), _meta(path, metadata)
 
 
-def load_checkpoint(
-    path, cfg: Config | None = None, expected: Layout | None = None
-) -> tuple[dict, Config, dict]:
-    """Read a checkpoint; returns ``(state, cfg_in_file, meta)``.
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file read once: its tensors (flat, ``/``-joined keys), config and meta."""
 
-    ``state`` is the nested dict of numpy arrays that was saved. With ``cfg``, the model
-    section of the file must equal ``cfg.model``; with ``expected`` (see ``layout``), the
-    keys, shapes and dtypes must match exactly. Any problem raises CheckpointError with
-    every difference listed, and so do NaN or infinite values.
-    """
+    path: Path
+    flat: dict
+    cfg: Config
+    meta: dict
+
+    def check(self, cfg: Config | None = None, expected: Layout | None = None) -> dict:
+        """The nested state, checked: with ``cfg``, the file's model section must equal
+        ``cfg.model``; with ``expected`` (see ``layout``), keys, shapes and dtypes must match
+        exactly; NaN or infinite values are refused. Each problem raises CheckpointError
+        with every difference listed."""
+        if cfg is not None:
+            _check_model(self.path, self.cfg, cfg)
+        if expected is not None:
+            _check_layout(self.path, layout(self.flat), expected)
+        for key in sorted(self.flat):  # a NaN weight would only show up later, as a NaN loss
+            if self.flat[key].dtype.kind in "fc" and not np.isfinite(self.flat[key]).all():
+                raise CheckpointError(
+                    f"checkpoint {self.path} holds NaN or infinite values, first in "
+                    f"{key}; it cannot be used: take an earlier checkpoint"
+                )
+        return unflatten(self.flat)
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """Open a checkpoint once and read everything in it (nothing checked but its format)."""
     path = Path(path)
     with _open(path) as handle:
         metadata = _metadata(path, handle)
         file_cfg = _config_of(path, metadata)
-        if cfg is not None:
-            _check_model(path, file_cfg, cfg)
         flat = _tensors(path, handle)
-    if expected is not None:
-        _check_layout(path, layout(flat), expected)
-    for key in sorted(flat):  # a NaN weight would only show up later, as a NaN loss or PSNR
-        if flat[key].dtype.kind in "fc" and not np.isfinite(flat[key]).all():
-            raise CheckpointError(
-                f"checkpoint {path} holds NaN or infinite values, first in "
-                f"{key}; it cannot be used: take an earlier checkpoint"
-            )
-    return unflatten(flat), file_cfg, _meta(path, metadata)
+    return Checkpoint(path, flat, file_cfg, _meta(path, metadata))
+
+
+def load_checkpoint(
+    path, cfg: Config | None = None, expected: Layout | None = None
+) -> tuple[dict, Config, dict]:
+    """Read a checkpoint; returns ``(state, cfg_in_file, meta)``, checked as
+    ``Checkpoint.check(cfg, expected)`` does."""
+    checkpoint = read_checkpoint(path)
+    return checkpoint.check(cfg, expected), checkpoint.cfg, checkpoint.meta
 
 
 def _fmt(value) -> str:

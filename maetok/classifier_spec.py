@@ -70,7 +70,7 @@ class ClassifierConfig:
 
     @property
     def optimizer(self) -> str:
-        """Read by ``maetok_jax.optim.opt_init``: this network trains with SGD only."""
+        """Read by ``maetok_jax.optim.make_optimizer``: this network trains with SGD only."""
         return "sgd"
 
     @property

@@ -28,18 +28,32 @@ def _parse_value(text: str):
         return text
 
 
+def config_overrides(items, what: str = "a config key") -> dict:
+    """``[("train.lr", 3e-4), ("loss.use_adv", True)]`` → {"train": {"lr": 3e-4}, "loss": {...}}.
+
+    The one reader of ``SECTION.FIELD`` keys: ``--set`` and the Marble plugin's options.
+    Sections and fields are checked when the result reaches ``Config.replace``.
+    """
+    out: dict = {}
+    for key, value in items:
+        section, dot, name = str(key).partition(".")
+        if not dot:
+            raise ConfigError(f"{what} must be SECTION.FIELD (e.g. train.lr), got {key!r}")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
 def _overrides(pairs: list[str]) -> dict:
     """``["train.lr=3e-4", "loss.use_adv=true"]`` → {"train": {"lr": 3e-4}, "loss": {...}}."""
-    out: dict = {}
+    items = []
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
+        if not sep or "." not in key:
             raise ConfigError(
                 f"--set expects SECTION.FIELD=VALUE (e.g. train.lr=3e-4), got {pair!r}"
             )
-        out.setdefault(section, {})[name] = _parse_value(value)
-    return out
+        items.append((key, _parse_value(value)))
+    return config_overrides(items)
 
 
 def _changes(args) -> dict:
@@ -167,7 +181,7 @@ def cmd_train(args) -> int:
                 out,
                 backend,
                 init_from=args.init_from,
-                resume=args.resume,
+                resume=resumed.checkpoint if args.resume else False,
                 progress=progress,
                 device=args.device,
                 compile=args.compile,

@@ -26,6 +26,7 @@ BUILTIN_TARGETS = ("hog", "conv", "pixel")
 # Field metadata of the settings that change neither the parameter tree nor the numbers a
 # trained model computes (beyond rounding): see ``compute_only``.
 COMPUTE_ONLY = {"compute_only": True}
+REMAT_MODES = ("none", "full", "dots", "dots_attn")
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,34 @@ class ModelConfig:
     disc_width: int = 64  # patch-GAN: first conv width, doubled at each stride-2 conv
     disc_depth: int = 3  # number of stride-2 convs
     # How the model computes, not what its parameters are or (beyond rounding) what it
-    # outputs: compute-only fields (``compute_only``), which a checkpoint's user may change.
+    # outputs: compute-only fields (``compute_only``), which a checkpoint's user may change,
+    # each a switch that ``benchmarks/train_step.py --set model.X=...`` can turn off to
+    # measure it.
     # "float32" or "bfloat16"; parameters stay float32
     compute_dtype: str = field(default="float32", metadata=COMPUTE_ONLY)
     # "plain" (explicit softmax) or "fused" (framework kernel)
     attention: str = field(default="plain", metadata=COMPUTE_ONLY)
     # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)
-    # recompute block internals in the backward pass (memory for compute)
-    remat: bool = field(default=False, metadata=COMPUTE_ONLY)
+    # Recompute in the backward pass: "none"; "full" (every block internal); "dots" (keep the
+    # dense matmul outputs, recompute LayerNorm, GELU, RoPE, attention); "dots_attn" (also keep
+    # the attention output). Old configs' true/false read as "full"/"none".
+    remat: str = field(default="none", metadata=COMPUTE_ONLY)
+    # bf16 compute: LayerNorm and GELU keep bf16 activations with float32 statistics and save
+    # only their bf16 input for the backward pass (float32 compute: no effect).
+    lowp_norm: bool = field(default=True, metadata=COMPUTE_ONLY)
+    # q, k and v from their own matmuls, built in the attention kernel's layout and rotated
+    # there; off: one (D, 3D) matmul split afterwards. The same numbers up to rounding.
+    split_qkv: bool = field(default=True, metadata=COMPUTE_ONLY)
+    # bf16 compute: the fixed convolutions (targets, perceptual pyramid) in bf16 at default
+    # precision; off, or float32 compute: float32 at the highest precision.
+    fast_filters: bool = field(default=True, metadata=COMPUTE_ONLY)
+    # ViT auxiliary decoders of equal shapes run as one stacked computation (their parameters
+    # stacked at call time); off: one after the other.
+    stack_aux: bool = field(default=True, metadata=COMPUTE_ONLY)
+    # torch.compile (``--compile``): "block" compiles the transformer block once and reuses it
+    # across depth and stacks; "step" compiles the whole train step (minutes).
+    compile_scope: str = field(default="block", metadata=COMPUTE_ONLY)
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
     # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.
     query_pos: bool = False
@@ -251,6 +271,8 @@ def _typed(name: str, default, value):
                 f"string), got {value!r}"
             )
         return tuple(value)
+    if name == "model.remat" and isinstance(value, bool):  # configs before the modes
+        return "full" if value else "none"
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"{name} must be true or false, got {value!r}")
@@ -322,6 +344,8 @@ def validate(cfg: Config) -> Config:
     _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
     _choice(m.attention, ("plain", "fused"), "model.attention")
     _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
+    _choice(m.remat, REMAT_MODES, "model.remat")
+    _choice(m.compile_scope, ("block", "step"), "model.compile_scope")
     _require(
         len(set(m.aux_targets)) == len(m.aux_targets),
         f"model.aux_targets has duplicates: {list(m.aux_targets)}",

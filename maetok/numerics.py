@@ -19,6 +19,11 @@ Auxiliary targets (``targets``), computed from the clean image and never differe
 - normalised pixels ``(x − mean) / sqrt(var + PIXEL_EPS)``, population variance
   computed two-pass as ``mean((x − mean)²)``.
 
+With bf16 compute, ``model.fast_filters`` runs the fixed convolutions of the targets and the
+perceptual pyramid in bf16 at default precision (float32 compute: HIGHEST precision
+always); ``model.lowp_norm`` changes what LayerNorm and GELU save for the backward pass,
+not their values (docs/design.md §10).
+
 Perceptual pyramid (``perceptual``):
 
 - reflect padding (numpy ``'reflect'``) of 2 pixels for the 5×5 bank;

@@ -230,13 +230,15 @@ def _listing(diff: dict[str, list], limit: int = 4) -> str:
 @dataclass
 class Resumed:
     """What ``resume`` rebuilt: the run's config, data and backend with the changes asked
-    for, the step of its checkpoint, and ``changes`` (``{"what": [old, new]}``) to record."""
+    for, the step of its checkpoint, ``changes`` (``{"what": [old, new]}``) to record, and
+    the checkpoint itself, read once (``maetok.trainer.train(resume=...)`` takes it)."""
 
     cfg: Config
     dataset: object
     backend: str
     step: int | None
     changes: dict[str, list]
+    checkpoint: ckpt.Checkpoint
 
 
 def resume(
@@ -261,7 +263,8 @@ def resume(
     path = Path(out) / CHECKPOINT_NAME
     if not path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path}; train without --resume first")
-    stored, meta = ckpt.read_header(path)
+    checkpoint = ckpt.read_checkpoint(path)  # the one read: the trainer takes it from here
+    stored, meta = checkpoint.cfg, checkpoint.meta
     if base is not None and config_diff(stored, base):
         raise ConfigError(
             f"--resume: {base_flag} differs from the run's config "
@@ -323,7 +326,9 @@ def resume(
             )
         changed["data"] = [describe_data(run_data), describe_data(now)]
     step = meta.get("step")
-    return Resumed(cfg, dataset, chosen, step if isinstance(step, int) else None, changed)
+    return Resumed(
+        cfg, dataset, chosen, step if isinstance(step, int) else None, changed, checkpoint
+    )
 
 
 def history_entry(step: int, changes: dict[str, list]) -> dict:

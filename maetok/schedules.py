@@ -1,4 +1,5 @@
-"""Learning-rate and mask-ratio schedules (docs/design.md §6–7), as plain functions of the step.
+"""Learning-rate and mask-ratio schedules and loop cadences (docs/design.md §6–7), as plain
+functions of the step.
 
 They are written with ``math`` only and evaluated on the host, so both backends see the
 same numbers: the learning rate enters each train step as an argument.
@@ -9,6 +10,15 @@ from __future__ import annotations
 import math
 
 from maetok.config import TrainConfig
+
+
+def due(step: int, every: int) -> bool:
+    """Whether a cadence of ``every`` steps falls on ``step`` (a multiple of ``every``).
+
+    The one test of the training loops' cadences (metrics, checkpoints, sample pictures,
+    statistics); loops that act after a step pass the number of steps done, ``step + 1``.
+    """
+    return step % every == 0
 
 
 def learning_rate(step: int, t: TrainConfig, base_lr: float | None = None) -> float:

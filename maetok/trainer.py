@@ -36,8 +36,11 @@ from maetok import reproducible, run
 from maetok.config import Config
 from maetok.data import BatchSource, Prefetcher
 from maetok.errors import CheckpointError, NonFiniteLossError, TrainingStopped
+from maetok.params import spec_params
 from maetok.run import CHECKPOINT_NAME
-from maetok.schedules import learning_rate
+from maetok.schedules import due, learning_rate
+from maetok.train_state import ema_params, expected_layout, start_stage2, trainable_keys
+from maetok.tree import flatten
 
 
 def get_backend(name: str):
@@ -47,73 +50,79 @@ def get_backend(name: str):
     return importlib.import_module(f"maetok_{name}.backend").Backend
 
 
-def expected_layout(backend, cfg: Config) -> dict:
-    """The flat key → (shape, dtype) layout a checkpoint of ``cfg`` must have."""
-    return ckpt.layout(backend.state_to_numpy(backend.init_state(0)))
-
-
-def load_state(backend, path, cfg: Config):
-    """Load a full train state written by either backend, checking it against ``cfg``."""
-    tree, _, _ = ckpt.load_checkpoint(path, cfg, expected_layout(backend, cfg))
-    return backend.state_from_numpy(tree)
+def load_state(backend, checkpoint: ckpt.Checkpoint, cfg: Config):
+    """The full train state of a checkpoint (written by either backend), checked against
+    ``cfg`` and the exact layout ``cfg`` implies (``maetok.train_state.expected_layout``)."""
+    want = expected_layout(cfg)
+    extra = set(checkpoint.flat) - set(want)
+    frozen = sorted(set(trainable_keys(1)) - set(trainable_keys(cfg.train.stage)))
+    stale = tuple(f"{part}/{g}/" for part in ("opt/mu", "opt/nu", "ema") for g in frozen)
+    if extra and set(want) <= set(checkpoint.flat) and all(k.startswith(stale) for k in extra):
+        raise CheckpointError(
+            f"checkpoint {checkpoint.path} has the older train-state layout, with optimiser "
+            f"moments and EMA also for the groups Stage {cfg.train.stage} freezes "
+            f"({', '.join(frozen)}); --resume cannot continue it: start a new run from its "
+            f"weights with --init-from {checkpoint.path}"
+        )
+    return backend.state_from_numpy(checkpoint.check(cfg, want))
 
 
 def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
-    """Only the tokenizer parameters (or their EMA) of a checkpoint, as numpy, checked."""
-    tree, _file_cfg, _ = ckpt.load_checkpoint(path, cfg)
-    key = "ema" if use_ema else "params"
-    if key not in tree:
-        raise CheckpointError(f"{path} holds no {key!r} (EMA was off when it was trained)")
-    from maetok.params import spec_params
-    from maetok.tree import flatten
+    """Only the tokenizer parameters (or their EMA) of a checkpoint, as numpy, checked.
 
+    Checkpoints of every train-state layout qualify: only ``params`` and ``ema`` are read.
+    """
+    checkpoint = ckpt.read_checkpoint(path)
+    return _params_of(checkpoint.path, checkpoint.check(cfg), cfg, use_ema)
+
+
+def _params_of(path, tree: dict, cfg: Config, use_ema: bool) -> dict:
+    if use_ema and "ema" not in tree:
+        raise CheckpointError(f"{path} holds no 'ema' (EMA was off when it was trained)")
+    params = ema_params(tree) if use_ema else tree["params"]
     want = {k: v.shape for k, v in flatten(spec_params(cfg.model)).items()}
-    have = {k: v.shape for k, v in flatten(tree[key]).items()}
+    have = {k: v.shape for k, v in flatten(params).items()}
     if want != have:
         missing = sorted(set(want) - set(have))[:5]
         wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])[:5]
         raise CheckpointError(
             f"{path}: parameters do not match the config (missing {missing}, wrong shape {wrong})"
         )
-    return tree[key]
+    return params
 
 
 def init_from_checkpoint(backend, path, cfg: Config):
-    """A fresh train state (step 0, fresh optimiser) starting from a checkpoint's weights.
-
-    The tokenizer parameters seed both ``params`` and the EMA; a discriminator and its
-    LeCAM statistics are carried over too when the checkpoint has them and ``cfg`` uses one.
-    """
-    params = params_from_checkpoint(path, cfg)
-    state = backend.state_to_numpy(backend.init_state(cfg.train.seed, params))
-    if "ema" in state:
-        state["ema"] = params
-    if cfg.loss.use_adv:
-        tree, _, _ = ckpt.load_checkpoint(path, cfg)
-        for key in ("disc", "lecam"):
-            if key in tree:
-                state[key] = tree[key]
-    return backend.state_from_numpy(state)
+    """A fresh train state of ``cfg``'s stage from a checkpoint's weights, the file read
+    once; ``maetok.train_state.start_stage2`` says what is kept and what starts afresh."""
+    checkpoint = ckpt.read_checkpoint(path)
+    tree = checkpoint.check(cfg)
+    params = _params_of(checkpoint.path, tree, cfg, use_ema=False)
+    return start_stage2(backend, {**tree, "params": params}, cfg)
 
 
-def _check_finite(metrics: dict, step: int, out: Path, last_saved: int | None, lr: float):
+def check_finite(metrics: dict[str, float], at: str, advice: str) -> None:
+    """The one finiteness check of a training loop's host-side metrics: NonFiniteLossError
+    naming where (``at``, e.g. ``"step 12"``), the non-finite values and ``advice``."""
     bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
     if bad:
-        if last_saved is not None:
-            advice = (
-                f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}: "
-                f"continue it with a lower learning rate, e.g. maetok train --resume "
-                f"--out {out} --lr {lr / 10:g}"
-            )
-        else:
-            advice = (
-                "no checkpoint had been written yet: start again with a lower --lr "
-                "(and --overwrite) or more warm-up"
-            )
         raise NonFiniteLossError(
-            f"non-finite loss at step {step} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+            f"non-finite loss at {at} ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
             f"training stopped; {advice}"
         )
+
+
+def _resume_advice(out: Path, last_saved: int | None, lr: float) -> str:
+    """What to do after a NaN stopped ``maetok train``."""
+    if last_saved is None:
+        return (
+            "no checkpoint had been written yet: start again with a lower --lr "
+            "(and --overwrite) or more warm-up"
+        )
+    return (
+        f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}: "
+        f"continue it with a lower learning rate, e.g. maetok train --resume "
+        f"--out {out} --lr {lr / 10:g}"
+    )
 
 
 def _truncate_metrics(path: Path, start: int) -> None:
@@ -166,7 +175,7 @@ def train(
     out_dir,
     backend_name: str = "jax",
     init_from=None,
-    resume: bool = False,
+    resume: bool | ckpt.Checkpoint = False,
     stop_at: int | None = None,
     progress: bool = True,
     device: str | None = None,
@@ -177,18 +186,20 @@ def train(
 ) -> dict:
     """Train ``cfg.train.steps`` steps (or up to ``stop_at``) and return the last metrics.
 
-    ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
-    either way. ``devices``: data parallelism (JAX: the mesh size, default every local
-    device unless ``device`` names one; torch: the world size of ``torchrun``, which it must
-    equal); ``shard_params`` shards the JAX state over the devices (FSDP). With ``resume``,
-    ``changes`` (``{"what": [old, new]}``, see ``maetok.run.resume``) is recorded in the
-    run's history.
+        ``compile`` puts the torch step under ``torch.compile``; the JAX step is jit-compiled
+        either way. ``devices``: data parallelism (JAX: the mesh size, default every local
+        device unless ``device`` names one; torch: the world size of ``torchrun``, which it must
+        equal); ``shard_params`` shards the JAX state over the devices (FSDP). ``resume``: True to
+    continue the run in ``out_dir``, or its checkpoint already read (``maetok.run.resume``
+    reads it), so the file is read once. With ``resume``,
+        ``changes`` (``{"what": [old, new]}``, see ``maetok.run.resume``) is recorded in the
+        run's history.
 
-    Only the writer process (``backend.is_writer``: the only one, or rank 0 of several)
-    holds the output folder (``maetok.run.claim``) and writes to it; the others compute the
-    same steps and leave it alone. SIGTERM or SIGINT to any process save a checkpoint at
-    the next step boundary and raise ``TrainingStopped`` in every process, after the same
-    step.
+        Only the writer process (``backend.is_writer``: the only one, or rank 0 of several)
+        holds the output folder (``maetok.run.claim``) and writes to it; the others compute the
+        same steps and leave it alone. SIGTERM or SIGINT to any process save a checkpoint at
+        the next step boundary and raise ``TrainingStopped`` in every process, after the same
+        step.
     """
     reproducible.request(backend_name, cfg.train.deterministic)  # before the backend starts
     backend_cls = get_backend(backend_name)
@@ -214,10 +225,12 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
     path = out / CHECKPOINT_NAME
     history = []
     if resume:
-        if not path.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {path}")
-        state = load_state(backend, path, cfg)
-        history = list(ckpt.read_header(path)[1].get("history", []))
+        if resume is True:
+            if not path.exists():
+                raise CheckpointError(f"--resume: no checkpoint at {path}")
+            resume = ckpt.read_checkpoint(path)
+        state = load_state(backend, resume, cfg)
+        history = list(resume.meta.get("history", []))
     elif init_from is not None:
         state = init_from_checkpoint(backend, init_from, cfg)
     else:
@@ -255,16 +268,17 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                 state, device_metrics = backend.train_step(state, batch, step)
                 pending.append((step, batch["mask_ratio"], device_metrics))
                 seen += t.batch_size  # the global batch, over every process
-                last = step + 1 == end
+                done = step + 1
+                last = done == end
                 stopping = backend.agree_stop(stop[0])  # read once: it may change any time
-                save = (step + 1) % t.ckpt_every == 0 or last or stopping is not None
-                if (step + 1) % t.log_every == 0 or save:
+                save = due(done, t.ckpt_every) or last or stopping is not None
+                if due(done, t.log_every) or save:
                     pulled = [(s, r, backend.metrics_to_host(dm)) for s, r, dm in pending]
                     # throughput over the interval since the last pull (the pull above waits
                     # for the device), so compilation and checkpoints stay out of later ones
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     for s, ratio, host in pulled:
-                        _check_finite(host, s, out, last_saved, t.lr)
+                        check_finite(host, f"step {s}", _resume_advice(out, last_saved, t.lr))
                         host.update(
                             step=s, mask_ratio=ratio, lr=learning_rate(s, t), images_per_s=rate
                         )
@@ -287,7 +301,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                     last_saved = step + 1
                 if stopping is not None:
                     raise TrainingStopped(stopping, step + 1, path)
-                if (step + 1) % t.sample_every == 0 or last:
+                if due(done, t.sample_every) or last:
                     recon = backend.reconstruct(state["params"], preview["images"], preview["mask"])
                     if writer:
                         save_grid(
@@ -297,7 +311,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                             masks=preview["mask"],
                             patch_size=cfg.model.patch_size,
                         )
-                if (step + 1) % t.ckpt_every == 0 or (step + 1) % t.sample_every == 0:
+                if due(done, t.ckpt_every) or due(done, t.sample_every):
                     t0 = time.perf_counter()
     finally:
         bar.close()

@@ -5,10 +5,19 @@ Two implementations give the same function:
   reference path that parity tests pin against torch;
 - ``fused``: ``jax.nn.dot_product_attention``, which uses cuDNN's flash attention on GPU
   for bfloat16 inputs and XLA's attention elsewhere.
+
+Both take q, k, v as (B, T, heads, K), the layout ``jax.nn.dot_product_attention`` reads.
+``split_qkv`` (``model.split_qkv``) builds them straight in that layout: q and k from one
+``(D, 2D)`` matmul (RoPE rotates them in place, the rotation writing each out
+contiguous), v from its own ``(D, D)`` matmul, so no array is sliced out of a wider one
+and copied before the kernel. The ``qkv`` leaf stays one ``(D, 3D)`` matrix, sliced at
+call time. A stack of S attentions (stacked parameters, x (S, B, T, D)) folds S into the
+batch around the kernel.
 """
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from maetok_jax.layers import dense
 from maetok_jax.rope import apply_rope
@@ -20,6 +29,20 @@ def split_heads(qkv, heads: int):
     k = d3 // (3 * heads)
     qkv = qkv.reshape(b, t, 3, heads, k)
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def project_qkv(params, x, heads: int):
+    """x (B, T, D) → (qk (B, T, 2, heads, K), v (B, T, heads, K)) from ``params`` {w (D, 3D),
+    b (3D,)} in two matmuls, ``(D, 2D)`` for q and k and ``(D, D)`` for v, so each comes out
+    in the kernel's layout with nothing sliced out of a wider array; q is ``qk[:, :, 0]``.
+
+    Stacked (``w`` (S, D, 3D), x (S, B, T, D)): S folds into the batch, B' = S·B.
+    """
+    d, t = x.shape[-1], x.shape[-2]
+    w, b = params["w"], params["b"]
+    qk = dense({"w": w[..., : 2 * d], "b": b[..., : 2 * d]}, x)  # (S?, B, T, 2D)
+    v = dense({"w": w[..., 2 * d :], "b": b[..., 2 * d :]}, x)  # (S?, B, T, D)
+    return qk.reshape(-1, t, 2, heads, d // heads), v.reshape(-1, t, heads, d // heads)
 
 
 def _plain(q, k, v):
@@ -35,14 +58,21 @@ def _fused(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
-def attention(params, x, cos, sin, heads: int, impl: str = "plain"):
+def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: bool = False):
     """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D).
 
     ``cos``/``sin`` None: no rotation (a model with learned absolute positions).
     """
-    b, t, d = x.shape
-    q, k, v = split_heads(dense(params["qkv"], x), heads)  # each (B, T, heads, K)
-    if cos is not None:
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if split_qkv:  # q and k rotated together, in the (B, T, heads, K) layout of the kernel
+        qk, v = project_qkv(params["qkv"], x, heads)
+        if cos is not None:
+            qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :, 0], qk[:, :, 1]
+    else:
+        qkv = dense(params["qkv"], x)  # (S?, B, T, 3D)
+        q, k, v = split_heads(qkv.reshape(-1, *qkv.shape[-2:]), heads)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
-    return dense(params["proj"], out.reshape(b, t, d))
+    out = checkpoint_name(out, "attention")  # remat "dots_attn" keeps it
+    return dense(params["proj"], out.reshape(x.shape))

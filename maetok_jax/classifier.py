@@ -33,7 +33,7 @@ from maetok.classifier_spec import (
 from maetok.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from maetok.schedules import one_cycle
 from maetok.tree import flatten, unflatten
-from maetok_jax.optim import opt_init, sgd_update
+from maetok_jax.optim import make_optimizer
 
 tree_map = jax.tree_util.tree_map
 
@@ -137,7 +137,7 @@ def init_train_state(cfg: ClassifierConfig) -> dict:
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "stats": stats,
-        "opt": opt_init(params, cfg),
+        "opt": make_optimizer(cfg, nesterov=True)[0](params),
     }
 
 
@@ -147,6 +147,8 @@ def make_train_step(cfg: ClassifierConfig):
     ``images`` uint8 (N, H, W, 3) and ``labels`` (N,) are the whole training set, left on
     the device; ``idx`` picks the batch. The crops and flips use ``fold_in(key, step)``.
     """
+
+    _, opt_update = make_optimizer(cfg, nesterov=True)
 
     def step(state, images, labels, idx, lr, key):
         x = augment(images[idx], jax.random.fold_in(key, state["step"]), cfg)
@@ -158,7 +160,7 @@ def make_train_step(cfg: ClassifierConfig):
             return loss, (stats, jnp.mean(jnp.argmax(logits, axis=1) == y))
 
         (loss, (stats, acc)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        params, opt = sgd_update(grads, state["opt"], state["params"], lr, cfg, nesterov=True)
+        params, opt = opt_update(grads, state["opt"], state["params"], lr)
         new = {"step": state["step"] + 1, "params": params, "stats": stats, "opt": opt}
         return new, {"loss": loss, "accuracy": acc.astype(jnp.float32)}
 

@@ -22,7 +22,6 @@ Output folder::
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -31,11 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from maetok import checkpoint as ckpt
-from maetok.errors import CheckpointError, NonFiniteLossError
+from maetok.errors import CheckpointError
 from maetok.params import init_dit
-from maetok.schedules import learning_rate
+from maetok.schedules import due, learning_rate
+from maetok.trainer import check_finite
 from maetok_jax.flow import flow_loss
-from maetok_jax.optim import clip_by_global_norm, ema_update, opt_init, opt_update
+from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
 from maetok_jax.train import state_from_numpy, state_to_numpy
 
 CHECKPOINT_NAME = "diffusion.safetensors"
@@ -51,7 +51,7 @@ def init_state(cfg, params=None):
         "step": jnp.zeros((), jnp.int32),
         "params": params,
         "ema": jax.tree_util.tree_map(jnp.array, params),
-        "opt": opt_init(params, cfg),
+        "opt": make_optimizer(cfg)[0](params),
     }
 
 
@@ -61,6 +61,7 @@ def make_train_step(cfg):
     The state's buffers are donated; metrics stay on the device until the caller pulls them.
     """
     root = jax.random.key(cfg.seed)
+    _, opt_update = make_optimizer(cfg)
 
     def step(state, latents, labels, lr):
         key = jax.random.fold_in(root, state["step"])
@@ -69,7 +70,7 @@ def make_train_step(cfg):
         x, y = latents[idx], labels[idx]  # (B, L, h), (B,)
         loss, grads = jax.value_and_grad(flow_loss)(state["params"], x, y, k_loss, cfg)
         grads, gnorm = clip_by_global_norm(grads, cfg.grad_clip)
-        params, opt = opt_update(grads, state["opt"], state["params"], lr, cfg)
+        params, opt = opt_update(grads, state["opt"], state["params"], lr)
         ema = ema_update(state["ema"], params, cfg.ema_decay)
         new_state = {"step": state["step"] + 1, "params": params, "ema": ema, "opt": opt}
         return new_state, {"loss": loss, "grad_norm": gnorm}
@@ -96,20 +97,6 @@ def expected_layout(cfg) -> dict:
             "norm": norm,
         }
     )
-
-
-def _check_finite(host: dict, step: int, out: Path, last_saved: int | None) -> None:
-    bad = {k: v for k, v in host.items() if not math.isfinite(v)}
-    if bad:
-        where = (
-            f"the last good checkpoint (step {last_saved}) is {out / CHECKPOINT_NAME}"
-            if last_saved is not None
-            else "no checkpoint had been written yet"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} ({bad}); training stopped "
-            f"and {where}. Try a lower lr or more warm-up."
-        )
 
 
 def fit(
@@ -164,18 +151,24 @@ def fit(
             pending.append((step, lr, metrics))
             done += 1
             last = step + 1 == end
-            if (step + 1) % cfg.log_every == 0 or (step + 1) % cfg.ckpt_every == 0 or last:
+            checkpoint_now = due(step + 1, cfg.ckpt_every) or last
+            if due(step + 1, cfg.log_every) or checkpoint_now:
                 pulled = jax.device_get([m for _, _, m in pending])  # the one host sync
                 rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
                 for (s, lr_s, _), values in zip(pending, pulled):
                     host = {k: float(v) for k, v in values.items()}
-                    _check_finite(host, s, out, last_saved)
+                    where = (
+                        f"the last good checkpoint (step {last_saved}) is {path}"
+                        if last_saved is not None
+                        else "no checkpoint had been written yet"
+                    )
+                    check_finite(host, f"step {s}", f"{where}; try a lower lr or more warm-up")
                     host.update(step=s, lr=lr_s, samples_per_s=rate)
                     log.write(json.dumps(host) + "\n")
                 log.flush()
                 pending.clear()
                 bar.set_postfix(loss=f"{host['loss']:.4f}", samples_s=f"{rate:.0f}")
-                if (step + 1) % cfg.ckpt_every == 0 or last:
+                if checkpoint_now:
                     save(step + 1)
                     last_saved = step + 1
                 t0, done = time.perf_counter(), 0

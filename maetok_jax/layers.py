@@ -1,38 +1,135 @@
 """Elementary layers: dense, LayerNorm, GELU MLP (docs/design.md §3.3).
 
 Pinned numerics (LayerNorm statistics, exact GELU): ``maetok.numerics``.
+
+Every layer also takes a *stack* of S same-shaped layers at once (``stack_aux``): a stacked
+dense has ``w`` (S, D_in, D_out) and acts on x (S, ..., D_in); stacked LayerNorm affines
+are (S, D). The S computations are one batched matmul, never a loop.
+
+``lowp=True`` (``model.lowp_norm``) changes what LayerNorm and GELU keep for the backward
+pass when the activations are bf16: only their bf16 input (and LayerNorm's float32 mean
+and 1/σ, one number per token), instead of the float32 intermediates autodiff would save.
+The forward values are the same as the reference path's; float32 inputs always take the
+reference path.
 """
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 
 def dense(params, x):
-    """(..., D_in) → (..., D_out) as ``x @ w + b`` with ``w`` stored (D_in, D_out)."""
-    return x @ params["w"] + params["b"]
+    """(..., D_in) → (..., D_out) as ``x @ w + b`` with ``w`` stored (D_in, D_out).
+
+    Stacked: ``w`` (S, D_in, D_out), ``b`` (S, D_out), x (S, ..., D_in) → (S, ..., D_out).
+    """
+    w, b = params["w"], params["b"]
+    if w.ndim == 2:
+        y = x @ w + b
+    else:
+        s, lead = w.shape[0], x.shape[1:-1]
+        y = jnp.einsum("snd,sde->sne", x.reshape(s, -1, x.shape[-1]), w)  # one batched matmul
+        y = y.reshape(s, *lead, w.shape[-1]) + b.reshape(s, *(1,) * len(lead), -1)
+    return checkpoint_name(y, "dense")  # what remat "dots" keeps (maetok_jax.transformer)
 
 
-def layer_norm(params, x, eps: float):
+def _affine(a, x):
+    """A LayerNorm scale or bias, (D,) or stacked (S, D), broadcast against x (S?, ..., D)."""
+    return a if a.ndim == 1 else a.reshape(a.shape[0], *(1,) * (x.ndim - 2), a.shape[-1])
+
+
+def _stats(xf, eps):
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return mean, jax.lax.rsqrt(var + eps)
+
+
+def layer_norm(params, x, eps: float, lowp: bool = False):
     """LayerNorm over the last axis, computed in float32 and returned in ``x``'s dtype.
 
     ``params`` None: no affine (adaLN modulates the normalised values instead).
     """
+    if lowp and params is not None and x.dtype != jnp.float32:
+        return _ln_lowp(x, _affine(params["scale"], x), _affine(params["bias"], x), eps)
     xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    mean, rstd = _stats(xf, eps)
+    y = (xf - mean) * rstd
     if params is not None:
-        y = y * params["scale"].astype(jnp.float32) + params["bias"].astype(jnp.float32)
+        scale, bias = _affine(params["scale"], x), _affine(params["bias"], x)
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype)
 
 
-def gelu(x):
+def _sum_to(g, shape):
+    """Sum g over the axes a broadcast of ``shape`` added or stretched (the gradient of a
+    broadcast), keeping float32."""
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
+    )
+    return jnp.sum(g, axis=axes).reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ln_lowp(x, scale, bias, eps):
+    return _ln_lowp_fwd(x, scale, bias, eps)[0]
+
+
+def _ln_lowp_fwd(x, scale, bias, eps):
+    xf = x.astype(jnp.float32)
+    mean, rstd = _stats(xf, eps)
+    y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+
+
+def _ln_lowp_bwd(eps, res, dy):
+    x, mean, rstd, scale, bias = res
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dyf = dy.astype(jnp.float32)
+    g = dyf * scale.astype(jnp.float32)
+    dx = rstd * (
+        g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True)
+    )
+    dscale = _sum_to(dyf * xhat, scale.shape)
+    dbias = _sum_to(dyf, bias.shape)
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+
+
+_ln_lowp.defvjp(_ln_lowp_fwd, _ln_lowp_bwd)
+
+
+def gelu(x, lowp: bool = False):
+    """Exact (erf) GELU; ``lowp`` with a bf16 x: the backward pass keeps only x."""
+    if lowp and x.dtype != jnp.float32:
+        return _gelu_lowp(x)
     return jax.nn.gelu(x, approximate=False)
 
 
-def mlp(params, x):
+@jax.custom_vjp
+def _gelu_lowp(x):
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def _gelu_lowp_fwd(x):
+    return _gelu_lowp(x), x
+
+
+def _gelu_lowp_bwd(x, dy):
+    xf = x.astype(jnp.float32)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+    pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
+    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+
+
+_gelu_lowp.defvjp(_gelu_lowp_fwd, _gelu_lowp_bwd)
+
+
+def mlp(params, x, lowp: bool = False):
     """Transformer MLP: (B, T, D) → (B, T, D) through ``fc1 → GELU → fc2``."""
-    return dense(params["fc2"], gelu(dense(params["fc1"], x)))
+    return dense(params["fc2"], gelu(dense(params["fc1"], x), lowp))
 
 
 def cast_tree(tree, dtype):

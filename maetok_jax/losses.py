@@ -28,13 +28,14 @@ def mask_loss(preds, targets, mask, lo):
     averaged over D_j so targets of different widths weigh alike; with no masked token the
     term is 0. Returns (total, {name: term}).
     """
-    count = jnp.maximum(jnp.sum(mask), 1.0)
-    terms = {}
-    for name, pred in preds.items():
-        per_token = jnp.mean(jnp.square(pred - targets[name]), axis=-1)  # (B, N)
-        terms[name] = jnp.sum(per_token * mask) / count
-    total = sum(lo.gamma_for(name) * term for name, term in terms.items())
-    return jnp.asarray(total, jnp.float32), terms
+    with jax.named_scope("mask_loss"):
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+        terms = {}
+        for name, pred in preds.items():
+            per_token = jnp.mean(jnp.square(pred - targets[name]), axis=-1)  # (B, N)
+            terms[name] = jnp.sum(per_token * mask) / count
+        total = sum(lo.gamma_for(name) * term for name, term in terms.items())
+        return jnp.asarray(total, jnp.float32), terms
 
 
 def rec_percep_loss(images, recon, m, lo):

@@ -1,8 +1,8 @@
 """Hand-written optimisers over parameter trees (docs/design.md §7): Adam/AdamW, SGD, clipping, EMA.
 
-Each optimiser is a pair ``init(params) -> OptState`` and
-``update(grads, state, params, lr, t) -> (params, state)``, with one operation order shared
-with the torch backend:
+``make_optimizer(t_cfg)`` binds the hyper-parameters once and returns the pair
+``init(params) -> OptState`` and ``update(grads, state, params, lr) -> (params, state)``,
+with one operation order shared with the torch backend:
 
     g ← g + wd·p                             (adam, sgd: L2 through the gradient)
     mu ← b1·mu + (1 − b1)·g                  nu ← b2·nu + (1 − b2)·g²
@@ -30,10 +30,25 @@ class OptState(NamedTuple):
     nu: dict  # second moment (adam); empty for sgd
 
 
-def opt_init(params, t_cfg) -> OptState:
-    zeros = tree_map(jnp.zeros_like, params)
-    nu = tree_map(jnp.zeros_like, params) if t_cfg.optimizer != "sgd" else {}
-    return OptState(jnp.zeros((), jnp.int32), zeros, nu)
+def make_optimizer(t_cfg, nesterov: bool = False):
+    """The optimiser ``t_cfg.optimizer`` names, its hyper-parameters bound once: ``(init, update)``.
+
+    ``init(params) -> OptState`` (zero moments over exactly the leaves of ``params``);
+    ``update(grads, state, params, lr) -> (params, state)``, gradients already clipped
+    (``clip_by_global_norm``). ``nesterov`` switches SGD to Nesterov momentum.
+    """
+    sgd = t_cfg.optimizer == "sgd"
+
+    def init(params) -> OptState:
+        nu = {} if sgd else tree_map(jnp.zeros_like, params)
+        return OptState(jnp.zeros((), jnp.int32), tree_map(jnp.zeros_like, params), nu)
+
+    def update(grads, state: OptState, params, lr):
+        if sgd:
+            return _sgd_update(grads, state, params, lr, t_cfg, nesterov)
+        return _adam_update(grads, state, params, lr, t_cfg)
+
+    return init, update
 
 
 def global_norm(grads):
@@ -50,7 +65,7 @@ def clip_by_global_norm(grads, max_norm: float):
     return tree_map(lambda g: g * scale, grads), norm
 
 
-def adam_update(grads, state: OptState, params, lr, t_cfg):
+def _adam_update(grads, state: OptState, params, lr, t_cfg):
     count = state.count + 1
     t = count.astype(jnp.float32)
     b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
@@ -71,7 +86,7 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
     return tree_map(step, params, mu, nu), OptState(count, mu, nu)
 
 
-def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
+def _sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
     wd, momentum = t_cfg.weight_decay, t_cfg.momentum
     if wd:
         grads = tree_map(lambda g, p: g + wd * p, grads, params)
@@ -80,13 +95,6 @@ def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False
     step = tree_map(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
     new_params = tree_map(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
-
-
-def opt_update(grads, state: OptState, params, lr, t_cfg):
-    """One optimiser step (after clipping) → (new params, new state)."""
-    if t_cfg.optimizer == "sgd":
-        return sgd_update(grads, state, params, lr, t_cfg)
-    return adam_update(grads, state, params, lr, t_cfg)
 
 
 def ema_update(ema, params, decay: float):

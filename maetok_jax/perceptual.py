@@ -16,8 +16,7 @@ import jax.numpy as jnp
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.numerics import PERCEP_EPS
-
-_DN = ("NHWC", "HWIO", "NHWC")
+from maetok_jax.targets import filter_dtype, fixed_conv
 
 
 def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
@@ -26,27 +25,28 @@ def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
 
 
-def _level_features(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-    """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f."""
+def _level_features(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
+    """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
+
+    The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
+    """
     b, h, w, c = x.shape
     r, nf = kernel.shape[0] // 2, kernel.shape[-1]
     y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, h, w, 1)
     y = jnp.pad(y, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    y = jax.lax.conv_general_dilated(
-        y, kernel, (1, 1), "VALID", dimension_numbers=_DN, precision=jax.lax.Precision.HIGHEST
-    )  # (B·C, h, w, F)
+    y = fixed_conv(y, kernel, dtype)  # (B·C, h, w, F)
     y = jnp.sqrt(y * y + PERCEP_EPS)
     return y.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
 
 
 def perceptual_features(images: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:
     """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
-    kernel = jnp.asarray(filter_banks(m.patch_size)["percep"])  # (5, 5, 1, 5)
+    kernel = filter_banks(m.patch_size)["percep"]  # (5, 5, 1, 5)
     feats, x = [], images
     for level in range(PERCEP_LEVELS):
         if level:
             x = _avg_pool2(x)
-        feats.append(_level_features(x, kernel))
+        feats.append(_level_features(x, kernel, filter_dtype(m)))
     return feats
 
 
@@ -55,10 +55,11 @@ def perceptual_loss(images: jnp.ndarray, recon: jnp.ndarray, m: ModelConfig) -> 
 
     images, recon: (B, H, W, C). Both go through the pyramid as one batch of 2B.
     """
-    b = images.shape[0]
-    both = jnp.concatenate([jax.lax.stop_gradient(images), recon], axis=0)  # (2B, H, W, C)
-    loss = None
-    for f in perceptual_features(both, m):
-        term = jnp.mean((f[:b] - f[b:]) ** 2)
-        loss = term if loss is None else loss + term
-    return loss
+    with jax.named_scope("perceptual"):
+        b = images.shape[0]
+        both = jnp.concatenate([jax.lax.stop_gradient(images), recon], axis=0)  # (2B, H, W, C)
+        loss = None
+        for f in perceptual_features(both, m):
+            term = jnp.mean((f[:b] - f[b:]) ** 2)
+            loss = term if loss is None else loss + term
+        return loss

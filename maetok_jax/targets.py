@@ -7,7 +7,11 @@ differentiated, and mirrored function for function in ``maetok_torch/targets.py`
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W, 1)``.
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
-``F.conv2d``) in float32 at HIGHEST precision, after reflect padding.
+``F.conv2d``) in float32 at HIGHEST precision, after reflect padding — or, with bf16
+compute and ``model.fast_filters``, in bf16 at default precision (``filter_dtype``): a
+one-channel float32 convolution at HIGHEST precision gets no tensor cores, a bf16 one
+does, and targets are regression goals that bf16's 3 significant digits serve as well.
+Everything after the convolutions stays float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
 """
@@ -29,24 +33,38 @@ from maetok_jax.patches import patchify
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray) -> jnp.ndarray:
+def filter_dtype(m: ModelConfig):
+    """The dtype of the fixed convolutions (targets, perceptual pyramid): bf16 when the
+    model computes in bf16 and ``m.fast_filters`` is on, else float32."""
+    fast = m.fast_filters and m.compute_dtype == "bfloat16"
+    return jnp.bfloat16 if fast else jnp.float32
+
+
+def fixed_conv(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
+    """Stride-1 'VALID' correlation of x (B, H, W, 1) with a fixed ``kernel (k, k, 1, F)``,
+    float32 at HIGHEST precision, or in ``dtype`` bf16 at default precision; → float32."""
+    fast = dtype != jnp.float32
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype),
+        jnp.asarray(kernel, dtype),
+        (1, 1),
+        "VALID",
+        dimension_numbers=_DN,
+        precision=jax.lax.Precision.DEFAULT if fast else jax.lax.Precision.HIGHEST,
+    )
+    return y.astype(jnp.float32)
+
+
+def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
     """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
 
-    (B, H, W, C) → (B, C, H, W, F).
+    (B, H, W, C) → (B, C, H, W, F), float32.
     """
     b, h, w, c = images.shape
     r = kernel.shape[0] // 2
     x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, H, W, 1)
     x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
-    y = jax.lax.conv_general_dilated(
-        x,
-        jnp.asarray(kernel),
-        (1, 1),
-        "VALID",
-        dimension_numbers=_DN,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    return y.reshape(b, c, h, w, kernel.shape[-1])
+    return fixed_conv(x, kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
 
 
 def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
@@ -61,7 +79,7 @@ def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
     sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
-    g = _per_channel_conv(images, sobel)  # (B, C, H, W, 2)
+    g = _per_channel_conv(images, sobel, filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = jnp.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
@@ -89,7 +107,7 @@ def conv_features(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     b, h, w, c = images.shape
     p = m.patch_size
     bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
-    y = _per_channel_conv(images, bank)  # (B, C, H, W, 2·S·O)
+    y = _per_channel_conv(images, bank, filter_dtype(m))  # (B, C, H, W, 2·S·O)
     so = bank.shape[-1] // 2
     y = y.reshape(b, c, h, w, so, 2)
     e = jnp.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)
@@ -118,6 +136,11 @@ def register_target(name: str, fn: Callable, dim) -> None:
 
 def compute_targets(images: jnp.ndarray, m: ModelConfig) -> dict[str, jnp.ndarray]:
     """Every target named in ``m.aux_targets``: ``{name: (B, N, D_j)}``, gradient-free."""
+    with jax.named_scope("targets"):
+        return _compute_targets(images, m)
+
+
+def _compute_targets(images, m):
     core.check_implemented(TARGETS, m, "JAX", __name__)
     b, h, w, _ = images.shape
     n = (h // m.patch_size) * (w // m.patch_size)

@@ -2,9 +2,13 @@
 
 ``x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x))``. The stack runs under ``lax.scan`` so the
 compiled program holds one block, not ``depth`` copies; ``unroll`` trades compile time for
-scheduling freedom. ``remat`` keeps only the outputs of the dense matmuls of each block for
-the backward pass and recomputes the rest (LayerNorms, GELU, RoPE, attention): less
-memory for a little more compute, with identical numbers.
+scheduling freedom. ``remat`` (``model.remat``) chooses what the backward pass recomputes:
+"full" everything inside a block, "dots" all but the outputs of the dense matmuls (named
+``dense``), "dots_attn" all but those and the attention output. The numbers are the same
+in every mode; only memory and time change.
+
+A stack of S same-shaped transformers (``stack_aux``) runs as one: leaves (depth, S, ...)
+and x (S, B, T, D); each dense is then one batched matmul.
 """
 
 import jax
@@ -12,13 +16,33 @@ import jax
 from maetok_jax.attention import attention
 from maetok_jax.layers import layer_norm, mlp
 
+_SAVED = {"dots": ("dense",), "dots_attn": ("dense", "attention")}
 
-def block(params, x, cos, sin, heads: int, eps: float, impl: str = "plain"):
+
+def block(
+    params,
+    x,
+    cos,
+    sin,
+    heads: int,
+    eps: float,
+    impl: str = "plain",
+    lowp: bool = False,
+    split_qkv: bool = False,
+):
     """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree."""
     attn_params = {"qkv": params["qkv"], "proj": params["proj"]}
-    x = x + attention(attn_params, layer_norm(params["ln1"], x, eps), cos, sin, heads, impl)
+    h = layer_norm(params["ln1"], x, eps, lowp)
+    x = x + attention(attn_params, h, cos, sin, heads, impl, split_qkv)
     mlp_params = {"fc1": params["fc1"], "fc2": params["fc2"]}
-    return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps))
+    return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps, lowp), lowp)
+
+
+def remat_policy(mode: str):
+    """The ``jax.checkpoint`` policy of a ``model.remat`` mode ("full": save nothing)."""
+    if mode == "full":
+        return None
+    return jax.checkpoint_policies.save_only_these_names(*_SAVED[mode])
 
 
 def transformer(
@@ -30,15 +54,17 @@ def transformer(
     eps: float,
     impl: str = "plain",
     unroll: int = 1,
-    remat: bool = False,
+    remat: str = "none",
+    lowp: bool = False,
+    split_qkv: bool = False,
 ):
     """Run every block of the stacked tree ``blocks`` (leaves (depth, ...)) over x (B, T, D)."""
 
     def body(h, layer_params):
-        return block(layer_params, h, cos, sin, heads, eps, impl), None
+        return block(layer_params, h, cos, sin, heads, eps, impl, lowp, split_qkv), None
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    if remat != "none":
+        body = jax.checkpoint(body, policy=remat_policy(remat))
 
     x, _ = jax.lax.scan(body, x, blocks, unroll=unroll)
     return x

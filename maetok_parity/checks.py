@@ -47,6 +47,7 @@ from maetok.filters import PERCEP_LEVELS
 from maetok.parity import TOL, TRAJECTORY_STEPS, parity_config, tree_err, worst_update
 from maetok.synthetic import SyntheticImages
 from maetok.targets import target_dim
+from maetok.train_state import start_stage2, trainable_keys
 from maetok.tree import flatten
 from maetok_parity.harness import (
     Case,
@@ -476,7 +477,7 @@ def _stage_grads(case: Case, stage: int):
     """(loss, metrics, grads) of the stage's ``generator_loss`` over its groups, both backends."""
     cfg = case.cfg.replace(train={"stage": stage})
     m = cfg.model
-    keys = jt.trainable_keys(stage)
+    keys = trainable_keys(stage)
     params = case.params()
     x, mask = case.images(), case.mask()
     disc = case.disc(x) if cfg.loss.use_adv else None
@@ -505,7 +506,7 @@ def _stage_grads(case: Case, stage: int):
         tg,
         torch.ones((), device=case.device),
         cfg,
-        autograd=m.remat,
+        autograd=m.remat != "none",
     )
     assert set(g_t) == set(g_j) == set(keys)
     assert set(met_t) == set(met_j)
@@ -586,18 +587,21 @@ def _opt_tree(case: Case, scale: float = 1.0) -> dict:
 
 def optimizer(case: Case):
     """``train.optimizer`` (with its clipping and momentum) from identical gradients, every
-    step: parameters, count, moments and the global norm, each the worst over the steps."""
+    step: parameters, count, moments and the global norm, each the worst over the steps.
+    Each backend's ``make_optimizer`` binds the hyper-parameters once."""
     t = case.cfg.train
+    init_j, update_j = jo.make_optimizer(t)
+    init_t, update_t = to.make_optimizer(t)
 
     @jax.jit
     def step_j(g, state, p, lr):
         g, norm = jo.clip_by_global_norm(g, t.grad_clip)
-        new_p, new_state = jo.opt_update(g, state, p, lr, t)
+        new_p, new_state = update_j(g, state, p, lr)
         return new_p, new_state, norm
 
     params = _opt_tree(case)
     pj, pt = case.jax(params), case.torch(params)
-    sj, st = jo.opt_init(pj, t), to.opt_init(pt, t)
+    sj, st = init_j(pj), init_t(pt)
     assert st.count.dtype == torch.int32 and (st.nu == {}) == (t.optimizer == "sgd")
     worst = dict.fromkeys(("global norm", "params", "mu", "nu"), 0.0)
     for i in range(OPTIMIZER_STEPS):
@@ -606,7 +610,7 @@ def optimizer(case: Case):
         pj, sj, norm_j = step_j(case.jax(grads), sj, pj, lr)
         with torch.no_grad():
             g, norm_t = to.clip_by_global_norm(case.torch(grads), t.grad_clip)
-            pt, st = to.opt_update(g, st, pt, torch.tensor(lr, device=case.device), t)
+            pt, st = update_t(g, st, pt, torch.tensor(lr, device=case.device))
         assert int(st.count) == int(sj.count) == i + 1
         for key, a, b in (
             ("global norm", norm_t, norm_j),
@@ -645,12 +649,14 @@ def ema_update(case: Case):
 
 def fresh_states(case: Case, cfg=None, params=None, disc=None):
     """The same initial state in both backends on the case's devices. With ``params``, the
-    EMA starts at them, as ``maetok.trainer`` does for ``--init-from``."""
+    stage starts from them as ``maetok.trainer`` starts ``--init-from``
+    (``maetok.train_state.start_stage2``: fresh optimisers, the EMA reset to them)."""
     cfg = cfg or case.cfg
     bj, bt = jb.Backend(cfg), tb.Backend(cfg, case.device)
-    tree = jt.state_to_numpy(bj.init_state(cfg.train.seed, params))
-    if params is not None and "ema" in tree:
-        tree["ema"] = params
+    if params is None:
+        tree = jt.state_to_numpy(bj.init_state(cfg.train.seed))
+    else:
+        tree = jt.state_to_numpy(start_stage2(bj, {"params": params}, cfg))
     if disc is not None:
         tree["disc"] = disc
     return (
@@ -719,27 +725,22 @@ STAGE_STEPS = 10
 
 
 def _groups(state, keys):
+    """The parameters of the groups ``keys``, which must have no moments and no EMA (the
+    state follows the stage, ``maetok.train_state``)."""
     tree = (jt if isinstance(state["step"], jax.Array) else tt).state_to_numpy(state)
-    return {
-        k: flatten(
-            {
-                "p": tree["params"][k],
-                "e": tree["ema"][k],
-                "mu": tree["opt"]["mu"][k],
-                "nu": tree["opt"]["nu"][k],
-            }
-        )
-        for k in keys
-    }
+    for part in (tree["ema"], tree["opt"]["mu"], tree["opt"]["nu"]):
+        assert not set(keys) & set(part), f"moments or EMA of {keys} in the state"
+    return {k: flatten(tree["params"][k]) for k in keys}
 
 
 def stages(case: Case):
     """``STAGE_STEPS`` Stage-1 steps, then as many Stage-2 steps started the way
-    ``maetok.trainer`` starts ``--init-from`` (each backend's own Stage-1 parameters, a fresh
-    optimiser, the EMA reset to them): every metric after every step, every leaf of the
-    state at the end of each stage (per leaf, relative to its max-abs: after 10 steps the
-    first steps' fp32 noise of ``TOL["trajectory_early_fp32"]`` is diluted), and in Stage 2
-    the encoder and unused aux heads (parameters, EMA, moments) bit-identical."""
+    ``maetok.trainer`` starts ``--init-from`` (``maetok.train_state.start_stage2``: each
+    backend's own Stage-1 parameters, a fresh optimiser over the decoder, the EMA reset to
+    them): every metric after every step, every leaf of the state at the end of each stage
+    (per leaf, relative to its max-abs: after 10 steps the first steps' fp32 noise of
+    ``TOL["trajectory_early_fp32"]`` is diluted), and in Stage 2 the encoder and unused aux
+    heads bit-identical, with no moments and no EMA."""
     tol = TOL["trajectory_fp32"]
     cfg = case.cfg.replace(train={"stage": 1})
     sj, st = fresh_states(case, cfg)

@@ -8,6 +8,11 @@ Two implementations give the same function:
   parity tests pin;
 - ``fused``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU),
   on (B, heads, T, K) views.
+
+``split_qkv`` (``model.split_qkv``): q and k from one ``(D, 2D)`` matmul, rotated together,
+and v from its own ``(D, D)`` matmul. SDPA takes (B, heads, T, K); the views passed are
+transposes of (B, T, heads, K) buffers, which is the memory layout the flash and cuDNN
+kernels read natively (row-strided), so no copy is made on the way in or out.
 """
 
 import numpy as np
@@ -26,6 +31,18 @@ def split_heads(qkv, heads: int):
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
+def project_qkv(params, x, heads: int):
+    """x (B, T, D) → (qk (B, T, 2, heads, K), v (B, T, heads, K)) from ``params`` {w (D, 3D),
+    b (3D,)} in two matmuls, ``(D, 2D)`` for q and k and ``(D, D)`` for v; q is
+    ``qk[:, :, 0]``. Stacked (``w`` (S, D, 3D), x (S, B, T, D)): B' = S·B.
+    """
+    d, t = x.shape[-1], x.shape[-2]
+    w, b = params["w"], params["b"]
+    qk = dense({"w": w[..., : 2 * d], "b": b[..., : 2 * d]}, x)  # (S?, B, T, 2D)
+    v = dense({"w": w[..., 2 * d :], "b": b[..., 2 * d :]}, x)  # (S?, B, T, D)
+    return qk.reshape(-1, t, 2, heads, d // heads), v.reshape(-1, t, heads, d // heads)
+
+
 def _plain(q, k, v):
     # 1/√K rounded the way JAX computes it (float32 sqrt, float32 division).
     scale = float(np.float32(1.0) / np.sqrt(np.float32(q.shape[-1])))
@@ -40,10 +57,15 @@ def _fused(q, k, v):
     return out.transpose(1, 2)  # (B, T, heads, K)
 
 
-def attention(params, x, cos, sin, heads: int, impl: str = "plain"):
+def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: bool = False):
     """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D)."""
-    b, t, d = x.shape
-    q, k, v = split_heads(dense(params["qkv"], x), heads)  # each (B, T, heads, K)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if split_qkv:  # q and k rotated together; SDPA reads the (B, T, heads, K) buffers
+        qk, v = project_qkv(params["qkv"], x, heads)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :, 0], qk[:, :, 1]
+    else:
+        qkv = dense(params["qkv"], x)  # (S?, B, T, 3D)
+        q, k, v = split_heads(qkv.reshape(-1, *qkv.shape[-2:]), heads)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
-    return dense(params["proj"], out.reshape(b, t, d))
+    return dense(params["proj"], out.reshape(x.shape))

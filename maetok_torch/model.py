@@ -10,10 +10,13 @@ Every function is deterministic: masks come in as arguments (STYLE habit 5). Wit
 ``compute_dtype = "bfloat16"`` the parameters are cast once per call and the outputs are
 returned in float32; LayerNorm and softmax run in float32 either way. The casts sit at
 the same places as in JAX, so the bf16 roundings happen on the same intermediate values.
+``model.stack_aux``: the ViT auxiliary decoders run as one stacked decoder
+(``latent_decoder_stacked``), their parameters stacked at call time.
 """
 
 import torch
 
+from maetok.tree import map_tree
 from maetok_torch.layers import cast_tree, dense, gelu, layer_norm
 from maetok_torch.patches import patchify, unpatchify
 from maetok_torch.rope import rope_for
@@ -22,6 +25,13 @@ from maetok_torch.transformer import transformer
 
 def compute_dtype(m):
     return torch.bfloat16 if m.compute_dtype == "bfloat16" else torch.float32
+
+
+def stack_options(m) -> dict:
+    """The compute-only switches every transformer stack takes (``maetok.config``)."""
+    return dict(
+        impl=m.attention, unroll=m.unroll, remat=m.remat, lowp=m.lowp_norm, split_qkv=m.split_qkv
+    )
 
 
 def patch_embed(params, images, m):
@@ -51,8 +61,8 @@ def encode(params, images, mask, m):
     z = (p["latent_tokens"] + p["latent_pos"]).expand(b, *p["latent_tokens"].shape)
     t = torch.cat([x, z], dim=1)  # (B, N + L, D)
     cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens, x.device)
-    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, m.attention, m.unroll, m.remat)
-    t = layer_norm(p["norm"], t, m.ln_eps)
+    t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, **stack_options(m))
+    t = layer_norm(p["norm"], t, m.ln_eps, m.lowp_norm)
     h = dense(p["bottleneck"], t[:, m.num_patches :])  # (B, L, latent_dim)
     return h.to(torch.float32)
 
@@ -66,16 +76,51 @@ def latent_decoder(params, h, m, heads: int):
     """
     dt = compute_dtype(m)
     p = cast_tree(params, dt)
-    b, n = h.shape[0], m.num_patches
-    width = p["query"].shape[0]
-    q = p["query"] + p["query_pos"] if m.query_pos else p["query"]  # (D,) or (N, D)
-    e = q.expand(b, n, width)
-    lat = dense(p["latent_proj"], h.to(dt)) + p["latent_pos"]  # (B, L, D)
-    t = torch.cat([e, lat], dim=1)  # (B, N + L, D)
-    cos, sin = rope_for(m, width, heads, m.num_latent_tokens, h.device)
-    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, m.attention, m.unroll, m.remat)
-    feats = layer_norm(p["norm"], t, m.ln_eps)[:, :n]  # (B, N, D)
+    feats = _latent_trunk(p, h.to(dt), m, heads)
     return dense(p["head"], feats), feats
+
+
+def _latent_trunk(p, h, m, heads: int):
+    """A latent decoder up to its final LayerNorm: → features (S?, B, N, D).
+
+    ``p`` may hold S stacked decoders (leaves (S, ...), blocks (depth, S, ...)); h (B, L,
+    latent_dim) is shared by all of them.
+    """
+    b, n = h.shape[0], m.num_patches
+    width = p["query"].shape[-1]
+    stack = tuple(p["query"].shape[:-1]) if p["query"].dim() == 2 else ()  # (S,) or ()
+    q = p["query"][..., None, :]  # (S?, 1, D)
+    if m.query_pos:
+        q = q + p["query_pos"]  # (S?, N, D)
+    e = q[..., None, :, :].expand(*stack, b, n, width)
+    lat = dense(p["latent_proj"], h.expand(*stack, *h.shape))  # (S?, B, L, D)
+    lat = lat + p["latent_pos"][..., None, :, :]
+    t = torch.cat([e, lat], dim=-2)  # (S?, B, N + L, D)
+    cos, sin = rope_for(m, width, heads, m.num_latent_tokens, h.device)
+    t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, **stack_options(m))
+    return layer_norm(p["norm"], t, m.ln_eps, m.lowp_norm)[..., :n, :]  # (S?, B, N, D)
+
+
+def stackable_aux(m) -> bool:
+    """Whether the auxiliary decoders run as one stack: ViT decoders, two or more, switched on."""
+    return m.stack_aux and m.aux_kind == "vit" and len(m.aux_targets) > 1
+
+
+def latent_decoder_stacked(params, h, m, heads: int):
+    """The latent decoders ``params`` {name: decoder} of equal shapes as one stacked
+    computation: → {name: (head output (B, N, out_j), features (B, N, D))}.
+
+    Every leaf but the per-target ``head`` is stacked along a new axis S (blocks: (depth,
+    S, ...), so depth still leads); each dense is then one batched matmul.
+    """
+    names = list(params)
+    dt = compute_dtype(m)
+    trunks = [{k: v for k, v in params[name].items() if k != "head"} for name in names]
+    stacked = map_tree(lambda *a: torch.stack(a).to(dt), *trunks)
+    stacked["blocks"] = map_tree(lambda a: a.transpose(0, 1), stacked["blocks"])
+    feats = _latent_trunk(stacked, h.to(dt), m, heads)  # (S, B, N, D)
+    heads_out = [dense(cast_tree(params[k]["head"], dt), feats[i]) for i, k in enumerate(names)]
+    return {k: (heads_out[i], feats[i]) for i, k in enumerate(names)}
 
 
 def decode(params, h, m):
@@ -88,13 +133,16 @@ def decode(params, h, m):
 def aux_mlp(params, feats, m):
     """The seed's auxiliary head: 3-layer GELU MLP on decoder feats (B, N, D_dec) → (B, N, D_j)."""
     p = cast_tree(params, compute_dtype(m))
-    x = gelu(dense(p["fc1"], feats))
-    x = gelu(dense(p["fc2"], x))
+    x = gelu(dense(p["fc1"], feats), m.lowp_norm)
+    x = gelu(dense(p["fc2"], x), m.lowp_norm)
     return dense(p["fc3"], x)
 
 
 def aux_predict(params, h, dec_feats, m):
     """Every auxiliary decoder's prediction, {target: (B, N, D_j) float32}."""
+    if stackable_aux(m):
+        out = latent_decoder_stacked({k: params[k] for k in m.aux_targets}, h, m, m.aux_heads)
+        return {k: out[k][0].to(torch.float32) for k in m.aux_targets}
     preds = {}
     for name in m.aux_targets:
         if m.aux_kind == "vit":

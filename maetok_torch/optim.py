@@ -1,9 +1,10 @@
 """Hand-written optimisers over parameter trees (docs/design.md §7): Adam/AdamW, SGD, clipping, EMA.
 
-Mirrors ``maetok_jax/optim.py`` (no ``torch.optim``). Each optimiser is a pair
-``init(params) -> OptState`` and ``update(grads, state, params, lr, t) -> (params, state)``,
-with the one operation order shared with the JAX backend, written out term by term in the
-same association so both round alike:
+Mirrors ``maetok_jax/optim.py`` (no ``torch.optim``). ``make_optimizer(t_cfg)`` binds the
+hyper-parameters once and returns the pair ``init(params) -> OptState`` and
+``update(grads, state, params, lr) -> (params, state)``, with the one operation order
+shared with the JAX backend, written out term by term in the same association so both
+round alike:
 
     g ← g + wd·p                             (adam, sgd: L2 through the gradient)
     mu ← b1·mu + (1 − b1)·g                  nu ← b2·nu + (1 − b2)·g·g
@@ -31,11 +32,27 @@ class OptState(NamedTuple):
     nu: dict  # second moment (adam); empty for sgd
 
 
-def opt_init(params, t_cfg) -> OptState:
-    zeros = map_tree(torch.zeros_like, params)
-    nu = map_tree(torch.zeros_like, params) if t_cfg.optimizer != "sgd" else {}
-    device = leaves(params)[0].device if leaves(params) else None
-    return OptState(torch.zeros((), dtype=torch.int32, device=device), zeros, nu)
+def make_optimizer(t_cfg, nesterov: bool = False):
+    """The optimiser ``t_cfg.optimizer`` names, its hyper-parameters bound once: ``(init, update)``.
+
+    ``init(params) -> OptState`` (zero moments over exactly the leaves of ``params``, on
+    their device); ``update(grads, state, params, lr) -> (params, state)``, gradients
+    already clipped (``clip_by_global_norm``). ``nesterov`` switches SGD to Nesterov momentum.
+    """
+    sgd = t_cfg.optimizer == "sgd"
+
+    def init(params) -> OptState:
+        nu = {} if sgd else map_tree(torch.zeros_like, params)
+        device = leaves(params)[0].device if leaves(params) else None
+        count = torch.zeros((), dtype=torch.int32, device=device)
+        return OptState(count, map_tree(torch.zeros_like, params), nu)
+
+    def update(grads, state: OptState, params, lr):
+        if sgd:
+            return _sgd_update(grads, state, params, lr, t_cfg, nesterov)
+        return _adam_update(grads, state, params, lr, t_cfg)
+
+    return init, update
 
 
 def global_norm(grads):
@@ -51,7 +68,7 @@ def clip_by_global_norm(grads, max_norm: float):
     return map_tree(lambda g: g * scale, grads), norm
 
 
-def adam_update(grads, state: OptState, params, lr, t_cfg):
+def _adam_update(grads, state: OptState, params, lr, t_cfg):
     count = state.count + 1
     t = count.to(torch.float32)
     b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
@@ -72,7 +89,7 @@ def adam_update(grads, state: OptState, params, lr, t_cfg):
     return map_tree(step, params, mu, nu), OptState(count, mu, nu)
 
 
-def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
+def _sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
     wd, momentum = t_cfg.weight_decay, t_cfg.momentum
     if wd:
         grads = map_tree(lambda g, p: g + wd * p, grads, params)
@@ -81,13 +98,6 @@ def sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False
     step = map_tree(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
     new_params = map_tree(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
-
-
-def opt_update(grads, state: OptState, params, lr, t_cfg):
-    """One optimiser step (after clipping) → (new params, new state)."""
-    if t_cfg.optimizer == "sgd":
-        return sgd_update(grads, state, params, lr, t_cfg)
-    return adam_update(grads, state, params, lr, t_cfg)
 
 
 def ema_update(ema, params, decay: float):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.numerics import PERCEP_EPS
+from maetok_torch.targets import filter_dtype, fixed_conv
 
 
 def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -25,16 +26,17 @@ def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4))
 
 
-def _level_features(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def _level_features(x: torch.Tensor, kernel: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
 
-    ``kernel`` is already in torch layout (F, 1, k, k).
+    ``kernel`` is already in torch layout (F, 1, k, k). The convolution runs in ``dtype``
+    (``targets.filter_dtype``), the energy in float32.
     """
     b, h, w, c = x.shape
     nf, r = kernel.shape[0], kernel.shape[-1] // 2
     y = x.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, h, w)
     y = F.pad(y, (r, r, r, r), mode="reflect")
-    y = F.conv2d(y, kernel)  # (B·C, F, h, w)
+    y = fixed_conv(y, kernel, dtype)  # (B·C, F, h, w)
     y = torch.sqrt(y * y + PERCEP_EPS)
     return y.reshape(b, c, nf, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c * nf)
 
@@ -48,7 +50,7 @@ def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tens
     for level in range(PERCEP_LEVELS):
         if level:
             x = _avg_pool2(x)
-        feats.append(_level_features(x, kernel))
+        feats.append(_level_features(x, kernel, filter_dtype(m)))
     return feats
 
 

@@ -41,7 +41,11 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, heads, K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype."""
-    c = cos[None, :, None, :].to(x.dtype)
-    s = sin[None, :, None, :].to(x.dtype)
+    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype.
+
+    ``x`` is (B, T, heads, K), or (B, T, 2, heads, K) for q and k rotated together.
+    """
+    shape = (1, cos.shape[0], *(1,) * (x.dim() - 3), cos.shape[-1])
+    c = cos.reshape(shape).to(x.dtype)
+    s = sin.reshape(shape).to(x.dtype)
     return x * c + rotate_half(x) * s

@@ -8,7 +8,9 @@ Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are ap
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, 1, H, W)``
 (NCHW inside only; the kernel ``(kh, kw, 1, F)`` is used as ``w.permute(3, 2, 0, 1)``).
 All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
-``lax.conv``) in float32, after reflect padding.
+``lax.conv``) in float32, after reflect padding — or, with bf16 compute and
+``model.fast_filters``, in bf16 (``filter_dtype``, as in JAX). Everything after the
+convolutions stays float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
 """
@@ -29,17 +31,32 @@ from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_torch.patches import patchify
 
 
-def _per_channel_conv(images: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
+def filter_dtype(m: ModelConfig):
+    """The dtype of the fixed convolutions (targets, perceptual pyramid): bf16 when the
+    model computes in bf16 and ``m.fast_filters`` is on, else float32."""
+    fast = m.fast_filters and m.compute_dtype == "bfloat16"
+    return torch.bfloat16 if fast else torch.float32
+
+
+def fixed_conv(x: torch.Tensor, kernel: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Stride-1 'VALID' correlation of x (B, 1, H, W) with a fixed ``kernel`` (F, 1, k, k)
+    in ``dtype``; → float32."""
+    return F.conv2d(x.to(dtype), kernel.to(dtype)).to(torch.float32)
+
+
+def _per_channel_conv(
+    images: torch.Tensor, kernel: np.ndarray, dtype=torch.float32
+) -> torch.Tensor:
     """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
 
-    (B, H, W, C) → (B, C, H, W, F).
+    (B, H, W, C) → (B, C, H, W, F), float32.
     """
     b, h, w, c = images.shape
     r = kernel.shape[0] // 2
     k = torch.as_tensor(kernel, dtype=images.dtype, device=images.device).permute(3, 2, 0, 1)
     x = images.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, H, W)
     x = F.pad(x, (r, r, r, r), mode="reflect")
-    y = F.conv2d(x, k)  # (B·C, F, H, W)
+    y = fixed_conv(x, k, dtype)  # (B·C, F, H, W)
     return y.reshape(b, c, kernel.shape[-1], h, w).permute(0, 1, 3, 4, 2)
 
 
@@ -55,7 +72,7 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
     sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
-    g = _per_channel_conv(images, sobel)  # (B, C, H, W, 2)
+    g = _per_channel_conv(images, sobel, filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = torch.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
@@ -86,7 +103,7 @@ def conv_features(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     b, h, w, c = images.shape
     p = m.patch_size
     bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
-    y = _per_channel_conv(images, bank)  # (B, C, H, W, 2·S·O)
+    y = _per_channel_conv(images, bank, filter_dtype(m))  # (B, C, H, W, 2·S·O)
     so = bank.shape[-1] // 2
     y = y.reshape(b, c, h, w, so, 2)
     e = torch.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)

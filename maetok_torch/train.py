@@ -18,16 +18,18 @@ Gradients come from ``torch.autograd.grad`` over the leaves of the trainable gro
 optimiser then runs under ``torch.no_grad`` and returns new tensors, so a step is a pure
 function of its inputs like the JAX one (the old state stays valid).
 
-Stage 1 trains encoder, decoder and auxiliary decoders on ``L_tok + L_mask``. Stage 2
-differentiates the decoder only: the encoder runs under ``torch.no_grad`` (JAX:
-``stop_gradient``), its parameters, optimiser moments and EMA are carried through as the
-very same tensors, and the auxiliary decoders are not evaluated.
+The optimiser state and the EMA cover the stage's trainable groups only
+(``maetok.train_state``). Stage 1 trains encoder, decoder and auxiliary decoders on
+``L_tok + L_mask``. Stage 2 differentiates the decoder only: the encoder runs under
+``torch.no_grad`` (JAX: ``stop_gradient``), its parameters are carried through as the very
+same tensors, and the auxiliary decoders are not evaluated.
 """
 
 import numpy as np
 import torch
 
 from maetok import params as param_spec
+from maetok.train_state import trainable_keys
 from maetok.tree import flatten, map_tree, unflatten
 from maetok_torch.discriminator import (
     discriminator,
@@ -39,8 +41,9 @@ from maetok_torch.discriminator import (
 from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, rec_percep_loss
 from maetok_torch.model import aux_predict, decode, encode
-from maetok_torch.optim import OptState, clip_by_global_norm, ema_update, opt_init, opt_update
+from maetok_torch.optim import OptState, clip_by_global_norm, ema_update, make_optimizer
 from maetok_torch.targets import compute_targets
+from maetok_torch.transformer import compiled_blocks
 
 
 def default_device() -> str:
@@ -68,11 +71,6 @@ def select_device(name: str | None) -> torch.device:
     return device
 
 
-def trainable_keys(stage: int) -> tuple[str, ...]:
-    """Top-level parameter groups updated in ``stage``."""
-    return ("encoder", "decoder", "aux") if stage == 1 else ("decoder",)
-
-
 def _to_tensor(a, device) -> torch.Tensor:
     """numpy / scalar / tensor → tensor on ``device``; 64-bit numbers become 32-bit as in
     JAX (x64 off), so both backends hold the same dtypes."""
@@ -92,17 +90,19 @@ def init_state(cfg, seed: int, params=None, device=None):
     if params is None:
         params = param_spec.init_params(cfg, seed)
     params = map_tree(lambda a: _to_tensor(a, device), params)
+    trainable = {k: params[k] for k in trainable_keys(cfg.train.stage)}
+    opt_init, _ = make_optimizer(cfg.train)
     state = {
         "step": torch.zeros((), dtype=torch.int32, device=device),
         "params": params,
-        "opt": opt_init(params, cfg.train),
+        "opt": opt_init(trainable),
     }
     if cfg.train.ema_decay > 0:
-        state["ema"] = map_tree(torch.clone, params)
+        state["ema"] = map_tree(torch.clone, trainable)
     if cfg.loss.use_adv:
         disc = map_tree(lambda a: _to_tensor(a, device), param_spec.init_disc(cfg, seed))
         state["disc"] = disc
-        state["disc_opt"] = opt_init(disc, cfg.train)
+        state["disc_opt"] = opt_init(disc)
         state["lecam"] = {
             "real": torch.zeros((), device=device),
             "fake": torch.zeros((), device=device),
@@ -192,18 +192,27 @@ def _scalar(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
-def make_train_step(cfg, reduce=LOCAL):
+def make_train_step(cfg, reduce=LOCAL, block_backend=None):
     """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``.
 
     ``lr``, ``disc_lr`` and ``adv_on`` are floats or 0-d float32 tensors; ``metrics`` is a
     dict of 0-d float32 tensors still on the device. Under data parallelism ``reduce`` is a
     ``maetok_torch.distributed`` reducer, the batch is this rank's slice of the global one,
-    and the update is the one-process update on the global batch.
+    and the update is the one-process update on the global batch. ``block_backend``: a
+    ``torch.compile`` backend the transformer blocks run compiled with
+    (``model.compile_scope = "block"``); None: eager.
     """
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
+    _, opt_update = make_optimizer(t)
 
-    def step(state, images, mask, lr, disc_lr, adv_on):
+    def step(*args):
+        if block_backend is None:
+            return eager_step(*args)
+        with compiled_blocks(block_backend):
+            return eager_step(*args)
+
+    def eager_step(state, images, mask, lr, disc_lr, adv_on):
         dev = images.device
         lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
         params = state["params"]
@@ -221,27 +230,17 @@ def make_train_step(cfg, reduce=LOCAL):
             adv_on,
             cfg,
             reduce,
-            autograd=m.remat or reduce.world > 1,
+            # compiled blocks are autograd Functions, which torch.func does not trace
+            autograd=m.remat != "none" or reduce.world > 1 or block_backend is not None,
         )
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
         with torch.no_grad():
             grads, gnorm = clip_by_global_norm(reduce.tree_mean(grads), t.grad_clip)
-            opt = state["opt"]
-            sub = OptState(
-                opt.count,
-                {k: opt.mu[k] for k in keys},
-                {k: opt.nu[k] for k in keys} if opt.nu else {},
-            )
-            new_trainable, sub = opt_update(grads, sub, trainable, lr, t)
-            new_state = dict(state)
-            new_state["params"] = {**params, **new_trainable}
-            new_state["opt"] = OptState(
-                sub.count, {**opt.mu, **sub.mu}, {**opt.nu, **sub.nu} if opt.nu else {}
-            )
+            trainable, opt = opt_update(grads, state["opt"], trainable, lr)
+            new_state = {**state, "params": {**params, **trainable}, "opt": opt}
             if "ema" in state:
-                new_ema = ema_update({k: state["ema"][k] for k in keys}, new_trainable, t.ema_decay)
-                new_state["ema"] = {**state["ema"], **new_ema}
+                new_state["ema"] = ema_update(state["ema"], trainable, t.ema_decay)
             metrics["grad_norm"] = gnorm
         if lo.use_adv:
             new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))
@@ -254,7 +253,7 @@ def make_train_step(cfg, reduce=LOCAL):
         )
         with torch.no_grad():
             d_grads, _ = clip_by_global_norm(reduce.tree_mean(d_grads), t.grad_clip)
-            disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr, t)
+            disc, disc_opt = opt_update(d_grads, state["disc_opt"], state["disc"], disc_lr)
             if reduce.world > 1:  # the EMAs follow the mean logits of the global batch
                 real, fake = reduce.mean(torch.mean(real)), reduce.mean(torch.mean(fake))
             ema_real, ema_fake = update_lecam(
@@ -278,7 +277,9 @@ def make_train_step(cfg, reduce=LOCAL):
 
 
 def compile_train_step(cfg, backend: str = "inductor"):
-    """The train step under ``torch.compile`` (optional; eager is the default path).
+    """The train step under ``torch.compile`` (optional; eager is the default path):
+    ``model.compile_scope`` "step" compiles the whole step, "block" only the transformer
+    block, once for all stacks of one shape (the rest of the step runs eagerly).
 
     The returned callable has a ``graphs`` attribute: how many graphs the compiler has
     built so far (a graph break counts as one more graph, a recompilation as one more).
@@ -291,7 +292,10 @@ def compile_train_step(cfg, backend: str = "inductor"):
         compiled.graphs += 1
         return compiler(gm, example_inputs)
 
-    fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
+    if cfg.model.compile_scope == "block":
+        fn = make_train_step(cfg, block_backend=counting)
+    else:
+        fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
 
     def compiled(*args):
         return fn(*args)

@@ -2,23 +2,107 @@
 
 ``x ← x + Attn(LN₁(x)); x ← x + MLP(LN₂(x))``. Mirrors ``maetok_jax/transformer.py``; where
 JAX scans over the stacked tree, this loops over the depth index and slices every leaf.
-``remat`` recomputes each block in the backward pass (``torch.utils.checkpoint``): the
-whole block, where JAX keeps the dense matmul outputs; the numbers are the same either way.
+
+``remat`` (``model.remat``) recomputes in the backward pass (``torch.utils.checkpoint``):
+"full" the whole block; "dots" all but the matmul outputs and "dots_attn" all but those and
+the attention output (selective checkpointing, the counterpart of the JAX policies). The
+numbers are the same in every mode.
+
+``compiled_blocks()`` (``model.compile_scope = "block"``): inside it, every block runs
+through one ``torch.compile``d function, built once and reused across depth and across the
+encoder, decoder and auxiliary stacks (one graph per distinct shape), so compiling takes a
+block's time rather than the whole step's.
 """
 
-from torch.utils.checkpoint import checkpoint
+import contextlib
+import functools
+
+import torch
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
 
 from maetok.tree import map_tree
 from maetok_torch.attention import attention
 from maetok_torch.layers import layer_norm, mlp
 
+_MATMULS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+}
+_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+_SAVED = {"dots": _MATMULS, "dots_attn": _MATMULS | _ATTENTION}
 
-def block(params, x, cos, sin, heads: int, eps: float, impl: str = "plain"):
+
+def block(
+    params,
+    x,
+    cos,
+    sin,
+    heads: int,
+    eps: float,
+    impl: str = "plain",
+    lowp: bool = False,
+    split_qkv: bool = False,
+):
     """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree."""
     attn_params = {"qkv": params["qkv"], "proj": params["proj"]}
-    x = x + attention(attn_params, layer_norm(params["ln1"], x, eps), cos, sin, heads, impl)
+    h = layer_norm(params["ln1"], x, eps, lowp)
+    x = x + attention(attn_params, h, cos, sin, heads, impl, split_qkv)
     mlp_params = {"fc1": params["fc1"], "fc2": params["fc2"]}
-    return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps))
+    return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps, lowp), lowp)
+
+
+def _policy(saved, ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def remat_block(mode: str):
+    """``block`` recomputed in the backward pass as ``model.remat`` mode ``mode`` says."""
+    if mode == "none":
+        return block
+    extra = {}
+    if mode != "full":
+        policy = functools.partial(_policy, _SAVED[mode])
+        extra["context_fn"] = functools.partial(create_selective_checkpoint_contexts, policy)
+
+    def run(*args):
+        return checkpoint(block, *args, use_reentrant=False, **extra)
+
+    return run
+
+
+_COMPILED: dict = {}  # remat mode → the compiled block
+_ACTIVE = {"on": False, "backend": "inductor"}
+
+
+@contextlib.contextmanager
+def compiled_blocks(backend="inductor"):
+    """Within this context every ``transformer`` call runs its blocks compiled."""
+    previous = dict(_ACTIVE)
+    _ACTIVE.update(on=True, backend=backend)
+    try:
+        yield
+    finally:
+        _ACTIVE.update(previous)
+
+
+def _block_fn(mode: str):
+    if not _ACTIVE["on"]:
+        return remat_block(mode)
+    key = (mode, _ACTIVE["backend"])
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(remat_block(mode), backend=_ACTIVE["backend"], dynamic=False)
+    return _COMPILED[key]
 
 
 def _slice(tree, i: int):
@@ -35,7 +119,9 @@ def transformer(
     eps: float,
     impl: str = "plain",
     unroll: int = 1,
-    remat: bool = False,
+    remat: str = "none",
+    lowp: bool = False,
+    split_qkv: bool = False,
 ):
     """Run every block of the stacked tree ``blocks`` (leaves (depth, ...)) over x (B, T, D).
 
@@ -43,11 +129,8 @@ def transformer(
     ``torch.compile`` both unroll a Python loop.
     """
     depth = blocks["qkv"]["w"].shape[0]
+    mode = remat if x.requires_grad else "none"  # nothing to recompute without a backward
+    fn = _block_fn(mode)
     for i in range(depth):
-        if remat and x.requires_grad:
-            x = checkpoint(
-                block, _slice(blocks, i), x, cos, sin, heads, eps, impl, use_reentrant=False
-            )
-        else:
-            x = block(_slice(blocks, i), x, cos, sin, heads, eps, impl)
+        x = fn(_slice(blocks, i), x, cos, sin, heads, eps, impl, lowp, split_qkv)
     return x

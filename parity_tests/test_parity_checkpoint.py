@@ -5,9 +5,10 @@ Both backends train 10 steps from the same state (adversarial config, so the fil
 every kind of entry: parameters, EMA, both optimisers, LeCAM EMAs, step; ``disc_start = 3``
 so the GAN phase switches on before the save). At step 5 each saves a checkpoint with
 ``maetok.checkpoint.save_checkpoint``; the other backend loads it the way the trainer
-resumes (``maetok.trainer.load_state``: layout checked against a fresh state of the
-loading backend) and trains the 5 remaining steps. Its metrics and final state must match
-the saving backend's own 10-step run (``TOL["trajectory_fp32"]``, per step and per leaf).
+resumes (``maetok.trainer.load_state``: layout checked against the one the config
+implies, ``maetok.train_state.expected_layout``) and trains the 5 remaining steps. Its
+metrics and final state must match the saving backend's own 10-step run
+(``TOL["trajectory_fp32"]``, per step and per leaf).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ import maetok_jax.backend as jb
 import maetok_jax.train as jt
 import maetok_torch.backend as tb
 import maetok_torch.train as tt
-from maetok.checkpoint import layout, load_checkpoint, save_checkpoint
+from maetok.checkpoint import layout, load_checkpoint, read_checkpoint, save_checkpoint
 from maetok.config import preset
 from maetok.data import BatchSource
 from maetok.params import init_disc
 from maetok.parity import TOL, tree_err
 from maetok.synthetic import SyntheticImages
+from maetok.train_state import expected_layout
 from maetok.trainer import load_state
 from maetok.tree import flatten
 from maetok_parity.harness import disc_off_margin, jax_device, jax_step
@@ -101,11 +103,34 @@ def test_both_backends_write_the_same_layout(device):
     )
 
 
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"train": {"stage": 2}},
+        {"train": {"stage": 2, "optimizer": "sgd", "ema_decay": 0.0}},
+        {"train": {"optimizer": "sgd"}, "loss": {"use_adv": False}},
+    ],
+)
+def test_the_layout_follows_the_stage_and_is_read_off_the_spec(changes, device):
+    """Both backends' fresh states have exactly ``expected_layout``: moments and EMA over the
+    stage's trainable groups, ``nu`` for Adam only, discriminator entries with the GAN."""
+    cfg = CFG.replace(**changes)
+    want = expected_layout(cfg)
+    assert layout(jt.state_to_numpy(jt.init_state(cfg, 0))) == want
+    assert layout(tt.state_to_numpy(tt.init_state(cfg, 0, device=device))) == want
+    groups = {k.split("/")[2] for k in want if k.startswith("opt/mu/")}
+    assert groups == ({"decoder"} if cfg.train.stage == 2 else {"encoder", "decoder", "aux"})
+    assert any(k.startswith("opt/nu/") for k in want) == (cfg.train.optimizer != "sgd")
+    assert any(k.startswith("ema/") for k in want) == (cfg.train.ema_decay > 0)
+    assert ("disc_opt/count" in want) == cfg.loss.use_adv
+
+
 @pytest.mark.parametrize("saver,loader", [("jax", "torch"), ("torch", "jax")])
 def test_resume_in_the_other_backend(saver, loader, reference, device):
     ref = reference[saver]
     run = Run(loader, device)
-    state = run.place(load_state(run.backend, ref["path"], CFG))
+    state = run.place(load_state(run.backend, read_checkpoint(ref["path"]), CFG))
     # The loaded state is the saved tree, bit for bit, in the loader's format.
     tree, _, meta = load_checkpoint(ref["path"], CFG)
     assert meta["backend"] == saver

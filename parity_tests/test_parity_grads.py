@@ -21,7 +21,8 @@ CONFIGS = {
     "tiny": TINY,
     "mlp": TINY.replace(model={"aux_kind": "mlp"}),
     "adv": TINY.replace(loss={"use_adv": True, "adaptive_weight": True}),
-    "remat": TINY.replace(model={"remat": True}),
+    "remat": TINY.replace(model={"remat": "full"}),
+    "remat_dots": TINY.replace(model={"remat": "dots"}),
     "query_pos": TINY.replace(model={"query_pos": True}),
 }
 

@@ -80,9 +80,23 @@ def test_presets_list_only_what_differs_from_the_defaults(name):
 
 
 def test_compute_only_fields_are_marked_on_the_fields():
-    assert compute_only(ModelConfig) == {"compute_dtype", "attention", "unroll", "remat"}
-    cadences = {"log_every", "ckpt_every", "sample_every"}
-    assert compute_only(TrainConfig()) == cadences | {"deterministic"}
+    assert compute_only(ModelConfig) == {
+        "compute_dtype",
+        "attention",
+        "unroll",
+        "remat",
+        "lowp_norm",
+        "split_qkv",
+        "fast_filters",
+        "stack_aux",
+        "compile_scope",
+    }
+    assert compute_only(TrainConfig()) == {
+        "log_every",
+        "ckpt_every",
+        "sample_every",
+        "deterministic",
+    }
     assert compute_only(LossConfig) == frozenset()
 
 

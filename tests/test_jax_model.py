@@ -147,7 +147,7 @@ def test_remat_and_unroll_change_memory_not_numbers(tiny, rng):
         return jnp.mean(recon**2) + jnp.mean(h**2) + sum(jnp.mean(v**2) for v in preds.values())
 
     ref_val, ref_grad = jax.value_and_grad(loss)(params, tiny.model)
-    for change in ({"remat": True}, {"unroll": 2}):
+    for change in ({"remat": "full"}, {"remat": "dots"}, {"remat": "dots_attn"}, {"unroll": 2}):
         m = tiny.replace(model=change).model
         val, grad = jax.value_and_grad(loss)(params, m)
         np.testing.assert_allclose(val, ref_val, rtol=1e-6)

@@ -13,21 +13,22 @@ import pytest
 import torch
 
 from maetok.errors import CheckpointError, ConfigError, DataError
+from maetok.masks import mask_ratio
 from maetok.schedules import anneal_ratio
 from maetok.tree import flatten
-from maetok_torch.marble import MAETokParadigm, MarbleNotInstalledError, register
+from maetok_marble import MAETokParadigm, MarbleNotInstalledError, register
 from tests import marble_host as host
 
 # A tokenizer smaller than `tiny` (16² images, one block each side) keeps an iteration
 # around 0.05 s on one CPU core.
 SMALL = {
     "preset": "tiny",
-    "image_size": 16,
-    "enc_depth": 1,
-    "dec_depth": 1,
-    "batch_size": 4,
-    "warmup_steps": 2,
-    "lr": 2e-3,
+    "model.image_size": 16,
+    "model.enc_depth": 1,
+    "model.dec_depth": 1,
+    "train.batch_size": 4,
+    "train.warmup_steps": 2,
+    "train.lr": 2e-3,
     "synthetic_count": 64,
     "stats_every": 5,
 }
@@ -181,7 +182,7 @@ def test_same_seed_same_parameters_and_the_walk_is_untouched(no_marble):
 
 
 def test_stage2_freezes_the_encoder_and_anneals_the_mask():
-    p = MAETokParadigm({**SMALL, "stage2_start": 4, "anneal_steps": 6})
+    p = MAETokParadigm({**SMALL, "stage2_start": 4, "train.anneal_steps": 6})
     w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w), p.on_init(w), p.before_walk(w, None)
     drive(p, w, 4)
@@ -191,23 +192,27 @@ def test_stage2_freezes_the_encoder_and_anneals_the_mask():
     assert p.stage == 2 and p.stage_start == 4
     s5 = p.numpy_state()
     assert int(s5["opt"]["count"]) == 1  # a fresh optimiser from the switch on
-    assert all(not flat.any() for flat in flatten(s5["opt"]["mu"]["encoder"]).values())
+    # moments and EMA over the decoder only: the encoder has nothing to update
+    for part in (s5["opt"]["mu"], s5["opt"]["nu"], s5["ema"]):
+        assert set(part) == {"decoder"}
     drive(p, w, 3)
     s8 = p.numpy_state()
     assert p.last_error is None and int(s8["opt"]["count"]) == 4
     enc_after = flatten(s8["params"]["encoder"])
     assert all(np.array_equal(enc_before[k], enc_after[k]) for k in enc_before)
-    for part in ("mu", "nu"):
-        assert states_equal(s5["opt"][part]["encoder"], s8["opt"][part]["encoder"])
-    assert states_equal(s5["ema"]["encoder"], s8["ema"]["encoder"])
+    for part in (s8["opt"]["mu"], s8["opt"]["nu"], s8["ema"]):
+        assert set(part) == {"decoder"}
     assert not states_equal(s5["params"]["decoder"], s8["params"]["decoder"])
     t2 = p.cfg.train
     assert [r["mask_ratio"] for r in p.history[4:]] == [anneal_ratio(k, t2) for k in range(4)]
+    # Stage 1 on Wanderer steps 1..4: the ratios `maetok train` draws at those steps
+    t1 = p.settings.cfg.train
+    assert [r["mask_ratio"] for r in p.history[:4]] == [mask_ratio(g, t1) for g in range(1, 5)]
     assert all("mask" not in r for r in p.history[4:]) and all("mask" in r for r in p.history[:4])
 
 
 def test_the_discriminator_trains_and_survives_the_stage_switch():
-    p = MAETokParadigm({**SMALL, "adversarial": True, "stage2_start": 2})
+    p = MAETokParadigm({**SMALL, "loss.use_adv": True, "stage2_start": 2})
     w = host.Wanderer(host.chain_brain(5), seed=0)
     p.on_wanderer(w)
     drive(p, w, 2)
@@ -216,15 +221,19 @@ def test_the_discriminator_trains_and_survives_the_stage_switch():
     assert p.last_error is None and p.stage == 2
     assert all("disc" in r and "adv" in r for r in p.history)
     assert not states_equal(disc, p.numpy_state()["disc"])  # still trained in Stage 2
+    assert int(p.numpy_state()["disc_opt"]["count"]) == 2  # its optimiser restarted at the switch
 
 
 @pytest.mark.parametrize(
     "bad,needle",
     [
         ({"bogus": 1}, "known: "),
-        ({"patch_size": 5}, "not divisible"),
+        ({"model.patch_size": 5}, "not divisible"),
         ({"stage2_start": 0}, "stage2_start"),
-        ({"optimizer": "lamb"}, "optimizer"),
+        ({"train.optimizer": "lamb"}, "optimizer"),
+        ({"lr": 1e-3}, "lr → train.lr"),  # a field without its section: the key to use
+        ({"modle.enc_width": 32}, "unknown config section 'modle'"),
+        ({"train.stage": 2}, "stage2_start"),
         ({"images": np.zeros((2, 32, 32, 3), np.uint8), "batch_fn": lambda s: None}, "at most one"),
         ({"images": np.full((2, 32, 32, 3), 200.0, np.float32)}, "[-1, 1]"),
     ],
@@ -342,7 +351,7 @@ def test_two_paradigms_on_one_brain_report_apart():
     with host.installed() as marble:
         brain = host.chain_brain(6)
         a = brain.load_paradigm(MAETokParadigm, SMALL)
-        b = brain.load_paradigm(MAETokParadigm, {**SMALL, "seed": 1})
+        b = brain.load_paradigm(MAETokParadigm, {**SMALL, "train.seed": 1})
         walk_many(None, walks=1, brain=brain)
         assert (a.name, b.name) == ("maetok", "maetok_2")
         assert a.iteration == b.iteration > 0
@@ -399,7 +408,7 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
 
     # Resume: a new paradigm loads at iteration 3 and, on the same Wanderer steps, ends
     # with exactly the state of the uninterrupted run.
-    for other in ({"adversarial": True}, {"latent_dim": 4}):
+    for other in ({"loss.use_adv": True}, {"model.latent_dim": 4}):
         wrong = MAETokParadigm({**cfg, **other})
         with pytest.raises(CheckpointError):
             wrong.load(path)

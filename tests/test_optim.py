@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from maetok.config import TrainConfig
-from maetok.schedules import anneal_ratio, learning_rate, one_cycle
-from maetok_jax.optim import clip_by_global_norm, ema_update, opt_init, opt_update, sgd_update
+from maetok.schedules import anneal_ratio, due, learning_rate, one_cycle
+from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
 
 
 def numpy_reference(params, grads_seq, t, lr):
@@ -49,10 +49,11 @@ def test_optimizer_matches_numpy(name, clip, rng):
     ]
     lr = 0.05
     p = {k: jnp.asarray(v) for k, v in params.items()}
-    state = opt_init(p, t)
+    init, update = make_optimizer(t)
+    state = init(p)
     for grads in grads_seq:
         g, _ = clip_by_global_norm({k: jnp.asarray(v) for k, v in grads.items()}, t.grad_clip)
-        p, state = opt_update(g, state, p, lr, t)
+        p, state = update(g, state, p, lr)
     ref = numpy_reference(params, grads_seq, t, lr)
     assert int(state.count) == 6
     for k in params:
@@ -97,27 +98,20 @@ def test_nesterov_sgd_matches_numpy(rng):
     t = TrainConfig(optimizer="sgd", weight_decay=0.01, momentum=0.9)
     p0 = rng.normal(size=(6,)).astype(np.float32)
     grads_seq = [rng.normal(size=6).astype(np.float32) for _ in range(5)]
-    p, state = {"w": jnp.asarray(p0)}, opt_init({"w": jnp.asarray(p0)}, t)
+    init, nesterov = make_optimizer(t, nesterov=True)
+    _, plain_update = make_optimizer(t)
+    p, state = {"w": jnp.asarray(p0)}, init({"w": jnp.asarray(p0)})
     ref, mu = p0.astype(np.float64), np.zeros(6)
     for g in grads_seq:
-        p, state = sgd_update({"w": jnp.asarray(g)}, state, p, 0.1, t, nesterov=True)
+        p, state = nesterov({"w": jnp.asarray(g)}, state, p, 0.1)
         g = g + 0.01 * ref
         mu = 0.9 * mu + g
         ref = ref - 0.1 * (g + 0.9 * mu)
-    plain, _ = sgd_update(
-        {"w": jnp.asarray(grads_seq[0])}, opt_init(p, t), {"w": jnp.asarray(p0)}, 0.1, t
-    )
+    plain, _ = plain_update({"w": jnp.asarray(grads_seq[0])}, init(p), {"w": jnp.asarray(p0)}, 0.1)
     assert np.abs(ref - p0).max() > 1e-2
     np.testing.assert_allclose(np.asarray(p["w"]), ref, rtol=2e-5, atol=2e-6)
     # with a zero buffer the first Nesterov step is (1 + momentum)× the plain one
-    first, _ = sgd_update(
-        {"w": jnp.asarray(grads_seq[0])},
-        opt_init(p, t),
-        {"w": jnp.asarray(p0)},
-        0.1,
-        t,
-        nesterov=True,
-    )
+    first, _ = nesterov({"w": jnp.asarray(grads_seq[0])}, init(p), {"w": jnp.asarray(p0)}, 0.1)
     np.testing.assert_allclose(
         np.asarray(first["w"]) - p0, 1.9 * (np.asarray(plain["w"]) - p0), rtol=1e-5, atol=1e-7
     )
@@ -129,3 +123,9 @@ def test_one_cycle_rises_then_falls_to_zero():
     assert int(np.argmax(lrs)) == 24 and lrs[-1] == pytest.approx(0.4 / 76)
     assert all(a < b for a, b in zip(lrs[:24], lrs[1:25]))
     assert all(a > b for a, b in zip(lrs[24:-1], lrs[25:]))
+
+
+def test_due_marks_every_nth_step():
+    assert [s for s in range(1, 13) if due(s, 4)] == [4, 8, 12]
+    assert [s for s in range(0, 7) if due(s, 3)] == [0, 3, 6]  # from 0 when counting from 0
+    assert all(due(s, 1) for s in range(5))

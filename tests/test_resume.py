@@ -112,3 +112,64 @@ def test_resume_continues_the_stored_run_and_records_changes(tmp_path, photos, c
     rows = [json.loads(r) for r in (parts / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(8)) and all(np.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["lr"] == learning_rate(7, cfg.train) < 1e-4
+
+
+def test_checkpoints_of_the_older_layout_load_but_do_not_resume(tmp_path, photos, capsys):
+    """A Stage-2 checkpoint written when the optimiser moments and EMA covered every group,
+    frozen ones included: its weights serve --init-from, eval and reconstruct; --resume
+    refuses it in one line that says what to do."""
+    from maetok.config import preset
+    from maetok.trainer import params_from_checkpoint
+    from maetok.tree import map_tree
+    from maetok_jax.train import init_state, state_to_numpy
+
+    cfg = preset("tiny").replace(train={"stage": 2, "batch_size": 4})
+    tree = state_to_numpy(init_state(cfg, 0))
+    params = tree["params"]
+    rng = np.random.default_rng(0)
+    noise = lambda scale: map_tree(
+        lambda a: scale * rng.standard_normal(a.shape, np.float32), params
+    )
+    tree["opt"] = {"count": np.int32(3), "mu": noise(1e-3), "nu": map_tree(np.abs, noise(1e-6))}
+    tree["ema"] = map_tree(lambda p, n: p + n, params, noise(1e-2))
+    tree["step"] = np.int32(3)
+    old = tmp_path / "old"
+    ckpt.save_checkpoint(
+        old / CHECKPOINT_NAME, tree, cfg, {"backend": "jax", "stage": 2, "step": 3}
+    )
+    path = str(old / CHECKPOINT_NAME)
+    assert {k.split("/")[2] for k in flatten(tree) if k.startswith("opt/mu/")} == {
+        "encoder",
+        "decoder",
+        "aux",
+    }
+
+    for use_ema, want in ((False, params), (True, tree["ema"])):  # every group, as stored
+        got = flatten(params_from_checkpoint(path, cfg, use_ema))
+        assert got.keys() == flatten(want).keys()
+        for k, v in flatten(want).items():
+            np.testing.assert_array_equal(got[k], v, err_msg=k)
+    out = tmp_path / "recon"
+    assert (
+        main(["reconstruct", "--checkpoint", path, "--input", str(photos), "--out", str(out)]) == 0
+    )
+    assert len(list(out.glob("*.png"))) == 5
+    ev = tmp_path / "ev"
+    assert (
+        main(["eval", "--checkpoint", path, "--ema", "--data", str(photos), "--out", str(ev)]) == 0
+    )
+    assert np.isfinite(json.loads((ev / "eval.json").read_text())["tokenizer"]["psnr"])
+
+    new = tmp_path / "new"
+    argv = ["train", *FAST, "--stage", "2", "--steps", "2", "--init-from", path, "--out", str(new)]
+    assert main(argv) == 0
+    state, _, _ = ckpt.load_checkpoint(new / CHECKPOINT_NAME)
+    assert set(state["ema"]) == set(state["opt"]["mu"]) == {"decoder"}
+    for k, v in flatten(params["encoder"]).items():  # frozen, as loaded
+        np.testing.assert_array_equal(flatten(state["params"]["encoder"])[k], v, err_msg=k)
+
+    before = (old / CHECKPOINT_NAME).read_bytes()
+    line = cli_error(capsys, ["train", "--resume", "--no-progress", "--out", str(old)])
+    assert "older train-state layout" in line and "encoder" in line, line
+    assert f"--init-from {path}" in line, line
+    assert (old / CHECKPOINT_NAME).read_bytes() == before

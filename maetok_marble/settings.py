@@ -1,18 +1,20 @@
-"""The Marble plugin's configuration and per-iteration inputs: config, images, masks, stats.
+"""The Marble plugin's configuration and inputs: config, images, and the statistics it reports.
 
 ``MAETokParadigm(config)`` receives a plain dict from ``brain.load_paradigm("maetok", {...})``.
 ``parse_settings`` turns it into ``Settings``: the Stage-1 ``maetok.config.Config`` (a preset
 plus overrides, validated by ``maetok.config``), the plugin's own options (``name``,
-``stage2_start``, ``pretrain_steps``, ...) and an ``ImageSource``. Every problem raises
-``ConfigError`` naming the key and what would be valid; an unknown key lists the known ones.
+``stage2_start``, ``pretrain_steps``, ...) and an ``ImageSource``. Config fields are set
+with the keys of ``maetok train --set``, ``"SECTION.FIELD"`` (``"model.enc_width"``,
+``"loss.use_adv"``, ``"train.lr"``), or by section (``{"train": {"lr": 1e-3}}``). Every
+problem raises ``ConfigError`` naming the key and what would be valid; an unknown key lists
+the known ones.
 
 Images enter the tokenizer channel-last, ``(B, H, W, C)`` float32 in [-1, 1] (docs/design.md §2).
 ``as_images`` is the one place where other layouts are converted: uint8 in [0, 255] is
 rescaled, and a torch tensor (or array) whose channel axis is axis 1 (NCHW) is transposed.
 
-Masks (``step_mask``) and the statistics the plugin reports (``latent_summary``,
-``walk_averages``) are plain numpy functions, kept here so the plugin module reads as
-the hooks and the train loop only.
+The statistics the plugin reports (``latent_summary``, ``walk_averages``) are plain numpy
+functions, kept here so the plugin module reads as the hooks and the train loop only.
 """
 
 from __future__ import annotations
@@ -25,58 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from maetok.config import Config, preset
+from maetok.cli import config_overrides
+from maetok.config import Config, LossConfig, ModelConfig, TrainConfig, preset
 from maetok.data import BatchSource, ImageFolder, from_uint8
 from maetok.errors import ConfigError, DataError
 from maetok.evaluate import COLLAPSE_REL_VAR, latent_stats
-from maetok.masks import STREAM_MASK, sample_mask, step_rng
-from maetok.schedules import anneal_ratio
 from maetok.synthetic import SyntheticImages
 
-# Flat key → the Config fields it sets (section, field). Keys naming two fields set both.
-FIELD_KEYS: dict[str, tuple[tuple[str, str], ...]] = {
-    **{
-        k: (("model", k),)
-        for k in (
-            "image_size",
-            "channels",
-            "patch_size",
-            "num_latent_tokens",
-            "latent_dim",
-            "enc_width",
-            "dec_width",
-            "enc_depth",
-            "dec_depth",
-            "enc_heads",
-            "dec_heads",
-            "aux_targets",
-            "aux_kind",
-        )
-    },
-    "width": (("model", "enc_width"), ("model", "dec_width")),
-    "heads": (("model", "enc_heads"), ("model", "dec_heads")),
-    **{k: (("loss", k),) for k in ("lambda_percep", "lambda_adv", "gamma", "disc_start")},
-    "adversarial": (("loss", "use_adv"),),
-    **{
-        k: (("train", k),)
-        for k in (
-            "lr",
-            "optimizer",
-            "seed",
-            "batch_size",
-            "anneal_steps",
-            "anneal_schedule",
-            "warmup_steps",
-            "lr_schedule",
-            "weight_decay",
-            "grad_clip",
-            "ema_decay",
-            "mask_min",
-            "mask_max",
-            "mask_mode",
-        )
-    },
-}
 # The plugin's own keys, with their defaults.
 PLUGIN_DEFAULTS: dict[str, Any] = {
     "preset": "tiny",  # maetok preset the overrides apply to
@@ -90,11 +47,12 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "batch_fn": None,  # callable(step) → images of one batch
     "image_folder": None,  # path of a folder of .png/.jpg images
     "synthetic_count": 1024,  # size of the default synthetic dataset
-    "model": None,
-    "loss": None,
-    "train": None,  # any other Config field, by section
+    "model": None,  # Config fields by section, {"model": {"enc_width": 64}}, as an
+    "loss": None,  # alternative to one "SECTION.FIELD" key per field (``maetok train
+    "train": None,  # --set``'s keys: "model.enc_width", "loss.use_adv", "train.lr", ...)
 }
-KNOWN_KEYS = tuple(sorted(set(FIELD_KEYS) | set(PLUGIN_DEFAULTS)))
+KNOWN_KEYS = tuple(sorted(PLUGIN_DEFAULTS))
+_SECTIONS = {"model": ModelConfig, "loss": LossConfig, "train": TrainConfig}
 _SOURCES = ("images", "batch_fn", "image_folder")
 
 
@@ -122,12 +80,18 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
         raise ConfigError(
             f"the MAETokParadigm config must be a mapping, got {type(config).__name__}"
         )
-    unknown = sorted(set(config) - set(KNOWN_KEYS))
+    unknown = sorted(str(k) for k in config if k not in PLUGIN_DEFAULTS and "." not in str(k))
     if unknown:
+        fields = {f.name: part for part, c in _SECTIONS.items() for f in dataclasses.fields(c)}
+        hints = [f"{k} → {fields[k]}.{k}" for k in unknown if k in fields]
         raise ConfigError(
-            f"unknown MAETokParadigm option(s) {unknown}; known: {', '.join(KNOWN_KEYS)}"
+            f"unknown MAETokParadigm option(s) {unknown}"
+            + (f" (config fields take their section: {', '.join(hints)})" if hints else "")
+            + f"; known: {', '.join(KNOWN_KEYS)}, and every config field as SECTION.FIELD "
+            "(e.g. model.enc_width, loss.use_adv, train.lr)"
         )
     opts = {**PLUGIN_DEFAULTS, **{k: v for k, v in config.items() if k in PLUGIN_DEFAULTS}}
+    dotted = [(k, v) for k, v in config.items() if k not in PLUGIN_DEFAULTS]
 
     # An open-ended walk has no last step for a cosine to reach: hold lr after warm-up.
     sections: dict[str, dict] = {"model": {}, "loss": {}, "train": {"lr_schedule": "constant"}}
@@ -136,10 +100,8 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
         if not isinstance(given, Mapping):
             raise ConfigError(f"option {part!r} must be a mapping of {part} fields, got {given!r}")
         sections[part].update(given)
-    for key, targets in FIELD_KEYS.items():
-        if key in config:
-            for part, field in targets:
-                sections[part][field] = config[key]
+    for part, fields in config_overrides(dotted, "a MAETokParadigm option").items():
+        sections.setdefault(part, {}).update(fields)  # Config.replace names a wrong section
     if not isinstance(opts["preset"], str):
         raise ConfigError(f"option 'preset' must be a preset name, got {opts['preset']!r}")
     cfg = preset(opts["preset"]).replace(**sections)  # validates every field
@@ -340,30 +302,7 @@ def make_source(opts: Mapping[str, Any], cfg: Config) -> ImageSource:
     )
 
 
-# ---------------------------------------------------------------------------- per iteration
-MASK_SUBSTREAM = 0x4D41524C  # "MARL": masks of pretraining and of repeated Wanderer steps
-
-
-def step_mask(cfg: Config, step: int, sub: int, batch: int, stage_step: int):
-    """(B, N) mask and its ratio, a pure function of ``(train.seed, step, sub)``.
-
-    ``sub == 0`` draws exactly what ``maetok train`` draws at ``step`` (``mask_for_step``);
-    any other ``sub`` draws from a sub-stream of the seed. Stage 2 takes its ratio from the
-    anneal schedule at ``stage_step``.
-    """
-    t = cfg.train
-    seed = (
-        t.seed
-        if sub == 0
-        else int(np.random.SeedSequence([t.seed, MASK_SUBSTREAM, sub + 2**31]).generate_state(1)[0])
-    )
-    if t.stage == 2:
-        ratio = anneal_ratio(stage_step, t)
-    else:  # the draw maetok.masks.mask_ratio makes, with this seed
-        ratio = float(step_rng(seed, step, STREAM_MASK).uniform(t.mask_min, t.mask_max))
-    return sample_mask(seed, step, batch, cfg.model.num_patches, ratio, t.mask_mode), ratio
-
-
+# ---------------------------------------------------------------------------- statistics
 def latent_summary(h: np.ndarray) -> dict:
     """Latent tokens (B, L, d) → mean/std, per-token variance, and collapse indicators.
 

@@ -9,9 +9,9 @@ its own detached state; ``out_value`` is never read).
 
 Usage (see ``examples/marble_maetok.py``)::
 
-    from maetok_torch.marble import register
+    from maetok_marble import register
     register()                                    # registers the class under "maetok"
-    brain.load_paradigm("maetok", {"preset": "tiny", "batch_size": 8, "stage2_start": 500})
+    brain.load_paradigm("maetok", {"preset": "tiny", "train.batch_size": 8, "stage2_start": 500})
 
 Hooks, per ``MARBLE_PROTOCOL.md``:
 
@@ -23,11 +23,12 @@ Hooks, per ``MARBLE_PROTOCOL.md``:
 - ``before_walk(w, start)``: runs ``pretrain_steps`` iterations, once, before the first walk.
 - ``on_step(...)``: one iteration per call, the dead-end call (``syn=None``,
   ``direction="none"``) included, so the count of iterations equals the count of calls.
-  The mask is a pure function of ``(train.seed, w._global_step_counter)`` (see
-  ``marble_config.step_mask``); the batch follows the paradigm's own iteration counter. At iteration
-  ``stage2_start`` Stage 2 begins: encoder frozen, mask ratio annealed, and a fresh
-  optimiser state as ``maetok train --stage 2 --init-from`` has; parameters, EMA and the
-  discriminator carry over.
+  The mask is a pure function of ``(train.seed, w._global_step_counter)``, drawn by the
+  trainer's schedule (``maetok.masks.mask_for_step``, with ``substream_seed`` for repeated
+  steps); the batch follows the paradigm's own iteration counter. At iteration
+  ``stage2_start`` Stage 2 begins: encoder frozen, mask ratio annealed, started exactly as
+  ``maetok train --stage 2 --init-from`` starts it (``maetok.train_state.start_stage2``):
+  parameters, discriminator and LeCAM statistics kept; step, optimisers and EMA afresh.
 - ``on_walk_end(w, stats)``: averages over the walk's iterations, reported and kept in
   ``self.walks``. Should a host skip it, the next ``before_walk`` closes the walk instead.
 
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import threading
 import time
 import traceback
@@ -53,14 +53,16 @@ import numpy as np
 import torch
 
 from maetok import checkpoint as ckpt
-from maetok.errors import CheckpointError, ConfigError, MAETokError, NonFiniteLossError
-from maetok.schedules import learning_rate
-from maetok_torch.marble_config import (
+from maetok.errors import CheckpointError, ConfigError, MAETokError
+from maetok.masks import mask_for_step, substream_seed
+from maetok.schedules import due, learning_rate
+from maetok.train_state import ema_params, expected_layout, start_stage2
+from maetok.trainer import check_finite
+from maetok_marble.settings import (
     Settings,
     as_images,
     latent_summary,
     parse_settings,
-    step_mask,
     walk_averages,
 )
 
@@ -115,7 +117,7 @@ def _hook(fn):
 
 
 class MAETokParadigm:
-    """The MAETok tokenizer trained by Marble's walks; config keys: ``marble_config.KNOWN_KEYS``."""
+    """The MAETok tokenizer trained by Marble's walks; options: ``settings.parse_settings``."""
 
     def __init__(self, config=None):
         global LAST_CONFIG_ERROR
@@ -250,13 +252,10 @@ class MAETokParadigm:
         return self._backend().state_to_numpy(self._ensure_state())
 
     def _enter_stage2(self):
-        """Encoder frozen from here; fresh optimiser state; params, EMA, discriminator kept."""
+        """Stage 2 starts as ``maetok train --stage 2 --init-from`` starts it (``start_stage2``)."""
         tree = self.numpy_state()
         self.stage, self.stage_start = 2, self.iteration
-        b2 = self._backend(2)
-        fresh = b2.state_to_numpy(b2.init_state(self.settings.cfg.train.seed, tree["params"]))
-        fresh.update({k: v for k, v in tree.items() if k in ("ema", "disc", "disc_opt", "lecam")})
-        self._state = b2.state_from_numpy(fresh)
+        self._state = start_stage2(self._backend(2), tree, self.cfg)
         self._report(self.name, "events", {"stage2": {"iteration": self.iteration}})
 
     # ------------------------------------------------------------------ one iteration
@@ -268,7 +267,10 @@ class MAETokParadigm:
             self._mask_key = (g, sub)
         else:
             sub = -1 - g  # pretraining iteration g: sub-streams no walk uses
-        return step_mask(self.cfg, g if kind == "walk" else 0, sub, batch, stage_step)
+        step = g if kind == "walk" else 0
+        seed = substream_seed(self.cfg.train.seed, sub)
+        n = self.cfg.model.num_patches
+        return mask_for_step(step, self.cfg.train, n, seed, stage_step, batch)
 
     def _iterate(self, key, dead_end: bool):
         s = self.settings
@@ -284,12 +286,8 @@ class MAETokParadigm:
                 state, {"images": images, "mask": mask}, stage_step
             )
         values = backend.metrics_to_host(metrics)
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if bad:  # keep the last good state (save() still writes it)
-            raise NonFiniteLossError(
-                f"non-finite loss at iteration {self.iteration} ({bad}); "
-                "training stopped, try a lower lr or more warm-up"
-            )
+        # on a NaN the last good state is kept (save() still writes it)
+        check_finite(values, f"iteration {self.iteration}", "try a lower lr or more warm-up")
         self._state = new_state
         record = {
             "iteration": self.iteration,
@@ -310,12 +308,12 @@ class MAETokParadigm:
         aux = {k.split("/", 1)[1]: v for k, v in values.items() if k.startswith("aux/")}
         if aux:
             self._report(self.name, "aux", {**aux, "iteration": self.iteration})
-        if self.iteration % s.stats_every == 0:
+        if due(self.iteration, s.stats_every):
             self._report(self.name, "tokens", self.token_stats(images))
         self.iteration += 1
 
     def token_stats(self, images) -> dict:
-        """Latent statistics of ``images`` (see ``marble_config.latent_summary``)."""
+        """Latent statistics of ``images`` (see ``settings.latent_summary``)."""
         x = as_images(images, self.cfg.model.channels)
         h = self._backend().encode(self._ensure_state()["params"], x)  # (B, L, latent_dim)
         return {**latent_summary(h), "iteration": self.iteration}
@@ -437,13 +435,12 @@ class MAETokParadigm:
             return self._restore(path, *ckpt.load_checkpoint(path, self.settings.cfg))
 
     def _restore(self, path, tree: dict, file_cfg, meta: dict) -> MAETokParadigm:
-        from maetok.trainer import expected_layout
         from maetok_torch.train import default_device
 
         stage = int(meta.get("stage", file_cfg.train.stage))
         self._device = self._device or str(self.settings.device or default_device())
         backend = self._backend(stage)
-        want = expected_layout(backend, self.settings.stage_cfg(stage))
+        want = expected_layout(self.settings.stage_cfg(stage))
         have = ckpt.layout(tree)
         if have != want:
             diff = sorted(set(have) ^ set(want)) + sorted(
@@ -451,7 +448,7 @@ class MAETokParadigm:
             )
             raise CheckpointError(
                 f"{path} does not fit this paradigm's stage-{stage} state "
-                f"(e.g. {diff[:5]}); check adversarial, ema_decay, optimizer"
+                f"(e.g. {diff[:5]}); check loss.use_adv, train.ema_decay, train.optimizer"
             )
         self.stage, self._state = stage, backend.state_from_numpy(tree)
         step = int(np.asarray(tree["step"]))
@@ -482,7 +479,7 @@ class MAETokParadigm:
         state = self._ensure_state()
         if use_ema and "ema" not in state:
             raise MAETokError("this tokenizer keeps no EMA (ema_decay = 0)")
-        return state["ema" if use_ema else "params"]
+        return ema_params(state) if use_ema else state["params"]
 
     def reconstruct(self, images, mask=None, use_ema: bool = False) -> np.ndarray:
         """images ((B,H,W,C) or NCHW; uint8 or [-1, 1]) → reconstructions (B,H,W,C) in [-1, 1]."""

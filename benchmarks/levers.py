@@ -1,0 +1,102 @@
+"""Each speed lever of ``ModelConfig`` on and off, in one run, as one Markdown table.
+
+    python benchmarks/levers.py --out levers.md [--rows all|jax|torch] [--steps 5]
+
+Every row is one ``train_step.py`` subprocess (its own peak memory), preset ``base``, bf16
+compute, fused attention, in-memory synthetic batches:
+
+- JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``);
+- the same at batch 256 with one lever off at a time (``--set model.X=...``);
+- JAX Stage 2, the ``seed`` preset, torch eager and torch.compile (the block compiled
+  once, ``model.compile_scope=block``, with its compile time).
+
+Columns: images/s, model TFLOP/s (``train_step.transformer_flops``), the share of the
+matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed against
+the official MAETok step (``--reference``, 270 img/s), peak memory and compile time. A row
+that fails (out of memory, a timeout) says so in the table instead of stopping the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.train_step import _run_backend
+
+BASE = ["--preset", "base", "--dtype", "bfloat16", "--attention", "fused"]
+BIG = ["--remat", "dots"]  # batch 256 needs the dense outputs-only residuals to fit
+
+# (label, backend, batch, extra train_step.py arguments); "lever off" rows name the switch.
+ROWS = [
+    ("JAX S1, all levers", "jax", 128, []),
+    ("JAX S1, all levers", "jax", 256, BIG),
+    ("JAX S1, lowp_norm off", "jax", 256, [*BIG, "--set", "model.lowp_norm=false"]),
+    ("JAX S1, split_qkv off", "jax", 256, [*BIG, "--set", "model.split_qkv=false"]),
+    ("JAX S1, fast_filters off", "jax", 256, [*BIG, "--set", "model.fast_filters=false"]),
+    ("JAX S1, stack_aux off", "jax", 256, [*BIG, "--set", "model.stack_aux=false"]),
+    ("JAX S1, remat full (not dots)", "jax", 256, ["--remat", "full"]),
+    ("JAX S1, remat dots_attn", "jax", 256, ["--remat", "dots_attn"]),
+    ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
+    ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
+    ("torch eager S1", "torch", 128, []),
+    ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
+]
+
+
+def table(results: list[tuple[str, dict]], ceiling: float, reference: float) -> str:
+    """The Markdown table of (label, train_step result row or error) pairs."""
+    head = (
+        "| run | batch | img/s | model TFLOP/s | % of matmul ceiling | × official | "
+        "peak GiB | compile s |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for label, r in results:
+        if "error" in r:
+            lines.append(f"| {label} | {r.get('batch')} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {label} | {r['batch']} | {r['images_per_s']:.1f} | {r['model_tflops']:.1f} | "
+            f"{100 * r['model_tflops'] / ceiling:.1f} % | {r['images_per_s'] / reference:.2f} | "
+            f"{r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |"
+        )
+    note = (
+        f"\nMatmul ceiling {ceiling:.0f} TFLOP/s; × official: images/s over {reference:.0f} "
+        "(the official MAETok step). Compile s: first step less a timed one.\n"
+    )
+    return head + "\n".join(lines) + "\n" + note
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="the Markdown file to write")
+    p.add_argument("--rows", default="all", choices=("all", "jax", "torch"))
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--ceiling", type=float, default=790.0)
+    p.add_argument("--reference", type=float, default=270.0)
+    p.add_argument("--json", help="also append every row to this JSON-lines file")
+    p.add_argument("--timeout", type=float, default=240, help="seconds per row")
+    args = p.parse_args(argv)
+    common = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    results = []
+    for label, backend, batch, extra in ROWS:
+        if args.rows != "all" and not backend.startswith(args.rows):
+            continue
+        argv_row = [*BASE, *common, *extra, "--label", label]
+        result = _run_backend(backend, batch, argv_row, args.timeout)
+        results.append((label, result))
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps({"label": label, **result}) + "\n")
+        Path(args.out).write_text(table(results, args.ceiling, args.reference))  # as it goes
+    print(Path(args.out).read_text())
+    return 0 if all("error" not in r for _, r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

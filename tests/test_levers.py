@@ -1,0 +1,202 @@
+"""The compute-only speed switches of ``ModelConfig``: each computes the same function as the
+reference path it replaces (float32: to rounding; bf16: to bf16 tolerance), in both backends,
+and none changes the parameter tree."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import maetok_jax.attention as ja
+import maetok_jax.layers as jl
+import maetok_jax.model as jm
+import maetok_jax.targets as jtg
+import maetok_torch.attention as ta
+import maetok_torch.layers as tl
+import maetok_torch.model as tm
+import maetok_torch.targets as ttg
+import maetok_torch.train as tt
+from maetok.config import Config, ModelConfig, compute_only, preset
+from maetok.params import init_params, spec_params
+from maetok.parity import TOL, rel_err
+from maetok.tree import flatten, map_tree
+
+TINY = preset("tiny")
+
+
+def _to_torch(tree):
+    return map_tree(lambda a: torch.tensor(np.asarray(a)), tree)
+
+
+def test_switches_are_compute_only_and_keep_the_parameter_tree():
+    switches = {"remat", "lowp_norm", "split_qkv", "fast_filters", "stack_aux", "compile_scope"}
+    assert switches <= compute_only(ModelConfig)
+    flipped = {
+        "remat": "dots",
+        "lowp_norm": False,
+        "split_qkv": False,
+        "fast_filters": False,
+        "stack_aux": False,
+        "compile_scope": "step",
+    }
+    assert spec_params(TINY.replace(model=flipped).model) == spec_params(TINY.model)
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    assert defaults["remat"] == "none" and defaults["stack_aux"] is True
+
+
+@pytest.mark.parametrize("old, new", [(True, "full"), (False, "none")])
+def test_old_boolean_remat_reads_as_a_mode(old, new):
+    d = TINY.to_dict()
+    d["model"]["remat"] = old
+    cfg = Config.from_dict(d)
+    assert cfg.model.remat == new
+    assert Config.from_json(cfg.to_json()) == cfg
+
+
+def test_stacked_aux_decoders_equal_the_separate_ones():
+    cfg = TINY.replace(model={"query_pos": True})  # every leaf of a latent decoder
+    m, off = cfg.model, cfg.replace(model={"stack_aux": False}).model
+    assert jm.stackable_aux(m) and not jm.stackable_aux(off)
+    rng = np.random.default_rng(3)
+    aux = init_params(cfg, 5)["aux"]
+    h = rng.standard_normal((2, m.num_latent_tokens, m.latent_dim)).astype(np.float32)
+    feats = np.zeros((2, m.num_patches, m.dec_width), np.float32)  # unused by ViT aux heads
+
+    def loss_j(p, mm):
+        return sum(jnp.sum(v**2) for v in jm.aux_predict(p, jnp.asarray(h), feats, mm).values())
+
+    pj = jax.tree_util.tree_map(jnp.asarray, aux)
+    out = jm.aux_predict(pj, jnp.asarray(h), feats, m)
+    ref = jm.aux_predict(pj, jnp.asarray(h), feats, off)
+    for k in m.aux_targets:
+        assert rel_err(out[k], ref[k]) < TOL["forward_fp32"], k
+    g, g_ref = jax.grad(loss_j)(pj, m), jax.grad(loss_j)(pj, off)
+    for (path, a), b in zip(flatten(g).items(), flatten(g_ref).values()):
+        assert rel_err(a, b) < TOL["grad_fp32"], path
+
+    pt = map_tree(lambda a: a.requires_grad_(True), _to_torch(aux))
+    out_t = tm.aux_predict(pt, torch.tensor(h), torch.tensor(feats), m)
+    ref_t = tm.aux_predict(pt, torch.tensor(h), torch.tensor(feats), off)
+    for k in m.aux_targets:
+        assert rel_err(out_t[k].detach(), ref_t[k].detach()) < TOL["forward_fp32"], k
+        assert rel_err(out_t[k].detach(), ref[k]) < TOL["forward_fp32"], k  # and JAX's
+    leaves = list(flatten(pt).values())
+    ga = torch.autograd.grad(sum(torch.sum(v**2) for v in out_t.values()), leaves)
+    gb = torch.autograd.grad(sum(torch.sum(v**2) for v in ref_t.values()), leaves)
+    for a, b in zip(ga, gb):
+        assert rel_err(a, b) < TOL["grad_fp32"]
+
+
+def test_split_qkv_attention_equals_the_one_matmul_path():
+    m = TINY.model
+    rng = np.random.default_rng(4)
+    blk = jax.tree_util.tree_map(lambda a: a[0], init_params(TINY, 1)["encoder"]["blocks"])
+    params = {"qkv": blk["qkv"], "proj": blk["proj"]}
+    x = rng.standard_normal((2, m.num_patches + m.num_latent_tokens, m.enc_width))
+    x = x.astype(np.float32)
+    cos, sin = jm.rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
+    for impl in ("plain", "fused"):
+        a = ja.attention(params, x, cos, sin, m.enc_heads, impl, True)
+        b = ja.attention(params, x, cos, sin, m.enc_heads, impl, False)
+        assert rel_err(a, b) < TOL["forward_fp32"]
+        pt, ct, st = _to_torch(params), torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin))
+        c = ta.attention(pt, torch.tensor(x), ct, st, m.enc_heads, impl, True)
+        d = ta.attention(pt, torch.tensor(x), ct, st, m.enc_heads, impl, False)
+        assert rel_err(c, d) < TOL["forward_fp32"] and rel_err(c, b) < TOL["forward_fp32"]
+
+
+def test_lowp_layer_norm_and_gelu_match_float32_within_bf16_tolerance():
+    rng = np.random.default_rng(6)
+    x = (3 * rng.standard_normal((3, 2, 7, 32)) + 1).astype(np.float32)
+    x = np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # representable in bf16
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    for shape in ((32,), (3, 32)):  # one LayerNorm, and a stack of three
+        p = {"scale": rng.standard_normal(shape), "bias": rng.standard_normal(shape)}
+        p = {k: v.astype(np.float32) for k, v in p.items()}
+
+        def f(x, p, lowp, dtype):
+            cast = {k: jnp.asarray(v, dtype) for k, v in p.items()}
+            y = jl.layer_norm(cast, jnp.asarray(x, dtype), 1e-6, lowp)
+            return jnp.sum(jl.gelu(y, lowp).astype(jnp.float32) * dy)
+
+        ref, g_ref = jax.value_and_grad(f, argnums=(0, 1))(x, p, False, jnp.float32)
+        val, g = jax.value_and_grad(f, argnums=(0, 1))(x, p, True, jnp.bfloat16)
+        assert g[0].dtype == jnp.float32  # the gradient reaches the float32 input
+        assert rel_err(val, ref) < TOL["loss_bf16"]
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_ref)):
+            assert rel_err(a, b) < TOL["grad_bf16"]
+
+        xt = torch.tensor(x, requires_grad=True)
+        pt = map_tree(lambda a: torch.tensor(a, requires_grad=True), p)
+        bf = map_tree(lambda a: a.to(torch.bfloat16), pt)
+        y = tl.gelu(tl.layer_norm(bf, xt.to(torch.bfloat16), 1e-6, True), True)
+        out = torch.sum(y.float() * torch.tensor(dy))
+        assert rel_err(out.detach(), ref) < TOL["loss_bf16"]
+        grads = torch.autograd.grad(out, [xt, *flatten(pt).values()])
+        for a, b in zip(grads, [g_ref[0], *flatten(g_ref[1]).values()]):
+            assert rel_err(a, b) < TOL["grad_bf16"]
+
+
+def test_fast_filters_are_bf16_only_and_close():
+    rng = np.random.default_rng(7)
+    m = TINY.model
+    images = rng.uniform(-1, 1, (2, m.image_size, m.image_size, m.channels)).astype(np.float32)
+    ref = jtg.compute_targets(jnp.asarray(images), m)
+    # float32 compute: the switch changes nothing, bit for bit
+    off = TINY.replace(model={"fast_filters": False}).model
+    same = jtg.compute_targets(jnp.asarray(images), off)
+    for k in ref:
+        np.testing.assert_array_equal(np.asarray(same[k]), np.asarray(ref[k]))
+    bf = TINY.replace(model={"compute_dtype": "bfloat16"}).model
+    assert jtg.filter_dtype(bf) == jnp.bfloat16 and ttg.filter_dtype(bf) == torch.bfloat16
+    fast_j = jtg.compute_targets(jnp.asarray(images), bf)
+    fast_t = ttg.compute_targets(torch.tensor(images), bf)
+    for k in ref:  # the pixel target has no convolution: unchanged
+        # HOG votes on bf16 gradient orientations: a few per cent at most, in both backends
+        low, high = (0, 0) if k == "pixel" else (1e-6, 0.1)
+        assert low <= rel_err(fast_j[k], ref[k]) <= high, k
+        assert rel_err(fast_t[k], fast_j[k]) <= max(high, TOL["forward_fp32"]), k
+
+
+@pytest.mark.parametrize("mode", ["dots", "dots_attn"])
+def test_torch_remat_modes_give_the_same_gradients(mode):
+    cfg = TINY.replace(model={"attention": "fused"})
+    m = cfg.model
+    rng = np.random.default_rng(8)
+    params = _to_torch(init_params(cfg, 2))
+    images = torch.tensor(
+        rng.uniform(-1, 1, (2, m.image_size, m.image_size, 3)), dtype=torch.float32
+    )
+    mask = torch.tensor(rng.random((2, m.num_patches)) < 0.5, dtype=torch.float32)
+
+    def loss(p, mm):
+        recon, h, preds = tm.forward(p, images, mask, mm)
+        return (
+            torch.mean(recon**2) + torch.mean(h**2) + sum(torch.mean(v**2) for v in preds.values())
+        )
+
+    leaves = [a.requires_grad_(True) for a in flatten(params).values()]
+    ref = torch.autograd.grad(loss(params, m), leaves)
+    got = torch.autograd.grad(loss(params, cfg.replace(model={"remat": mode}).model), leaves)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_torch_block_compile_scope_runs_the_same_step():
+    """``compile_scope=block``: the blocks go through torch.compile (the ``eager`` compiler
+    here, to keep CPU tests fast) and the step computes what the eager step does."""
+    cfg = TINY.replace(train={"batch_size": 2})
+    m = cfg.model
+    rng = np.random.default_rng(9)
+    images = rng.uniform(-1, 1, (2, m.image_size, m.image_size, 3)).astype(np.float32)
+    batch = {"images": images, "mask": (rng.random((2, m.num_patches)) < 0.5).astype(np.float32)}
+    args = tt.step_inputs(batch, cfg, 0, "cpu")
+    _, ref = tt.make_train_step(cfg)(tt.init_state(cfg, 0, device="cpu"), *args)
+    step = tt.compile_train_step(cfg, backend="eager")
+    _, got = step(tt.init_state(cfg, 0, device="cpu"), *args)
+    assert step.graphs >= 1
+    for k in ref:
+        assert abs(float(got[k]) - float(ref[k])) <= 1e-5 * max(abs(float(ref[k])), 1e-3), k
