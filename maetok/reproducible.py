@@ -38,3 +38,9 @@ def request(backend: str, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
     else:
         raise ValueError(f"unknown backend {backend!r}; use jax or torch")
+
+
+def xla_deterministic() -> bool:
+    """Whether this process asked XLA for deterministic GPU kernels (``request``, or the user's
+    own ``XLA_FLAGS``); the JAX backend then avoids kernels XLA cannot run that way."""
+    return XLA_FLAG in os.environ.get("XLA_FLAGS", "").split()

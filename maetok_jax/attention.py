@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from maetok.reproducible import xla_deterministic
 from maetok_jax.layers import dense
 from maetok_jax.rope import apply_rope
 
@@ -54,7 +55,10 @@ def _plain(q, k, v):
 
 def _fused(q, k, v):
     on_gpu = jax.default_backend() == "gpu"
-    impl = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else None
+    # cuDNN's kernel for bf16 on a GPU; XLA's own attention under deterministic kernels, as
+    # XLA 0.11.2 cannot compile a step with cuDNN attention under that flag
+    cudnn = on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) and not xla_deterministic()
+    impl = "cudnn" if cudnn else ("xla" if on_gpu else None)
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 

@@ -19,9 +19,11 @@ def test_request_sets_each_frameworks_switch_once_and_keeps_the_users_flags(monk
     assert flags == ["--xla_dump_to=/tmp/x", reproducible.XLA_FLAG]
     reproducible.request("torch", True)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == reproducible.CUBLAS_WORKSPACE
+    assert reproducible.xla_deterministic()
     monkeypatch.setenv("XLA_FLAGS", "")
     reproducible.request("jax", False)
     assert os.environ["XLA_FLAGS"] == ""
+    assert not reproducible.xla_deterministic()
 
 
 def _train(out, capsys, *extra) -> str:
