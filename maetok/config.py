@@ -137,6 +137,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # "cosine" or "constant" after warm-up
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
     ema_decay: float = 0.9999  # parameter EMA; 0 disables
+    # decay at step s: min(ema_decay, (1 + s)/(EMA_WARMUP + s)) (maetok/numerics.py), so the
+    # EMA forgets the weights it started from however short the run
+    ema_warmup: bool = True
     disc_lr: float = 1e-4
     mask_min: float = 0.4  # stage 1: r ~ U[mask_min, mask_max] per step
     mask_max: float = 0.6

@@ -55,3 +55,6 @@ LEAKY_SLOPE = 0.2
 ADV_WEIGHT_EPS = 1e-4
 ADV_WEIGHT_MAX = 1e4
 CLIP_EPS = 1e-6
+# EMA warm-up (train.ema_warmup): after s updates the decay is
+# min(ema_decay, (1 + s)/(EMA_WARMUP + s))
+EMA_WARMUP = 10.0

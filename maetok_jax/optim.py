@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from maetok.numerics import CLIP_EPS
+from maetok.numerics import CLIP_EPS, EMA_WARMUP
 
 tree_map = jax.tree_util.tree_map
 
@@ -95,6 +95,15 @@ def _sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = Fals
     step = tree_map(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
     new_params = tree_map(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
+
+
+def ema_decay_at(step, t_cfg):
+    """The EMA decay after ``step`` updates: ``train.ema_decay``, or with ``train.ema_warmup``
+    ``min(ema_decay, (1 + step)/(EMA_WARMUP + step))`` in float32."""
+    if not t_cfg.ema_warmup:
+        return t_cfg.ema_decay
+    s = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(t_cfg.ema_decay), (1.0 + s) / (EMA_WARMUP + s))
 
 
 def ema_update(ema, params, decay: float):

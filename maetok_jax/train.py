@@ -33,7 +33,13 @@ from maetok_jax.discriminator import (
 )
 from maetok_jax.losses import adaptive_adv_weight, mask_loss, rec_percep_loss
 from maetok_jax.model import aux_predict, decode, encode
-from maetok_jax.optim import OptState, clip_by_global_norm, ema_update, make_optimizer
+from maetok_jax.optim import (
+    OptState,
+    clip_by_global_norm,
+    ema_decay_at,
+    ema_update,
+    make_optimizer,
+)
 from maetok_jax.targets import compute_targets
 
 
@@ -111,7 +117,8 @@ def make_train_step(cfg):
             trainable, opt = opt_update(grads, state["opt"], trainable, lr)
         new_state = {**state, "params": {**params, **trainable}, "opt": opt}
         if "ema" in state:
-            new_state["ema"] = ema_update(state["ema"], trainable, t.ema_decay)
+            decay = ema_decay_at(state["step"], t)
+            new_state["ema"] = ema_update(state["ema"], trainable, decay)
         metrics["grad_norm"] = gnorm
         if lo.use_adv:
             new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))

@@ -13,6 +13,7 @@ unit computes.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import jax
@@ -641,7 +642,14 @@ def ema_update(case: Case):
     ema, params = _opt_tree(case), _opt_tree(case)
     out_j = jax.jit(jo.ema_update, static_argnums=2)(case.jax(ema), case.jax(params), 0.99)
     out_t = to.ema_update(case.torch(ema), case.torch(params), 0.99)
-    return [row("optim/ema_update", out_t, out_j, TOL["forward_fp32"])]
+    steps = np.array([0, 1, 9, 100, 10**4, 10**6], np.int32)  # the warm-up, then the decay
+    t = dataclasses.replace(case.cfg.train, ema_decay=0.999, ema_warmup=True)
+    decay_j = np.array([jo.ema_decay_at(jnp.int32(s), t) for s in steps], np.float32)
+    decay_t = np.array([to.ema_decay_at(torch.tensor(s), t).item() for s in steps], np.float32)
+    return [
+        row("optim/ema_update", out_t, out_j, TOL["forward_fp32"]),
+        exact("optim/ema_decay_at", decay_t, decay_j),
+    ]
 
 
 # ------------------------------------------------------------------------------ trajectories
@@ -766,7 +774,7 @@ def stages(case: Case):
 
 def adversarial_gating(case: Case):
     """Before ``loss.disc_start`` the discriminator state (parameters, optimiser, LeCAM EMAs)
-    is kept bit for bit in both backends; after it, it trains alike."""
+    is kept bit for bit in both backends; for two steps after it, it trains alike."""
     cfg = case.cfg
     first = _source(cfg).batch(0)["images"]
     disc = case.disc(first)
@@ -784,15 +792,21 @@ def adversarial_gating(case: Case):
                 kept[0] = max(kept[0], diff)
             moved.append(diff > 0)
 
+    # Two steps past disc_start: a few more and a fake logit can land within rounding of the
+    # hinge's corner, where the two backends may take different sides and part ways by ~1e-3
     sj, st = fresh_states(case, disc=disc)
-    sj, st, met = run_both(case, cfg, sj, st, 0, STAGE_STEPS, check)
+    start = jt.state_to_numpy(sj)
+    sj, st, met = run_both(case, cfg, sj, st, 0, cfg.loss.disc_start + 2, check)
     assert all(moved[2 * cfg.loss.disc_start :]), "the discriminator did not train after disc_start"
-    tol = TOL["trajectory_fp32"]
-    return [
+    rows = [
         ("adversarial: discriminator state unchanged before disc_start", kept[0], 0.0),
-        ("adversarial: metrics", met, tol),
-        ("adversarial: state", state_err(st, sj), tol),
+        ("adversarial: metrics", met, TOL["trajectory_fp32"]),
     ]
+    end_j, end_t = jt.state_to_numpy(sj), tt.state_to_numpy(st)
+    for group in ("params", "disc"):  # early steps: the L2 of the update, as in ``trajectory``
+        err = worst_update(end_t[group], end_j[group], start[group])[0]
+        rows.append((f"adversarial: {group} (L2 of update)", err, TOL["trajectory_early_fp32"]))
+    return rows
 
 
 # ------------------------------------------------------------------------------ the report

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from maetok.numerics import CLIP_EPS
+from maetok.numerics import CLIP_EPS, EMA_WARMUP
 from maetok.tree import leaves, map_tree
 
 
@@ -98,6 +98,16 @@ def _sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = Fals
     step = map_tree(lambda g, m: g + momentum * m, grads, mu) if nesterov and momentum else mu
     new_params = map_tree(lambda p, s: p - lr * s, params, step)
     return new_params, OptState(state.count + 1, mu if momentum else state.mu, state.nu)
+
+
+def ema_decay_at(step, t_cfg):
+    """The EMA decay after ``step`` updates: ``train.ema_decay``, or with ``train.ema_warmup``
+    ``min(ema_decay, (1 + step)/(EMA_WARMUP + step))`` in float32."""
+    if not t_cfg.ema_warmup:
+        return t_cfg.ema_decay
+    s = torch.as_tensor(step).to(torch.float32)
+    decay = torch.tensor(t_cfg.ema_decay, dtype=torch.float32, device=s.device)
+    return torch.minimum(decay, (1.0 + s) / (EMA_WARMUP + s))
 
 
 def ema_update(ema, params, decay: float):

@@ -41,7 +41,13 @@ from maetok_torch.discriminator import (
 from maetok_torch.distributed import LOCAL
 from maetok_torch.losses import adaptive_adv_weight, mask_loss, rec_percep_loss
 from maetok_torch.model import aux_predict, decode, encode
-from maetok_torch.optim import OptState, clip_by_global_norm, ema_update, make_optimizer
+from maetok_torch.optim import (
+    OptState,
+    clip_by_global_norm,
+    ema_decay_at,
+    ema_update,
+    make_optimizer,
+)
 from maetok_torch.targets import compute_targets
 from maetok_torch.transformer import compiled_blocks
 
@@ -240,7 +246,8 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
             trainable, opt = opt_update(grads, state["opt"], trainable, lr)
             new_state = {**state, "params": {**params, **trainable}, "opt": opt}
             if "ema" in state:
-                new_state["ema"] = ema_update(state["ema"], trainable, t.ema_decay)
+                decay = ema_decay_at(state["step"], t)
+                new_state["ema"] = ema_update(state["ema"], trainable, decay)
             metrics["grad_norm"] = gnorm
         if lo.use_adv:
             new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))

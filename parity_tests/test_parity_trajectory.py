@@ -9,7 +9,7 @@ Batches come from ``maetok.data.BatchSource`` over synthetic images — a pure f
   of each stage, the frozen groups bit-identical.
 - ``adversarial_gating``: with the patch-GAN and its adaptive weight, ``disc_start = 3``:
   the discriminator, its optimiser and the LeCAM EMAs stay bit-identical before step 3 and
-  then follow the same path in both backends.
+  then follow the same path in both backends for two steps.
 - ``trajectory``: the 3 steps ``maetok parity`` reports; in bfloat16 compute, the losses
   within ``TOL["loss_bf16"]``.
 """

@@ -74,6 +74,31 @@ def test_ema_update(rng):
     np.testing.assert_allclose(np.asarray(out["w"]), 0.9 * e + 0.1 * p, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_ema_warmup_forgets_the_starting_weights(backend):
+    """With the warm-up an EMA started at 0 follows weights held at 1 within 1e-6 after 100
+    updates; a constant decay of 0.999 still holds 90 % of its start."""
+    import dataclasses
+
+    import torch
+
+    from maetok.config import TrainConfig
+    from maetok_jax import optim as jax_optim
+    from maetok_torch import optim as torch_optim
+
+    optim = jax_optim if backend == "jax" else torch_optim
+    tensor = jnp.asarray if backend == "jax" else torch.as_tensor
+    for warmup, want in ((True, 1.0), (False, 1 - 0.999**100)):
+        t = dataclasses.replace(TrainConfig(), ema_decay=0.999, ema_warmup=warmup)
+        ema, params = {"w": tensor(np.zeros(3, np.float32))}, {"w": tensor(np.ones(3, np.float32))}
+        for step in range(100):
+            ema = optim.ema_update(ema, params, optim.ema_decay_at(tensor(np.int32(step)), t))
+        np.testing.assert_allclose(np.asarray(ema["w"]), want, rtol=1e-5, atol=1e-6)
+    t = dataclasses.replace(TrainConfig(), ema_decay=0.999)
+    assert float(optim.ema_decay_at(tensor(np.int32(0)), t)) == np.float32(0.1)
+    assert float(optim.ema_decay_at(tensor(np.int32(10**6)), t)) == np.float32(0.999)
+
+
 def test_learning_rate_schedule():
     t = TrainConfig(lr=1.0, warmup_steps=10, steps=110, lr_schedule="cosine", min_lr_ratio=0.1)
     assert learning_rate(0, t) == pytest.approx(0.1)
