@@ -37,6 +37,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    from tests.session import configure
+
+    configure(config)  # before JAX starts
     jax.config.update("jax_default_matmul_precision", "highest")
     if config.getoption("--device", default="cpu") == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -40,6 +40,9 @@ def cli_error(capsys, argv, alone: bool = False) -> str:
 
 
 def pytest_configure(config):
+    from tests.session import configure
+
+    configure(config)  # before JAX starts
     # Tests build the same few train steps again and again: compile each once per machine.
     from maetok_jax import enable_compilation_cache
 
