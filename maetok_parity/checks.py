@@ -648,7 +648,8 @@ def ema_update(case: Case):
     decay_t = np.array([to.ema_decay_at(torch.tensor(s), t).item() for s in steps], np.float32)
     return [
         row("optim/ema_update", out_t, out_j, TOL["forward_fp32"]),
-        exact("optim/ema_decay_at", decay_t, decay_j),
+        # within an ulp, not exact: a GPU's float32 division may round differently
+        row("optim/ema_decay_at", decay_t, decay_j, TOL["forward_fp32"]),
     ]
 
 
