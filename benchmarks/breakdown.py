@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import jax
 import jax.numpy as jnp
 
-from benchmarks.train_step import transformer_flops
+from benchmarks.train_step import add_remat_argument, transformer_flops
 from maetok.config import preset
 from maetok.data import BatchSource
 from maetok.masks import mask_for_step
@@ -55,13 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="plain", choices=("plain", "fused"))
     p.add_argument("--unroll", type=int, default=1)
-    p.add_argument(
-        "--remat",
-        nargs="?",
-        const="dots",
-        default="none",
-        choices=("none", "full", "dots", "dots_attn"),
-    )
+    add_remat_argument(p)
     p.add_argument("--runs", type=int, default=10)
     p.add_argument(
         "--trace",

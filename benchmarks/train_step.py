@@ -50,12 +50,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from maetok.cli import _overrides
-from maetok.config import preset
+from maetok.config import REMAT_MODES, preset
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.params import disc_widths
 from maetok.targets import target_dim
 
 H100_BF16_DENSE = 989.0  # TFLOP/s, H100 SXM spec sheet
+
+
+def add_remat_argument(p) -> None:
+    """``--remat [MODE]``: ``model.remat``, what the backward pass recomputes (alone: dots)."""
+    p.add_argument(
+        "--remat",
+        nargs="?",
+        const="dots",
+        default="none",
+        choices=REMAT_MODES,
+        help="model.remat: what the backward pass recomputes (alone: dots)",
+    )
 
 
 def _blocks(depth, n, d):
@@ -271,14 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="append results to this JSON-lines file")
     p.add_argument("--timeout", type=float, default=900, help="seconds per backend and batch")
     p.add_argument("--unroll", type=int, default=1, help="JAX: lax.scan unroll of the block stacks")
-    p.add_argument(
-        "--remat",
-        nargs="?",
-        const="dots",
-        default="none",
-        choices=("none", "full", "dots", "dots_attn"),
-        help="model.remat: what the backward pass recomputes (alone: dots)",
-    )
+    add_remat_argument(p)
     p.add_argument(
         "--set",
         action="append",
