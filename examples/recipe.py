@@ -202,6 +202,8 @@ def jobs(steps: int, seeds=(0, 1, 2), levers: int | None = None) -> list[dict]:
             env={"MAETOK_JAX_CACHE": "off"},
         )
     )
+    if levers == 0:  # the seeds and the determinism check only
+        return out
     half = max(2, steps // 2)
     out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=half))
     for i, (lever, change) in enumerate(list(LEVERS.items())[:levers]):
@@ -428,7 +430,7 @@ def main(argv=None) -> int:
     study_p.add_argument(
         "--seeds", type=lambda t: tuple(int(x) for x in t.split(",")), default=(0, 1, 2)
     )
-    study_p.add_argument("--levers", type=int, help="only the first N levers")
+    study_p.add_argument("--levers", type=int, help="only the first N levers (0: none)")
     study_p.add_argument("--jobs", type=int, default=6, help="runs side by side")
     sub.add_parser("table").add_argument("out", type=Path)
     args = p.parse_args(argv)

@@ -106,6 +106,7 @@ def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
     assert repeat["seed"] == 0 and repeat["env"] == {"MAETOK_JAX_CACHE": "off"}
     levers = [j for j in jobs if j["name"].startswith("lever_")]
     assert len(levers) == len(recipe.LEVERS) + 1 and {j["steps"] for j in levers} == {500}
+    assert [j["name"] for j in recipe.jobs(1000, levers=0)] == names[:7]
     assert "loss.gamma" not in recipe.plain(recipe.RECIPE)
     assert recipe.plain(recipe.RECIPE)["model.aux_targets"] == []
 
