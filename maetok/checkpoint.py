@@ -243,7 +243,7 @@ class Checkpoint:
         exactly; NaN or infinite values are refused. Each problem raises CheckpointError
         with every difference listed."""
         if cfg is not None:
-            _check_model(self.path, self.cfg, cfg)
+            check_model(self.path, self.cfg, cfg)
         if expected is not None:
             _check_layout(self.path, layout(self.flat), expected)
         for key in sorted(self.flat):  # a NaN weight would only show up later, as a NaN loss
@@ -278,7 +278,8 @@ def _fmt(value) -> str:
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _check_model(path: Path, found: Config, want: Config) -> None:
+def check_model(path: Path, found: Config, want: Config) -> None:
+    """CheckpointError listing every model field (but compute-only ones) that differs."""
     a, b = found.to_dict()["model"], want.to_dict()["model"]
     diffs = [
         f"model.{k}: checkpoint {_fmt(a[k])}, expected {_fmt(b[k])}"

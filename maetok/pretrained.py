@@ -67,16 +67,18 @@ def is_weights_only(path) -> bool:
     return bool(ckpt.read_header(path)[1].get("weights_only"))
 
 
-def load_params(path, use_ema: bool = False) -> tuple[Config, dict]:
+def load_params(path, use_ema: bool = False, model: Config | None = None) -> tuple[Config, dict]:
     """``(config, parameters as float32 numpy)`` of a training checkpoint or an exported
-    file, checked against the config. An exported file holds one set of weights, so
-    ``use_ema`` is refused for it."""
+    file, checked against the config (and with ``model``, its model section against that
+    config's). An exported file holds one set of weights, so ``use_ema`` is refused for it."""
     from maetok.params import spec_params
     from maetok.trainer import params_from_checkpoint
     from maetok.tree import flatten, map_tree
 
     path = Path(path)
     cfg = ckpt.read_config(path)
+    if model is not None:
+        ckpt.check_model(path, cfg, model)
     if not is_weights_only(path):
         return cfg, params_from_checkpoint(path, cfg, use_ema=use_ema)
     if use_ema:

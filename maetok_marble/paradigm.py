@@ -240,12 +240,24 @@ class MAETokParadigm:
         device = str(device or self._device or self.settings.device or default_device())
         if self._state is None:
             self._device = device
-            self._state = self._backend().init_state(self.settings.cfg.train.seed)
+            self._state = self._backend().init_state(self.settings.cfg.train.seed, self._weights())
         elif device != self._device:
             tree = self._backend().state_to_numpy(self._state)
             self._device = device
             self._state = self._backend().state_from_numpy(tree)
         return self._state
+
+    def _weights(self) -> dict | None:
+        """The parameters to start from: ``init_from``'s encoder and decoder (the rest as a
+        fresh start makes them), or None for a fresh start."""
+        if self.settings.init_from is None:
+            return None
+        from maetok.params import init_params
+        from maetok.pretrained import INFERENCE_GROUPS, load_params
+
+        _, weights = load_params(self.settings.init_from, model=self.settings.cfg)
+        params = init_params(self.settings.cfg, self.settings.cfg.train.seed)
+        return {**params, **{g: weights[g] for g in INFERENCE_GROUPS}}
 
     def numpy_state(self) -> dict:
         """The whole train state as numpy (the checkpoint's tree)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +44,7 @@ PLUGIN_DEFAULTS: dict[str, Any] = {
     "stats_every": 10,  # latent statistics (<name>/tokens) every this many iterations
     "history_limit": 10000,  # per-iteration records kept in .history (oldest dropped)
     "device": None,  # None: the Wanderer's device (w._device)
+    "init_from": None,  # encoder and decoder from a checkpoint, an export, or "pretrained"
     "images": None,  # (N, H, W, C) float in [-1, 1] or uint8; torch NCHW accepted
     "batch_fn": None,  # callable(step) → images of one batch
     "image_folder": None,  # path of a folder of .png/.jpg images
@@ -65,6 +67,7 @@ class Settings:
     stats_every: int
     history_limit: int
     device: str | None
+    init_from: str | None  # a path, or "pretrained" (the package's shipped tokenizer)
     source: ImageSource
     summary: dict  # the JSON-able options, stored in checkpoints
 
@@ -123,6 +126,16 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
     device = opts["device"]
     if device is not None and not isinstance(device, str):
         raise ConfigError(f"option 'device' must be None or a torch device string, got {device!r}")
+    init_from = opts["init_from"]
+    if init_from is not None:
+        if not isinstance(init_from, (str, os.PathLike)):
+            raise ConfigError(
+                f"option 'init_from' must be a checkpoint path or 'pretrained', got {init_from!r}"
+            )
+        from maetok.pretrained import load_params, resolve
+
+        init_from = str(resolve(None if init_from == "pretrained" else init_from))
+        load_params(init_from, model=cfg)  # a missing or mismatched file fails now
     summary = {
         "preset": opts["preset"],
         "name": name,
@@ -130,7 +143,7 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
         "pretrain_steps": _int(opts["pretrain_steps"], "pretrain_steps", 0),
         "stats_every": _int(opts["stats_every"], "stats_every", 1),
         "history_limit": _int(opts["history_limit"], "history_limit", 1),
-    }
+    }  # not init_from: a checkpoint restores the whole state, whatever the start was
     return Settings(
         cfg=cfg,
         name=name,
@@ -139,6 +152,7 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
         stats_every=summary["stats_every"],
         history_limit=summary["history_limit"],
         device=device,
+        init_from=init_from,
         source=make_source(opts, cfg),
         summary=summary,
     )

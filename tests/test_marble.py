@@ -459,3 +459,35 @@ def test_a_saved_tokenizer_loads_in_jax_and_the_cli_and_resumes(tmp_path):
         == 0
     )
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["0.png", "1.png"]
+
+
+def test_init_from_starts_the_encoder_and_decoder_from_an_exported_tokenizer(tmp_path, monkeypatch):
+    from maetok import pretrained
+    from maetok.cli import main
+
+    p = MAETokParadigm(SMALL)
+    w = host.Wanderer(host.chain_brain(5), seed=0)
+    p.on_wanderer(w)
+    drive(p, w, 3)
+    trained = p.save(tmp_path / "trained.safetensors")
+    exported = tmp_path / "tokenizer.safetensors"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(exported)]) == 0
+
+    fresh = flatten(MAETokParadigm(SMALL).numpy_state()["params"])
+    monkeypatch.setattr(pretrained, "SHIPPED", exported)
+    for source in (str(exported), "pretrained"):
+        q = MAETokParadigm({**SMALL, "init_from": source})
+        params = flatten(q.numpy_state()["params"])
+        want = flatten(pretrained.load_params(exported)[1])
+        for key, value in params.items():
+            group = key.split("/")[0]
+            if group in pretrained.INFERENCE_GROUPS:  # the exported weights, float16-rounded
+                np.testing.assert_array_equal(value, want[key], err_msg=key)
+            else:  # the auxiliary decoders start as a fresh run's do
+                np.testing.assert_array_equal(value, fresh[key], err_msg=key)
+        assert any(not np.array_equal(params[k], fresh[k]) for k in want)
+    with pytest.raises(CheckpointError, match=r"model\.latent_dim"):
+        MAETokParadigm({**SMALL, "model.latent_dim": 4, "init_from": str(exported)})
+    monkeypatch.setattr(pretrained, "SHIPPED", tmp_path / "none.safetensors")
+    with pytest.raises(CheckpointError, match="ships no pretrained tokenizer"):
+        MAETokParadigm({**SMALL, "init_from": "pretrained"})
