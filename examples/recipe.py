@@ -145,18 +145,25 @@ def run_one(
     val: Path,
     preset: str = "seed",
     changes: dict | None = None,
+    probe: bool = False,
 ) -> None:
     """One run of the recipe with ``changes``: Stage 1 → Stage 2 (or the plain autoencoder
-    in one stage), then ``maetok eval`` of each stage's checkpoint."""
+    in one stage), then ``maetok eval`` of each stage's checkpoint. ``probe``: the first
+    stage only, ``steps`` long, logging every 20 steps, no evaluation."""
     settings = {**RECIPE, **(changes or {})}
     share = settings.pop("stage2_share", STAGE2_SHARE)
     if variant == "plain":
         settings = plain(settings)
+    if probe:
+        settings["train.log_every"] = 20
     base = ["--preset", preset, "--data", str(train), "--seed", str(seed), *_sets(settings)]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "recipe.log", "a") as log:
         log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {variant} seed {seed} {steps} steps\n")
         log.flush()
+        if probe:
+            _train(out / "stage1", steps, base, log)
+            return
         if variant == "plain":
             _train(out / "stage1", steps, base, log)
             stages = ["stage1"]
@@ -251,14 +258,6 @@ def _pool(todo: list[dict], folder: Path, args, what: str, steps_only: int | Non
             time.sleep(2)
 
 
-def _rate(metrics: Path) -> float | None:
-    """Images/s of a run over its last three logged intervals (compilation excluded)."""
-    lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    if len(lines) < 2:
-        return None
-    return statistics.median(json.loads(line)["images_per_s"] for line in lines[1:][-3:])
-
-
 def probe(folder: Path, args, probe_steps: int, budget_s: float) -> int:
     """Run the first stage of every job for ``probe_steps`` steps at once and measure the
     GPU's total images/s under that load; return the largest step count (a multiple of
@@ -273,7 +272,7 @@ def probe(folder: Path, args, probe_steps: int, budget_s: float) -> int:
     _pool(todo, folder / "probe", args, "probe", probe_steps)
     rates = {}
     for job in todo:
-        rate = _rate(folder / "probe" / job["name"] / "stage1/metrics.jsonl")
+        rate = _images_per_s(folder / "probe" / job["name"] / "stage1/metrics.jsonl", last=3)
         if rate is None:
             sys.exit(f"recipe: error: the probe of {job['name']} logged nothing")
         rates[job["name"]] = rate
@@ -304,12 +303,15 @@ def _report(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _images_per_s(metrics: Path) -> float | None:
+def _images_per_s(metrics: Path, last: int | None = None) -> float | None:
+    """The median images/s over a run's logged steps (its ``last`` ones only, if given).
+    Each step's line carries its logging interval's rate, so the median of a whole run
+    leaves out the first interval's, which includes compiling; None before two lines."""
     lines = metrics.read_text().splitlines() if metrics.is_file() else []
-    # one line per step, each with its logging interval's rate; the median leaves out the
-    # first interval's, which includes compiling
-    rates = [json.loads(line)["images_per_s"] for line in lines]
-    return statistics.median(rates) if rates else None
+    if len(lines) < 2:
+        return None
+    rates = [json.loads(line)["images_per_s"] for line in lines[-last if last else 0 :]]
+    return statistics.median(rates)
 
 
 def _mean_spread(values: list[float], digits: int) -> str:
@@ -443,17 +445,6 @@ def main(argv=None) -> int:
         study(args.out, args)
         return 0
     train = args.train or train_folder(args.data, args.out.parent)
-    if args.stage1_only:  # the probe: the first stage only, no evaluation
-        settings = {**RECIPE, **(args.changes or {})}
-        settings.pop("stage2_share", None)
-        settings["train.log_every"] = 20
-        if args.variant == "plain":
-            settings = plain(settings)
-        base = ["--preset", args.preset, "--data", str(train), "--seed", str(args.seed)]
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "recipe.log", "a") as log:
-            _train(args.out / "stage1", args.steps, [*base, *_sets(settings)], log)
-        return 0
     run_one(
         args.out,
         args.variant,
@@ -463,6 +454,7 @@ def main(argv=None) -> int:
         val,
         args.preset,
         args.changes,
+        probe=args.stage1_only,
     )
     return 0
 

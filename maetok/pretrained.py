@@ -42,12 +42,9 @@ def export_weights(checkpoint, out, use_ema: bool = False) -> Path:
     """Write the inference weights of ``checkpoint`` (its EMA with ``use_ema``) to ``out``
     in float16, with the config and the source's sha256; refuses weights float16 cannot
     hold."""
-    from maetok.trainer import params_from_checkpoint
-
-    cfg = ckpt.read_config(checkpoint)
-    params = params_from_checkpoint(checkpoint, cfg, use_ema=use_ema)
     from maetok.tree import iter_leaves, map_tree
 
+    cfg, params = load_params(checkpoint, use_ema=use_ema)
     inference = {group: params[group] for group in INFERENCE_GROUPS}
     for key, leaf in iter_leaves(inference):
         if np.abs(leaf).max(initial=0.0) > FLOAT16_MAX:
@@ -63,35 +60,24 @@ def export_weights(checkpoint, out, use_ema: bool = False) -> Path:
     return ckpt.save_tree(out, {"params": tree}, cfg.to_json(), meta)
 
 
-def is_weights_only(path) -> bool:
-    return bool(ckpt.read_header(path)[1].get("weights_only"))
-
-
 def load_params(path, use_ema: bool = False, model: Config | None = None) -> tuple[Config, dict]:
     """``(config, parameters as float32 numpy)`` of a training checkpoint or an exported
-    file, checked against the config (and with ``model``, its model section against that
-    config's). An exported file holds one set of weights, so ``use_ema`` is refused for it."""
+    file, read once and checked against its config (and with ``model``, its model section
+    against that config's). An exported file holds one set of weights, so ``use_ema`` is
+    refused for it."""
     from maetok.params import spec_params
-    from maetok.trainer import params_from_checkpoint
-    from maetok.tree import flatten, map_tree
+    from maetok.trainer import check_params, params_of
+    from maetok.tree import map_tree
 
-    path = Path(path)
-    cfg = ckpt.read_config(path)
-    if model is not None:
-        ckpt.check_model(path, cfg, model)
-    if not is_weights_only(path):
-        return cfg, params_from_checkpoint(path, cfg, use_ema=use_ema)
+    checkpoint = ckpt.read_checkpoint(path)
+    cfg, path = checkpoint.cfg, checkpoint.path
+    tree = checkpoint.check(model or cfg)
+    if not checkpoint.meta.get("weights_only"):
+        return cfg, params_of(path, tree, cfg, use_ema)
     if use_ema:
         raise CheckpointError(
             f"{path} is an exported file with one set of weights; leave out --ema"
         )
-    tree, _, _ = ckpt.load_checkpoint(path, cfg)
     spec = spec_params(cfg.model)
-    want = {k: v.shape for g in INFERENCE_GROUPS for k, v in flatten({g: spec[g]}).items()}
-    have = {k: v.shape for k, v in flatten(tree.get("params", {})).items()}
-    if want != have:
-        raise CheckpointError(
-            f"{path}: the exported weights do not match its config (missing "
-            f"{sorted(set(want) - set(have))[:5]}, unexpected {sorted(set(have) - set(want))[:5]})"
-        )
+    check_params(path, tree["params"], {g: spec[g] for g in INFERENCE_GROUPS})
     return cfg, map_tree(lambda a: np.asarray(a, np.float32), tree["params"])

@@ -73,14 +73,21 @@ def params_from_checkpoint(path, cfg: Config, use_ema: bool = False) -> dict:
     Checkpoints of every train-state layout qualify: only ``params`` and ``ema`` are read.
     """
     checkpoint = ckpt.read_checkpoint(path)
-    return _params_of(checkpoint.path, checkpoint.check(cfg), cfg, use_ema)
+    return params_of(checkpoint.path, checkpoint.check(cfg), cfg, use_ema)
 
 
-def _params_of(path, tree: dict, cfg: Config, use_ema: bool) -> dict:
+def params_of(path, tree: dict, cfg: Config, use_ema: bool) -> dict:
+    """The parameters (or their EMA) of a checked checkpoint ``tree`` read from ``path``."""
     if use_ema and "ema" not in tree:
         raise CheckpointError(f"{path} holds no 'ema' (EMA was off when it was trained)")
     params = ema_params(tree) if use_ema else tree["params"]
-    want = {k: v.shape for k, v in flatten(spec_params(cfg.model)).items()}
+    check_params(path, params, spec_params(cfg.model))
+    return params
+
+
+def check_params(path, params: dict, spec: dict) -> None:
+    """CheckpointError unless ``params`` has exactly the leaves and shapes of ``spec``."""
+    want = {k: v.shape for k, v in flatten(spec).items()}
     have = {k: v.shape for k, v in flatten(params).items()}
     if want != have:
         missing = sorted(set(want) - set(have))[:5]
@@ -88,7 +95,6 @@ def _params_of(path, tree: dict, cfg: Config, use_ema: bool) -> dict:
         raise CheckpointError(
             f"{path}: parameters do not match the config (missing {missing}, wrong shape {wrong})"
         )
-    return params
 
 
 def init_from_checkpoint(backend, path, cfg: Config):
@@ -96,7 +102,7 @@ def init_from_checkpoint(backend, path, cfg: Config):
     once; ``maetok.train_state.start_stage2`` says what is kept and what starts afresh."""
     checkpoint = ckpt.read_checkpoint(path)
     tree = checkpoint.check(cfg)
-    params = _params_of(checkpoint.path, tree, cfg, use_ema=False)
+    params = params_of(checkpoint.path, tree, cfg, use_ema=False)
     return start_stage2(backend, {**tree, "params": params}, cfg)
 
 

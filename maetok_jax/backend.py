@@ -48,12 +48,11 @@ def select_device(name: str | None):
 def _check_deterministic_flag() -> None:
     """Warn when JAX's GPU client started without ``maetok.reproducible``'s flag: then
     ``train.deterministic`` cannot hold in this process (the flag is read at start-up)."""
-    import os
     import warnings
 
-    from maetok.reproducible import XLA_FLAG
+    from maetok.reproducible import XLA_FLAG, xla_deterministic
 
-    if XLA_FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    if not xla_deterministic():
         warnings.warn(
             "train.deterministic is on, but JAX's GPU client started without "
             f"XLA_FLAGS={XLA_FLAG}: results may differ run to run (set it before JAX "

@@ -132,10 +132,11 @@ def parse_settings(config: Mapping[str, Any] | None) -> Settings:
             raise ConfigError(
                 f"option 'init_from' must be a checkpoint path or 'pretrained', got {init_from!r}"
             )
-        from maetok.pretrained import load_params, resolve
+        from maetok import checkpoint as ckpt
+        from maetok.pretrained import resolve
 
         init_from = str(resolve(None if init_from == "pretrained" else init_from))
-        load_params(init_from, model=cfg)  # a missing or mismatched file fails now
+        ckpt.check_model(init_from, ckpt.read_config(init_from), cfg)  # fails now, not mid-walk
     summary = {
         "preset": opts["preset"],
         "name": name,
