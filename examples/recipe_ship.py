@@ -26,9 +26,10 @@ REPORTS = {"ema": "eval", "raw": "eval_raw"}  # weights → the Stage-2 folder o
 SHEET = "shipped_reconstructions.jpg"
 SHEET_MAX_BYTES = 1_500_000
 JPEG_QUALITIES = (90, 80, 70, 60)  # the first whose sheet fits SHEET_MAX_BYTES is kept
-# the config fields a card lists per stage: the recipe's, and what shapes the model and stage
+# the config fields a card lists per stage: the recipe's (less the cadences of its logs and
+# pictures), and what shapes the model and the stage
 CARD_FIELDS = (
-    *recipe.RECIPE,
+    *(key for key in recipe.RECIPE if not key.endswith("_every")),
     "model.image_size",
     "model.num_latent_tokens",
     "model.latent_dim",
