@@ -109,7 +109,7 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
     for which, folder in REPORTS.items():
         path = stage2 / folder / "eval.json"
         if not path.is_file():
-            error(f"{run} is not a finished recipe run: no {path} (run `recipe.py run` to end)")
+            error(f"{run} is not a finished recipe run: no {path} (finish it with `recipe.py run`)")
         reports[which] = json.loads(path.read_text())
     which = max(reports, key=lambda w: reports[w]["tokenizer"]["psnr"])
     ours, thumb = reports[which]["tokenizer"]["psnr"], reports[which]["thumbnail"]
@@ -147,7 +147,6 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
             except subprocess.CalledProcessError:
                 error(f"`maetok eval` of the exported file failed; see {run / 'recipe.log'}")
         report = json.loads((out / "eval.json").read_text())
-        sheet = _jpeg(out / SHEET_NAME, docs / SHEET)
         flat, _, meta = ckpt.load_tree(staged)
         card = {
             "file": _shown(weights),
@@ -173,13 +172,13 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
                     i["psnr"] > i["thumb_psnr"] for i in report["per_image"]
                 ),
             },
-            "sheet": _shown(sheet),
+            "sheet": _shown(docs / SHEET),
         }
-        weights.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, weights)  # the same folder: the shipped file changes at once
     finally:
         staged.unlink(missing_ok=True)
     _write_json(weights.with_suffix(".json"), card)
+    _jpeg(out / SHEET_NAME, docs / SHEET)
     print(f"recipe: shipped {weights} ({size / 1e6:.1f} MB, {which} weights) and its card")
     return card
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from examples import recipe
-from examples.recipe_ship import SHEET, SHEET_MAX_BYTES, model_card
+from examples.recipe_ship import REPORTS, SHEET, SHEET_MAX_BYTES, model_card
 from maetok import checkpoint as ckpt
 from maetok import pretrained
 from maetok.cli import main
@@ -41,12 +41,11 @@ def finished(tmp_path_factory):
 
 
 def _ship(run, data, out, *extra) -> list[str]:
+    """``recipe.py ship`` arguments that write into ``out`` (weights/ and docs/)."""
     weights = out / "weights" / "maetok-seed.safetensors"
     return ["ship", str(run), "--weights", str(weights), "--data", str(data)] + [
-        "--docs",
-        str(out / "docs"),
-        *extra,
-    ]
+        "--docs", str(out / "docs"), *extra
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,8 @@ def test_ship_writes_the_float16_file_its_card_and_the_sheet(shipped):
     assert card["sha256"] == ckpt.file_sha256(weights)
     assert card["bytes"] == weights.stat().st_size <= pretrained.MAX_SHIPPED_BYTES
     assert card["parameters"] == sum(a.size for a in flat.values())
-    reports = {w: json.loads((run / "stage2" / f / "eval.json").read_text()) for w, f in
-               (("ema", "eval"), ("raw", "eval_raw"))}  # fmt: skip
+    reports = {w: json.loads((run / "stage2" / f / "eval.json").read_text())
+               for w, f in REPORTS.items()}  # fmt: skip
     best = max(reports, key=lambda w: reports[w]["tokenizer"]["psnr"])
     assert card["weights"] == meta["weights"] == best
     assert card["checkpoint_sha256"] == ckpt.file_sha256(run / "stage2/checkpoint.safetensors")
