@@ -43,9 +43,8 @@ def finished(tmp_path_factory):
 def _ship(run, data, out, *extra) -> list[str]:
     """``recipe.py ship`` arguments that write into ``out`` (weights/ and docs/)."""
     weights = out / "weights" / "maetok-seed.safetensors"
-    return ["ship", str(run), "--weights", str(weights), "--data", str(data)] + [
-        "--docs", str(out / "docs"), *extra
-    ]  # fmt: skip
+    paths = ["--weights", str(weights), "--data", str(data), "--docs", str(out / "docs")]
+    return ["ship", str(run), *paths, *extra]
 
 
 @pytest.fixture(scope="module")
