@@ -15,6 +15,10 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
     # the tables (Markdown) of a study folder
     python examples/recipe.py table runs/recipe
 
+    # a finished run → the package's tokenizer (maetok/weights/), if it beats the
+    # thumbnail: its model card, a picture sheet in docs/ and the card's Markdown
+    python examples/recipe.py ship runs/recipe/maetok_s0
+
 ``--data`` is the folder holding ``photos/`` and ``bsds500/`` (default ``../shared/data``).
 The training folder is ``OUT/train_data``: links to the two training sets, which
 ``maetok.data.ImageFolder`` follows. Every run is ``maetok train`` (Stage 1, then Stage 2
@@ -36,8 +40,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing it
+    sys.path.insert(0, str(ROOT))
 MAETOK = [sys.executable, "-m", "maetok.cli"]
 
 # The recipe: settings of every run (``--set`` fields of `maetok train`); a lever changes one.
@@ -89,6 +96,12 @@ def plain(settings: dict) -> dict:
     return {**{k: v for k, v in settings.items() if k != "loss.gamma"}, **PLAIN}
 
 
+def error(message: str) -> NoReturn:
+    """Stop with one line, ``recipe: error: …``, and exit status 2 (as `maetok` does)."""
+    print(f"recipe: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def _sets(settings: dict) -> list[str]:
     out = []
     for key, value in settings.items():
@@ -129,7 +142,7 @@ def train_folder(data: Path, out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, source in (("photos", data / "photos"), ("bsds500_train", data / "bsds500/train")):
         if not source.is_dir():
-            sys.exit(f"recipe: error: no training folder {source} (pass --data)")
+            error(f"no training folder {source} (pass --data)")
         link = folder / name
         if not link.exists():
             link.symlink_to(source.resolve(), target_is_directory=True)
@@ -274,7 +287,7 @@ def probe(folder: Path, args, probe_steps: int, budget_s: float) -> int:
     for job in todo:
         rate = _images_per_s(folder / "probe" / job["name"] / "stage1/metrics.jsonl", last=3)
         if rate is None:
-            sys.exit(f"recipe: error: the probe of {job['name']} logged nothing")
+            error(f"the probe of {job['name']} logged nothing")
         rates[job["name"]] = rate
     total = sum(rates.values())
     images_per_step = RECIPE["train.batch_size"] * sum(j["steps"] for j in every) / 100
@@ -435,9 +448,24 @@ def main(argv=None) -> int:
     study_p.add_argument("--levers", type=int, help="only the first N levers (0: none)")
     study_p.add_argument("--jobs", type=int, default=6, help="runs side by side")
     sub.add_parser("table").add_argument("out", type=Path)
+    ship_p = sub.add_parser("ship", help="a finished run → the package's pretrained tokenizer")
+    ship_p.add_argument("out", type=Path, help="the run folder (of `recipe.py run`)")
+    ship_p.add_argument("--weights", type=Path, help="default: maetok.pretrained.SHIPPED")
+    ship_p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    ship_p.add_argument("--docs", type=Path, default=ROOT / "docs", help="for the picture sheet")
+    ship_p.add_argument(
+        "--force", action="store_true", help="ship it even if it does not beat the thumbnail"
+    )
     args = p.parse_args(argv)
     if args.command == "table":
         print(table(args.out))
+        return 0
+    if args.command == "ship":
+        from examples.recipe_ship import model_card, ship
+        from maetok.pretrained import SHIPPED
+
+        card = ship(args.out, args.weights or SHIPPED, args.data, args.docs, args.force)
+        print(model_card(card))
         return 0
     val = args.data / "bsds500/val"
     if args.command == "study":

@@ -21,6 +21,7 @@ from maetok.data import from_uint8, load_eval_images, to_uint8
 from maetok.metrics import psnr, ssim
 
 COLLAPSE_REL_VAR = 1e-3  # a latent dim with variance below this × the median dim's is "dead"
+SHEET_NAME = "eval_sheet.png"  # the picture sheet written beside eval.json
 
 
 def thumbnail_side(m) -> int:
@@ -192,7 +193,7 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
         (out / "eval.json").write_text(json.dumps(report, indent=2))
         save_sheet(
-            out / "eval_sheet.png",
+            out / SHEET_NAME,
             images,
             recon,
             names,
@@ -200,5 +201,5 @@ def evaluate(
             s_model,
             scale=max(1, 128 // m.image_size),
         )
-        print(f"maetok: wrote {out / 'eval.json'} and {out / 'eval_sheet.png'}")
+        print(f"maetok: wrote {out / 'eval.json'} and {out / SHEET_NAME}")
     return report

@@ -7,8 +7,10 @@ ordinary maetok checkpoint (``maetok.checkpoint``) whose metadata says ``weights
 every command and both backends read it like any other; ``load_params`` returns float32.
 
 ``reconstruct``, ``encode``, ``decode`` and ``eval`` use ``SHIPPED`` when no ``--checkpoint``
-is given. The file is added to the package once a recipe run beats the equal-size thumbnail
-on BSDS500 val (README, Quality); until then those commands ask for ``--checkpoint``.
+is given. ``python examples/recipe.py ship RUN`` writes it from a finished recipe run that
+beats the equal-size thumbnail on BSDS500 val (README, Quality), at most
+``MAX_SHIPPED_BYTES``, with its model card ``maetok-seed.json`` beside it; this installation
+has one only if ``SHIPPED`` exists, and without it those commands ask for ``--checkpoint``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from maetok.errors import CheckpointError
 INFERENCE_GROUPS = ("encoder", "decoder")  # what reconstruct, encode and decode read
 SHIPPED = Path(__file__).parent / "weights" / "maetok-seed.safetensors"
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+MAX_SHIPPED_BYTES = 40 * 10**6  # the package carries SHIPPED: 40 MB at most
 
 
 def resolve(path) -> Path:
