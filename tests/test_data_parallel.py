@@ -32,7 +32,8 @@ def _launch(which: str, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "tests" / "data_parallel_worker.py")
     if which == "jax":
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        flags = os.environ.get("XLA_FLAGS", "")  # the session's compile flags, and 4 devices
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
         cmd = [sys.executable, script, "jax", str(out)]
     else:
         env.update(OMP_NUM_THREADS="1")
