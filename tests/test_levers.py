@@ -201,3 +201,25 @@ def test_torch_block_compile_scope_runs_the_same_step():
     assert step.graphs >= 1
     for k in ref:
         assert abs(float(got[k]) - float(ref[k])) <= 1e-5 * max(abs(float(ref[k])), 1e-3), k
+
+
+def test_torch_block_compile_builds_its_graphs_once_whatever_the_depth():
+    """The compiled block is reused across depth and stacks: three times deeper stacks
+    build no more graphs, and later steps build none."""
+    graphs = {}
+    for depth in (1, 3):
+        cfg = TINY.replace(
+            train={"batch_size": 2},
+            model={"enc_depth": depth, "dec_depth": depth, "aux_depth": depth},
+        )
+        m = cfg.model
+        rng = np.random.default_rng(depth)
+        images = rng.uniform(-1, 1, (2, m.image_size, m.image_size, 3)).astype(np.float32)
+        mask = (rng.random((2, m.num_patches)) < 0.5).astype(np.float32)
+        step = tt.compile_train_step(cfg, backend="eager")
+        state = tt.init_state(cfg, 0, device="cpu")
+        state, _ = step(state, *tt.step_inputs({"images": images, "mask": mask}, cfg, 0, "cpu"))
+        graphs[depth] = step.graphs
+        step(state, *tt.step_inputs({"images": images, "mask": mask}, cfg, 1, "cpu"))
+        assert step.graphs == graphs[depth], "a later step built another graph"
+    assert graphs[1] == graphs[3] >= 1, graphs
