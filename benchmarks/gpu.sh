@@ -5,6 +5,7 @@
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
 #   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
 #   OUT=dir bash benchmarks/gpu.sh levers    each speed lever on and off: $OUT/levers.md
+#   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -37,6 +38,16 @@ PY
     $B --preset base --stage 1 --batch 128 --backends jax --unroll 12 --timeout 150
     python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
         --json "$RESULTS" --preset base --stage 1 --batch 128 --backends jax --timeout 150 ;;
+  determinism)  # what run-to-run identical kernels cost: the recipe's step (`seed`, B=64), both stages
+    for stage in 1 2; do
+      $B --preset seed --stage $stage --batch 64 --backends jax,torch --timeout 150 --label fastest
+      python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
+          --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
+          --timeout 150 --label plain
+      python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
+          --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
+          --timeout 150 --deterministic --label deterministic
+    done ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (~6 min on an H200)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers.md" --json "$RESULTS" ;;
@@ -58,5 +69,5 @@ for r in rows:
         print(f"step {r['step']:4d}  loss {r['loss']:.4f}  {r['images_per_s']:.1f} img/s")
 PY
     ;;
-  *) echo "parts: train, jax, torch, extra, levers, scaling, scaling_run"; exit 2 ;;
+  *) echo "parts: train, jax, torch, extra, determinism, levers, scaling, scaling_run"; exit 2 ;;
 esac

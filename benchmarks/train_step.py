@@ -9,7 +9,8 @@ model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dens
 (989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
 memory, the time of the first step and the compile time (the first step less a timed
 one; for ``torch-compile``, ``model.compile_scope`` says what is compiled: "block", the
-default, or "step").
+default, or "step"). Kernels are the frameworks' fastest unless ``--deterministic`` asks for
+the run-to-run identical ones ``maetok train`` uses by default (``train.deterministic``).
 
 ``--set SECTION.FIELD=VALUE`` overrides any config field, e.g. the compute-only switches of
 ``ModelConfig`` (``--set model.stack_aux=false``); ``benchmarks/levers.py`` times each of
@@ -49,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from maetok import reproducible
 from maetok.cli import _overrides
 from maetok.config import REMAT_MODES, preset
 from maetok.filters import PERCEP_LEVELS, filter_banks
@@ -170,12 +172,15 @@ def run_single(args) -> dict:
             "stage": args.stage,
             "steps": args.warmup + args.steps,
             "anneal_steps": 1000,
+            "deterministic": args.deterministic,
         },
         "loss": {"use_adv": args.gan},
     }
     for section, fields in _overrides(args.set or []).items():  # --set wins
         overrides.setdefault(section, {}).update(fields)
     cfg = preset(args.preset, **overrides)
+    # before the framework starts, as `maetok train` does (off: the frameworks' defaults)
+    reproducible.request("jax" if name == "jax" else "torch", cfg.train.deterministic)
     if name == "jax":
         from maetok_jax.backend import Backend
 
@@ -243,6 +248,7 @@ def run_single(args) -> dict:
         "attention": args.attention,
         "unroll": args.unroll,
         "remat": cfg.model.remat,
+        "deterministic": cfg.train.deterministic,
         "set": list(args.set or []),
         "label": args.label,
         "data": args.data or "in-memory synthetic",
@@ -291,6 +297,12 @@ def main(argv=None) -> int:
         help="override a config field, e.g. --set model.stack_aux=false (repeatable)",
     )
     p.add_argument("--label", default="", help="a name for this run in the JSON rows")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="train.deterministic: run-to-run identical GPU kernels, as `maetok train` uses by "
+        "default (off here: the frameworks' fastest kernels)",
+    )
     p.add_argument(
         "--devices",
         help="data parallelism: device counts to time, e.g. 1,2,4,8 "
@@ -389,6 +401,7 @@ def print_table(results) -> None:
     print(
         f"\npreset {r0['preset']}, stage {r0['stage']}, {r0['dtype']}, batch {r0['batch']}{per}, "
         f"gan {'on' if r0['gan'] else 'off'}, attention {r0['attention']}, data: {r0['data']}"
+        + (", deterministic kernels" if r0.get("deterministic") else "")
     )
     print(
         f"model {r0['model_gflop_per_image']:.1f} GFLOP/image per train step "

@@ -47,16 +47,18 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
         str(out),
         "--timeout",
         "300",
+        "--deterministic",  # asked of each framework before it starts, as `maetok train` does
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "img/s" in proc.stdout and "TFLOP/s" in proc.stdout
+    assert "deterministic kernels" in proc.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["jax", "torch"]
     for r in rows:
         assert r["images_per_s"] > 0 and r["step_ms_median"] > 0
         assert math.isfinite(r["final_loss"])
-        assert r["batch"] == 4 and r["preset"] == "tiny"
+        assert r["batch"] == 4 and r["preset"] == "tiny" and r["deterministic"] is True
     # Same initial parameters, batches and masks: the two backends end on the same loss.
     assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 1e-3 * abs(rows[0]["final_loss"])
 
