@@ -92,7 +92,7 @@ def main(name: str, overrides: dict, data=DATA, saved=SAVED) -> dict:
     if "init" in overrides:
         with np.load(Path(saved) / f"{overrides['init']}.npz") as f:
             params = unflatten(dict(f))
-    state, step = init_state(cfg, 0, params=params), jit_train_step(cfg)
+    state, step = init_state(cfg, cfg.train.seed, params=params), jit_train_step(cfg)
     fwd = jax.jit(lambda p, x, mk: forward(p, x, mk, cfg.model, with_aux=False)[0])
 
     def val_psnr(params, ratio=0.0):
