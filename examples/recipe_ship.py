@@ -91,12 +91,6 @@ def _jpeg(png: Path, jpg: Path) -> Path:
     return jpg
 
 
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # renamed into place: never half a card
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) -> dict:
     """Ship the better Stage-2 weights of ``run`` to ``weights`` with its card; the card."""
     from maetok import checkpoint as ckpt
@@ -177,7 +171,7 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
         os.replace(staged, weights)  # the same folder: the shipped file changes at once
     finally:
         staged.unlink(missing_ok=True)
-    _write_json(weights.with_suffix(".json"), card)
+    ckpt.write_text(weights.with_suffix(".json"), json.dumps(card, indent=2) + "\n")
     _jpeg(out / SHEET_NAME, docs / SHEET)
     print(f"recipe: shipped {weights} ({size / 1e6:.1f} MB, {which} weights) and its card")
     return card

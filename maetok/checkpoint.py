@@ -37,6 +37,15 @@ _TMP = ".tmp"  # suffix of the hidden file a save writes before renaming it into
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
 
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a hidden file renamed into place: a reader sees the
+    old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{_TMP}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _dtype_name(dtype) -> str:
     """``float32`` for numpy, JAX and torch dtypes alike (torch prints ``torch.float32``)."""
     return str(dtype).removeprefix("torch.")

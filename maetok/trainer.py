@@ -146,9 +146,7 @@ def _truncate_metrics(path: Path, start: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < start:
             keep.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    ckpt.write_text(path, "".join(keep))
 
 
 @contextmanager

@@ -186,15 +186,19 @@ def test_torch_remat_modes_give_the_same_gradients(mode):
         assert rel_err(a, b) < 1e-5
 
 
+def _batch(cfg, seed: int) -> dict:
+    """A batch of ``cfg.train.batch_size`` random images and masks at ratio 0.5."""
+    m, b = cfg.model, cfg.train.batch_size
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(-1, 1, (b, m.image_size, m.image_size, 3)).astype(np.float32)
+    return {"images": images, "mask": (rng.random((b, m.num_patches)) < 0.5).astype(np.float32)}
+
+
 def test_torch_block_compile_scope_runs_the_same_step():
     """``compile_scope=block``: the blocks go through torch.compile (the ``eager`` compiler
     here, to keep CPU tests fast) and the step computes what the eager step does."""
     cfg = TINY.replace(train={"batch_size": 2})
-    m = cfg.model
-    rng = np.random.default_rng(9)
-    images = rng.uniform(-1, 1, (2, m.image_size, m.image_size, 3)).astype(np.float32)
-    batch = {"images": images, "mask": (rng.random((2, m.num_patches)) < 0.5).astype(np.float32)}
-    args = tt.step_inputs(batch, cfg, 0, "cpu")
+    args = tt.step_inputs(_batch(cfg, 9), cfg, 0, "cpu")
     _, ref = tt.make_train_step(cfg)(tt.init_state(cfg, 0, device="cpu"), *args)
     step = tt.compile_train_step(cfg, backend="eager")
     _, got = step(tt.init_state(cfg, 0, device="cpu"), *args)
@@ -212,14 +216,11 @@ def test_torch_block_compile_builds_its_graphs_once_whatever_the_depth():
             train={"batch_size": 2},
             model={"enc_depth": depth, "dec_depth": depth, "aux_depth": depth},
         )
-        m = cfg.model
-        rng = np.random.default_rng(depth)
-        images = rng.uniform(-1, 1, (2, m.image_size, m.image_size, 3)).astype(np.float32)
-        mask = (rng.random((2, m.num_patches)) < 0.5).astype(np.float32)
+        batch = _batch(cfg, depth)
         step = tt.compile_train_step(cfg, backend="eager")
         state = tt.init_state(cfg, 0, device="cpu")
-        state, _ = step(state, *tt.step_inputs({"images": images, "mask": mask}, cfg, 0, "cpu"))
+        state, _ = step(state, *tt.step_inputs(batch, cfg, 0, "cpu"))
         graphs[depth] = step.graphs
-        step(state, *tt.step_inputs({"images": images, "mask": mask}, cfg, 1, "cpu"))
+        step(state, *tt.step_inputs(batch, cfg, 1, "cpu"))
         assert step.graphs == graphs[depth], "a later step built another graph"
     assert graphs[1] == graphs[3] >= 1, graphs
