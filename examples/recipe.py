@@ -458,6 +458,11 @@ def main(argv=None) -> int:
     ship_p.add_argument(
         "--force", action="store_true", help="ship it even if it does not beat the thumbnail"
     )
+    ship_p.add_argument(
+        "--exported",
+        type=Path,
+        help="the run's Stage-2 weights, exported (`maetok export`) where its checkpoints are",
+    )
     args = p.parse_args(argv)
     if args.command == "table":
         print(table(args.out))
@@ -466,7 +471,9 @@ def main(argv=None) -> int:
         from examples.recipe_ship import model_card, ship
         from maetok.pretrained import SHIPPED
 
-        card = ship(args.out, args.weights or SHIPPED, args.data, args.docs, args.force)
+        card = ship(
+            args.out, args.weights or SHIPPED, args.data, args.docs, args.force, args.exported
+        )
         print(model_card(card))
         return 0
     val = args.data / "bsds500/val"

@@ -6,9 +6,13 @@ above the equal-size thumbnail's (``--force`` ships it anyway). It exports them 
 (``maetok.pretrained.export_weights``) beside the weights path, refuses a file over
 ``maetok.pretrained.MAX_SHIPPED_BYTES``, evaluates that exported file with ``maetok eval``
 (``RUN/shipped_eval``), and only then renames it into place, so a refused or failed ship
-leaves the shipped file as it was. Beside it goes the model card (``NAME.json``: source,
-settings, data, sha256 and the exported file's numbers); the eval's picture sheet goes to
-``DOCS/shipped_reconstructions.jpg``; ``model_card`` gives the card as Markdown.
+leaves the shipped file as it was. A run trained on another machine, whose checkpoints
+stayed there, ships from its Stage-2 weights exported there (``--exported``, of
+``maetok export``): each stage's steps then come from its ``metrics.jsonl`` and its data
+from the recipe's training folder under ``--data``. Beside it goes the model card
+(``NAME.json``: source, settings, data, sha256 and the exported file's numbers); the eval's
+picture sheet goes to ``DOCS/shipped_reconstructions.jpg``; ``model_card`` gives the card as
+Markdown.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -46,21 +51,38 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(recipe.ROOT)) if path.is_relative_to(recipe.ROOT) else str(path)
 
 
-def _stage(folder: Path) -> dict:
-    """Steps done, the ``CARD_FIELDS`` of its config.json, and the data of a finished stage."""
+def _stage(folder: Path, data: dict | None = None) -> dict:
+    """Steps done, the ``CARD_FIELDS`` of its config.json, and the data of a finished stage:
+    from its checkpoint, or without one (``data`` given), from its metrics.jsonl and
+    ``data``."""
     from maetok.checkpoint import read_header
 
     config, checkpoint = folder / "config.json", folder / "checkpoint.safetensors"
-    if not (config.is_file() and checkpoint.is_file()):
-        error(f"{folder} holds no finished stage (config.json and checkpoint.safetensors)")
+    metrics = folder / "metrics.jsonl"
+    if not config.is_file() or not (checkpoint.is_file() or (data and metrics.is_file())):
+        what = "checkpoint.safetensors" if data is None else "checkpoint.safetensors or metrics"
+        error(f"{folder} holds no finished stage (config.json and {what})")
     sections = json.loads(config.read_text())
     settings = {}
     for key in CARD_FIELDS:
         section, _, name = key.partition(".")
         if name in sections.get(section, {}):
             settings[key] = sections[section][name]
-    meta = read_header(checkpoint)[1]
-    return {"steps": int(meta["step"]), "settings": settings, "data": meta.get("data")}
+    if checkpoint.is_file():
+        meta = read_header(checkpoint)[1]
+        return {"steps": int(meta["step"]), "settings": settings, "data": meta.get("data")}
+    last = json.loads(metrics.read_text().splitlines()[-1])
+    return {"steps": int(last["step"]) + 1, "settings": settings, "data": data}
+
+
+def _training_data(data: Path, run: Path) -> dict:
+    """The identity (as checkpoints record it) of the recipe's training folder for ``run``."""
+    from maetok.config import Config
+    from maetok.run import data_identity, open_dataset
+
+    cfg = Config.from_json((run / "stage1" / "config.json").read_text())
+    folder = recipe.train_folder(data, run.parent)
+    return data_identity(open_dataset(str(folder), cfg, progress=False))
 
 
 def _describe(data: dict | None) -> str:
@@ -91,8 +113,16 @@ def _jpeg(png: Path, jpg: Path) -> Path:
     return jpg
 
 
-def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) -> dict:
-    """Ship the better Stage-2 weights of ``run`` to ``weights`` with its card; the card."""
+def ship(
+    run: Path,
+    weights: Path,
+    data: Path,
+    docs: Path,
+    force: bool = False,
+    exported: Path | None = None,
+) -> dict:
+    """Ship the better Stage-2 weights of ``run`` to ``weights`` with its card; the card.
+    ``exported``: those weights exported already (for a run whose checkpoints are elsewhere)."""
     from maetok import checkpoint as ckpt
     from maetok import pretrained
     from maetok.errors import MAETokError
@@ -117,14 +147,22 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
     val = data / "bsds500/val"
     if not val.is_dir():
         error(f"no validation folder {val} (pass --data)")
-    stages = {name: _stage(run / name) for name in ("stage1", "stage2")}
+    identity = None
+    if exported is not None:
+        _check_export(exported, which)
+        identity = _training_data(data, run)
+    stages = {name: _stage(run / name, identity) for name in ("stage1", "stage2")}
 
     if weights.is_dir():
         error(f"--weights {weights} is a folder; give the .safetensors file to write")
     staged = weights.with_name(f".{weights.stem}.staged{weights.suffix}")
     try:
         try:
-            pretrained.export_weights(stage2 / "checkpoint.safetensors", staged, which == "ema")
+            if exported is None:
+                pretrained.export_weights(stage2 / "checkpoint.safetensors", staged, which == "ema")
+            else:
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(exported, staged)
         except MAETokError as e:
             error(str(e))
         size = staged.stat().st_size
@@ -177,6 +215,27 @@ def ship(run: Path, weights: Path, data: Path, docs: Path, force: bool = False) 
     return card
 
 
+def _check_export(path: Path, which: str) -> None:
+    """``path`` is a `maetok export` file of the ``which`` weights, or stop with one line."""
+    from maetok.checkpoint import read_header
+    from maetok.errors import MAETokError
+
+    if not path.is_file():
+        error(f"--exported {path}: no such file")
+    try:
+        meta = read_header(path)[1]
+    except MAETokError as e:
+        error(str(e))
+    if not meta.get("weights_only"):
+        error(f"--exported {path} is not a `maetok export` file")
+    if meta.get("weights") != which:
+        error(
+            f"--exported {path} holds the {meta.get('weights')} weights, but the run's "
+            f"reports favour its {which} weights (export them with{'' if which == 'ema' else 'out'}"
+            " --ema)"
+        )
+
+
 def model_card(card: dict) -> str:
     """The model card of ``ship`` as a Markdown section for the README."""
     val, stages = card["bsds500_val"], card["stages"]
@@ -184,6 +243,7 @@ def model_card(card: dict) -> str:
     first, second = stages["stage1"]["settings"], stages["stage2"]["settings"]
     size = first.get("model.image_size")
     changed = {k: v for k, v in second.items() if first.get(k) != v}
+    total = stages["stage1"]["steps"] + stages["stage2"]["steps"]
     lines = [
         "### The shipped tokenizer",
         "",
@@ -193,6 +253,9 @@ def model_card(card: dict) -> str:
         f"{card['seed']}: Stage 1 for {stages['stage1']['steps']:,} steps, then Stage 2 for "
         f"{stages['stage2']['steps']:,}), trained on {card['training_data']}. Written with its "
         f"model card `{card['card']}` by `python examples/recipe.py ship {card['run']}`.",
+        "",
+        "Trained by `python examples/recipe.py run "
+        f"{card['run']} --variant maetok --seed {card['seed']} --steps {total}`.",
         "",
         f"| BSDS500 val ({val['images']} centre crops, {size}²) | PSNR (dB) | SSIM "
         "| beats the thumbnail on |",

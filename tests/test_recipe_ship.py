@@ -2,6 +2,7 @@
 model card and picture sheet; one line and nothing written when it must refuse."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,7 @@ def test_model_card_gives_the_key_numbers(shipped):
         f"{card['bytes'] / 1e6:.1f} MB",
         f"Stage 1 for {card['stages']['stage1']['steps']:,} steps",
         f"![The shipped tokenizer on BSDS500 val]({card['sheet']})",
+        f"recipe.py run {card['run']} --variant maetok --seed 0 --steps 4`",
     ):
         assert number in text, number
     assert "does not beat the thumbnail (shipped with `--force`)" in text
@@ -145,3 +147,42 @@ def test_ship_refuses_with_one_line_and_writes_nothing(finished, tmp_path, capsy
     assert "MB a shipped tokenizer may take" in line
     assert [p.name for p in weights.parent.iterdir()] == [weights.name]
     assert weights.read_bytes() == b"the tokenizer shipped before"
+
+
+def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_path, capsys):
+    """A run whose checkpoints stayed on another machine ships from its exported weights:
+    the same bytes, the card's steps from metrics.jsonl, its data from the training folder."""
+    run, data = finished
+    best = shipped[3]["weights"]
+    moved = tmp_path / "runs" / "run"  # as it comes back: configs, metrics, reports
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns("checkpoint.safetensors", "shipped*"))
+    here = tmp_path / "data"
+    shutil.copytree(data, here)
+    for folder in ("photos", "bsds500/train"):
+        _photos(here / folder, np.random.default_rng(1), n=3, size=48)
+    exports = {}
+    for which in ("ema", "raw"):
+        exports[which] = tmp_path / f"{which}.safetensors"
+        argv = ["export", "--checkpoint", str(run / "stage2/checkpoint.safetensors")]
+        argv += ["--out", str(exports[which])] + (["--ema"] if which == "ema" else [])
+        assert main(argv) == 0
+
+    other = "raw" if best == "ema" else "ema"
+    line = _refused(
+        capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(exports[other]))
+    )
+    assert f"holds the {other} weights" in line and not (tmp_path / "weights").exists()
+    del capsys  # the next ship prints its card
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", str(ROOT))
+        argv = _ship(moved, here, tmp_path, "--force", "--exported", str(exports[best]))
+        assert recipe.main(argv) == 0
+    weights = tmp_path / "weights" / "maetok-seed.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert weights.read_bytes() == exports[best].read_bytes()
+    assert card["sha256"] == ckpt.file_sha256(exports[best]) and card["weights"] == best
+    assert card["checkpoint_sha256"] == ckpt.file_sha256(run / "stage2/checkpoint.safetensors")
+    assert card["stages"]["stage1"]["steps"] == card["stages"]["stage2"]["steps"] == 2
+    assert card["training_data"] == "6 images in bsds500_train/, photos/"
+    assert card["bsds500_val"]["tokenizer"] == shipped[3]["bsds500_val"]["tokenizer"]
