@@ -193,6 +193,7 @@ def ship(
             "seed": stages["stage2"]["settings"].get("train.seed"),
             "stages": stages,
             "training_data": _describe(stages["stage1"]["data"]),
+            "exported_elsewhere": exported is not None,  # shipped with --exported
             "forced": not beats,  # shipped although the run's reports are below the thumbnail
             "run_reports": {w: reports[w]["tokenizer"] for w in REPORTS},
             "bsds500_val": {
@@ -252,7 +253,12 @@ def model_card(card: dict) -> str:
         f"{'EMA' if card['weights'] == 'ema' else 'raw'} weights of `{card['run']}` (seed "
         f"{card['seed']}: Stage 1 for {stages['stage1']['steps']:,} steps, then Stage 2 for "
         f"{stages['stage2']['steps']:,}), trained on {card['training_data']}. Written with its "
-        f"model card `{card['card']}` by `python examples/recipe.py ship {card['run']}`.",
+        f"model card `{card['card']}` by `python examples/recipe.py ship {card['run']}`"
+        + (
+            " from its Stage-2 weights exported where it trained (`--exported`)."
+            if card.get("exported_elsewhere")
+            else "."
+        ),
         "",
         "Trained by `python examples/recipe.py run "
         f"{card['run']} --variant maetok --seed {card['seed']} --steps {total}`.",

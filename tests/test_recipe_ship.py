@@ -186,3 +186,5 @@ def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_p
     assert card["stages"]["stage1"]["steps"] == card["stages"]["stage2"]["steps"] == 2
     assert card["training_data"] == "6 images in bsds500_train/, photos/"
     assert card["bsds500_val"]["tokenizer"] == shipped[3]["bsds500_val"]["tokenizer"]
+    assert card["exported_elsewhere"] and not shipped[3]["exported_elsewhere"]
+    assert "exported where it trained (`--exported`)" in model_card(card)
