@@ -12,6 +12,11 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
     # at once; --budget-min sizes the steps from a short probe of the GPU's throughput
     python examples/recipe.py study runs/recipe --budget-min 15
 
+    # part of a study (the rest in later sessions, into the same folder): the recipe and
+    # the first three levers at a quarter of 14,000 steps
+    python examples/recipe.py study runs/recipe --steps 14000 --lever-share 0.25 \
+        --only lever_recipe,lever_0,lever_1,lever_2
+
     # the tables (Markdown) of a study folder
     python examples/recipe.py table runs/recipe
 
@@ -73,10 +78,12 @@ RECIPE = {
 }
 STAGE2_SHARE = 0.4  # of the steps; Stage 2 anneals r 0.6 → 0 over its first three quarters
 PLAIN = {"train.mask_min": 0.0, "train.mask_max": 0.0, "model.aux_targets": []}
-DEFAULT_STEPS = 6000  # Stage 1 + Stage 2
+DEFAULT_STEPS = 14000  # Stage 1 + Stage 2: 23.7 dB on BSDS500 val (README, Quality)
+LEVER_SHARE = 0.5  # of the steps, for each lever run and the recipe it is measured against
 
-# One change each from RECIPE, measured at half the budget against the recipe at half the
-# budget. ``stage2_share`` is not a config field: it moves steps from Stage 1 to Stage 2.
+# One change each from RECIPE, measured at LEVER_SHARE of the budget against the recipe at
+# the same budget. ``stage2_share`` is not a config field: it moves steps from Stage 1 to
+# Stage 2.
 LEVERS = {
     "lr 1e-3": {"train.lr": 1e-3},
     "lr 4e-3": {"train.lr": 4e-3},
@@ -89,6 +96,7 @@ LEVERS = {
     },
     "L1 reconstruction": {"loss.rec": "l1"},
     "no perceptual loss (λ1 = 0)": {"loss.lambda_percep": 0.0},
+    "perceptual warm-up: λ1 from 0 over 500 steps": {"loss.percep_warmup": 500},
     "longer Stage 2 (60 % of steps)": {"stage2_share": 0.6},
 }
 
@@ -206,9 +214,16 @@ def run_one(
 # ------------------------------------------------------------------------------ the study
 
 
-def jobs(steps: int, seeds=(0, 1, 2), levers: int | None = None) -> list[dict]:
+def lever_steps(steps: int, share: float = LEVER_SHARE) -> int:
+    """The steps of each lever run (and of the recipe they are measured against)."""
+    return max(2, round(steps * share))
+
+
+def jobs(
+    steps: int, seeds=(0, 1, 2), levers: int | None = None, lever_share: float = LEVER_SHARE
+) -> list[dict]:
     """Every run of the study: name, variant, seed, steps and changes (the first ``levers``
-    levers only, if given)."""
+    levers only, if given; each at ``lever_share`` of ``steps``)."""
     out = []
     for seed in seeds:
         out.append(dict(name=f"maetok_s{seed}", variant="maetok", seed=seed, steps=steps))
@@ -226,15 +241,28 @@ def jobs(steps: int, seeds=(0, 1, 2), levers: int | None = None) -> list[dict]:
     )
     if levers == 0:  # the seeds and the determinism check only
         return out
-    half = max(2, steps // 2)
-    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=half))
+    part = lever_steps(steps, lever_share)
+    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=part))
     for i, (lever, change) in enumerate(list(LEVERS.items())[:levers]):
         out.append(
             dict(
-                name=f"lever_{i}", lever=lever, variant="maetok", seed=0, steps=half, changes=change
+                name=f"lever_{i}", lever=lever, variant="maetok", seed=0, steps=part, changes=change
             )
         )
     return out
+
+
+def selected(steps: int, args) -> list[dict]:
+    """The study's jobs for ``args`` (``--seeds``, ``--levers``, ``--lever-share``), only
+    those ``--only`` names if given; an unknown name stops with one line."""
+    every = jobs(steps, args.seeds, args.levers, args.lever_share)
+    if not args.only:
+        return every
+    names = [j["name"] for j in every]
+    unknown = [n for n in args.only if n not in names]
+    if unknown:
+        error(f"--only: no job {', '.join(unknown)} in this study; its jobs: {', '.join(names)}")
+    return [j for j in every if j["name"] in args.only]
 
 
 def _launch(job: dict, folder: Path, args, steps_only: int | None = None):
@@ -282,7 +310,7 @@ def probe(folder: Path, args, probe_steps: int, budget_s: float) -> int:
     half) over the summed images/s of the runs side by side. It is conservative, as the
     Stage-2 and plain-autoencoder steps cost less than the Stage-1 steps probed.
     """
-    every = jobs(100, args.seeds, args.levers)
+    every = selected(100, args)
     todo = every[: args.jobs]  # as many as run side by side
     _pool(todo, folder / "probe", args, "probe", probe_steps)
     rates = {}
@@ -306,8 +334,10 @@ def study(folder: Path, args) -> None:
     steps = args.steps
     if args.budget_min:
         steps = probe(folder, args, args.probe_steps, args.budget_min * 60)
-    (folder / "study.json").write_text(json.dumps({"steps": steps}))
-    _pool(jobs(steps, args.seeds, args.levers), folder, args, "study")
+    todo = selected(steps, args)
+    part = lever_steps(steps, args.lever_share)
+    (folder / "study.json").write_text(json.dumps({"steps": steps, "lever_steps": part}))
+    _pool(todo, folder, args, "study")
     print(table(folder))
 
 
@@ -348,7 +378,8 @@ def _digests(run: Path) -> dict[str, str]:
 
 def table(folder: Path) -> str:
     """The seed table, the lever table and the determinism check of a study folder."""
-    steps = json.loads((folder / "study.json").read_text())["steps"]
+    meta = json.loads((folder / "study.json").read_text())
+    steps = meta["steps"]
     lines = [f"Study in {folder}: {steps} steps per full run.\n"]
     rows = [
         ("MAETok Stage 1", "maetok_s{}", "stage1"),
@@ -388,7 +419,8 @@ def table(folder: Path) -> str:
     ref = _report(folder / "lever_recipe/stage2/eval/eval.json")
     if ref:
         ref_psnr = ref["tokenizer"]["psnr"]
-        lines.append(f"Levers at {max(2, steps // 2)} steps, seed 0, one change each:\n")
+        part = meta.get("lever_steps", lever_steps(steps))
+        lines.append(f"Levers at {part} steps, seed 0, one change each:\n")
         lines.append("| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | images/s (Stage 1) |")
         lines.append("|---|---|---|---|---|")
         rate = _images_per_s(folder / "lever_recipe/stage1/metrics.jsonl")
@@ -449,6 +481,14 @@ def main(argv=None) -> int:
     )
     study_p.add_argument("--levers", type=int, help="only the first N levers (0: none)")
     study_p.add_argument("--jobs", type=int, default=6, help="runs side by side")
+    study_p.add_argument(
+        "--lever-share", type=float, default=LEVER_SHARE, help="each lever run's share of --steps"
+    )
+    study_p.add_argument(
+        "--only",
+        type=lambda t: [n for n in t.split(",") if n],
+        help="run only these jobs (comma-separated names, e.g. lever_recipe,lever_0)",
+    )
     sub.add_parser("table").add_argument("out", type=Path)
     ship_p = sub.add_parser("ship", help="a finished run → the package's pretrained tokenizer")
     ship_p.add_argument("out", type=Path, help="the run folder (of `recipe.py run`)")
@@ -478,6 +518,7 @@ def main(argv=None) -> int:
         return 0
     val = args.data / "bsds500/val"
     if args.command == "study":
+        selected(args.steps, args)  # a bad --only stops here, before anything is written
         args.train = args.train or train_folder(args.data, args.out)
         study(args.out, args)
         return 0

@@ -106,6 +106,7 @@ class ModelConfig:
 class LossConfig:
     rec: str = "mse"  # "mse" or "l1"
     lambda_percep: float = 1.0  # λ1
+    percep_warmup: int = 0  # Stage 1: λ1 ramps linearly from 0 over this many steps (0: none)
     lambda_adv: float = 0.4  # λ2
     use_adv: bool = False  # train the patch-GAN discriminator and add L_adv
     disc_start: int = 0  # step from which L_adv and the discriminator update are on
@@ -368,6 +369,7 @@ def validate(cfg: Config) -> Config:
     _choice(lo.rec, ("mse", "l1"), "loss.rec")
     for name in ("lambda_percep", "lambda_adv", "lecam_weight"):
         _require(getattr(lo, name) >= 0, f"loss.{name} must be >= 0, got {getattr(lo, name)}")
+    _require(lo.percep_warmup >= 0, f"loss.percep_warmup must be >= 0, got {lo.percep_warmup}")
     _require(0 <= lo.lecam_decay < 1, f"loss.lecam_decay must be in [0, 1), got {lo.lecam_decay}")
     _require(lo.disc_start >= 0, f"loss.disc_start must be >= 0, got {lo.disc_start}")
     for name, weight in lo.gamma:

@@ -34,12 +34,23 @@ def learning_rate(step: int, t: TrainConfig, base_lr: float | None = None) -> fl
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def step_scalars(step: int, cfg) -> tuple[float, float, float]:
-    """The host-side scalars of train step ``step``: ``(lr, disc_lr, adv_on)``, the last
-    1.0 once the adversarial loss is on (``loss.use_adv`` and ``step ≥ loss.disc_start``)."""
+def percep_scale(step: int, cfg) -> float:
+    """The share of λ1 at train step ``step``: in Stage 1 a linear ramp (step + 1)/W over the
+    first W = ``loss.percep_warmup`` steps, else 1 (Stage 2 starts from a trained decoder)."""
+    w = cfg.loss.percep_warmup
+    if cfg.train.stage == 1 and w and step < w:
+        return (step + 1) / w
+    return 1.0
+
+
+def step_scalars(step: int, cfg) -> tuple[float, float, float, float]:
+    """The host-side scalars of train step ``step``: ``(lr, disc_lr, adv_on, percep_scale)``,
+    ``adv_on`` 1.0 once the adversarial loss is on (``loss.use_adv`` and
+    ``step ≥ loss.disc_start``)."""
     lr = learning_rate(step, cfg.train)
     disc_lr = learning_rate(step, cfg.train, cfg.train.disc_lr)
-    return lr, disc_lr, float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
+    adv_on = float(cfg.loss.use_adv and step >= cfg.loss.disc_start)
+    return lr, disc_lr, adv_on, percep_scale(step, cfg)
 
 
 def anneal_ratio(step: int, t: TrainConfig) -> float:

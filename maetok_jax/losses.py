@@ -38,16 +38,17 @@ def mask_loss(preds, targets, mask, lo):
         return jnp.asarray(total, jnp.float32), terms
 
 
-def rec_percep_loss(images, recon, m, lo):
-    """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
+def rec_percep_loss(images, recon, m, lo, percep_scale=1.0):
+    """The non-adversarial part of L_tok: L_rec + s·λ1·L_percep → (total, rec, percep), s the
+    perceptual warm-up's ``percep_scale``."""
     rec = reconstruction_loss(images, recon, lo.rec)
     percep = perceptual_loss(images, recon, m) if lo.lambda_percep > 0 else jnp.zeros(())
-    return rec + lo.lambda_percep * percep, rec, percep
+    return rec + lo.lambda_percep * percep_scale * percep, rec, percep
 
 
-def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
+def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, percep_scale=1.0):
     """‖∇_W L_rec_percep‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX],
-    W the decoder's last dense and L_rec_percep = L_rec + λ1·L_percep (``rec_percep_loss``).
+    W the decoder's last dense and L_rec_percep = L_rec + s·λ1·L_percep (``rec_percep_loss``).
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient.
@@ -55,7 +56,7 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo):
     recon = jax.lax.stop_gradient(recon)
     feats = jax.lax.stop_gradient(feats).astype(jnp.float32)
     disc_params = jax.lax.stop_gradient(disc_params)
-    g_rec_percep = jax.grad(lambda r: rec_percep_loss(images, r, m, lo)[0])(recon)
+    g_rec_percep = jax.grad(lambda r: rec_percep_loss(images, r, m, lo, percep_scale)[0])(recon)
     g_adv = jax.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
 
     def weight_grad_norm(g):

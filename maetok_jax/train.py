@@ -61,21 +61,22 @@ def init_state(cfg, seed: int, params=None):
     return state
 
 
-def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg):
-    """The stage's total loss over the trainable groups → (total, (metrics, recon))."""
+def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, percep_scale=1.0):
+    """The stage's total loss over the trainable groups → (total, (metrics, recon));
+    ``percep_scale`` is the perceptual warm-up's share of λ1 (``schedules.percep_scale``)."""
     m, lo, stage = cfg.model, cfg.loss, cfg.train.stage
     params = {**frozen, **trainable}
     h = encode(params["encoder"], images, mask, m)
     if stage == 2:
         h = jax.lax.stop_gradient(h)
     recon, feats = decode(params["decoder"], h, m)
-    rec_percep, rec, percep = rec_percep_loss(images, recon, m, lo)
+    rec_percep, rec, percep = rec_percep_loss(images, recon, m, lo, percep_scale)
     total, metrics = rec_percep, {"rec": rec, "percep": percep}
     if lo.use_adv:
         g_adv = generator_adv_loss(discriminator(disc, recon, m))
         weight = lo.lambda_adv * adv_on
         if lo.adaptive_weight:
-            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo)
+            weight = weight * adaptive_adv_weight(images, recon, feats, disc, m, lo, percep_scale)
         total = total + weight * g_adv
         metrics.update(adv=g_adv, adv_weight=weight)
     if stage == 1:
@@ -98,19 +99,20 @@ def disc_loss(disc, images, recon, lecam, lo, m):
 
 
 def make_train_step(cfg):
-    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``."""
+    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on[, percep_scale])
+    → (state, metrics)``."""
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
     _, opt_update = make_optimizer(t)
 
-    def step(state, images, mask, lr, disc_lr, adv_on):
+    def step(state, images, mask, lr, disc_lr, adv_on, percep_scale=1.0):
         params = state["params"]
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
         targets = compute_targets(images, m) if t.stage == 1 else {}
         grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
         (_, (metrics, recon)), grads = grad_fn(
-            trainable, frozen, state.get("disc"), images, mask, targets, adv_on, cfg
+            trainable, frozen, state.get("disc"), images, mask, targets, adv_on, cfg, percep_scale
         )
         with jax.named_scope("optimiser"):  # a GPU profile's name for the update
             grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
@@ -154,17 +156,12 @@ def jit_train_step(cfg):
 
 def step_inputs(batch, cfg, step: int, put=jnp.asarray):
     """Host-side arguments of one step: arrays from the batch (placed by ``put``; data
-    parallel: split over the mesh), lr and adv switch as scalars."""
+    parallel: split over the mesh), then ``step_scalars`` (lr, disc_lr, the adv switch, the
+    perceptual warm-up's share) as float32 scalars."""
     from maetok.schedules import step_scalars
 
-    lr, disc_lr, adv_on = step_scalars(step, cfg)
-    return (
-        put(batch["images"]),
-        put(batch["mask"]),
-        np.float32(lr),
-        np.float32(disc_lr),
-        np.float32(adv_on),
-    )
+    scalars = [np.float32(x) for x in step_scalars(step, cfg)]
+    return (put(batch["images"]), put(batch["mask"]), *scalars)
 
 
 def state_to_numpy(state) -> dict:

@@ -405,16 +405,22 @@ def reconstruction_loss(case: Case):
 
 
 def rec_percep_loss(case: Case):
-    """Reconstruction + weighted perceptual loss, with ``lambda_percep = 0.7``."""
+    """Reconstruction + weighted perceptual loss, with ``lambda_percep = 0.7``, in full and
+    a quarter into the perceptual warm-up (the share a traced scalar)."""
     cfg = case.cfg.replace(loss={"lambda_percep": 0.7})
     x = case.images()
     r = np.clip(x + case.normal(*x.shape, scale=0.2), -1, 1).astype(np.float32)
-    out_j = jax.jit(jl.rec_percep_loss, static_argnums=(2, 3))(
-        case.jax(x), case.jax(r), cfg.model, cfg.loss
-    )
-    out_t = tl.rec_percep_loss(case.torch(x), case.torch(r), cfg.model, cfg.loss)
-    name = f"loss/rec_percep_loss ({cfg.loss.rec})"
-    return [row(name, list(out_t), list(out_j), TOL["forward_fp32"])]
+    fn_j = jax.jit(jl.rec_percep_loss, static_argnums=(2, 3))
+    rows = []
+    for share in (1.0, 0.25):
+        out_j = fn_j(case.jax(x), case.jax(r), cfg.model, cfg.loss, jnp.float32(share))
+        scale_t = torch.tensor(share, device=case.device)
+        out_t = tl.rec_percep_loss(case.torch(x), case.torch(r), cfg.model, cfg.loss, scale_t)
+        total, rec, percep = (float(v) for v in out_t)
+        assert abs(total - (rec + share * 0.7 * percep)) <= 1e-6 * max(1.0, abs(total))
+        name = f"loss/rec_percep_loss ({cfg.loss.rec}, λ1 share {share})"
+        rows.append(row(name, list(out_t), list(out_j), TOL["forward_fp32"]))
+    return rows
 
 
 def adaptive_adv_weight(case: Case):
@@ -712,11 +718,12 @@ def trajectory(case: Case):
     """``TRAJECTORY_STEPS`` train steps from one state: the losses at every step and, in
     fp32, the parameters and discriminator by the L2 disagreement of their updates
     (``TOL["trajectory_early_fp32"]``); bf16 gradients differ by ~1e-2, which Adam turns
-    into sign flips, so in bf16 the losses only."""
-    cfg = case.cfg
+    into sign flips, so in bf16 the losses only. The perceptual loss warms up over those
+    steps (``loss.percep_warmup``), so its share of λ1 enters each step as a traced scalar."""
+    cfg = case.cfg.replace(loss={"percep_warmup": TRAJECTORY_STEPS})
     first = _source(cfg).batch(0)["images"]
     disc = case.disc(first) if cfg.loss.use_adv else None
-    sj, st = fresh_states(case, disc=disc)
+    sj, st = fresh_states(case, cfg, disc=disc)
     start = jt.state_to_numpy(sj)
     sj, st, loss_err = run_both(case, cfg, sj, st, 0, TRAJECTORY_STEPS)
     name = f"trajectory/{TRAJECTORY_STEPS} steps"

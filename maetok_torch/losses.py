@@ -40,20 +40,21 @@ def mask_loss(preds, targets, mask, lo, count=None):
     return torch.as_tensor(total, dtype=torch.float32, device=mask.device), terms
 
 
-def rec_percep_loss(images, recon, m, lo):
-    """The non-adversarial part of L_tok: L_rec + λ1·L_percep → (total, rec, percep)."""
+def rec_percep_loss(images, recon, m, lo, percep_scale=1.0):
+    """The non-adversarial part of L_tok: L_rec + s·λ1·L_percep → (total, rec, percep), s the
+    perceptual warm-up's ``percep_scale``."""
     rec = reconstruction_loss(images, recon, lo.rec)
     percep = (
         perceptual_loss(images, recon, m)
         if lo.lambda_percep > 0
         else torch.zeros((), device=recon.device)
     )
-    return rec + lo.lambda_percep * percep, rec, percep
+    return rec + lo.lambda_percep * percep_scale * percep, rec, percep
 
 
-def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
+def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None, percep_scale=1.0):
     """‖∇_W L_rec_percep‖ / (‖∇_W L_adv‖ + ADV_WEIGHT_EPS), clipped to [0, ADV_WEIGHT_MAX],
-    W the decoder's last dense and L_rec_percep = L_rec + λ1·L_percep (``rec_percep_loss``).
+    W the decoder's last dense and L_rec_percep = L_rec + s·λ1·L_percep (``rec_percep_loss``).
 
     With Î = unpatchify(feats @ W + b), ∇_W L = featsᵀ · patchify(∂L/∂Î), so only the loss
     networks are differentiated, not the decoder. The weight carries no gradient: both
@@ -64,7 +65,9 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None):
     feats = feats.detach().to(torch.float32)
     disc_params = {k: {n: v.detach() for n, v in layer.items()} for k, layer in disc_params.items()}
     recon = recon.detach()
-    g_rec_percep = torch.func.grad(lambda r: rec_percep_loss(images, r, m, lo)[0])(recon)
+    g_rec_percep = torch.func.grad(lambda r: rec_percep_loss(images, r, m, lo, percep_scale)[0])(
+        recon
+    )
     g_adv = torch.func.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
 
     def weight_grad_norm(g):

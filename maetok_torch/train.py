@@ -145,8 +145,11 @@ def value_and_grad(fn, tree, *args, autograd: bool = False):
     return (value, aux), grads
 
 
-def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, reduce=LOCAL):
-    """The stage's total loss over the trainable groups → (total, (metrics, recon)).
+def generator_loss(
+    trainable, frozen, disc, images, mask, targets, adv_on, cfg, reduce=LOCAL, percep_scale=1.0
+):
+    """The stage's total loss over the trainable groups → (total, (metrics, recon));
+    ``percep_scale`` is the perceptual warm-up's share of λ1 (``schedules.percep_scale``).
 
     ``reduce`` (``maetok_torch.distributed``) averages over data-parallel ranks the two
     quantities of the loss that are not means over the batch: the adaptive weight's
@@ -160,14 +163,15 @@ def generator_loss(trainable, frozen, disc, images, mask, targets, adv_on, cfg, 
     else:
         h = encode(params["encoder"], images, mask, m)
     recon, feats = decode(params["decoder"], h, m)
-    rec_percep, rec, percep = rec_percep_loss(images, recon, m, lo)
+    rec_percep, rec, percep = rec_percep_loss(images, recon, m, lo, percep_scale)
     total, metrics = rec_percep, {"rec": rec, "percep": percep}
     if lo.use_adv:
         g_adv = generator_adv_loss(discriminator(disc, recon, m))
         weight = lo.lambda_adv * adv_on
         if lo.adaptive_weight:
+            mean = reduce.mean if reduce.world > 1 else None
             weight = weight * adaptive_adv_weight(
-                images, recon, feats, disc, m, lo, reduce.mean if reduce.world > 1 else None
+                images, recon, feats, disc, m, lo, mean, percep_scale
             )
         total = total + weight * g_adv
         metrics.update(adv=g_adv, adv_weight=weight)
@@ -199,13 +203,14 @@ def _scalar(x, device) -> torch.Tensor:
 
 
 def make_train_step(cfg, reduce=LOCAL, block_backend=None):
-    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on) → (state, metrics)``.
+    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on[, percep_scale])
+    → (state, metrics)``.
 
-    ``lr``, ``disc_lr`` and ``adv_on`` are floats or 0-d float32 tensors; ``metrics`` is a
-    dict of 0-d float32 tensors still on the device. Under data parallelism ``reduce`` is a
-    ``maetok_torch.distributed`` reducer, the batch is this rank's slice of the global one,
-    and the update is the one-process update on the global batch. ``block_backend``: a
-    ``torch.compile`` backend the transformer blocks run compiled with
+    ``lr``, ``disc_lr``, ``adv_on`` and ``percep_scale`` are floats or 0-d float32 tensors;
+    ``metrics`` is a dict of 0-d float32 tensors still on the device. Under data parallelism
+    ``reduce`` is a ``maetok_torch.distributed`` reducer, the batch is this rank's slice of
+    the global one, and the update is the one-process update on the global batch.
+    ``block_backend``: a ``torch.compile`` backend the transformer blocks run compiled with
     (``model.compile_scope = "block"``); None: eager.
     """
     m, lo, t = cfg.model, cfg.loss, cfg.train
@@ -218,9 +223,10 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
         with compiled_blocks(block_backend):
             return eager_step(*args)
 
-    def eager_step(state, images, mask, lr, disc_lr, adv_on):
+    def eager_step(state, images, mask, lr, disc_lr, adv_on, percep_scale=1.0):
         dev = images.device
         lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
+        percep_scale = _scalar(percep_scale, dev)
         params = state["params"]
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
@@ -236,6 +242,7 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
             adv_on,
             cfg,
             reduce,
+            percep_scale,
             # compiled blocks are autograd Functions, which torch.func does not trace
             autograd=m.remat != "none" or reduce.world > 1 or block_backend is not None,
         )
@@ -312,14 +319,15 @@ def compile_train_step(cfg, backend: str = "inductor"):
 
 
 def step_inputs(batch, cfg, step: int, device):
-    """Host-side arguments of one step, on ``device``: images, mask, and lr, disc_lr and
-    the adv switch as 0-d float32 tensors (one host→device copy for the three)."""
+    """Host-side arguments of one step, on ``device``: images, mask, then ``step_scalars``
+    (lr, disc_lr, the adv switch, the perceptual warm-up's share) as 0-d float32 tensors
+    (one host→device copy for the four)."""
     from maetok.schedules import step_scalars
 
     scalars = torch.tensor(step_scalars(step, cfg), dtype=torch.float32).to(device)
     images = torch.tensor(np.asarray(batch["images"], np.float32), device=device)
     mask = torch.tensor(np.asarray(batch["mask"], np.float32), device=device)
-    return images, mask, scalars[0], scalars[1], scalars[2]
+    return images, mask, *scalars.unbind()
 
 
 def state_to_numpy(state) -> dict:

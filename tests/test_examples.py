@@ -1,6 +1,7 @@
 """The examples run end to end and report what they promise: the CPU proxy of the BSDS500
 recipe, the quality table, and MAETok inside Marble (under the test suite's strict host)."""
 
+import argparse
 import itertools
 import json
 import os
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from examples.cpu_proxy import main
@@ -107,6 +109,8 @@ def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
     levers = [j for j in jobs if j["name"].startswith("lever_")]
     assert len(levers) == len(recipe.LEVERS) + 1 and {j["steps"] for j in levers} == {500}
     assert [j["name"] for j in recipe.jobs(1000, levers=0)] == names[:7]
+    quarter = [j for j in recipe.jobs(14000, lever_share=0.25) if j["name"].startswith("lever_")]
+    assert {j["steps"] for j in quarter} == {3500}
     assert "loss.gamma" not in recipe.plain(recipe.RECIPE)
     assert recipe.plain(recipe.RECIPE)["model.aux_targets"] == []
 
@@ -292,3 +296,20 @@ def test_study_script_is_valid_bash_and_names_every_phase(tmp_path):
         "table",
     ):
         assert phase in proc.stdout
+
+
+def test_recipe_study_runs_only_the_named_jobs_and_refuses_unknown_ones(tmp_path, capsys):
+    from examples import recipe
+
+    args = argparse.Namespace(seeds=(0, 1, 2), levers=None, lever_share=0.25, only=None)
+    assert len(recipe.selected(14000, args)) == 7 + 1 + len(recipe.LEVERS)
+    args.only = ["lever_recipe", "lever_1"]
+    picked = recipe.selected(14000, args)
+    assert [j["name"] for j in picked] == ["lever_recipe", "lever_1"]
+    assert picked[1]["changes"] == list(recipe.LEVERS.values())[1] and picked[1]["steps"] == 3500
+
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["study", str(tmp_path / "study"), "--only", "lever_recipe,lever_99"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("recipe: error: --only: no job lever_99")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "study").exists()

@@ -76,6 +76,17 @@ def test_stage2_leaves_every_encoder_parameter_bit_identical():
     assert "mask" not in hist[-1]  # aux decoders unused
 
 
+def test_perceptual_warmup_weights_the_logged_perceptual_loss_by_its_share():
+    """loss = rec + share·λ1·percep + mask at every step, the share rising to 1 (one program)."""
+    cfg = _cfg(steps=6).replace(loss={"percep_warmup": 4, "lambda_percep": 2.0})
+    _, hist, backend = _run(cfg, 6)
+    for s, h in enumerate(hist):
+        share = min(1.0, (s + 1) / 4)
+        want = h["rec"] + share * 2.0 * h["percep"] + h["mask"]
+        assert h["percep"] > 0 and abs(h["loss"] - want) < 1e-5 * h["loss"], (s, h)
+    assert backend.compiled_count() == 1
+
+
 def test_mask_ratio_changes_do_not_recompile():
     cfg = _cfg(steps=4)
     _, _, backend = _run(cfg, 4)  # four steps, four different mask ratios and lrs

@@ -4,8 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maetok.config import TrainConfig
-from maetok.schedules import anneal_ratio, due, learning_rate, one_cycle
+from maetok.config import TrainConfig, preset
+from maetok.errors import ConfigError
+from maetok.schedules import anneal_ratio, due, learning_rate, one_cycle, percep_scale, step_scalars
 from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
 
 
@@ -107,6 +108,16 @@ def test_learning_rate_schedule():
     assert learning_rate(110, t) == pytest.approx(0.1)
     flat = TrainConfig(lr=2.0, warmup_steps=0, lr_schedule="constant")
     assert learning_rate(500, flat) == 2.0
+
+
+def test_perceptual_warmup_ramps_lambda1_in_stage1_only():
+    cfg = preset("tiny", loss={"percep_warmup": 4})
+    assert [percep_scale(s, cfg) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert step_scalars(1, cfg)[3] == 0.5  # the step's fourth host-side scalar
+    assert percep_scale(0, cfg.replace(train={"stage": 2})) == 1.0  # a trained decoder
+    assert percep_scale(0, preset("tiny")) == 1.0  # no warm-up: λ1 in full from step 0
+    with pytest.raises(ConfigError, match=r"loss\.percep_warmup must be >= 0"):
+        preset("tiny", loss={"percep_warmup": -1})
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "exponential"])
