@@ -149,7 +149,7 @@ def ship(
         error(f"no validation folder {val} (pass --data)")
     identity = None
     if exported is not None:
-        _check_export(exported, which)
+        _check_export(exported, which, stage2)
         identity = _training_data(data, run)
     stages = {name: _stage(run / name, identity) for name in ("stage1", "stage2")}
 
@@ -216,17 +216,23 @@ def ship(
     return card
 
 
-def _check_export(path: Path, which: str) -> None:
-    """``path`` is a `maetok export` file of the ``which`` weights, or stop with one line."""
+def _check_export(path: Path, which: str, stage2: Path) -> None:
+    """``path`` is a `maetok export` file of the ``which`` weights, exported from a checkpoint
+    of the config in ``stage2/config.json``, or stop with one line."""
     from maetok.checkpoint import read_header
+    from maetok.config import Config
     from maetok.errors import MAETokError
+    from maetok.run import config_diff, describe_diff
 
     if not path.is_file():
         error(f"--exported {path}: no such file")
     try:
-        meta = read_header(path)[1]
+        cfg, meta = read_header(path)
     except MAETokError as e:
         error(str(e))
+    diff = config_diff(Config.from_json((stage2 / "config.json").read_text()), cfg)
+    if diff:
+        error(f"--exported {path} is not from {stage2}: its config differs ({describe_diff(diff)})")
     if not meta.get("weights_only"):
         error(f"--exported {path} is not a `maetok export` file")
     if meta.get("weights") != which:

@@ -221,7 +221,8 @@ def _frozen(field: str) -> bool:
     return field == "train.stage" or (part == "model" and name not in compute_only(ModelConfig))
 
 
-def _listing(diff: dict[str, list], limit: int = 4) -> str:
+def describe_diff(diff: dict[str, list], limit: int = 4) -> str:
+    """A ``config_diff`` on one line: its first ``limit`` fields as ``field old → new``."""
     items = [f"{k} {v[0]!r} → {v[1]!r}" for k, v in diff.items()]
     more = f" and {len(items) - limit} more" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
@@ -268,7 +269,7 @@ def resume(
     if base is not None and config_diff(stored, base):
         raise ConfigError(
             f"--resume: {base_flag} differs from the run's config "
-            f"({_listing(config_diff(stored, base))}); a resumed run keeps its "
+            f"({describe_diff(config_diff(stored, base))}); a resumed run keeps its "
             f"config: drop {base_flag}, and change fields with --set "
             "SECTION.FIELD=VALUE"
         )
@@ -277,7 +278,7 @@ def resume(
     frozen = {k: v for k, v in changed.items() if _frozen(k)}
     if frozen:
         raise ConfigError(
-            f"--resume cannot change {_listing(frozen)}: the checkpoint's state "
+            f"--resume cannot change {describe_diff(frozen)}: the checkpoint's state "
             "is shaped by it; start a new run (another --out, or --overwrite)"
         )
 
@@ -337,4 +338,4 @@ def history_entry(step: int, changes: dict[str, list]) -> dict:
 
 
 def describe_changes(changes: dict[str, list]) -> str:
-    return _listing(changes, limit=len(changes))
+    return describe_diff(changes, limit=len(changes))

@@ -172,6 +172,11 @@ def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_p
         capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(exports[other]))
     )
     assert f"holds the {other} weights" in line and not (tmp_path / "weights").exists()
+    stage1 = tmp_path / "stage1.safetensors"  # the right weights, but of another checkpoint
+    argv = ["export", "--checkpoint", str(run / "stage1/checkpoint.safetensors")]
+    assert main([*argv, "--out", str(stage1)] + (["--ema"] if best == "ema" else [])) == 0
+    line = _refused(capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(stage1)))
+    assert "is not from" in line and "train.stage 2 → 1" in line
     del capsys  # the next ship prints its card
 
     with pytest.MonkeyPatch.context() as patch:
