@@ -169,10 +169,12 @@ def run_one(
     preset: str = "seed",
     changes: dict | None = None,
     probe: bool = False,
+    evals: list[str] | None = None,
 ) -> None:
     """One run of the recipe with ``changes``: Stage 1 → Stage 2 (or the plain autoencoder
-    in one stage), then ``maetok eval`` of each stage's checkpoint. ``probe``: the first
-    stage only, ``steps`` long, logging every 20 steps, no evaluation."""
+    in one stage), then ``maetok eval`` of each stage's checkpoint, EMA and raw weights
+    (only the report folders ``evals`` names, e.g. ``stage2/eval``, if given). ``probe``:
+    the first stage only, ``steps`` long, logging every 20 steps, no evaluation."""
     settings = {**RECIPE, **(changes or {})}
     share = settings.pop("stage2_share", STAGE2_SHARE)
     if variant == "plain":
@@ -207,8 +209,10 @@ def run_one(
             _train(out / "stage2", s2, stage2, log)
             stages = ["stage1", "stage2"]
         for stage in stages:  # the EMA weights and the raw weights of every stage
-            _eval(out / stage / "checkpoint.safetensors", out / stage / "eval", val, log)
-            _eval(out / stage / "checkpoint.safetensors", out / stage / "eval_raw", val, log, False)
+            for folder, ema in (("eval", True), ("eval_raw", False)):
+                if evals is None or f"{stage}/{folder}" in evals:
+                    ckpt = out / stage / "checkpoint.safetensors"
+                    _eval(ckpt, out / stage / folder, val, log, ema)
 
 
 # ------------------------------------------------------------------------------ the study
@@ -241,14 +245,13 @@ def jobs(
     )
     if levers == 0:  # the seeds and the determinism check only
         return out
+    # a lever run reports what the lever table reads: Stage 2's EMA weights (and the raw
+    # weights of the recipe's own run, the EMA lever)
     part = lever_steps(steps, lever_share)
-    out.append(dict(name="lever_recipe", variant="maetok", seed=0, steps=part))
-    for i, (lever, change) in enumerate(list(LEVERS.items())[:levers]):
-        out.append(
-            dict(
-                name=f"lever_{i}", lever=lever, variant="maetok", seed=0, steps=part, changes=change
-            )
-        )
+    lever = dict(variant="maetok", seed=0, steps=part, evals=["stage2/eval"])
+    out.append({**lever, "name": "lever_recipe", "evals": ["stage2/eval", "stage2/eval_raw"]})
+    for i, (name, change) in enumerate(list(LEVERS.items())[:levers]):
+        out.append({**lever, "name": f"lever_{i}", "lever": name, "changes": change})
     return out
 
 
@@ -272,6 +275,8 @@ def _launch(job: dict, folder: Path, args, steps_only: int | None = None):
     cmd += ["--data", str(args.data), "--preset", args.preset, "--train", str(args.train)]
     if job.get("changes"):
         cmd += ["--changes", json.dumps(job["changes"])]
+    if job.get("evals"):
+        cmd += ["--evals", ",".join(job["evals"])]
     if steps_only:
         cmd += ["--stage1-only"]
     folder.mkdir(parents=True, exist_ok=True)
@@ -473,6 +478,12 @@ def main(argv=None) -> int:
     run_p.add_argument("--seed", type=int, default=0)
     run_p.add_argument("--changes", type=json.loads, default=None, help="JSON of --set fields")
     run_p.add_argument("--stage1-only", action="store_true", help=argparse.SUPPRESS)
+    run_p.add_argument(
+        "--evals",
+        type=lambda t: [n for n in t.split(",") if n],
+        help="only these reports (e.g. stage2/eval,stage2/eval_raw); default: every stage, "
+        "EMA and raw",
+    )
     study_p = sub.choices["study"]
     study_p.add_argument("--budget-min", type=float, help="size the steps to this many minutes")
     study_p.add_argument("--probe-steps", type=int, default=200)
@@ -533,6 +544,7 @@ def main(argv=None) -> int:
         args.preset,
         args.changes,
         probe=args.stage1_only,
+        evals=args.evals,
     )
     return 0
 

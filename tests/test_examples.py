@@ -111,6 +111,10 @@ def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
     assert [j["name"] for j in recipe.jobs(1000, levers=0)] == names[:7]
     quarter = [j for j in recipe.jobs(14000, lever_share=0.25) if j["name"].startswith("lever_")]
     assert {j["steps"] for j in quarter} == {3500}
+    # lever runs evaluate only what the lever table reads; the seed runs every report
+    assert quarter[0]["evals"] == ["stage2/eval", "stage2/eval_raw"]  # the recipe: the EMA row
+    assert all(j["evals"] == ["stage2/eval"] for j in quarter[1:])
+    assert not any("evals" in j for j in jobs[:7])
     assert "loss.gamma" not in recipe.plain(recipe.RECIPE)
     assert recipe.plain(recipe.RECIPE)["model.aux_targets"] == []
 
@@ -313,3 +317,15 @@ def test_recipe_study_runs_only_the_named_jobs_and_refuses_unknown_ones(tmp_path
     err = capsys.readouterr().err.strip()
     assert stop.value.code == 2 and err.startswith("recipe: error: --only: no job lever_99")
     assert len(err.splitlines()) == 1 and not (tmp_path / "study").exists()
+
+
+def test_recipe_run_passes_its_report_list_on(tmp_path, monkeypatch):
+    from examples import recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "run_one", lambda *a, **k: calls.append(k))
+    train = tmp_path / "train"
+    base = ["run", str(tmp_path / "r"), "--train", str(train), "--steps", "8"]
+    assert recipe.main([*base, "--evals", "stage2/eval,stage2/eval_raw"]) == 0
+    assert recipe.main(base) == 0
+    assert [c["evals"] for c in calls] == [["stage2/eval", "stage2/eval_raw"], None]
