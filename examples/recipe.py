@@ -112,6 +112,11 @@ def error(message: str) -> NoReturn:
     sys.exit(2)
 
 
+def _names(text: str) -> list[str]:
+    """A comma-separated option (``--only``, ``--evals``) as a list, empty items dropped."""
+    return [name for name in text.split(",") if name]
+
+
 def _sets(settings: dict) -> list[str]:
     out = []
     for key, value in settings.items():
@@ -480,7 +485,7 @@ def main(argv=None) -> int:
     run_p.add_argument("--stage1-only", action="store_true", help=argparse.SUPPRESS)
     run_p.add_argument(
         "--evals",
-        type=lambda t: [n for n in t.split(",") if n],
+        type=_names,
         help="only these reports (e.g. stage2/eval,stage2/eval_raw); default: every stage, "
         "EMA and raw",
     )
@@ -497,7 +502,7 @@ def main(argv=None) -> int:
     )
     study_p.add_argument(
         "--only",
-        type=lambda t: [n for n in t.split(",") if n],
+        type=_names,
         help="run only these jobs (comma-separated names, e.g. lever_recipe,lever_0)",
     )
     sub.add_parser("table").add_argument("out", type=Path)

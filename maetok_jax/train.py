@@ -99,13 +99,13 @@ def disc_loss(disc, images, recon, lecam, lo, m):
 
 
 def make_train_step(cfg):
-    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on[, percep_scale])
-    → (state, metrics)``."""
+    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on, percep_scale)
+    → (state, metrics)``: the scalars are ``step_inputs``' (``schedules.step_scalars``)."""
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
     _, opt_update = make_optimizer(t)
 
-    def step(state, images, mask, lr, disc_lr, adv_on, percep_scale=1.0):
+    def step(state, images, mask, lr, disc_lr, adv_on, percep_scale):
         params = state["params"]
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}

@@ -417,7 +417,8 @@ def rec_percep_loss(case: Case):
         scale_t = torch.tensor(share, device=case.device)
         out_t = tl.rec_percep_loss(case.torch(x), case.torch(r), cfg.model, cfg.loss, scale_t)
         total, rec, percep = (float(v) for v in out_t)
-        assert abs(total - (rec + share * 0.7 * percep)) <= 1e-6 * max(1.0, abs(total))
+        want = rec + share * cfg.loss.lambda_percep * percep
+        assert abs(total - want) <= 1e-6 * max(1.0, abs(total))
         name = f"loss/rec_percep_loss ({cfg.loss.rec}, λ1 share {share})"
         rows.append(row(name, list(out_t), list(out_j), TOL["forward_fp32"]))
     return rows

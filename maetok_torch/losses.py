@@ -65,9 +65,11 @@ def adaptive_adv_weight(images, recon, feats, disc_params, m, lo, mean=None, per
     feats = feats.detach().to(torch.float32)
     disc_params = {k: {n: v.detach() for n, v in layer.items()} for k, layer in disc_params.items()}
     recon = recon.detach()
-    g_rec_percep = torch.func.grad(lambda r: rec_percep_loss(images, r, m, lo, percep_scale)[0])(
-        recon
-    )
+
+    def rec_percep(r):
+        return rec_percep_loss(images, r, m, lo, percep_scale)[0]
+
+    g_rec_percep = torch.func.grad(rec_percep)(recon)
     g_adv = torch.func.grad(lambda r: generator_adv_loss(discriminator(disc_params, r, m)))(recon)
 
     def weight_grad_norm(g):

@@ -203,8 +203,8 @@ def _scalar(x, device) -> torch.Tensor:
 
 
 def make_train_step(cfg, reduce=LOCAL, block_backend=None):
-    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on[, percep_scale])
-    → (state, metrics)``.
+    """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on, percep_scale)
+    → (state, metrics)``: the scalars are ``step_inputs``' (``schedules.step_scalars``).
 
     ``lr``, ``disc_lr``, ``adv_on`` and ``percep_scale`` are floats or 0-d float32 tensors;
     ``metrics`` is a dict of 0-d float32 tensors still on the device. Under data parallelism
@@ -223,7 +223,7 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
         with compiled_blocks(block_backend):
             return eager_step(*args)
 
-    def eager_step(state, images, mask, lr, disc_lr, adv_on, percep_scale=1.0):
+    def eager_step(state, images, mask, lr, disc_lr, adv_on, percep_scale):
         dev = images.device
         lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
         percep_scale = _scalar(percep_scale, dev)

@@ -160,24 +160,23 @@ def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_p
     shutil.copytree(data, here)
     for folder in ("photos", "bsds500/train"):
         _photos(here / folder, np.random.default_rng(1), n=3, size=48)
-    exports = {}
-    for which in ("ema", "raw"):
-        exports[which] = tmp_path / f"{which}.safetensors"
-        argv = ["export", "--checkpoint", str(run / "stage2/checkpoint.safetensors")]
-        argv += ["--out", str(exports[which])] + (["--ema"] if which == "ema" else [])
-        assert main(argv) == 0
+
+    def export(stage, which):
+        out = tmp_path / f"{stage}_{which}.safetensors"
+        argv = ["export", "--checkpoint", str(run / stage / "checkpoint.safetensors")]
+        assert main([*argv, "--out", str(out)] + (["--ema"] if which == "ema" else [])) == 0
+        return out
+
+    exports = {which: export("stage2", which) for which in ("ema", "raw")}
 
     other = "raw" if best == "ema" else "ema"
     line = _refused(
         capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(exports[other]))
     )
     assert f"holds the {other} weights" in line and not (tmp_path / "weights").exists()
-    stage1 = tmp_path / "stage1.safetensors"  # the right weights, but of another checkpoint
-    argv = ["export", "--checkpoint", str(run / "stage1/checkpoint.safetensors")]
-    assert main([*argv, "--out", str(stage1)] + (["--ema"] if best == "ema" else [])) == 0
+    stage1 = export("stage1", best)  # the right weights, but of another checkpoint
     line = _refused(capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(stage1)))
     assert "is not from" in line and "train.stage 2 → 1" in line
-    del capsys  # the next ship prints its card
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(ROOT))
