@@ -178,7 +178,9 @@ def run_one(
 ) -> None:
     """One run of the recipe with ``changes``: Stage 1 → Stage 2 (or the plain autoencoder
     in one stage), then ``maetok eval`` of each stage's checkpoint, EMA and raw weights
-    (only the report folders ``evals`` names, e.g. ``stage2/eval``, if given). ``probe``:
+    (only the report folders ``evals`` names, e.g. ``stage2/eval``, if given), and for a
+    full MAETok run the export ``recipe.py ship`` takes (``stage2/export.safetensors``,
+    32 MB for ``seed``, which leaves the machine where checkpoints cannot). ``probe``:
     the first stage only, ``steps`` long, logging every 20 steps, no evaluation."""
     settings = {**RECIPE, **(changes or {})}
     share = settings.pop("stage2_share", STAGE2_SHARE)
@@ -218,6 +220,10 @@ def run_one(
                 if evals is None or f"{stage}/{folder}" in evals:
                     ckpt = out / stage / "checkpoint.safetensors"
                     _eval(ckpt, out / stage / folder, val, log, ema)
+        if variant == "maetok" and evals is None:  # a full run: what `ship` would take
+            from examples.recipe_ship import export_better
+
+            log.write(f"recipe: wrote {export_better(out)} (for `recipe.py ship`)\n")
 
 
 # ------------------------------------------------------------------------------ the study
@@ -369,6 +375,16 @@ def _images_per_s(metrics: Path, last: int | None = None) -> float | None:
     return statistics.median(rates)
 
 
+def _run_steps(run: Path) -> int | None:
+    """The steps a run trained, summed over its stages (from each ``metrics.jsonl``)."""
+    done = [
+        json.loads(m.read_text().splitlines()[-1])["step"] + 1
+        for m in sorted(run.glob("stage*/metrics.jsonl"))
+        if m.stat().st_size
+    ]
+    return sum(done) or None
+
+
 def _mean_spread(values: list[float], digits: int) -> str:
     if not values:
         return "–"
@@ -388,9 +404,8 @@ def _digests(run: Path) -> dict[str, str]:
 
 def table(folder: Path) -> str:
     """The seed table, the lever table and the determinism check of a study folder."""
-    meta = json.loads((folder / "study.json").read_text())
-    steps = meta["steps"]
-    lines = [f"Study in {folder}: {steps} steps per full run.\n"]
+    steps = _run_steps(folder / "maetok_s0")
+    lines = [f"Study in {folder}: {steps or '?'} steps per full run.\n"]
     rows = [
         ("MAETok Stage 1", "maetok_s{}", "stage1"),
         ("MAETok Stage 1 + Stage 2", "maetok_s{}", "stage2"),
@@ -429,7 +444,7 @@ def table(folder: Path) -> str:
     ref = _report(folder / "lever_recipe/stage2/eval/eval.json")
     if ref:
         ref_psnr = ref["tokenizer"]["psnr"]
-        part = meta.get("lever_steps", lever_steps(steps))
+        part = _run_steps(folder / "lever_recipe")
         lines.append(f"Levers at {part} steps, seed 0, one change each:\n")
         lines.append("| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | images/s (Stage 1) |")
         lines.append("|---|---|---|---|---|")
@@ -459,10 +474,11 @@ def table(folder: Path) -> str:
                 f"| {rate or 0:.0f} |"
             )
     lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
-    first, again = _digests(folder / "maetok_s0"), _digests(folder / "maetok_s0_repeat")
-    for stage in sorted(first.keys() & again.keys()):
-        same = "identical" if first[stage] == again[stage] else "DIFFERENT"
-        lines.append(f"- {stage}: {first[stage]} and {again[stage]}: {same}")
+    for repeat in sorted(folder.glob("*_repeat")):
+        first, again = _digests(folder / repeat.name.removesuffix("_repeat")), _digests(repeat)
+        for stage in sorted(first.keys() & again.keys()):
+            same = "identical" if first[stage] == again[stage] else "DIFFERENT"
+            lines.append(f"- {repeat.name}, {stage}: {first[stage]} and {again[stage]}: {same}")
     text = "\n".join(lines)
     (folder / "tables.md").write_text(text + "\n")
     return text

@@ -7,9 +7,10 @@ above the equal-size thumbnail's (``--force`` ships it anyway). It exports them 
 ``maetok.pretrained.MAX_SHIPPED_BYTES``, evaluates that exported file with ``maetok eval``
 (``RUN/shipped_eval``), and only then renames it into place, so a refused or failed ship
 leaves the shipped file as it was. A run trained on another machine, whose checkpoints
-stayed there, ships from its Stage-2 weights exported there (``--exported``, of
-``maetok export``): each stage's steps then come from its ``metrics.jsonl`` and its data
-from the recipe's training folder under ``--data``. Beside it goes the model card
+stayed there, ships from its Stage-2 weights exported there: ``RUN/stage2/export.safetensors``,
+which ``recipe.py run`` writes at the end of a full run, or ``--exported`` (of ``maetok
+export``); each stage's steps then come from its ``metrics.jsonl`` and its data from the
+recipe's training folder under ``--data``. Beside it goes the model card
 (``NAME.json``: source, settings, data, sha256 and the exported file's numbers); the eval's
 picture sheet goes to ``DOCS/shipped_reconstructions.jpg``; ``model_card`` gives the card as
 Markdown.
@@ -28,6 +29,7 @@ from examples import recipe
 from examples.recipe import error
 
 REPORTS = {"ema": "eval", "raw": "eval_raw"}  # weights → the Stage-2 folder of their report
+EXPORTED = "stage2/export.safetensors"  # a finished run's better Stage-2 weights, 16-bit
 SHEET = "shipped_reconstructions.jpg"
 SHEET_MAX_BYTES = 1_500_000
 JPEG_QUALITIES = (90, 80, 70, 60)  # the first whose sheet fits SHEET_MAX_BYTES is kept
@@ -113,6 +115,30 @@ def _jpeg(png: Path, jpg: Path) -> Path:
     return jpg
 
 
+def better_weights(run: Path) -> tuple[str, dict]:
+    """Which Stage-2 weights of a finished ``run`` to ship, ``"ema"`` or ``"raw"`` (the higher
+    PSNR in the run's own reports), and both reports; one line if a report is missing."""
+    reports = {}
+    for which, folder in REPORTS.items():
+        path = run / "stage2" / folder / "eval.json"
+        if not path.is_file():
+            error(f"{run} is not a finished recipe run: no {path} (finish it with `recipe.py run`)")
+        reports[which] = json.loads(path.read_text())
+    return max(reports, key=lambda w: reports[w]["tokenizer"]["psnr"]), reports
+
+
+def export_better(run: Path) -> Path:
+    """``RUN/stage2/export.safetensors``: the weights ``ship`` would take, in 16 bits, written
+    where the run trained so that it can ship from a machine its checkpoints never reach."""
+    from maetok import pretrained
+
+    out = run / EXPORTED
+    if not out.is_file():  # (written atomically: a cut-off export leaves none)
+        which, _ = better_weights(run)
+        pretrained.export_weights(run / "stage2/checkpoint.safetensors", out, which == "ema")
+    return out
+
+
 def ship(
     run: Path,
     weights: Path,
@@ -129,13 +155,9 @@ def ship(
     from maetok.evaluate import SHEET_NAME
 
     stage2 = run / "stage2"
-    reports = {}
-    for which, folder in REPORTS.items():
-        path = stage2 / folder / "eval.json"
-        if not path.is_file():
-            error(f"{run} is not a finished recipe run: no {path} (finish it with `recipe.py run`)")
-        reports[which] = json.loads(path.read_text())
-    which = max(reports, key=lambda w: reports[w]["tokenizer"]["psnr"])
+    which, reports = better_weights(run)
+    if exported is None and (run / EXPORTED).is_file():
+        exported = run / EXPORTED  # written by `recipe.py run` where the run trained
     ours, thumb = reports[which]["tokenizer"]["psnr"], reports[which]["thumbnail"]
     beats = ours > thumb["psnr"]
     if not beats and not force:
@@ -193,7 +215,7 @@ def ship(
             "seed": stages["stage2"]["settings"].get("train.seed"),
             "stages": stages,
             "training_data": _describe(stages["stage1"]["data"]),
-            "exported_elsewhere": exported is not None,  # shipped with --exported
+            "exported_elsewhere": exported is not None,  # from an export, not the checkpoint
             "forced": not beats,  # shipped although the run's reports are below the thumbnail
             "run_reports": {w: reports[w]["tokenizer"] for w in REPORTS},
             "bsds500_val": {
@@ -261,7 +283,7 @@ def model_card(card: dict) -> str:
         f"{stages['stage2']['steps']:,}), trained on {card['training_data']}. Written with its "
         f"model card `{card['card']}` by `python examples/recipe.py ship {card['run']}`"
         + (
-            " from its Stage-2 weights exported where it trained (`--exported`)."
+            " from its Stage-2 weights as exported where it trained."
             if card.get("exported_elsewhere")
             else "."
         ),

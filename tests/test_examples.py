@@ -67,13 +67,19 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
         }
         (folder / "eval.json").write_text(json.dumps(r))
 
-    (tmp_path / "study.json").write_text(json.dumps({"steps": 1600}))
+    def trained(run, *steps):  # a run's metrics.jsonl per stage, its last logged step
+        for stage, n in enumerate(steps, 1):
+            (run / f"stage{stage}").mkdir(parents=True, exist_ok=True)
+            (run / f"stage{stage}/metrics.jsonl").write_text(f'{{"step": {n - 1}}}\n')
+
     for seed, psnr in enumerate((19.0, 20.0, 21.0)):
         report(tmp_path / f"maetok_s{seed}/stage2/eval_raw", psnr, beats=seed)
         report(tmp_path / f"maetok_s{seed}/stage2/eval", psnr - 1)
     report(tmp_path / "lever_recipe/stage2/eval", 18.0)
     report(tmp_path / "lever_recipe/stage2/eval_raw", 18.5)
     report(tmp_path / "lever_1/stage2/eval", 18.25)
+    trained(tmp_path / "maetok_s0", 960, 640)
+    trained(tmp_path / "lever_recipe", 480, 320)
     done = "checkpoint /x/{}/checkpoint.safetensors (tensors sha256 {})\n"
     (tmp_path / "maetok_s0/recipe.log").write_text(
         done.format("stage1", "aa") + done.format("stage2", "bb")
@@ -82,7 +88,12 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     (tmp_path / "maetok_s0_repeat/recipe.log").write_text(
         done.format("stage1", "aa") + done.format("stage2", "bc")
     )
+    (tmp_path / "maetok_s1/recipe.log").write_text(done.format("stage1", "dd"))
+    (tmp_path / "maetok_s1_repeat").mkdir()  # a repeat of any seed is checked
+    (tmp_path / "maetok_s1_repeat/recipe.log").write_text(done.format("stage1", "dd"))
     text = recipe.table(tmp_path)
+    assert text.startswith(f"Study in {tmp_path}: 1600 steps per full run.")
+    assert "Levers at 800 steps" in text
     rows = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| ")}
     s1s2 = rows["MAETok Stage 1 + Stage 2"]
     assert "| 3 | 20.00 ± 1.00 | 0.200 ± 0.010 | 19.00 ± 1.00 |" in s1s2
@@ -91,7 +102,9 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     first, second = list(recipe.LEVERS)[:2]
     assert "| 18.25 | +0.25 |" in rows[second] and first not in rows
     assert "| 18.50 | +0.50 |" in rows["raw weights instead of EMA (same run)"]
-    assert "- stage1: aa and aa: identical" in text and "- stage2: bb and bc: DIFFERENT" in text
+    assert "- maetok_s0_repeat, stage1: aa and aa: identical" in text
+    assert "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT" in text
+    assert "- maetok_s1_repeat, stage1: dd and dd: identical" in text
     assert (tmp_path / "tables.md").read_text().strip() == text.strip()
 
 

@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 from examples import recipe
-from examples.recipe_ship import REPORTS, SHEET, SHEET_MAX_BYTES, model_card
+from examples.recipe_ship import (
+    EXPORTED,
+    REPORTS,
+    SHEET,
+    SHEET_MAX_BYTES,
+    export_better,
+    model_card,
+)
 from maetok import checkpoint as ckpt
 from maetok import pretrained
 from maetok.cli import main
@@ -150,7 +157,8 @@ def test_ship_refuses_with_one_line_and_writes_nothing(finished, tmp_path, capsy
 
 
 def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_path, capsys):
-    """A run whose checkpoints stayed on another machine ships from its exported weights:
+    """A run whose checkpoints stayed on another machine ships from its exported weights
+    (the export `recipe.py run` leaves in the run folder, or one given with --exported):
     the same bytes, the card's steps from metrics.jsonl, its data from the training folder."""
     run, data = finished
     best = shipped[3]["weights"]
@@ -178,17 +186,25 @@ def test_ship_from_an_export_made_where_the_run_trained(finished, shipped, tmp_p
     line = _refused(capsys, _ship(moved, here, tmp_path, "--force", "--exported", str(stage1)))
     assert "is not from" in line and "train.stage 2 → 1" in line
 
+    # `recipe.py run` ends a full run by exporting those weights into the run folder, where
+    # `ship` finds them once the checkpoints are gone
+    done = tmp_path / "runs" / "done"
+    shutil.copytree(run, done, ignore=shutil.ignore_patterns("shipped*", "export*"))
+    assert export_better(done) == done / EXPORTED
+    meta = [ckpt.read_header(f)[1] for f in (done / EXPORTED, exports[best])]
+    assert meta[0] == meta[1]  # (the bytes differ: the header's key order varies by process)
+    assert ckpt.tensor_digest(done / EXPORTED) == ckpt.tensor_digest(exports[best])
+    shutil.copy(done / EXPORTED, moved / EXPORTED)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PYTHONPATH", str(ROOT))
-        argv = _ship(moved, here, tmp_path, "--force", "--exported", str(exports[best]))
-        assert recipe.main(argv) == 0
+        assert recipe.main(_ship(moved, here, tmp_path, "--force")) == 0
     weights = tmp_path / "weights" / "maetok-seed.safetensors"
     card = json.loads(weights.with_suffix(".json").read_text())
-    assert weights.read_bytes() == exports[best].read_bytes()
-    assert card["sha256"] == ckpt.file_sha256(exports[best]) and card["weights"] == best
+    assert weights.read_bytes() == (moved / EXPORTED).read_bytes()
+    assert card["sha256"] == ckpt.file_sha256(moved / EXPORTED) and card["weights"] == best
     assert card["checkpoint_sha256"] == ckpt.file_sha256(run / "stage2/checkpoint.safetensors")
     assert card["stages"]["stage1"]["steps"] == card["stages"]["stage2"]["steps"] == 2
     assert card["training_data"] == "6 images in bsds500_train/, photos/"
     assert card["bsds500_val"]["tokenizer"] == shipped[3]["bsds500_val"]["tokenizer"]
     assert card["exported_elsewhere"] and not shipped[3]["exported_elsewhere"]
-    assert "exported where it trained (`--exported`)" in model_card(card)
+    assert "as exported where it trained" in model_card(card)
