@@ -474,7 +474,10 @@ def table(folder: Path) -> str:
                 f"| {rate or 0:.0f} |"
             )
     lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
-    for repeat in sorted(folder.glob("*_repeat")):
+    repeats = sorted(folder.glob("*_repeat"))
+    if not repeats:
+        lines.append("- no repeat in this folder (a run NAME_repeat of NAME's command)")
+    for repeat in repeats:
         first, again = _digests(folder / repeat.name.removesuffix("_repeat")), _digests(repeat)
         for stage in sorted(first.keys() & again.keys()):
             same = "identical" if first[stage] == again[stage] else "DIFFERENT"
