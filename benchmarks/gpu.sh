@@ -48,9 +48,10 @@ PY
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
           --timeout 150 --deterministic --label deterministic
     done ;;
-  levers)  # every ModelConfig speed switch on and off, one Markdown table (~6 min on an H200)
+  levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch: half)
     mkdir -p "${OUT:-.}"
-    python benchmarks/levers.py --out "${OUT:-.}/levers.md" --json "$RESULTS" ;;
+    python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}.md" --rows "${ROWS:-all}" \
+        --json "$RESULTS" ;;
   scaling)  # data parallelism: per-GPU and total img/s, scaling efficiency against one GPU
     N=${N:-$(nvidia-smi -L | wc -l)}
     $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends jax --devices "plain,1,$N" --timeout 300

@@ -7,8 +7,9 @@ compute, fused attention, in-memory synthetic batches:
 
 - JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``);
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
-- JAX Stage 2, the ``seed`` preset, torch eager and torch.compile (the block compiled
-  once, ``model.compile_scope=block``, with its compile time).
+- JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
+  once, ``model.compile_scope=block``, with its compile time) at both stages, and torch
+  eager on the ``seed`` preset.
 
 Columns: images/s, model TFLOP/s (``train_step.transformer_flops``), the share of the
 matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed against
@@ -45,6 +46,9 @@ ROWS = [
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
+    ("torch eager S2", "torch", 128, ["--stage", "2"]),
+    ("torch.compile S2 (block)", "torch-compile", 128, ["--stage", "2"]),
+    ("torch eager S1 seed preset", "torch", 128, ["--preset", "seed"]),
 ]
 
 

@@ -222,8 +222,12 @@ def run_one(
                     _eval(ckpt, out / stage / folder, val, log, ema)
         if variant == "maetok" and evals is None:  # a full run: what `ship` would take
             from examples.recipe_ship import export_better
+            from maetok.errors import MAETokError
 
-            log.write(f"recipe: wrote {export_better(out)} (for `recipe.py ship`)\n")
+            try:
+                log.write(f"recipe: wrote {export_better(out)} (for `recipe.py ship`)\n")
+            except MAETokError as e:  # e.g. weights beyond float16: the run stays as it is
+                log.write(f"recipe: no export for `recipe.py ship`: {e}\n")
 
 
 # ------------------------------------------------------------------------------ the study

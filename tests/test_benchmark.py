@@ -130,3 +130,24 @@ def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
         )
         < 1e-9
     )
+
+
+def test_levers_table_gives_ratios_to_the_ceiling_and_the_official_step():
+    from benchmarks.levers import ROWS, table
+
+    row = {"batch": 256, "images_per_s": 540.0, "model_tflops": 395.0, "peak_memory_gib": 40.0}
+    text = table(
+        [
+            ("JAX S1, all levers", {**row, "compile_s": 41.0}),
+            ("torch", {"batch": 128, "error": "OOM"}),
+        ],
+        ceiling=790.0,
+        reference=270.0,
+    )
+    lines = text.splitlines()
+    assert lines[2] == "| JAX S1, all levers | 256 | 540.0 | 395.0 | 50.0 % | 2.00 | 40.0 | 41.0 |"
+    assert lines[3].startswith("| torch | 128 | OOM |")
+    # both stages of both backends and the seed preset are rows of the one command
+    labels = [label for label, *_ in ROWS]
+    assert {"JAX S2, all levers", "torch eager S2", "torch.compile S2 (block)"} <= set(labels)
+    assert sum("seed preset" in label for label in labels) == 2
