@@ -52,7 +52,7 @@ def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
 def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp_path):
     import json
 
-    from examples import recipe
+    from examples import recipe, recipe_study
 
     def report(folder, psnr, beats=0):
         folder.mkdir(parents=True)
@@ -91,7 +91,7 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     (tmp_path / "maetok_s1/recipe.log").write_text(done.format("stage1", "dd"))
     (tmp_path / "maetok_s1_repeat").mkdir()  # a repeat of any seed is checked
     (tmp_path / "maetok_s1_repeat/recipe.log").write_text(done.format("stage1", "dd"))
-    text = recipe.table(tmp_path)
+    text = recipe_study.table(tmp_path)
     assert text.startswith(f"Study in {tmp_path}: 1600 steps per full run.")
     assert "Levers at 800 steps" in text
     rows = {l.split("|")[1].strip(): l for l in text.splitlines() if l.startswith("| ")}
@@ -109,9 +109,9 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
 
 
 def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
-    from examples import recipe
+    from examples import recipe, recipe_study
 
-    jobs = recipe.jobs(1000)
+    jobs = recipe_study.jobs(1000)
     names = [j["name"] for j in jobs]
     assert names[:7] == [
         "maetok_s0", "plain_s0", "maetok_s1", "plain_s1", "maetok_s2", "plain_s2",
@@ -121,8 +121,10 @@ def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
     assert repeat["seed"] == 0 and repeat["env"] == {"MAETOK_JAX_CACHE": "off"}
     levers = [j for j in jobs if j["name"].startswith("lever_")]
     assert len(levers) == len(recipe.LEVERS) + 1 and {j["steps"] for j in levers} == {500}
-    assert [j["name"] for j in recipe.jobs(1000, levers=0)] == names[:7]
-    quarter = [j for j in recipe.jobs(14000, lever_share=0.25) if j["name"].startswith("lever_")]
+    assert [j["name"] for j in recipe_study.jobs(1000, levers=0)] == names[:7]
+    quarter = [
+        j for j in recipe_study.jobs(14000, lever_share=0.25) if j["name"].startswith("lever_")
+    ]
     assert {j["steps"] for j in quarter} == {3500}
     # lever runs evaluate only what the lever table reads; the seed runs every report
     assert quarter[0]["evals"] == ["stage2/eval", "stage2/eval_raw"]  # the recipe: the EMA row
@@ -316,12 +318,12 @@ def test_study_script_is_valid_bash_and_names_every_phase(tmp_path):
 
 
 def test_recipe_study_runs_only_the_named_jobs_and_refuses_unknown_ones(tmp_path, capsys):
-    from examples import recipe
+    from examples import recipe, recipe_study
 
     args = argparse.Namespace(seeds=(0, 1, 2), levers=None, lever_share=0.25, only=None)
-    assert len(recipe.selected(14000, args)) == 7 + 1 + len(recipe.LEVERS)
+    assert len(recipe_study.selected(14000, args)) == 7 + 1 + len(recipe.LEVERS)
     args.only = ["lever_recipe", "lever_1"]
-    picked = recipe.selected(14000, args)
+    picked = recipe_study.selected(14000, args)
     assert [j["name"] for j in picked] == ["lever_recipe", "lever_1"]
     assert picked[1]["changes"] == list(recipe.LEVERS.values())[1] and picked[1]["steps"] == 3500
 
