@@ -142,10 +142,7 @@ def study(folder: Path, args) -> None:
     steps = args.steps
     if args.budget_min:
         steps = probe(folder, args, args.probe_steps, args.budget_min * 60)
-    todo = selected(steps, args)
-    part = lever_steps(steps, args.lever_share)
-    (folder / "study.json").write_text(json.dumps({"steps": steps, "lever_steps": part}))
-    _pool(todo, folder, args, "study")
+    _pool(selected(steps, args), folder, args, "study")
     print(table(folder))
 
 
