@@ -34,11 +34,11 @@ def jobs(
     for seed in seeds:
         out.append(dict(name=f"maetok_s{seed}", variant="maetok", seed=seed, steps=steps))
         out.append(dict(name=f"plain_s{seed}", variant="plain", seed=seed, steps=steps))
-    # the determinism check: seed 0 again, compiled afresh (no shared compilation cache, so
-    # its kernels are chosen, and autotuned, on their own)
+    # the determinism check: the first seed again, compiled afresh (no shared compilation
+    # cache, so its kernels are chosen, and autotuned, on their own)
     out.append(
         dict(
-            name="maetok_s0_repeat",
+            name=f"maetok_s{seeds[0]}_repeat",
             variant="maetok",
             seed=seeds[0],
             steps=steps,

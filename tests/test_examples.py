@@ -119,6 +119,8 @@ def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
     ]  # fmt: skip
     repeat = jobs[6]
     assert repeat["seed"] == 0 and repeat["env"] == {"MAETOK_JAX_CACHE": "off"}
+    again = recipe_study.jobs(1000, seeds=(1, 2), levers=0)[-1]  # the repeat of the first seed
+    assert again["name"] == "maetok_s1_repeat" and again["seed"] == 1
     levers = [j for j in jobs if j["name"].startswith("lever_")]
     assert len(levers) == len(recipe.LEVERS) + 1 and {j["steps"] for j in levers} == {500}
     assert [j["name"] for j in recipe_study.jobs(1000, levers=0)] == names[:7]
