@@ -28,6 +28,7 @@ import numpy as np
 from maetok.diffusion_config import preset
 from maetok.params import count, init_dit
 from maetok_jax import diffusion_train as dtrain
+from maetok_jax.backend import Backend
 from maetok_jax.flow import sample
 
 CIFAR_TRAIN = 50_000
@@ -67,6 +68,7 @@ def time_train(cfg, steps: int) -> dict:
         "tflop_s": round(flops / dt / 1e12, 2),
         "min_for_20k_steps": round(20000 * dt / 60, 2),
         "loss": float(m["loss"]),
+        "peak_memory_gib": (Backend.peak_memory_bytes() or 0) / 2**30,
     }, state
 
 
@@ -82,7 +84,7 @@ def time_sample(cfg, params, n: int) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--tokens", default="64", help="L values, comma-separated")
@@ -92,7 +94,7 @@ def main() -> None:
     p.add_argument("--batch", type=int)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--sample", type=int, default=0, help="also time sampling this many latents")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     for n in (int(v) for v in args.tokens.split(",")):
         for attention in args.attention.split(","):

@@ -9,7 +9,9 @@ compute, fused attention, in-memory synthetic batches:
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
 - JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
   once, ``model.compile_scope=block``, with its compile time) at both stages, and torch
-  eager on the ``seed`` preset.
+  eager on the ``seed`` preset;
+- the latent diffusion model's train step (``benchmarks/diffusion_step.py``, DiT ``small``
+  on latents of 64 tokens × 16, batch 256, JAX only) with each attention kernel.
 
 Columns: images/s, model TFLOP/s (``train_step.transformer_flops``), the share of the
 matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed against
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from benchmarks.train_step import _run_backend
 
 BASE = ["--preset", "base", "--dtype", "bfloat16", "--attention", "fused"]
 BIG = ["--remat", "dots"]  # batch 256 needs the dense outputs-only residuals to fit
+DIT = ["--preset", "small", "--tokens", "64", "--token-dim", "16", "--steps", "50"]
 
 # (label, backend, batch, extra train_step.py arguments); "lever off" rows name the switch.
 ROWS = [
@@ -49,7 +53,40 @@ ROWS = [
     ("torch eager S2", "torch", 128, ["--stage", "2"]),
     ("torch.compile S2 (block)", "torch-compile", 128, ["--stage", "2"]),
     ("torch eager S1 seed preset", "torch", 128, ["--preset", "seed"]),
+    # the latent diffusion step (JAX only): DiT ``small`` on latents of 64 tokens × 16
+    *(
+        (
+            f"DiT small (latent diffusion), {kind} attention",
+            "jax-diffusion",
+            256,
+            [*DIT, "--attention", kind],
+        )
+        for kind in ("plain", "fused")
+    ),
 ]
+
+
+def run_diffusion(argv: list[str], timeout: float) -> dict:
+    """One ``diffusion_step.py`` setting in a fresh subprocess (its own peak memory), as a row
+    of the table: samples/s as img/s, no ratio to the official tokenizer step."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "diffusion_step.py"), *argv]
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not rows:
+        return {"error": f"exit status {proc.returncode} (see the log above)"}
+    r = rows[-1]
+    return {
+        "batch": r["batch"],
+        "images_per_s": r["samples_per_s"],
+        "model_tflops": r["train_tflop_per_step"] / (r["step_ms"] / 1e3),  # (unrounded)
+        "peak_memory_gib": r["peak_memory_gib"],
+        "compile_s": r["first_step_s"] - r["step_ms"] / 1e3,
+        "reference": False,  # not a tokenizer step: no "× official"
+        "diffusion": r,
+    }
 
 
 def table(results: list[tuple[str, dict]], ceiling: float, reference: float) -> str:
@@ -63,14 +100,16 @@ def table(results: list[tuple[str, dict]], ceiling: float, reference: float) -> 
         if "error" in r:
             lines.append(f"| {label} | {r.get('batch')} | {r['error']} | | | | | |")
             continue
+        official = f"{r['images_per_s'] / reference:.2f}" if r.get("reference", True) else "–"
         lines.append(
             f"| {label} | {r['batch']} | {r['images_per_s']:.1f} | {r['model_tflops']:.1f} | "
-            f"{100 * r['model_tflops'] / ceiling:.1f} % | {r['images_per_s'] / reference:.2f} | "
+            f"{100 * r['model_tflops'] / ceiling:.1f} % | {official} | "
             f"{r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |"
         )
     note = (
         f"\nMatmul ceiling {ceiling:.0f} TFLOP/s; × official: images/s over {reference:.0f} "
-        "(the official MAETok step). Compile s: first step less a timed one.\n"
+        "(the official MAETok step; the DiT rows count latent samples). Compile s: first "
+        "step less a timed one.\n"
     )
     return head + "\n".join(lines) + "\n" + note
 
@@ -87,12 +126,18 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=240, help="seconds per row")
     args = p.parse_args(argv)
     common = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+
+    def measure(label: str, backend: str, batch: int, extra: list[str]) -> dict:
+        if backend == "jax-diffusion":
+            return {"batch": batch, **run_diffusion([*extra, "--batch", str(batch)], args.timeout)}
+        argv_row = [*BASE, *common, *extra, "--label", label]
+        return _run_backend(backend, batch, argv_row, args.timeout)
+
     results = []
     for label, backend, batch, extra in ROWS:
         if args.rows != "all" and not backend.startswith(args.rows):
             continue
-        argv_row = [*BASE, *common, *extra, "--label", label]
-        result = _run_backend(backend, batch, argv_row, args.timeout)
+        result = measure(label, backend, batch, extra)
         results.append((label, result))
         if args.json:
             with open(args.json, "a") as f:

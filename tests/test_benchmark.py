@@ -151,3 +151,16 @@ def test_levers_table_gives_ratios_to_the_ceiling_and_the_official_step():
     labels = [label for label, *_ in ROWS]
     assert {"JAX S2, all levers", "torch eager S2", "torch.compile S2 (block)"} <= set(labels)
     assert sum("seed preset" in label for label in labels) == 2
+
+
+def test_levers_times_the_latent_diffusion_step_as_a_row_of_its_table():
+    from benchmarks.levers import ROWS, run_diffusion, table
+
+    argv = ["--preset", "tiny", "--tokens", "16", "--token-dim", "8", "--steps", "2"]
+    row = run_diffusion([*argv, "--dtype", "float32", "--batch", "8"], timeout=300)
+    assert "error" not in row, row
+    assert row["batch"] == 8 and row["images_per_s"] > 0 and row["model_tflops"] > 0
+    assert row["compile_s"] > 0 and math.isfinite(row["diffusion"]["loss"])
+    line = table([("DiT", row)], ceiling=790.0, reference=270.0).splitlines()[2]
+    assert line.split("|")[6].strip() == "–"  # samples of a DiT are not the tokenizer's images
+    assert any(backend == "jax-diffusion" for _, backend, *_ in ROWS)
