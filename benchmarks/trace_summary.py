@@ -1,7 +1,14 @@
 """Summarise a JAX profiler trace (the Perfetto JSON written by ``breakdown.py --trace``):
-GPU time per kernel family, largest first.
+GPU time per part of the step and per kernel family, largest first.
 
     python benchmarks/trace_summary.py TRACE_DIR [--top 25]
+
+The parts are the step's ``jax.named_scope`` names (encoder, decoder, aux_decoders, targets,
+perceptual, mask_loss, optimiser): each kernel event names the HLO instruction it runs
+(``hlo_op``), and the compiled step's HLO (``TRACE_DIR/step.hlo.txt``, written beside the
+trace) gives that instruction's op name, whose outermost scope is its part; the backward
+pass of a part counts as the part. Without a GPU (a trace made on the CPU) the XLA ops on
+the host stand in for kernels.
 """
 
 from __future__ import annotations
@@ -23,6 +30,23 @@ FAMILIES = [  # (family, regex on the kernel name), first match wins
     ("transpose/copy", r"transpose|copy|memcpy|memset|dynamic.update.slice|slice"),
     ("elementwise/loop fusion", r"fusion|loop|elementwise|input_"),
 ]
+
+# the step's named scopes (maetok_jax: model, losses, perceptual, targets, train)
+PARTS = ("encoder", "decoder", "aux_decoders", "targets", "perceptual", "mask_loss", "optimiser")
+HLO_NAME = "step.hlo.txt"  # the compiled step's HLO text, beside the trace
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"')
+CONTROL = re.compile(r"(while|conditional|call)\b")  # host events that contain other ops
+_PART = re.compile(r"\b(" + "|".join(PARTS) + r")\b")
+
+
+def parts_of(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name → the outermost named scope in its op name (``other`` if none)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        if m := _INSTRUCTION.match(line):
+            scope = _PART.search(m.group(2))
+            out[m.group(1)] = scope.group(1) if scope else "other"
+    return out
 
 
 def family(name: str) -> str:
@@ -51,20 +75,38 @@ def main(argv=None) -> int:
         if e.get("ph") == "M" and e.get("name") == "process_name"
     }
     gpu = {pid for pid, n in pids.items() if "gpu" in n.lower() or "/device:" in n.lower()}
-    kernels = collections.Counter()
-    count = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
-            kernels[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+
+    def is_kernel(e) -> bool:  # a GPU kernel, or (no GPU in the trace) an XLA op on the host
+        if gpu:
+            return e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu
+        # on the host a loop's event spans the ops of its body: count those, not the loop
+        op = e.get("args", {}).get("hlo_op", "while")
+        return e.get("ph") == "X" and "dur" in e and not CONTROL.match(op)
+
+    hlo = next(iter(sorted(Path(args.trace_dir).rglob(HLO_NAME))), None)
+    part_of = parts_of(hlo.read_text()) if hlo else {}
+    kernels, count, parts = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in filter(is_kernel, events):
+        kernels[e["name"]] += e["dur"]
+        count[e["name"]] += 1
+        parts[part_of.get(e.get("args", {}).get("hlo_op"), "other")] += e["dur"]
     total = sum(kernels.values())
     if not total:
-        print("no GPU kernel events in the trace; processes: " + ", ".join(pids.values()))
+        print("no kernel events in the trace; processes: " + ", ".join(pids.values()))
         return 1
+    where = "GPU kernel" if gpu else "XLA op (host)"
+    print(f"{where} time in the trace: {total / 1e3:.1f} ms (3 steps)\n")
+    if part_of:
+        print("by part of the step (its named scope, forward and backward):")
+        for part, us in parts.most_common():
+            print(f"{part:34s}{us / 1e3:9.1f} ms {100 * us / total:6.1f}%")
+        print()
+    else:
+        print(f"(no {HLO_NAME} beside the trace: no split by part)\n")
     fams = collections.Counter()
     for name, us in kernels.items():
         fams[family(name)] += us
-    print(f"GPU kernel time in the trace: {total / 1e3:.1f} ms (3 steps)\n")
+    print("by kernel family:")
     for fam, us in fams.most_common():
         print(f"{fam:34s}{us / 1e3:9.1f} ms {100 * us / total:6.1f}%")
     print(f"\ntop {args.top} kernels:")

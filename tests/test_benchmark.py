@@ -63,7 +63,9 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
     assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 1e-3 * abs(rows[0]["final_loss"])
 
 
-def test_breakdown_times_every_part_on_cpu():
+def test_breakdown_times_every_part_on_cpu(tmp_path, capsys):
+    from benchmarks import trace_summary
+
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "breakdown.py"),
@@ -73,6 +75,8 @@ def test_breakdown_times_every_part_on_cpu():
         "2",
         "--runs",
         "1",
+        "--trace",
+        str(tmp_path / "trace"),
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -89,6 +93,14 @@ def test_breakdown_times_every_part_on_cpu():
         line = next((x for x in proc.stdout.splitlines() if x.startswith(part)), None)
         assert line is not None, f"no {part!r} row in:\n{proc.stdout}"
         assert float(line.split(" ms")[0].split()[-1]) > 0
+    # the trace of the Stage-1 step, split by the step's named scopes
+    assert trace_summary.main([str(tmp_path / "trace")]) == 0
+    out = capsys.readouterr().out
+    by_part = out.split("by part of the step")[1].split("by kernel family")[0]
+    ms = {l.split()[0]: float(l.split()[1]) for l in by_part.splitlines()[1:] if l.strip()}
+    assert {"encoder", "decoder", "aux_decoders", "perceptual", "optimiser"} <= set(ms)
+    assert all(v > 0 for v in ms.values())
+    assert ms.get("other", 0) < 0.25 * sum(ms.values())  # nearly all of it has a name
 
 
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
