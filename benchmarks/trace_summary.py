@@ -80,8 +80,8 @@ def main(argv=None) -> int:
         if gpu:
             return e.get("ph") == "X" and "dur" in e and e.get("pid") in gpu
         # on the host a loop's event spans the ops of its body: count those, not the loop
-        op = e.get("args", {}).get("hlo_op", "while")
-        return e.get("ph") == "X" and "dur" in e and not CONTROL.match(op)
+        op = e.get("args", {}).get("hlo_op")
+        return e.get("ph") == "X" and "dur" in e and op is not None and not CONTROL.match(op)
 
     hlo = next(iter(sorted(Path(args.trace_dir).rglob(HLO_NAME))), None)
     part_of = parts_of(hlo.read_text()) if hlo else {}

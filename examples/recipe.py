@@ -134,6 +134,11 @@ def _done_steps(ckpt: Path) -> int | None:
     return int(read_header(ckpt)[1]["step"])
 
 
+def logged_steps(metrics: Path) -> int:
+    """The steps a stage trained, from the last line of its ``metrics.jsonl``."""
+    return int(json.loads(metrics.read_text().splitlines()[-1])["step"]) + 1
+
+
 def _train(out: Path, steps: int, args: list[str], log) -> None:
     """``maetok train`` into ``out`` for ``steps``; continues a cut-off run, skips a done one."""
     done = _done_steps(out / "checkpoint.safetensors")

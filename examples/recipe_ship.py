@@ -73,8 +73,7 @@ def _stage(folder: Path, data: dict | None = None) -> dict:
     if checkpoint.is_file():
         meta = read_header(checkpoint)[1]
         return {"steps": int(meta["step"]), "settings": settings, "data": meta.get("data")}
-    last = json.loads(metrics.read_text().splitlines()[-1])
-    return {"steps": int(last["step"]) + 1, "settings": settings, "data": data}
+    return {"steps": recipe.logged_steps(metrics), "settings": settings, "data": data}
 
 
 def _training_data(data: Path, run: Path) -> dict:

@@ -167,9 +167,7 @@ def _images_per_s(metrics: Path, last: int | None = None) -> float | None:
 def _run_steps(run: Path) -> int | None:
     """The steps a run trained, summed over its stages (from each ``metrics.jsonl``)."""
     done = [
-        json.loads(m.read_text().splitlines()[-1])["step"] + 1
-        for m in sorted(run.glob("stage*/metrics.jsonl"))
-        if m.stat().st_size
+        recipe.logged_steps(m) for m in sorted(run.glob("stage*/metrics.jsonl")) if m.stat().st_size
     ]
     return sum(done) or None
 

@@ -225,8 +225,9 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
 
     def eager_step(state, images, mask, lr, disc_lr, adv_on, percep_scale):
         dev = images.device
-        lr, disc_lr, adv_on = _scalar(lr, dev), _scalar(disc_lr, dev), _scalar(adv_on, dev)
-        percep_scale = _scalar(percep_scale, dev)
+        lr, disc_lr, adv_on, percep_scale = (
+            _scalar(x, dev) for x in (lr, disc_lr, adv_on, percep_scale)
+        )
         params = state["params"]
         trainable = {k: params[k] for k in keys}
         frozen = {k: v for k, v in params.items() if k not in keys}
