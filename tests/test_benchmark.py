@@ -100,7 +100,11 @@ def test_breakdown_times_every_part_on_cpu(tmp_path, capsys):
     ms = {l.split()[0]: float(l.split()[1]) for l in by_part.splitlines()[1:] if l.strip()}
     assert {"encoder", "decoder", "aux_decoders", "perceptual", "optimiser"} <= set(ms)
     assert all(v > 0 for v in ms.values())
-    assert ms.get("other", 0) < 0.25 * sum(ms.values())  # nearly all of it has a name
+    # nearly every instruction of the step has a part (a bound on instructions, not on time:
+    # on a busy CPU the unnamed copies XLA adds take a share of the time that varies widely)
+    hlo = (tmp_path / "trace" / trace_summary.HLO_NAME).read_text()
+    named = list(trace_summary.parts_of(hlo).values())
+    assert sum(part != "other" for part in named) > 0.75 * len(named)
 
 
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
