@@ -5,12 +5,15 @@
   conv target.
 - Gaussian-derivative kernels for the frozen perceptual feature pyramid (docs/design.md §5).
 
-Kernels are ``(kh, kw, 1, F)`` and are applied to each colour channel separately.
+Kernels are ``(kh, kw, 1, F)`` and are applied to each colour channel separately, as one
+matmul over overlapping windows (``window_matrix``): a one-channel convolution gets no
+tensor cores from cuDNN, a matmul does.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
@@ -18,6 +21,7 @@ from maetok.targets import GABOR_ORIENTATIONS, GABOR_SCALES
 
 PERCEP_LEVELS = 3  # pyramid levels: full, 1/2, 1/4 resolution
 PERCEP_SIGMA = 1.0
+WINDOW_TILE = 32  # outputs per window row of the windowed-matmul convolution (at most)
 
 
 def _grid(radius: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,11 +80,41 @@ def percep_bank() -> np.ndarray:
 @functools.cache
 def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
     """Every fixed kernel the targets and the perceptual loss use, for one patch size."""
+    sobel_x = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
+    sobel_y = sobel_x.T.copy()
     return {
-        "sobel_x": np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32),  # gx
-        "sobel_y": np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], np.float32),  # gy = gxᵀ
+        "sobel_x": sobel_x,  # gx
+        "sobel_y": sobel_y,  # gy = gxᵀ
+        "sobel": np.stack([sobel_x, sobel_y], -1)[:, :, None, :],  # (3, 3, 1, 2): [gx, gy]
         # docs/design.md §4: a 16×16 window with σ = 8 for p = 16; in general p × p with σ = p/2.
         "hog_window": gaussian_window(patch_size, patch_size / 2.0),
         "gabor": gabor_bank(),
         "percep": percep_bank(),
     }
+
+
+def window_tile(width: int) -> int:
+    """Outputs per window row for an output ``width``: the largest divisor of it up to
+    ``WINDOW_TILE`` that is a power of two (1 for an odd width)."""
+    return math.gcd(width, WINDOW_TILE)
+
+
+def window_matrix(kernel: np.ndarray, tile: int) -> np.ndarray:
+    """A fixed ``kernel (k, k, 1, F)`` as the matrix of a windowed matmul, ``(k, tile+k-1,
+    tile, F)``: ``M[dy, c, j, f] = kernel[dy, c − j, 0, f]`` where ``0 ≤ c − j < k``, else 0.
+
+    A window is k input rows by ``tile + k − 1`` columns; contracting it with M over
+    (dy, c) gives the correlation's ``tile`` outputs of its row, for all F filters at once.
+    The zeros cost FLOPs ((tile + k − 1)/tile × the direct count) but run on tensor cores.
+    """
+    return _window_matrix(kernel.tobytes(), kernel.shape, kernel.dtype.str, tile)
+
+
+@functools.lru_cache(maxsize=64)
+def _window_matrix(raw: bytes, shape: tuple, dtype: str, tile: int) -> np.ndarray:
+    kernel = np.frombuffer(raw, dtype).reshape(shape)
+    k, nf = shape[0], shape[-1]
+    m = np.zeros((k, tile + k - 1, tile, nf), kernel.dtype)
+    for j in range(tile):
+        m[:, j : j + k, j, :] = kernel[:, :, 0, :]
+    return m

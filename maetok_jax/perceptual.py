@@ -32,8 +32,8 @@ def _level_features(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
     """
     b, h, w, c = x.shape
     r, nf = kernel.shape[0] // 2, kernel.shape[-1]
-    y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, h, w, 1)
-    y = jnp.pad(y, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, h, w)
+    y = jnp.pad(y, ((0, 0), (r, r), (r, r)), mode="reflect")
     y = fixed_conv(y, kernel, dtype)  # (B·C, h, w, F)
     y = jnp.sqrt(y * y + PERCEP_EPS)
     return y.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)

@@ -7,10 +7,10 @@ differentiated, and mirrored function for function in ``maetok_torch/targets.py`
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W, 1)``.
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
-``F.conv2d``) in float32 at HIGHEST precision, after reflect padding — or, with bf16
-compute and ``model.fast_filters``, in bf16 at default precision (``filter_dtype``): a
-one-channel float32 convolution at HIGHEST precision gets no tensor cores, a bf16 one
-does, and targets are regression goals that bf16's 3 significant digits serve as well.
+``F.conv2d``), after reflect padding, computed as one matmul over overlapping windows
+(``fixed_conv``): in float32 at HIGHEST precision — or, with bf16 compute and
+``model.fast_filters``, in bf16 at default precision (``filter_dtype``): targets are
+regression goals that bf16's 3 significant digits serve as well.
 Everything after the convolutions stays float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
@@ -26,11 +26,9 @@ import numpy as np
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import filter_banks
+from maetok.filters import filter_banks, window_matrix, window_tile
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_jax.patches import patchify
-
-_DN = ("NHWC", "HWIO", "NHWC")
 
 
 def filter_dtype(m: ModelConfig):
@@ -40,19 +38,26 @@ def filter_dtype(m: ModelConfig):
     return jnp.bfloat16 if fast else jnp.float32
 
 
-def fixed_conv(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
-    """Stride-1 'VALID' correlation of x (B, H, W, 1) with a fixed ``kernel (k, k, 1, F)``,
-    float32 at HIGHEST precision, or in ``dtype`` bf16 at default precision; → float32."""
-    fast = dtype != jnp.float32
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype),
-        jnp.asarray(kernel, dtype),
-        (1, 1),
-        "VALID",
-        dimension_numbers=_DN,
-        precision=jax.lax.Precision.DEFAULT if fast else jax.lax.Precision.HIGHEST,
+def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``,
+    as one matmul over overlapping windows (``maetok.filters.window_matrix``): float32 at
+    HIGHEST precision, or in ``dtype`` bf16 at default precision; → (B, H−k+1, W−k+1, F),
+    float32."""
+    n, hp, wp = x.shape
+    k, nf = kernel.shape[0], kernel.shape[-1]
+    h, w = hp - k + 1, wp - k + 1
+    tile = window_tile(w)
+    x = x.astype(dtype)
+    rows = jnp.stack([x[:, dy : dy + h] for dy in range(k)], axis=2)  # (B, H, k, Wp)
+    span = tile + k - 1
+    win = jnp.stack([rows[..., t * tile : t * tile + span] for t in range(w // tile)], axis=2)
+    y = jnp.einsum(  # (B, H, W/tile, k, span) · (k, span, tile, F)
+        "bhtdc,dcjf->bhtjf",
+        win,
+        jnp.asarray(window_matrix(kernel, tile), dtype),
+        precision=jax.lax.Precision.DEFAULT if dtype != jnp.float32 else jax.lax.Precision.HIGHEST,
     )
-    return y.astype(jnp.float32)
+    return y.reshape(n, h, w, nf).astype(jnp.float32)
 
 
 def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
@@ -62,8 +67,8 @@ def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32
     """
     b, h, w, c = images.shape
     r = kernel.shape[0] // 2
-    x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w, 1)  # (B·C, H, W, 1)
-    x = jnp.pad(x, ((0, 0), (r, r), (r, r), (0, 0)), mode="reflect")
+    x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, H, W)
+    x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect")
     return fixed_conv(x, kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
 
 
@@ -78,8 +83,7 @@ def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
-    sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
-    g = _per_channel_conv(images, sobel, filter_dtype(m))  # (B, C, H, W, 2)
+    g = _per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = jnp.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.

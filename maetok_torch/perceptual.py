@@ -4,13 +4,14 @@ No downloaded weights: level 0 is the image, level l+1 the 2×2 average-pooled l
 and each level is passed through the fixed Gaussian-derivative bank
 ``maetok.filters.percep_bank`` (∂x, ∂y, ∂xx, ∂yy, ∂xy at σ = 1) per colour channel.
 Mirrored function for function in ``maetok_jax/perceptual.py``; images stay (B, H, W, C)
-at the boundary and are folded to NCHW ``(B·C, 1, h, w)`` only around the convolution.
+at the boundary and are folded to planes ``(B·C, h, w)`` only around the convolution.
 
 Pinned numerics (padding, pooling, smooth energy, level order): ``maetok.numerics``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,26 +27,23 @@ def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4))
 
 
-def _level_features(x: torch.Tensor, kernel: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+def _level_features(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torch.Tensor:
     """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
 
-    ``kernel`` is already in torch layout (F, 1, k, k). The convolution runs in ``dtype``
-    (``targets.filter_dtype``), the energy in float32.
+    The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
     """
     b, h, w, c = x.shape
-    nf, r = kernel.shape[0], kernel.shape[-1] // 2
-    y = x.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, h, w)
+    r, nf = kernel.shape[0] // 2, kernel.shape[-1]
+    y = x.permute(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, h, w)
     y = F.pad(y, (r, r, r, r), mode="reflect")
-    y = fixed_conv(y, kernel, dtype)  # (B·C, F, h, w)
+    y = fixed_conv(y, kernel, dtype)  # (B·C, h, w, F)
     y = torch.sqrt(y * y + PERCEP_EPS)
-    return y.reshape(b, c, nf, h, w).permute(0, 3, 4, 1, 2).reshape(b, h, w, c * nf)
+    return y.reshape(b, c, h, w, nf).permute(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
 
 
 def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
     """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
-    kernel = torch.as_tensor(
-        filter_banks(m.patch_size)["percep"], dtype=images.dtype, device=images.device
-    ).permute(3, 2, 0, 1)  # (5, 1, 5, 5)
+    kernel = filter_banks(m.patch_size)["percep"]  # (5, 5, 1, 5)
     feats, x = [], images
     for level in range(PERCEP_LEVELS):
         if level:

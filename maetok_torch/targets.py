@@ -5,12 +5,11 @@ maetok.targets.target_dim(name, m)``. They are computed from the clean image, ne
 differentiated, and mirrored function for function in ``maetok_jax/targets.py``.
 
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
-each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, 1, H, W)``
-(NCHW inside only; the kernel ``(kh, kw, 1, F)`` is used as ``w.permute(3, 2, 0, 1)``).
+each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
-``lax.conv``) in float32, after reflect padding — or, with bf16 compute and
-``model.fast_filters``, in bf16 (``filter_dtype``, as in JAX). Everything after the
-convolutions stays float32.
+``lax.conv``), after reflect padding, computed as one matmul over overlapping windows
+(``fixed_conv``, as in JAX): in float32 — or, with bf16 compute and ``model.fast_filters``,
+in bf16 (``filter_dtype``). Everything after the convolutions stays float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
 """
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import filter_banks
+from maetok.filters import filter_banks, window_matrix, window_tile
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_torch.patches import patchify
 
@@ -38,10 +37,19 @@ def filter_dtype(m: ModelConfig):
     return torch.bfloat16 if fast else torch.float32
 
 
-def fixed_conv(x: torch.Tensor, kernel: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """Stride-1 'VALID' correlation of x (B, 1, H, W) with a fixed ``kernel`` (F, 1, k, k)
-    in ``dtype``; → float32."""
-    return F.conv2d(x.to(dtype), kernel.to(dtype)).to(torch.float32)
+def fixed_conv(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``,
+    as one matmul over overlapping windows (``maetok.filters.window_matrix``) in ``dtype``;
+    → (B, H−k+1, W−k+1, F), float32."""
+    n, hp, wp = x.shape
+    k, nf = kernel.shape[0], kernel.shape[-1]
+    h, w = hp - k + 1, wp - k + 1
+    tile = window_tile(w)
+    x = x.to(dtype)
+    win = x.unfold(1, k, 1).unfold(2, tile + k - 1, tile)  # (B, H, W/tile, k, span), a view
+    mat = torch.as_tensor(window_matrix(kernel, tile), dtype=dtype, device=x.device)
+    y = torch.einsum("bhtdc,dcjf->bhtjf", win, mat)  # (k, span, tile, F)
+    return y.reshape(n, h, w, nf).to(torch.float32)
 
 
 def _per_channel_conv(
@@ -53,11 +61,9 @@ def _per_channel_conv(
     """
     b, h, w, c = images.shape
     r = kernel.shape[0] // 2
-    k = torch.as_tensor(kernel, dtype=images.dtype, device=images.device).permute(3, 2, 0, 1)
-    x = images.permute(0, 3, 1, 2).reshape(b * c, 1, h, w)  # (B·C, 1, H, W)
+    x = images.permute(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, H, W)
     x = F.pad(x, (r, r, r, r), mode="reflect")
-    y = fixed_conv(x, k, dtype)  # (B·C, F, H, W)
-    return y.reshape(b, c, kernel.shape[-1], h, w).permute(0, 1, 3, 4, 2)
+    return fixed_conv(x, kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
 
 
 def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
@@ -71,8 +77,7 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
-    sobel = np.stack([f["sobel_x"], f["sobel_y"]], -1)[:, :, None, :]  # (3, 3, 1, 2)
-    g = _per_channel_conv(images, sobel, filter_dtype(m))  # (B, C, H, W, 2)
+    g = _per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = torch.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.

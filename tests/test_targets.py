@@ -294,6 +294,39 @@ def test_registry_custom_target(backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bank,hw", [("sobel", (7, 9)), ("percep", (12, 40)), ("gabor", (14, 76))])
+def test_fixed_conv_and_its_gradient_match_loop_reference(backend, bank, hw, rng):
+    """The windowed matmul is a 'VALID' correlation, whatever the tile its output width
+    gives (widths 7, 36 and 64: tiles 1, 4 and 32), and so is its gradient (a full
+    convolution with the flipped kernel)."""
+    from maetok.filters import window_tile
+
+    kernel = filter_banks(16)[bank]  # (k, k, 1, F)
+    k, nf = kernel.shape[0], kernel.shape[-1]
+    x = rng.standard_normal((2, *hw)).astype(np.float32)
+    h, w = hw[0] - k + 1, hw[1] - k + 1
+    g = rng.standard_normal((2, h, w, nf)).astype(np.float32)
+    assert window_tile(w) in (1, 4, 32)
+    ref = np.zeros((2, h, w, nf))
+    dref = np.zeros(x.shape)
+    for n in range(2):
+        for i in range(h):
+            for j in range(w):
+                ref[n, i, j] = np.tensordot(x[n, i : i + k, j : j + k], kernel[:, :, 0], 2)
+                dref[n, i : i + k, j : j + k] += kernel[:, :, 0] @ g[n, i, j]
+    conv = _mod(backend, "targets").fixed_conv
+    if backend == "jax":
+        y, vjp = jax.vjp(lambda a: conv(a, kernel), jnp.asarray(x))
+        (dx,) = vjp(jnp.asarray(g))
+    else:
+        xt = torch.as_tensor(x).requires_grad_(True)
+        y = conv(xt, kernel)
+        (dx,) = torch.autograd.grad(y, xt, torch.as_tensor(g))
+    np.testing.assert_allclose(_np(y), ref, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_np(dx), dref, rtol=RTOL, atol=10 * ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_perceptual_features_match_loop_reference(backend, rng):
     m = _cfg(16, 4)
     x = _images(rng, m)
