@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     for e in filter(is_kernel, events):
         kernels[e["name"]] += e["dur"]
         count[e["name"]] += 1
-        parts[part_of.get(e.get("args", {}).get("hlo_op"), "other")] += e["dur"]
+        op = e.get("args", {}).get("hlo_op", "")
+        part = "(in a CUDA graph)" if op.startswith("command_buffer") else part_of.get(op, "other")
+        parts[part] += e["dur"]
     total = sum(kernels.values())
     if not total:
         print("no kernel events in the trace; processes: " + ", ".join(pids.values()))
