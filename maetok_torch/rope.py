@@ -7,10 +7,7 @@ Mirrors ``maetok_jax/rope.py``: the tables come from the same numpy function, an
 import torch
 
 from maetok.rope import rope_tables
-
-# (grid, L, K, θ, device) → (cos, sin): one host→device copy per table, not one per step
-# (a copy from pageable memory would also make the host wait for the GPU).
-_ON_DEVICE: dict = {}
+from maetok_torch.constants import on_device
 
 
 def rope_for(m, width: int, heads: int, num_latent_tokens: int, device=None):
@@ -18,18 +15,10 @@ def rope_for(m, width: int, heads: int, num_latent_tokens: int, device=None):
 
     ``device`` is the one argument JAX does not need (it places constants itself).
     """
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if torch.compiler.is_compiling():
-        # Inside torch.compile the tables become constants of the graph: a module-level
-        # tensor read inside the step's torch.func.grad region breaks inductor (torch 2.13),
-        # and a cache mutated while tracing would hold traced tensors.
-        cos, sin = rope_tables(m.grid, num_latent_tokens, width // heads, m.rope_theta)
-        return torch.as_tensor(cos, device=dev), torch.as_tensor(sin, device=dev)
-    key = (m.grid, num_latent_tokens, width // heads, m.rope_theta, str(dev))
-    if key not in _ON_DEVICE:
-        cos, sin = rope_tables(m.grid, num_latent_tokens, width // heads, m.rope_theta)
-        _ON_DEVICE[key] = (torch.as_tensor(cos, device=dev), torch.as_tensor(sin, device=dev))
-    return _ON_DEVICE[key]
+    args = (m.grid, num_latent_tokens, width // heads, m.rope_theta)
+    return tuple(
+        on_device(("rope", i, *args), lambda i=i: rope_tables(*args)[i], device) for i in (0, 1)
+    )
 
 
 def rotate_half(x):

@@ -27,6 +27,7 @@ import maetok.targets as core
 from maetok.config import ModelConfig
 from maetok.filters import filter_banks, window_matrix, window_tile
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
+from maetok_torch.constants import on_device
 from maetok_torch.patches import patchify
 
 
@@ -47,7 +48,8 @@ def fixed_conv(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torc
     tile = window_tile(w)
     x = x.to(dtype)
     win = x.unfold(1, k, 1).unfold(2, tile + k - 1, tile)  # (B, H, W/tile, k, span), a view
-    mat = torch.as_tensor(window_matrix(kernel, tile), dtype=dtype, device=x.device)
+    key = ("window", kernel.tobytes(), kernel.shape, tile)
+    mat = on_device(key, lambda: window_matrix(kernel, tile), x.device, dtype)
     y = torch.einsum("bhtdc,dcjf->bhtjf", win, mat)  # (k, span, tile, F)
     return y.reshape(n, h, w, nf).to(torch.float32)
 
@@ -85,9 +87,13 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     bins = torch.arange(nb, dtype=t.dtype, device=t.device)
     d = torch.remainder(t[..., None] - bins, float(nb))  # (B, C, H, W, 9)
     vote = torch.relu(1.0 - torch.minimum(d, nb - d))  # two neighbours, weights sum to 1
-    window = torch.as_tensor(
-        np.tile(f["hog_window"], (h // p, w // p)), dtype=images.dtype, device=images.device
-    )  # (H, W), one per patch
+    tiles = (h // p, w // p)
+    window = on_device(  # (H, W), one per patch
+        ("hog_window", p, tiles),
+        lambda: np.tile(f["hog_window"], tiles),
+        images.device,
+        images.dtype,
+    )
     v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
     hc, wc = h // cell, w // cell
     v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(dim=(3, 5))  # (B, C, H/cell, W/cell, 9)

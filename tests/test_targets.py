@@ -393,3 +393,32 @@ def test_gan_losses_match_numpy(backend, rng):
     new_r, new_f = d.update_lecam(ema_r, ema_f, rj, fj, 0.9)
     np.testing.assert_allclose(float(new_r), 0.9 * ema_r + 0.1 * rd.mean(), rtol=1e-6)
     np.testing.assert_allclose(float(new_f), 0.9 * ema_f + 0.1 * fd.mean(), rtol=1e-6)
+
+
+def test_torch_constants_are_copied_to_their_device_once():
+    """The window matrices, the HOG window and the RoPE tables: one tensor per key, device and
+    dtype, built from the same numpy as JAX's."""
+    from maetok.filters import window_matrix
+    from maetok_jax.rope import rope_for as jax_rope
+    from maetok_torch.constants import on_device
+    from maetok_torch.rope import rope_for
+
+    kernel = filter_banks(16)["gabor"]
+    calls = []
+
+    def build():
+        calls.append(1)
+        return window_matrix(kernel, 4)
+
+    key = ("test-window", kernel.tobytes(), kernel.shape, 4)
+    a = on_device(key, build, "cpu", torch.bfloat16)
+    assert on_device(key, build, "cpu", torch.bfloat16) is a and len(calls) == 1
+    b = on_device(key, build, "cpu", torch.float32)
+    assert b is not a and b.dtype == torch.float32 and len(calls) == 2
+    np.testing.assert_array_equal(b.numpy(), window_matrix(kernel, 4))
+    m = preset("tiny").model
+    cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
+    assert rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)[0] is cos
+    jcos, jsin = jax_rope(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
+    np.testing.assert_array_equal(cos.numpy(), np.asarray(jcos))
+    np.testing.assert_array_equal(sin.numpy(), np.asarray(jsin))
