@@ -48,6 +48,8 @@ ROWS = [
     ("JAX S1, remat dots_attn", "jax", 256, ["--remat", "dots_attn"]),
     ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
+    # the block scans unrolled: each block's parameters as static slices, not dynamic ones
+    ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
     ("torch eager S2", "torch", 128, ["--stage", "2"]),

@@ -22,10 +22,11 @@ import sys
 from pathlib import Path
 
 FAMILIES = [  # (family, regex on the kernel name), first match wins
+    # first: cuDNN convolution kernels also say "cudnn" or "gemm"; "convert" fusions are not
+    ("convolution", r"convol|conv2d|conv_|implicit"),
     ("attention (cuDNN flash)", r"cudnn|flash|fmha|sdpa"),
+    ("matmul (XLA's Triton gemm fusions)", r"triton|gemm_fusion"),
     ("matmul (cuBLAS/cutlass gemm)", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul"),
-    ("triton fusion (gemm)", r"triton.*gemm|gemm.*triton"),
-    ("convolution", r"conv|implicit"),
     ("reduction fusion", r"reduce|reduction"),
     ("transpose/copy", r"transpose|copy|memcpy|memset|dynamic.update.slice|slice"),
     ("elementwise/loop fusion", r"fusion|loop|elementwise|input_"),

@@ -107,6 +107,24 @@ def test_breakdown_times_every_part_on_cpu(tmp_path, capsys):
     assert sum(part != "other" for part in named) > 0.75 * len(named)
 
 
+def test_trace_summary_names_the_kernel_family_of_h200_kernels():
+    """Kernel names from an H200 trace: cuDNN convolutions also say "cudnn" or "gemm", and
+    XLA's convert fusions say "conv"; each must land in its own family."""
+    from benchmarks.trace_summary import family
+
+    names = {
+        "void precomputed_convolve_sgemm<__nv_bfloat16, 1024, 5, 5, 4>": "convolution",
+        "void cudnn::cnn::conv2d_grouped_direct_kernel<false, true>": "convolution",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16": "attention (cuDNN flash)",
+        "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_TNT": "matmul (cuBLAS/cutlass gemm)",
+        "gemm_fusion_dot_117": "matmul (XLA's Triton gemm fusions)",
+        "input_convert_reduce_fusion_1": "reduction fusion",
+        "loop_convert_fusion_8": "elementwise/loop fusion",
+        "MemcpyD2D": "transpose/copy",
+    }
+    assert {n: family(n) for n in names} == names
+
+
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [
