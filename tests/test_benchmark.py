@@ -184,7 +184,9 @@ def test_levers_table_gives_ratios_to_the_ceiling_and_the_official_step():
     # both stages of both backends and the seed preset are rows of the one command
     labels = [label for label, *_ in ROWS]
     assert {"JAX S2, all levers", "torch eager S2", "torch.compile S2 (block)"} <= set(labels)
-    assert sum("seed preset" in label for label in labels) == 2
+    seed = [(label, backend, extra) for label, backend, _, extra in ROWS if "seed" in label]
+    assert {backend for _, backend, _ in seed} == {"jax", "torch"}
+    assert any("--unroll" in extra for *_, extra in seed)  # the recipe's model, scans unrolled
 
 
 def test_levers_times_the_latent_diffusion_step_as_a_row_of_its_table():
