@@ -5,7 +5,7 @@ maetok.targets.target_dim(name, m)``. They are computed from the clean image, ne
 differentiated, and mirrored function for function in ``maetok_torch/targets.py``.
 
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
-each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W, 1)``.
+each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
 ``F.conv2d``), after reflect padding, computed as one matmul over overlapping windows
 (``fixed_conv``): in float32 at HIGHEST precision — or, with bf16 compute and
