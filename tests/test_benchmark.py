@@ -125,6 +125,39 @@ def test_trace_summary_names_the_kernel_family_of_h200_kernels():
     assert {n: family(n) for n in names} == names
 
 
+def test_trace_summary_splits_gpu_kernels_by_part_and_counts_cuda_graphs_apart(tmp_path, capsys):
+    """A GPU trace: kernels name their HLO instruction, whose op name gives the part; a kernel
+    replayed from a CUDA graph names only the graph and is counted apart, not as a part."""
+    import gzip
+    import json
+
+    from benchmarks import trace_summary
+
+    hlo = (
+        '  %fusion.1 = bf16[8] fusion(), metadata={op_name="jit(step)/encoder/dot_general"}\n'
+        '  %fusion.2 = f32[8] fusion(), metadata={op_name="jit(step)/transpose(perceptual)/mul"}\n'
+    )
+    kernel = {"ph": "X", "pid": 1, "ts": 0}
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {**kernel, "name": "nvjet_gemm", "dur": 30, "args": {"hlo_op": "fusion.1"}},
+        {**kernel, "name": "loop_fusion", "dur": 10, "args": {"hlo_op": "fusion.2"}},
+        {**kernel, "name": "nvjet_gemm", "dur": 60, "args": {"hlo_op": "command_buffer_3"}},
+    ]
+    (tmp_path / trace_summary.HLO_NAME).write_text(hlo)
+    with gzip.open(tmp_path / "x.trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert trace_summary.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    shares = {
+        line[:34].strip(): line.split()[-1]
+        for line in out.splitlines()
+        if line.endswith("%") and not line.startswith(" ")
+    }
+    assert shares["encoder"] == "30.0%" and shares["perceptual"] == "10.0%"
+    assert shares["(in a CUDA graph)"] == "60.0%"
+
+
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
     out = tmp_path / "bench.jsonl"
     cmd = [
