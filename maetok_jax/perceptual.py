@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.numerics import PERCEP_EPS
-from maetok_jax.targets import filter_dtype, fixed_conv
+from maetok_jax.targets import filter_dtype, per_channel_conv
 
 
 def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
@@ -31,12 +31,9 @@ def _level_features(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
     The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
     """
     b, h, w, c = x.shape
-    r, nf = kernel.shape[0] // 2, kernel.shape[-1]
-    y = x.transpose(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, h, w)
-    y = jnp.pad(y, ((0, 0), (r, r), (r, r)), mode="reflect")
-    y = fixed_conv(y, kernel, dtype)  # (B·C, h, w, F)
+    y = per_channel_conv(x, kernel, dtype)  # (B, C, h, w, F)
     y = jnp.sqrt(y * y + PERCEP_EPS)
-    return y.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
+    return y.transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * kernel.shape[-1])
 
 
 def perceptual_features(images: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:

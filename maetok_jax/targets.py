@@ -60,7 +60,7 @@ def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.nda
     return y.reshape(n, h, w, nf).astype(jnp.float32)
 
 
-def _per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+def per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
     """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
 
     (B, H, W, C) → (B, C, H, W, F), float32.
@@ -83,7 +83,7 @@ def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
-    g = _per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
+    g = per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = jnp.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
@@ -111,7 +111,7 @@ def conv_features(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     b, h, w, c = images.shape
     p = m.patch_size
     bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
-    y = _per_channel_conv(images, bank, filter_dtype(m))  # (B, C, H, W, 2·S·O)
+    y = per_channel_conv(images, bank, filter_dtype(m))  # (B, C, H, W, 2·S·O)
     so = bank.shape[-1] // 2
     y = y.reshape(b, c, h, w, so, 2)
     e = jnp.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)

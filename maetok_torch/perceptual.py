@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.numerics import PERCEP_EPS
-from maetok_torch.targets import filter_dtype, fixed_conv
+from maetok_torch.targets import filter_dtype, per_channel_conv
 
 
 def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
@@ -33,12 +32,9 @@ def _level_features(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) ->
     The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
     """
     b, h, w, c = x.shape
-    r, nf = kernel.shape[0] // 2, kernel.shape[-1]
-    y = x.permute(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, h, w)
-    y = F.pad(y, (r, r, r, r), mode="reflect")
-    y = fixed_conv(y, kernel, dtype)  # (B·C, h, w, F)
+    y = per_channel_conv(x, kernel, dtype)  # (B, C, h, w, F)
     y = torch.sqrt(y * y + PERCEP_EPS)
-    return y.reshape(b, c, h, w, nf).permute(0, 2, 3, 1, 4).reshape(b, h, w, c * nf)
+    return y.permute(0, 2, 3, 1, 4).reshape(b, h, w, c * kernel.shape[-1])
 
 
 def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
