@@ -48,6 +48,7 @@ ROWS = [
     # full remat holds batch 256 in 11 GiB: does a larger batch then run faster?
     ("JAX S1, remat full", "jax", 512, ["--remat", "full"]),
     ("JAX S1, remat dots_attn", "jax", 256, ["--remat", "dots_attn"]),
+    ("JAX S1, unroll 12", "jax", 256, [*BIG, "--unroll", "12"]),
     ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
