@@ -80,12 +80,9 @@ def percep_bank() -> np.ndarray:
 @functools.cache
 def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
     """Every fixed kernel the targets and the perceptual loss use, for one patch size."""
-    sobel_x = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
-    sobel_y = sobel_x.T.copy()
+    gx = np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], np.float32)
     return {
-        "sobel_x": sobel_x,  # gx
-        "sobel_y": sobel_y,  # gy = gxᵀ
-        "sobel": np.stack([sobel_x, sobel_y], -1)[:, :, None, :],  # (3, 3, 1, 2): [gx, gy]
+        "sobel": np.stack([gx, gx.T], -1)[:, :, None, :],  # (3, 3, 1, 2): [gx, gy = gxᵀ]
         # docs/design.md §4: a 16×16 window with σ = 8 for p = 16; in general p × p with σ = p/2.
         "hog_window": gaussian_window(patch_size, patch_size / 2.0),
         "gabor": gabor_bank(),

@@ -99,7 +99,7 @@ def ref_hog(images: np.ndarray, m) -> np.ndarray:
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
     f = filter_banks(p)
-    sx, sy = f["sobel_x"].astype(np.float64), f["sobel_y"].astype(np.float64)
+    sx, sy = (f["sobel"][:, :, 0, i].astype(np.float64) for i in (0, 1))
     win = f["hog_window"].astype(np.float64)
     img = images.astype(np.float64)
     hist = np.zeros((b, h // cell, w // cell, c, nb))
