@@ -59,8 +59,8 @@ RECIPE = {
     # attention under --xla_gpu_deterministic_ops (an internal IndexError)
     "model.attention": "plain",
     "model.query_pos": True,  # learnable decoder query positions: faster convergence
-    # every block stack unrolled (depths 12, 8, 3): no per-layer copies; on the CPU the same
-    # checksums as rolled
+    # every block stack unrolled (depths 12, 8, 3): no per-layer copies, 35 % faster on the
+    # GPU; there it rounds differently from rolled (on the CPU the same checksums)
     "model.unroll": 12,
     "model.compute_dtype": "bfloat16",
     "train.batch_size": 64,

@@ -191,7 +191,8 @@ def _digests(run: Path) -> dict[str, str]:
 
 def table(folder: Path) -> str:
     """The seed table, the lever table and the determinism check of a study folder."""
-    steps = _run_steps(folder / "maetok_s0")
+    full = sorted(folder.glob("maetok_s[0-9]*"))
+    steps = _run_steps(full[0]) if full else None
     lines = [f"Study in {folder}: {steps or '?'} steps per full run.\n"]
     rows = [
         ("MAETok Stage 1", "maetok_s{}", "stage1"),
