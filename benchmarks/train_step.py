@@ -9,7 +9,7 @@ model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dens
 (989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
 memory, the time of the first step and the compile time (the first step less a timed
 one; for ``torch-compile``, ``model.compile_scope`` says what is compiled: "block", the
-default, or "step"). Kernels are the frameworks' fastest unless ``--deterministic`` asks for
+default, "parts" (the block and the step's other parts, once each) or "step"). Kernels are the frameworks' fastest unless ``--deterministic`` asks for
 the run-to-run identical ones ``maetok train`` uses by default (``train.deterministic``).
 
 ``--set SECTION.FIELD=VALUE`` overrides any config field, e.g. the compute-only switches of

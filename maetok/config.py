@@ -80,7 +80,8 @@ class ModelConfig:
     # stacked at call time); off: one after the other.
     stack_aux: bool = field(default=True, metadata=COMPUTE_ONLY)
     # torch.compile (``--compile``): "block" compiles the transformer block once and reuses it
-    # across depth and stacks; "step" compiles the whole train step (minutes).
+    # across depth and stacks; "parts" also compiles the step's other parts once each
+    # (targets, losses, optimiser update); "step" compiles the whole train step (minutes).
     compile_scope: str = field(default="block", metadata=COMPUTE_ONLY)
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
     # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.
@@ -349,7 +350,7 @@ def validate(cfg: Config) -> Config:
     _choice(m.attention, ("plain", "fused"), "model.attention")
     _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
     _choice(m.remat, REMAT_MODES, "model.remat")
-    _choice(m.compile_scope, ("block", "step"), "model.compile_scope")
+    _choice(m.compile_scope, ("block", "parts", "step"), "model.compile_scope")
     _require(
         len(set(m.aux_targets)) == len(m.aux_targets),
         f"model.aux_targets has duplicates: {list(m.aux_targets)}",

@@ -10,6 +10,7 @@ Stage-1 and Stage-2 objectives:
 import torch
 
 from maetok.numerics import ADV_WEIGHT_EPS, ADV_WEIGHT_MAX
+from maetok_torch.compiled import compiled_part
 from maetok_torch.discriminator import discriminator, generator_adv_loss
 from maetok_torch.patches import patchify
 from maetok_torch.perceptual import perceptual_loss
@@ -21,6 +22,7 @@ def reconstruction_loss(images, recon, kind: str = "mse"):
     return torch.mean(torch.abs(diff)) if kind == "l1" else torch.mean(torch.square(diff))
 
 
+@compiled_part
 def mask_loss(preds, targets, mask, lo, count=None):
     """L_mask = Σ_j γ_j · mean over masked tokens of the per-token mean squared error.
 
@@ -40,6 +42,7 @@ def mask_loss(preds, targets, mask, lo, count=None):
     return torch.as_tensor(total, dtype=torch.float32, device=mask.device), terms
 
 
+@compiled_part
 def rec_percep_loss(images, recon, m, lo, percep_scale=1.0):
     """The non-adversarial part of L_tok: L_rec + s·λ1·L_percep → (total, rec, percep), s the
     perceptual warm-up's ``percep_scale``."""

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from maetok.config import ModelConfig
-from maetok.filters import PERCEP_LEVELS, filter_banks
+from maetok.filters import PERCEP_LEVELS
 from maetok.numerics import PERCEP_EPS
+from maetok_torch.constants import Bank, bank
 from maetok_torch.targets import filter_dtype, per_channel_conv
 
 
@@ -26,7 +27,9 @@ def _avg_pool2(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(dim=(2, 4))
 
 
-def _level_features(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+def _level_features(
+    x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32
+) -> torch.Tensor:
     """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
 
     The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
@@ -39,7 +42,7 @@ def _level_features(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) ->
 
 def perceptual_features(images: torch.Tensor, m: ModelConfig) -> list[torch.Tensor]:
     """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
-    kernel = filter_banks(m.patch_size)["percep"]  # (5, 5, 1, 5)
+    kernel = bank(m.patch_size, "percep")  # (5, 5, 1, 5)
     feats, x = [], images
     for level in range(PERCEP_LEVELS):
         if level:

@@ -27,7 +27,8 @@ import maetok.targets as core
 from maetok.config import ModelConfig
 from maetok.filters import filter_banks, window_matrix, window_tile
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
-from maetok_torch.constants import on_device
+from maetok_torch.compiled import compiled_part
+from maetok_torch.constants import Bank, bank, on_device
 from maetok_torch.patches import patchify
 
 
@@ -38,23 +39,28 @@ def filter_dtype(m: ModelConfig):
     return torch.bfloat16 if fast else torch.float32
 
 
-def fixed_conv(x: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``,
-    as one matmul over overlapping windows (``maetok.filters.window_matrix``) in ``dtype``;
-    → (B, H−k+1, W−k+1, F), float32."""
+def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
+    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``
+    (an array or a ``Bank``), as one matmul over overlapping windows
+    (``maetok.filters.window_matrix``) in ``dtype``; → (B, H−k+1, W−k+1, F), float32."""
     n, hp, wp = x.shape
     k, nf = kernel.shape[0], kernel.shape[-1]
     h, w = hp - k + 1, wp - k + 1
     tile = window_tile(w)
     x = x.to(dtype)
     win = x.unfold(1, k, 1).unfold(2, tile + k - 1, tile)  # (B, H, W/tile, k, span), a view
-    key = ("window", kernel.tobytes(), kernel.shape, tile)
-    mat = on_device(key, lambda: window_matrix(kernel, tile), x.device, dtype)
+    if isinstance(kernel, Bank):
+        key, array = ("window", kernel, tile), kernel.array
+    else:
+        key, array = ("window", kernel.tobytes(), kernel.shape, tile), lambda: kernel
+    mat = on_device(key, lambda: window_matrix(array(), tile), x.device, dtype)
     y = torch.einsum("bhtdc,dcjf->bhtjf", win, mat)  # (k, span, tile, F)
     return y.reshape(n, h, w, nf).to(torch.float32)
 
 
-def per_channel_conv(images: torch.Tensor, kernel: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+def per_channel_conv(
+    images: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32
+) -> torch.Tensor:
     """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
 
     (B, H, W, C) → (B, C, H, W, F), float32.
@@ -76,8 +82,7 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
-    f = filter_banks(p)
-    g = per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
+    g = per_channel_conv(images, bank(p, "sobel"), filter_dtype(m))  # (B, C, H, W, 2)
     gx, gy = g[..., 0], g[..., 1]
     mag = torch.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
@@ -88,7 +93,7 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     tiles = (h // p, w // p)
     window = on_device(  # (H, W), one per patch
         ("hog_window", p, tiles),
-        lambda: np.tile(f["hog_window"], tiles),
+        lambda: np.tile(filter_banks(p)["hog_window"], tiles),
         images.device,
         images.dtype,
     )
@@ -111,9 +116,9 @@ def conv_features(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """
     b, h, w, c = images.shape
     p = m.patch_size
-    bank = filter_banks(p)["gabor"]  # (k, k, 1, 2·S·O), pairs [even, odd]
-    y = per_channel_conv(images, bank, filter_dtype(m))  # (B, C, H, W, 2·S·O)
-    so = bank.shape[-1] // 2
+    gabor = bank(p, "gabor")  # (k, k, 1, 2·S·O), pairs [even, odd]
+    y = per_channel_conv(images, gabor, filter_dtype(m))  # (B, C, H, W, 2·S·O)
+    so = gabor.shape[-1] // 2
     y = y.reshape(b, c, h, w, so, 2)
     e = torch.sqrt(y[..., 0] ** 2 + y[..., 1] ** 2 + GABOR_EPS)  # (B, C, H, W, S·O)
     gh, gw = h // p, w // p
@@ -139,6 +144,7 @@ def register_target(name: str, fn: Callable, dim) -> None:
     core.add_target(TARGETS, name, fn, dim)
 
 
+@compiled_part
 def compute_targets(images: torch.Tensor, m: ModelConfig) -> dict[str, torch.Tensor]:
     """Every target named in ``m.aux_targets``: ``{name: (B, N, D_j)}``, gradient-free."""
     core.check_implemented(TARGETS, m, "torch", __name__)

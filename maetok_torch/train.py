@@ -31,6 +31,7 @@ import torch
 from maetok import params as param_spec
 from maetok.train_state import trainable_keys
 from maetok.tree import flatten, map_tree, unflatten
+from maetok_torch.compiled import compiled_part, compiling
 from maetok_torch.discriminator import (
     discriminator,
     generator_adv_loss,
@@ -49,7 +50,6 @@ from maetok_torch.optim import (
     make_optimizer,
 )
 from maetok_torch.targets import compute_targets
-from maetok_torch.transformer import compiled_blocks
 
 
 def default_device() -> str:
@@ -202,7 +202,7 @@ def _scalar(x, device) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float32, device=device)
 
 
-def make_train_step(cfg, reduce=LOCAL, block_backend=None):
+def make_train_step(cfg, reduce=LOCAL, block_backend=None, parts: bool = False):
     """``step(state, images (B,H,W,C), mask (B,N), lr, disc_lr, adv_on, percep_scale)
     → (state, metrics)``: the scalars are ``step_inputs``' (``schedules.step_scalars``).
 
@@ -211,16 +211,24 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
     ``reduce`` is a ``maetok_torch.distributed`` reducer, the batch is this rank's slice of
     the global one, and the update is the one-process update on the global batch.
     ``block_backend``: a ``torch.compile`` backend the transformer blocks run compiled with
-    (``model.compile_scope = "block"``); None: eager.
+    (``model.compile_scope = "block"``), and with ``parts`` the step's other parts, each
+    compiled once (``"parts"``, ``maetok_torch.compiled``); None: eager.
     """
     m, lo, t = cfg.model, cfg.loss, cfg.train
     keys = trainable_keys(t.stage)
     _, opt_update = make_optimizer(t)
 
+    @compiled_part
+    def update(grads, opt, trainable, lr, ema, decay):
+        """Clip, optimiser step and EMA (None without one) → (trainable, opt, ema, ‖g‖)."""
+        grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
+        trainable, opt = opt_update(grads, opt, trainable, lr)
+        return trainable, opt, None if ema is None else ema_update(ema, trainable, decay), gnorm
+
     def step(*args):
         if block_backend is None:
             return eager_step(*args)
-        with compiled_blocks(block_backend):
+        with compiling(block_backend, parts):
             return eager_step(*args)
 
     def eager_step(state, images, mask, lr, disc_lr, adv_on, percep_scale):
@@ -250,12 +258,14 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
         metrics = {k: v.detach() for k, v in metrics.items()}
         recon = recon.detach()
         with torch.no_grad():
-            grads, gnorm = clip_by_global_norm(reduce.tree_mean(grads), t.grad_clip)
-            trainable, opt = opt_update(grads, state["opt"], trainable, lr)
+            ema = state.get("ema")
+            decay = ema_decay_at(state["step"], t) if ema is not None else None
+            trainable, opt, ema, gnorm = update(
+                reduce.tree_mean(grads), state["opt"], trainable, lr, ema, decay
+            )
             new_state = {**state, "params": {**params, **trainable}, "opt": opt}
-            if "ema" in state:
-                decay = ema_decay_at(state["step"], t)
-                new_state["ema"] = ema_update(state["ema"], trainable, decay)
+            if ema is not None:
+                new_state["ema"] = ema
             metrics["grad_norm"] = gnorm
         if lo.use_adv:
             new_state.update(disc_update(state, images, recon, disc_lr, adv_on, metrics))
@@ -294,7 +304,8 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None):
 def compile_train_step(cfg, backend: str = "inductor"):
     """The train step under ``torch.compile`` (optional; eager is the default path):
     ``model.compile_scope`` "step" compiles the whole step, "block" only the transformer
-    block, once for all stacks of one shape (the rest of the step runs eagerly).
+    block, once for all stacks of one shape (the rest of the step runs eagerly), "parts"
+    the block and each of the step's other parts once (targets, losses, optimiser update).
 
     The returned callable has a ``graphs`` attribute: how many graphs the compiler has
     built so far (a graph break counts as one more graph, a recompilation as one more).
@@ -307,8 +318,9 @@ def compile_train_step(cfg, backend: str = "inductor"):
         compiled.graphs += 1
         return compiler(gm, example_inputs)
 
-    if cfg.model.compile_scope == "block":
-        fn = make_train_step(cfg, block_backend=counting)
+    if cfg.model.compile_scope in ("block", "parts"):
+        parts = cfg.model.compile_scope == "parts"
+        fn = make_train_step(cfg, block_backend=counting, parts=parts)
     else:
         fn = torch.compile(make_train_step(cfg), backend=counting, dynamic=False)
 

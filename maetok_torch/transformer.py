@@ -8,13 +8,11 @@ JAX scans over the stacked tree, this loops over the depth index and slices ever
 the attention output (selective checkpointing, the counterpart of the JAX policies). The
 numbers are the same in every mode.
 
-``compiled_blocks()`` (``model.compile_scope = "block"``): inside it, every block runs
-through one ``torch.compile``d function, built once and reused across depth and across the
-encoder, decoder and auxiliary stacks (one graph per distinct shape), so compiling takes a
-block's time rather than the whole step's.
+Inside ``maetok_torch.compiled.compiling()`` (``model.compile_scope`` "block" or "parts")
+every block runs through one ``torch.compile``d function, built once and reused across depth
+and stacks.
 """
 
-import contextlib
 import functools
 
 import torch
@@ -26,6 +24,7 @@ from torch.utils.checkpoint import (
 
 from maetok.tree import map_tree
 from maetok_torch.attention import attention
+from maetok_torch.compiled import blocks_compiled, compiled
 from maetok_torch.layers import layer_norm, mlp
 
 _MATMULS = {
@@ -81,28 +80,13 @@ def remat_block(mode: str):
     return run
 
 
-_COMPILED: dict = {}  # remat mode → the compiled block
-_ACTIVE = {"on": False, "backend": "inductor"}
-
-
-@contextlib.contextmanager
-def compiled_blocks(backend="inductor"):
-    """Within this context every ``transformer`` call runs its blocks compiled."""
-    previous = dict(_ACTIVE)
-    _ACTIVE.update(on=True, backend=backend)
-    try:
-        yield
-    finally:
-        _ACTIVE.update(previous)
+@functools.cache
+def _remat_block(mode: str):
+    return remat_block(mode)  # one function per mode, so each mode is compiled once
 
 
 def _block_fn(mode: str):
-    if not _ACTIVE["on"]:
-        return remat_block(mode)
-    key = (mode, _ACTIVE["backend"])
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(remat_block(mode), backend=_ACTIVE["backend"], dynamic=False)
-    return _COMPILED[key]
+    return compiled(_remat_block(mode)) if blocks_compiled() else remat_block(mode)
 
 
 def _slice(tree, i: int):

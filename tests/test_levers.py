@@ -22,7 +22,7 @@ import maetok_torch.train as tt
 from maetok.config import Config, ModelConfig, compute_only, preset
 from maetok.params import init_params, spec_params
 from maetok.parity import TOL, rel_err
-from maetok.tree import flatten, map_tree
+from maetok.tree import flatten, leaves, map_tree
 
 TINY = preset("tiny")
 
@@ -194,33 +194,50 @@ def _batch(cfg, seed: int) -> dict:
     return {"images": images, "mask": (rng.random((b, m.num_patches)) < 0.5).astype(np.float32)}
 
 
-def test_torch_block_compile_scope_runs_the_same_step():
-    """``compile_scope=block``: the blocks go through torch.compile (the ``eager`` compiler
-    here, to keep CPU tests fast) and the step computes what the eager step does."""
-    cfg = TINY.replace(train={"batch_size": 2})
-    args = tt.step_inputs(_batch(cfg, 9), cfg, 0, "cpu")
-    _, ref = tt.make_train_step(cfg)(tt.init_state(cfg, 0, device="cpu"), *args)
-    step = tt.compile_train_step(cfg, backend="eager")
-    _, got = step(tt.init_state(cfg, 0, device="cpu"), *args)
-    assert step.graphs >= 1
+@pytest.mark.parametrize("scope", ["block", "parts"])
+def test_torch_compile_scopes_run_the_same_steps(scope):
+    """``compile_scope`` block / parts: the blocks (and from the second step on the targets,
+    the two losses and the optimiser update) go through torch.compile (the ``eager``
+    compiler here, to keep CPU tests fast), and two steps compute what the eager steps do,
+    new parameters and EMA included."""
+    cfg = TINY.replace(train={"batch_size": 2}, model={"compile_scope": scope})
+    batch = _batch(cfg, 9)
+    runs = {}
+    for name, step in (("eager", tt.make_train_step(cfg)), ("compiled", None)):
+        step = step or tt.compile_train_step(cfg, backend="eager")
+        state, graphs = tt.init_state(cfg, 0, device="cpu"), []
+        for i in range(2):
+            state, metrics = step(state, *tt.step_inputs(batch, cfg, i, "cpu"))
+            graphs.append(getattr(step, "graphs", 0))
+        runs[name] = (state, metrics, graphs)
+    (ref_state, ref, _), (state, got, graphs) = runs["eager"], runs["compiled"]
+    # the parts (targets, two losses, update) compile on the second step, four more graphs
+    assert graphs[1] - graphs[0] == (4 if scope == "parts" else 0) and graphs[0] >= 1, graphs
     for k in ref:
         assert abs(float(got[k]) - float(ref[k])) <= 1e-5 * max(abs(float(ref[k])), 1e-3), k
+    for key in ("params", "ema"):
+        for a, b in zip(leaves(state[key]), leaves(ref_state[key])):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_block_compile_builds_its_graphs_once_whatever_the_depth():
-    """The compiled block is reused across depth and stacks: three times deeper stacks
-    build no more graphs, and later steps build none."""
+@pytest.mark.parametrize("scope", ["block", "parts"])
+def test_torch_compile_builds_its_graphs_once_whatever_the_depth(scope):
+    """The compiled block is reused across depth and stacks, and each part is compiled
+    once (on its second call): three times deeper stacks build no more graphs, and the
+    steps after the first compiled part build none."""
     graphs = {}
+    warm = 2 if scope == "parts" else 1  # steps until everything is compiled
     for depth in (1, 3):
         cfg = TINY.replace(
             train={"batch_size": 2},
             model={"enc_depth": depth, "dec_depth": depth, "aux_depth": depth},
-        )
+        ).replace(model={"compile_scope": scope})
         batch = _batch(cfg, depth)
         step = tt.compile_train_step(cfg, backend="eager")
         state = tt.init_state(cfg, 0, device="cpu")
-        state, _ = step(state, *tt.step_inputs(batch, cfg, 0, "cpu"))
+        for i in range(warm):
+            state, _ = step(state, *tt.step_inputs(batch, cfg, i, "cpu"))
         graphs[depth] = step.graphs
-        step(state, *tt.step_inputs(batch, cfg, 1, "cpu"))
+        step(state, *tt.step_inputs(batch, cfg, warm, "cpu"))
         assert step.graphs == graphs[depth], "a later step built another graph"
     assert graphs[1] == graphs[3] >= 1, graphs
