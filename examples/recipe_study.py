@@ -189,8 +189,37 @@ def _digests(run: Path) -> dict[str, str]:
     return dict(re.findall(pattern, text))
 
 
+def _run_table(folder: Path) -> list[str]:
+    """Per full run (``maetok_s*``, ``plain_s*``, their repeats): each stage's median
+    images/s, the tensor digests ``maetok train`` printed, and the last stage's EMA report."""
+    runs = sorted(p for p in folder.glob("*_s[0-9]*") if p.is_dir())
+    if not runs:
+        return []
+    lines = [
+        "| run | images/s, Stage 1 | images/s, Stage 2 | tensors sha256 (per stage) "
+        "| last stage, EMA weights |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        rates = [_images_per_s(run / f"stage{s}/metrics.jsonl") for s in (1, 2)]
+        digests = _digests(run)
+        last = sorted(run.glob("stage*/eval/eval.json"))
+        report = _report(last[-1]) if last else None
+        ema = (
+            f"{report['tokenizer']['psnr']:.2f} dB / {report['tokenizer']['ssim']:.3f}"
+            if report
+            else "–"
+        )
+        lines.append(
+            f"| {run.name} | {' | '.join(f'{r:,.0f}' if r else '–' for r in rates)} "
+            f"| {' / '.join(digests[s] for s in sorted(digests)) or '–'} | {ema} |"
+        )
+    return [*lines, ""]
+
+
 def table(folder: Path) -> str:
-    """The seed table, the lever table and the determinism check of a study folder."""
+    """The seed table, the runs' rates and digests, the lever table and the determinism
+    check of a study folder."""
     full = sorted(folder.glob("maetok_s[0-9]*"))
     steps = _run_steps(full[0]) if full else None
     lines = [f"Study in {folder}: {steps or '?'} steps per full run.\n"]
@@ -228,6 +257,7 @@ def table(folder: Path) -> str:
             f"| {thumb['ssim']:.3f} | – | – | – |"
         )
     lines.append("\n(± is the standard deviation over the seeds.)\n")
+    lines += _run_table(folder)
 
     ref = _report(folder / "lever_recipe/stage2/eval/eval.json")
     if ref:

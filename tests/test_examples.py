@@ -67,10 +67,16 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
         }
         (folder / "eval.json").write_text(json.dumps(r))
 
-    def trained(run, *steps):  # a run's metrics.jsonl per stage, its last logged step
+    def trained(run, *steps):  # a run's metrics.jsonl per stage, its last logged steps
         for stage, n in enumerate(steps, 1):
             (run / f"stage{stage}").mkdir(parents=True, exist_ok=True)
-            (run / f"stage{stage}/metrics.jsonl").write_text(f'{{"step": {n - 1}}}\n')
+            logged = [
+                {"step": n - 2, "images_per_s": 700.0 * stage},
+                {"step": n - 1, "images_per_s": 900.0 * stage},
+            ]
+            (run / f"stage{stage}/metrics.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in logged)
+            )
 
     for seed, psnr in enumerate((19.0, 20.0, 21.0)):
         report(tmp_path / f"maetok_s{seed}/stage2/eval_raw", psnr, beats=seed)
@@ -105,6 +111,9 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     assert "- maetok_s0_repeat, stage1: aa and aa: identical" in text
     assert "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT" in text
     assert "- maetok_s1_repeat, stage1: dd and dd: identical" in text
+    # the runs: median rate of each stage, digests, the last stage's EMA report
+    assert rows["maetok_s0"] == "| maetok_s0 | 800 | 1,600 | aa / bb | 18.00 dB / 0.180 |"
+    assert rows["maetok_s1_repeat"] == "| maetok_s1_repeat | – | – | dd | – |"
     assert (tmp_path / "tables.md").read_text().strip() == text.strip()
 
 
