@@ -9,8 +9,8 @@ compute, fused attention, in-memory synthetic batches:
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
 - JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
   once, ``model.compile_scope=block``, with its compile time) at both stages, Stage 1 also
-  with ``compile_scope=parts`` (the targets, losses and optimiser update compiled once each
-  as well), and torch eager on the ``seed`` preset;
+  with ``compile_scope=parts`` (the targets and losses compiled once each, the optimiser
+  leaf by leaf through one compiled kernel), and torch eager on the ``seed`` preset;
 - the latent diffusion model's train step (``benchmarks/diffusion_step.py``, DiT ``small``
   on latents of 64 tokens × 16, batch 256, JAX only) with each attention kernel.
 
@@ -56,7 +56,7 @@ ROWS = [
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
-    # the block, and the targets, losses and optimiser update compiled once each
+    # the block, the targets and losses compiled once each, the optimiser per leaf
     ("torch.compile S1 (parts)", "torch-compile", 128, ["--set", "model.compile_scope=parts"]),
     ("torch eager S2", "torch", 128, ["--stage", "2"]),
     ("torch.compile S2 (block)", "torch-compile", 128, ["--stage", "2"]),

@@ -81,7 +81,8 @@ class ModelConfig:
     stack_aux: bool = field(default=True, metadata=COMPUTE_ONLY)
     # torch.compile (``--compile``): "block" compiles the transformer block once and reuses it
     # across depth and stacks; "parts" also compiles the step's other parts once each
-    # (targets, losses, optimiser update); "step" compiles the whole train step (minutes).
+    # (targets, losses) and the optimiser update leaf by leaf (one dynamic-shape kernel);
+    # "step" compiles the whole train step (minutes).
     compile_scope: str = field(default="block", metadata=COMPUTE_ONLY)
     # Latent decoders: add a learnable absolute position (N, D) to the shared query e. Off,
     # positions are told apart by RoPE alone (docs/design.md §3.4); on, training converges faster.

@@ -5,8 +5,10 @@ transformer block runs through one compiled function, built once and reused acro
 and across the encoder, decoder and auxiliary stacks (one graph per distinct shape), so
 compiling takes a block's time rather than the whole step's. With ``parts`` (scope
 "parts") the functions marked ``@compiled_part`` — the auxiliary targets, the
-reconstruction and perceptual loss, the masked loss, the optimiser update — are compiled
-too, once each, so the elementwise work between the blocks is fused as well.
+reconstruction and perceptual loss, the masked loss — are compiled too, once each, and
+the Adam/AdamW update runs leaf by leaf through one function compiled with dynamic shapes
+(clip scale, update and EMA in one kernel per leaf; one compile serves every leaf), so the
+elementwise work between the blocks is fused as well.
 
 A part's first call runs eagerly: it puts the part's constants (filter matrices) on the
 device, and from then on the compiled part reads them from ``maetok_torch.constants``'
@@ -45,11 +47,12 @@ def parts_compiled() -> bool:
     return _ACTIVE["parts"]
 
 
-def compiled(fn: Callable) -> Callable:
-    """``fn`` compiled with the active backend, built once per function and backend."""
+def compiled(fn: Callable, dynamic: bool = False) -> Callable:
+    """``fn`` compiled with the active backend, built once per function and backend;
+    ``dynamic``: one graph for inputs of any size (the optimiser's per-leaf update)."""
     key = (fn, _ACTIVE["backend"])
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, backend=_ACTIVE["backend"], dynamic=False)
+        _COMPILED[key] = torch.compile(fn, backend=_ACTIVE["backend"], dynamic=dynamic)
     return _COMPILED[key]
 
 

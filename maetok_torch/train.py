@@ -25,13 +25,15 @@ The optimiser state and the EMA cover the stage's trainable groups only
 same tensors, and the auxiliary decoders are not evaluated.
 """
 
+import functools
+
 import numpy as np
 import torch
 
 from maetok import params as param_spec
 from maetok.train_state import trainable_keys
 from maetok.tree import flatten, map_tree, unflatten
-from maetok_torch.compiled import compiled_part, compiling
+from maetok_torch.compiled import compiled, compiling
 from maetok_torch.discriminator import (
     discriminator,
     generator_adv_loss,
@@ -47,6 +49,8 @@ from maetok_torch.optim import (
     clip_by_global_norm,
     ema_decay_at,
     ema_update,
+    fused_adam_leaf,
+    fused_adam_update,
     make_optimizer,
 )
 from maetok_torch.targets import compute_targets
@@ -218,9 +222,16 @@ def make_train_step(cfg, reduce=LOCAL, block_backend=None, parts: bool = False):
     keys = trainable_keys(t.stage)
     _, opt_update = make_optimizer(t)
 
-    @compiled_part
+    fused = parts and t.optimizer in ("adam", "adamw")
+    leaf = functools.partial(fused_adam_leaf, t_cfg=t)  # one object: compiled once
+
     def update(grads, opt, trainable, lr, ema, decay):
-        """Clip, optimiser step and EMA (None without one) → (trainable, opt, ema, ‖g‖)."""
+        """Clip, optimiser step and EMA (None without one) → (trainable, opt, ema, ‖g‖);
+        scope "parts": Adam leaf by leaf through one compiled function."""
+        if fused:
+            return fused_adam_update(
+                grads, opt, trainable, lr, ema, decay, t, compiled(leaf, dynamic=True)
+            )
         grads, gnorm = clip_by_global_norm(grads, t.grad_clip)
         trainable, opt = opt_update(grads, opt, trainable, lr)
         return trainable, opt, None if ema is None else ema_update(ema, trainable, decay), gnorm
@@ -305,7 +316,8 @@ def compile_train_step(cfg, backend: str = "inductor"):
     """The train step under ``torch.compile`` (optional; eager is the default path):
     ``model.compile_scope`` "step" compiles the whole step, "block" only the transformer
     block, once for all stacks of one shape (the rest of the step runs eagerly), "parts"
-    the block and each of the step's other parts once (targets, losses, optimiser update).
+    the block and each of the step's other parts once (targets, losses, and the optimiser
+    update leaf by leaf through one dynamic-shape graph).
 
     The returned callable has a ``graphs`` attribute: how many graphs the compiler has
     built so far (a graph break counts as one more graph, a recompilation as one more).

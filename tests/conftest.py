@@ -15,6 +15,18 @@ def rng(request):
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile's frame caches emptied: a test that builds compiled steps starts from
+    none, so the compile tests of one worker process never reach dynamo's per-function
+    recompile limit (beyond which it runs eagerly and builds no graph)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def tiny():
     return preset("tiny")
 

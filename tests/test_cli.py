@@ -273,7 +273,9 @@ def test_existing_run_is_not_overwritten_silently(capsys, trained):
     assert "--resume" in line and "--overwrite" in line
 
 
-def test_compile_runs_the_torch_step_under_torch_compile(capsys, tmp_path, monkeypatch):
+def test_compile_runs_the_torch_step_under_torch_compile(
+    capsys, tmp_path, monkeypatch, fresh_dynamo
+):
     import maetok_torch.train as tt
 
     made = []

@@ -7,6 +7,7 @@ import pytest
 from maetok.config import TrainConfig, preset
 from maetok.errors import ConfigError
 from maetok.schedules import anneal_ratio, due, learning_rate, one_cycle, percep_scale, step_scalars
+from maetok.tree import leaves
 from maetok_jax.optim import clip_by_global_norm, ema_update, make_optimizer
 
 
@@ -165,3 +166,42 @@ def test_due_marks_every_nth_step():
     assert [s for s in range(1, 13) if due(s, 4)] == [4, 8, 12]
     assert [s for s in range(0, 7) if due(s, 3)] == [0, 3, 6]  # from 0 when counting from 0
     assert all(due(s, 1) for s in range(5))
+
+
+@pytest.mark.parametrize("name,clip,ema", [("adamw", 0.5, True), ("adam", 0.0, False)])
+def test_fused_adam_update_gives_the_three_steps_numbers_bit_for_bit(name, clip, ema, rng):
+    """torch: ``fused_adam_update`` (clip, Adam and EMA leaf by leaf, the ``parts`` compile
+    scope's path) computes exactly what clip → update → EMA compute one after the other,
+    over three steps, for leaves of every rank."""
+    import torch
+
+    from maetok_torch import optim as to
+
+    t = TrainConfig(optimizer=name, grad_clip=clip, weight_decay=0.1, lr=1e-2)
+
+    def rand(shape):
+        return torch.as_tensor(rng.standard_normal(shape).astype(np.float32))
+
+    params = {"a": rand((3, 4, 5)), "b": {"w": rand((7,)), "v": rand((2, 6))}}
+    init, update = to.make_optimizer(t)
+    lr, decay = torch.tensor(1e-2), torch.tensor(0.9)
+    ema = to.map_tree(torch.clone, params) if ema else None
+    ref = fused = (params, init(params), ema)
+    for _ in range(3):
+        grads = to.map_tree(lambda p: rand(tuple(p.shape)), params)
+        p, state, e = ref
+        clipped, norm = to.clip_by_global_norm(grads, clip)
+        p, state = update(clipped, state, p, lr)
+        ref = (p, state, None if e is None else to.ema_update(e, p, decay))
+        p, state, e = fused
+        p, state, e, fused_norm = to.fused_adam_update(grads, state, p, lr, e, decay, t)
+        fused = (p, state, e)
+        assert torch.equal(norm, fused_norm)
+
+    def tensors(run):
+        p, state, e = run
+        return leaves(p) + leaves(state.mu) + leaves(state.nu) + (leaves(e) if e else [])
+
+    assert len(tensors(fused)) == len(tensors(ref)) == (12 if ema else 9)
+    assert all(torch.equal(a, b) for a, b in zip(tensors(ref), tensors(fused)))
+    assert int(fused[1].count) == int(ref[1].count) == 3 and (fused[2] is None) == (not ema)
