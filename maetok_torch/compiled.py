@@ -47,13 +47,16 @@ def parts_compiled() -> bool:
     return _ACTIVE["parts"]
 
 
+def _key(fn: Callable) -> tuple:
+    return fn, _ACTIVE["backend"]
+
+
 def compiled(fn: Callable, dynamic: bool = False) -> Callable:
     """``fn`` compiled with the active backend, built once per function and backend;
     ``dynamic``: one graph for inputs of any size (the optimiser's per-leaf update)."""
-    key = (fn, _ACTIVE["backend"])
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, backend=_ACTIVE["backend"], dynamic=dynamic)
-    return _COMPILED[key]
+    if _key(fn) not in _COMPILED:
+        _COMPILED[_key(fn)] = torch.compile(fn, backend=_ACTIVE["backend"], dynamic=dynamic)
+    return _COMPILED[_key(fn)]
 
 
 def compiled_part(fn: Callable) -> Callable:
@@ -62,8 +65,8 @@ def compiled_part(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if _ACTIVE["parts"] and not torch.compiler.is_compiling():
-            if (fn, _ACTIVE["backend"]) in _COMPILED:
+        if parts_compiled() and not torch.compiler.is_compiling():
+            if _key(fn) in _COMPILED:
                 return compiled(fn)(*args, **kwargs)
             compiled(fn)  # built now, first called (and traced) on the next call
         return fn(*args, **kwargs)

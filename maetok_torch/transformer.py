@@ -65,6 +65,7 @@ def _policy(saved, ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+@functools.cache  # one function per mode: each mode is compiled once
 def remat_block(mode: str):
     """``block`` recomputed in the backward pass as ``model.remat`` mode ``mode`` says."""
     if mode == "none":
@@ -80,13 +81,8 @@ def remat_block(mode: str):
     return run
 
 
-@functools.cache
-def _remat_block(mode: str):
-    return remat_block(mode)  # one function per mode, so each mode is compiled once
-
-
 def _block_fn(mode: str):
-    return compiled(_remat_block(mode)) if blocks_compiled() else remat_block(mode)
+    return compiled(remat_block(mode)) if blocks_compiled() else remat_block(mode)
 
 
 def _slice(tree, i: int):
