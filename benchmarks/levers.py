@@ -7,6 +7,8 @@ compute, fused attention, in-memory synthetic batches:
 
 - JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``);
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
+- the unrolled step of each preset with XLA's Triton matmul emitter for every matmul it
+  supports (``--xla-flags``);
 - JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
   once, ``model.compile_scope=block``, with its compile time) at both stages, Stage 1 also
   with ``compile_scope=parts`` (the targets and losses compiled once each, the optimiser
@@ -35,6 +37,7 @@ from benchmarks.train_step import _run_backend
 
 BASE = ["--preset", "base", "--dtype", "bfloat16", "--attention", "fused"]
 BIG = ["--remat", "dots"]  # batch 256 needs the dense outputs-only residuals to fit
+TRITON_ANY = "--xla-flags=--xla_gpu_triton_gemm_any=true"
 DIT = ["--preset", "small", "--tokens", "64", "--token-dim", "16", "--steps", "50"]
 
 # (label, backend, batch, extra train_step.py arguments); "lever off" rows name the switch.
@@ -50,10 +53,19 @@ ROWS = [
     ("JAX S1, remat full", "jax", 512, ["--remat", "full"]),
     ("JAX S1, remat dots_attn", "jax", 256, ["--remat", "dots_attn"]),
     ("JAX S1, unroll 12", "jax", 256, [*BIG, "--unroll", "12"]),
+    # XLA's Triton matmul emitter for every matmul it supports: elementwise producers and
+    # consumers (LayerNorm, GELU, casts) may fuse into the matmul kernels
+    ("JAX S1, unroll 12, triton_gemm_any", "jax", 256, [*BIG, "--unroll", "12", TRITON_ANY]),
     ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
+    (
+        "JAX S1 seed preset, unroll 12, triton_gemm_any",
+        "jax",
+        128,
+        ["--preset", "seed", "--unroll", "12", TRITON_ANY],
+    ),
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
     # the block, the targets and losses compiled once each, the optimiser per leaf

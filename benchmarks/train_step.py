@@ -182,6 +182,8 @@ def run_single(args) -> dict:
     cfg = preset(args.preset, **overrides)
     # before the framework starts, as `maetok train` does (off: the frameworks' defaults)
     reproducible.request("jax" if name == "jax" else "torch", cfg.train.deterministic)
+    if args.xla_flags:  # read once, when JAX starts: this row's subprocess only
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
     if name == "jax":
         from maetok_jax.backend import Backend
 
@@ -249,6 +251,7 @@ def run_single(args) -> dict:
         "unroll": args.unroll,
         "remat": cfg.model.remat,
         "deterministic": cfg.train.deterministic,
+        "xla_flags": args.xla_flags,
         "set": list(args.set or []),
         "label": args.label,
         "data": args.data or "in-memory synthetic",
@@ -298,6 +301,12 @@ def main(argv=None) -> int:
         help="override a config field, e.g. --set model.stack_aux=false (repeatable)",
     )
     p.add_argument("--label", default="", help="a name for this run in the JSON rows")
+    p.add_argument(
+        "--xla-flags",
+        default="",
+        help="JAX: XLA flags added to $XLA_FLAGS in the timed subprocess, e.g. "
+        "--xla-flags=--xla_gpu_triton_gemm_any=true",
+    )
     p.add_argument(
         "--deterministic",
         action="store_true",

@@ -48,6 +48,7 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
         "--timeout",
         "300",
         "--deterministic",  # asked of each framework before it starts, as `maetok train` does
+        "--xla-flags=--xla_gpu_triton_gemm_any=true",  # a GPU flag: parsed, unused on the CPU
     ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -55,6 +56,7 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
     assert "deterministic kernels" in proc.stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["backend"] for r in rows] == ["jax", "torch"]
+    assert rows[0]["xla_flags"] == "--xla_gpu_triton_gemm_any=true"
     for r in rows:
         assert r["images_per_s"] > 0 and r["step_ms_median"] > 0
         assert math.isfinite(r["final_loss"])
@@ -233,3 +235,12 @@ def test_levers_times_the_latent_diffusion_step_as_a_row_of_its_table():
     line = table([("DiT", row)], ceiling=790.0, reference=270.0).splitlines()[2]
     assert line.split("|")[6].strip() == "–"  # samples of a DiT are not the tokenizer's images
     assert any(backend == "jax-diffusion" for _, backend, *_ in ROWS)
+
+
+def test_an_xla_flag_reaches_the_timed_subprocess():
+    """An unknown flag stops XLA as it starts: the row fails, so the flags were read there."""
+    from benchmarks.train_step import _run_backend
+
+    argv = ["--preset", "tiny", "--warmup", "1", "--steps", "1"]
+    row = _run_backend("jax", 2, [*argv, "--xla-flags=--xla_no_such_flag=true"], timeout=120)
+    assert "error" in row
