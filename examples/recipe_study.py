@@ -189,6 +189,22 @@ def _digests(run: Path) -> dict[str, str]:
     return dict(re.findall(pattern, text))
 
 
+def _logged_agreement(first: Path, again: Path) -> str:
+    """How many logged steps of two runs of one stage agree in every logged value but the
+    rate (losses, gradient norm, mask ratio, learning rate), and the first that does not."""
+    files = [s / "metrics.jsonl" for s in (first, again)]
+    runs = [f.read_text().splitlines() if f.is_file() else [] for f in files]
+    if not all(runs):
+        return ""
+    a, b = (
+        [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in r] for r in runs
+    )
+    equal = sum(x == y for x, y in zip(a, b))
+    text = f"; {equal:,} of {max(len(a), len(b)):,} logged steps equal"
+    differ = next((x["step"] for x, y in zip(a, b) if x != y), None)
+    return text + (f" (the first difference at step {differ})" if differ is not None else "")
+
+
 def _run_table(folder: Path) -> list[str]:
     """Per full run (``maetok_s*``, ``plain_s*``, their repeats): each stage's median
     images/s, the tensor digests ``maetok train`` printed, and the last stage's EMA report."""
@@ -296,10 +312,14 @@ def table(folder: Path) -> str:
     if not repeats:
         lines.append("- no repeat in this folder (a run NAME_repeat of NAME's command)")
     for repeat in repeats:
-        first, again = _digests(folder / repeat.name.removesuffix("_repeat")), _digests(repeat)
+        source = folder / repeat.name.removesuffix("_repeat")
+        first, again = _digests(source), _digests(repeat)
         for stage in sorted(first.keys() & again.keys()):
             same = "identical" if first[stage] == again[stage] else "DIFFERENT"
-            lines.append(f"- {repeat.name}, {stage}: {first[stage]} and {again[stage]}: {same}")
+            logged = _logged_agreement(source / stage, repeat / stage)
+            lines.append(
+                f"- {repeat.name}, {stage}: {first[stage]} and {again[stage]}: {same}{logged}"
+            )
     text = "\n".join(lines)
     (folder / "tables.md").write_text(text + "\n")
     return text

@@ -94,6 +94,11 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     (tmp_path / "maetok_s0_repeat/recipe.log").write_text(
         done.format("stage1", "aa") + done.format("stage2", "bc")
     )
+    trained(tmp_path / "maetok_s0_repeat", 960, 640)  # the same logged values, other rates
+    stage2 = tmp_path / "maetok_s0_repeat/stage2/metrics.jsonl"
+    logged = [json.loads(x) for x in stage2.read_text().splitlines()]
+    logged[1]["loss"] = 0.5  # the repeat's Stage 2 parts at its last logged step
+    stage2.write_text("".join(json.dumps({**r, "images_per_s": 1.0}) + "\n" for r in logged))
     (tmp_path / "maetok_s1/recipe.log").write_text(done.format("stage1", "dd"))
     (tmp_path / "maetok_s1_repeat").mkdir()  # a repeat of any seed is checked
     (tmp_path / "maetok_s1_repeat/recipe.log").write_text(done.format("stage1", "dd"))
@@ -108,8 +113,11 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     first, second = list(recipe.LEVERS)[:2]
     assert "| 18.25 | +0.25 |" in rows[second] and first not in rows
     assert "| 18.50 | +0.50 |" in rows["raw weights instead of EMA (same run)"]
-    assert "- maetok_s0_repeat, stage1: aa and aa: identical" in text
-    assert "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT" in text
+    assert "- maetok_s0_repeat, stage1: aa and aa: identical; 2 of 2 logged steps equal\n" in text
+    assert (
+        "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT; 1 of 2 logged steps equal "
+        "(the first difference at step 639)"
+    ) in text
     assert "- maetok_s1_repeat, stage1: dd and dd: identical" in text
     # the runs: median rate of each stage, digests, the last stage's EMA report
     assert rows["maetok_s0"] == "| maetok_s0 | 800 | 1,600 | aa / bb | 18.00 dB / 0.180 |"
