@@ -38,15 +38,17 @@ PY
     $B --preset base --stage 1 --batch 128 --backends jax --unroll 12 --timeout 150
     python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
         --json "$RESULTS" --preset base --stage 1 --batch 128 --backends jax --timeout 150 ;;
-  determinism)  # what run-to-run identical kernels cost: the recipe's step (`seed`, B=64), both stages
+  determinism)  # what run-to-run identical kernels cost: the recipe's step (`seed`, B=64, the
+    # block stacks unrolled as the recipe has them; torch ignores --unroll), both stages
     for stage in 1 2; do
-      $B --preset seed --stage $stage --batch 64 --backends jax,torch --timeout 150 --label fastest
+      $B --preset seed --stage $stage --batch 64 --backends jax,torch --unroll 12 --timeout 150 \
+          --label fastest
       python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
-          --timeout 150 --label plain
+          --unroll 12 --timeout 150 --label plain
       python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
-          --timeout 150 --deterministic --label deterministic
+          --unroll 12 --timeout 150 --deterministic --label deterministic
     done ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch: half)
     mkdir -p "${OUT:-.}"
