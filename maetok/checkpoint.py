@@ -134,6 +134,48 @@ def save_checkpoint(path, state: dict, cfg: Config, meta: dict | None = None) ->
     return save_tree(path, state, cfg.to_json(), meta)
 
 
+class BackgroundSaver:
+    """Writes checkpoints on one thread, one at a time, while training goes on.
+
+    ``save`` first waits for the write before it (raising that write's error, e.g. a refused
+    NaN state), then copies the tree's arrays, so the caller may reuse its buffers at once
+    (donated JAX buffers, torch tensors updated in place, both shared with numpy on the CPU),
+    and starts the write. ``wait`` returns once the last write is on disk, raising its error.
+    As a context manager it waits on exit; if the block is already failing, the write still
+    completes (or leaves the previous file as it was) and the block's own error is the one
+    raised. The writing thread holds the interpreter lock only in short stretches (hashing,
+    serialising and writing release it), so the training loop keeps the device fed.
+    """
+
+    def __init__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maetok-save")
+        self._pending = None
+
+    def save(self, path, tree: dict, cfg: Config, meta: dict | None = None) -> None:
+        self.wait()
+        snapshot = unflatten({k: np.array(v) for k, v in flatten(tree).items()})  # copies
+        self._pending = self._pool.submit(save_checkpoint, path, snapshot, cfg, meta)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> BackgroundSaver:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:
+                self._pending.exception()  # finish the write; the block's error wins
+        finally:
+            self._pool.shutdown(wait=True)
+
+
 def remove_stale_temps(folder) -> list[Path]:
     """Delete the temporary files of saves that were killed before their rename.
 

@@ -267,6 +267,7 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
         with (
             _stop_requests() as stop,
             Prefetcher(source, start, end, depth=2 * workers, workers=workers) as batches,
+            ckpt.BackgroundSaver() as saver,  # checkpoints are written while training goes on
         ):
             for step, batch in zip(range(start, end), batches):
                 state, device_metrics = backend.train_step(state, batch, step)
@@ -282,6 +283,8 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                     # for the device), so compilation and checkpoints stay out of later ones
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     for s, ratio, host in pulled:
+                        if not all(math.isfinite(v) for v in host.values()):
+                            saver.wait()  # the advice names the last checkpoint written
                         check_finite(host, f"step {s}", _resume_advice(out, last_saved, t.lr))
                         host.update(
                             step=s, mask_ratio=ratio, lr=learning_rate(s, t), images_per_s=rate
@@ -299,11 +302,12 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                 if save:
                     tree = backend.state_to_numpy(state)  # every process: it may gather
                     if writer:
-                        ckpt.save_checkpoint(
+                        saver.save(
                             path, tree, cfg, {"stage": t.stage, "step": step + 1, **identity}
                         )
                     last_saved = step + 1
                 if stopping is not None:
+                    saver.wait()  # the checkpoint the message names is on disk
                     raise TrainingStopped(stopping, step + 1, path)
                 if due(done, t.sample_every) or last:
                     recon = backend.reconstruct(state["params"], preview["images"], preview["mask"])

@@ -11,6 +11,7 @@ from safetensors.numpy import save_file
 
 from maetok import checkpoint
 from maetok.checkpoint import (
+    BackgroundSaver,
     layout,
     load_checkpoint,
     load_tree,
@@ -85,6 +86,58 @@ def test_non_finite_state_is_refused_and_the_old_file_kept(tmp_path, rng, tiny):
         save_checkpoint(path, bad, tiny)
     assert path.read_bytes() == before
     assert _files(tmp_path) == ["ckpt.safetensors"]
+
+
+def test_background_saver_writes_the_state_as_it_was_when_asked(tmp_path, rng, tiny, monkeypatch):
+    import threading
+
+    state = _state(rng)
+    want = {k: np.array(v) for k, v in flatten(state).items()}
+    path = tmp_path / "ckpt.safetensors"
+    reused, write = threading.Event(), checkpoint.save_checkpoint
+
+    def after_reuse(*args):  # the write starts only once the buffers were overwritten
+        assert reused.wait(10)
+        return write(*args)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", after_reuse)
+    with BackgroundSaver() as saver:
+        saver.save(path, state, tiny, {"step": 1234})
+        for leaf in flatten(state).values():  # the next step reuses the buffers at once
+            if isinstance(leaf, np.ndarray) and leaf.dtype.kind == "f":
+                leaf[...] = 7.0
+        reused.set()
+    loaded, _, meta = load_checkpoint(path, tiny, layout(state))
+    assert meta == {"step": 1234}
+    for key, value in flatten(loaded).items():
+        assert value.tobytes() == want[key].tobytes(), key
+
+
+def test_background_saver_raises_a_refused_save_and_keeps_the_old_file(tmp_path, rng, tiny):
+    path = save_checkpoint(tmp_path / "ckpt.safetensors", _state(rng), tiny)
+    before = path.read_bytes()
+    bad = _state(rng)
+    bad["ema"]["x"][0, 0] = np.inf
+    saver = BackgroundSaver()
+    saver.save(path, bad, tiny)
+    with pytest.raises(CheckpointError, match="ema/x"):  # at the next save or wait
+        saver.save(path, _state(rng), tiny)
+    saver.wait()  # the one after it was not started: nothing pending
+    assert path.read_bytes() == before and _files(tmp_path) == ["ckpt.safetensors"]
+    with BackgroundSaver() as saver:
+        saver.save(path, bad, tiny)
+        with pytest.raises(CheckpointError, match="ema/x"):
+            saver.wait()
+
+
+def test_background_saver_finishes_its_write_when_the_loop_fails(tmp_path, rng, tiny):
+    state = _state(rng)
+    path = tmp_path / "ckpt.safetensors"
+    with pytest.raises(KeyError, match="the loop's own error"), BackgroundSaver() as saver:
+        saver.save(path, state, tiny)
+        raise KeyError("the loop's own error")
+    loaded, _, _ = load_checkpoint(path, tiny, layout(state))
+    assert int(loaded["step"]) == 1234 and _files(tmp_path) == ["ckpt.safetensors"]
 
 
 def test_failed_rename_leaves_no_temp_file(tmp_path, rng, tiny, monkeypatch):
