@@ -20,6 +20,9 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
     # the tables (Markdown) of a study folder
     python examples/recipe.py table runs/recipe
 
+    # a run's missing reports (e.g. after deleting one), all in one process
+    python examples/recipe.py evals runs/recipe/maetok_s0
+
     # a finished run → the package's tokenizer (maetok/weights/), if it beats the
     # thumbnail: its model card, a picture sheet in docs/ and the card's Markdown
     python examples/recipe.py ship runs/recipe/maetok_s0
@@ -28,8 +31,10 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
 The training folder is ``OUT/train_data``: links to the two training sets, which
 ``maetok.data.ImageFolder`` follows. Every run is ``maetok train`` (Stage 1, then Stage 2
 from its checkpoint; the plain autoencoder trains the same number of steps in one stage
-with no mask and no auxiliary decoders), ``maetok eval`` of each stage's EMA and raw
-weights (a lever run: only the reports its table reads), and for a full MAETok run the
+with no mask and no auxiliary decoders), ``maetok eval``'s report of each stage's EMA and
+raw weights (a lever run: only the reports its table reads), written by one process that
+loads the images, scores the thumbnail and compiles the model once, and for a full MAETok
+run the
 export ``ship`` takes. A run that is cut off continues with ``--resume`` from its last
 checkpoint when the same command is given again; finished stages are skipped.
 
@@ -152,12 +157,40 @@ def _train(out: Path, steps: int, args: list[str], log) -> None:
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
+EVAL_BATCH = 50  # images per batch of an evaluation (BSDS500 val: two batches of 50)
+
+
 def _eval(ckpt: Path, out: Path, val: Path, log, ema: bool = True) -> None:
+    """``maetok eval`` of one file into ``out`` (kept if there), as a process of its own."""
     if (out / "eval.json").is_file():
         return
     cmd = [*MAETOK, "eval", "--checkpoint", str(ckpt), "--data", str(val), "--out", str(out)]
-    cmd += ["--batch-size", "50"] + (["--ema"] if ema else [])
+    cmd += ["--batch-size", str(EVAL_BATCH)] + (["--ema"] if ema else [])
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def pending_evals(out: Path, evals: list[str] | None = None) -> list[tuple[Path, bool, Path]]:
+    """``(checkpoint, use_ema, report folder)`` of every report of a run not yet written: the
+    EMA (``STAGE/eval``) and raw (``STAGE/eval_raw``) weights of each trained stage, only
+    those ``evals`` names if given."""
+    jobs = []
+    for ckpt in sorted(out.glob("stage*/checkpoint.safetensors")):
+        for folder, ema in (("eval", True), ("eval_raw", False)):
+            report = ckpt.parent / folder
+            wanted = evals is None or f"{ckpt.parent.name}/{folder}" in evals
+            if wanted and not (report / "eval.json").is_file():
+                jobs.append((ckpt, ema, report))
+    return jobs
+
+
+def evaluate_run(out: Path, val: Path, evals: list[str] | None = None) -> int:
+    """``maetok eval`` of every pending report of ``out``, in this one process (the images,
+    the thumbnail's scores and the compiled model are shared). Returns how many it wrote."""
+    from maetok.evaluate import evaluate_checkpoints
+
+    jobs = pending_evals(out, evals)
+    evaluate_checkpoints(jobs, val, batch_size=EVAL_BATCH)
+    return len(jobs)
 
 
 def train_folder(data: Path, out: Path) -> Path:
@@ -207,7 +240,6 @@ def run_one(
             return
         if variant == "plain":
             _train(out / "stage1", steps, base, log)
-            stages = ["stage1"]
         else:
             s2 = max(1, round(steps * share))
             _train(out / "stage1", steps - s2, base, log)
@@ -223,12 +255,10 @@ def run_one(
                 f"train.warmup_steps={min(settings['train.warmup_steps'], s2 // 10)}",
             ]
             _train(out / "stage2", s2, stage2, log)
-            stages = ["stage1", "stage2"]
-        for stage in stages:  # the EMA weights and the raw weights of every stage
-            for folder, ema in (("eval", True), ("eval_raw", False)):
-                if evals is None or f"{stage}/{folder}" in evals:
-                    ckpt = out / stage / "checkpoint.safetensors"
-                    _eval(ckpt, out / stage / folder, val, log, ema)
+        if pending_evals(out, evals):  # EMA and raw weights of every stage, in one process
+            cmd = [sys.executable, __file__, "evals", str(out), "--val", str(val)]
+            cmd += ["--evals", ",".join(evals)] if evals is not None else []
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
         if variant == "maetok" and evals is None:  # a full run: what `ship` would take
             from examples.recipe_ship import export_better
             from maetok.errors import MAETokError
@@ -277,6 +307,11 @@ def main(argv=None) -> int:
         help="run only these jobs (comma-separated names, e.g. lever_recipe,lever_0)",
     )
     sub.add_parser("table").add_argument("out", type=Path)
+    evals_p = sub.add_parser("evals", help="write a run's missing reports, in one process")
+    evals_p.add_argument("out", type=Path, help="the run folder (of `recipe.py run`)")
+    evals_p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
+    evals_p.add_argument("--val", type=Path, help="the report folder (default: DATA/bsds500/val)")
+    evals_p.add_argument("--evals", type=_names, help="only these reports, e.g. stage2/eval")
     ship_p = sub.add_parser("ship", help="a finished run → the package's pretrained tokenizer")
     ship_p.add_argument("out", type=Path, help="the run folder (of `recipe.py run`)")
     ship_p.add_argument("--weights", type=Path, help="default: maetok.pretrained.SHIPPED")
@@ -295,6 +330,10 @@ def main(argv=None) -> int:
         from examples.recipe_study import table
 
         print(table(args.out))
+        return 0
+    if args.command == "evals":
+        wrote = evaluate_run(args.out, args.val or args.data / "bsds500/val", args.evals)
+        print(f"recipe: {wrote} report(s) written in {args.out}")
         return 0
     if args.command == "ship":
         from examples.recipe_ship import model_card, ship

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,29 @@ def encode_all(backend, params, images, batch_size: int = 16) -> np.ndarray:
     )
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """The centre crops of a folder and the thumbnail baseline's scores on them: what every
+    report on that folder shares, for tokenizers of one image size and thumbnail side."""
+
+    folder: str
+    images: np.ndarray  # (B, size, size, 3) in [-1, 1]
+    names: list[str]
+    side: int  # of the thumbnail
+    thumb_psnr: np.ndarray  # per image
+    thumb_ssim: np.ndarray
+
+    @classmethod
+    def load(cls, folder, m, skip_broken: bool = False) -> EvalSet:
+        images, names = load_eval_images(folder, m.image_size, skip_broken)
+        side = thumbnail_side(m)
+        thumb = thumbnail_baseline(images, side)
+        return cls(str(folder), images, names, side, psnr(images, thumb), ssim(images, thumb))
+
+    def fits(self, m) -> bool:
+        return self.images.shape[1] == m.image_size and self.side == thumbnail_side(m)
+
+
 def evaluate(
     cfg,
     backend,
@@ -135,16 +159,18 @@ def evaluate(
     batch_size: int = 16,
     mask_ratios: tuple[float, ...] = (),
     skip_broken: bool = False,
+    reference: EvalSet | None = None,
 ) -> dict:
-    """Evaluate ``params`` on centre crops of ``folder``; print and write a report."""
+    """Evaluate ``params`` on centre crops of ``folder``; print and write a report.
+    ``reference``: the folder's crops and thumbnail scores, loaded once for several reports."""
     m = cfg.model
-    images, names = load_eval_images(folder, m.image_size, skip_broken)
+    if reference is None or not reference.fits(m):
+        reference = EvalSet.load(folder, m, skip_broken)
+    images, names, side = reference.images, reference.names, reference.side
     recon = reconstruct_all(backend, params, images, batch_size)
     latents = encode_all(backend, params, images, batch_size)
-    side = thumbnail_side(m)
-    thumb = thumbnail_baseline(images, side)
     p_model, s_model = psnr(images, recon), ssim(images, recon)
-    p_thumb, s_thumb = psnr(images, thumb), ssim(images, thumb)
+    p_thumb, s_thumb = reference.thumb_psnr, reference.thumb_ssim
     report = {
         "images": len(images),
         "folder": str(folder),
@@ -203,3 +229,32 @@ def evaluate(
         )
         print(f"maetok: wrote {out / 'eval.json'} and {out / SHEET_NAME}")
     return report
+
+
+def evaluate_checkpoints(
+    jobs: list[tuple[Path, bool, Path]],
+    folder,
+    backend_name: str = "jax",
+    device: str | None = None,
+    batch_size: int = 16,
+) -> list[dict]:
+    """``maetok eval`` of several ``(checkpoint, use_ema, out_dir)`` in one process: the
+    folder's crops and thumbnail scores are computed once, and checkpoints of one model
+    share a backend, so its programs compile once. Each report is the one ``maetok eval``
+    writes for that checkpoint alone."""
+    from maetok.pretrained import load_params
+    from maetok.trainer import get_backend
+
+    backend, reference, reports = None, None, []
+    for checkpoint, use_ema, out_dir in jobs:
+        cfg, params = load_params(checkpoint, use_ema=use_ema)
+        if backend is None or backend.cfg.model != cfg.model:
+            backend = get_backend(backend_name)(cfg, device)
+        if reference is None or not reference.fits(cfg.model):
+            reference = EvalSet.load(folder, cfg.model)
+        print(f"maetok: evaluating {checkpoint}{' (EMA weights)' if use_ema else ''}", flush=True)
+        params = backend.to_device_tree(params)
+        reports.append(
+            evaluate(cfg, backend, params, folder, out_dir, batch_size, reference=reference)
+        )
+    return reports

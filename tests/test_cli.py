@@ -299,3 +299,41 @@ def test_compile_runs_the_torch_step_under_torch_compile(
         capsys, ["train", *FAST, "--steps", "1", "--compile", "--out", str(tmp_path / "j")]
     )
     assert "--compile" in line and "torch" in line
+
+
+def test_several_checkpoints_evaluate_in_one_process_as_each_alone(
+    trained, tmp_path, rng, monkeypatch
+):
+    """``evaluate_checkpoints`` (the recipe's reports) writes for each checkpoint the report
+    ``maetok eval`` writes for it alone, loading the images and building the backend once."""
+    from maetok import evaluate, trainer
+
+    photos = _photos(tmp_path / "photos", rng)
+    ck = trained / "checkpoint.safetensors"
+    for ema, name in ((True, "alone_ema"), (False, "alone_raw")):
+        argv = [
+            "eval",
+            "--checkpoint",
+            str(ck),
+            "--data",
+            str(photos),
+            "--out",
+            str(tmp_path / name),
+        ]
+        assert main(argv + (["--ema"] if ema else [])) == 0
+    built, loaded = [], []
+    monkeypatch.setattr(
+        trainer, "get_backend", lambda n, f=trainer.get_backend: built.append(n) or f(n)
+    )
+    real_load = evaluate.EvalSet.load.__func__
+    monkeypatch.setattr(
+        evaluate.EvalSet, "load", classmethod(lambda c, *a: loaded.append(a) or real_load(c, *a))
+    )
+    jobs = [(ck, True, tmp_path / "ema"), (ck, False, tmp_path / "raw")]
+    reports = evaluate.evaluate_checkpoints(jobs, photos)
+    assert len(built) == 1 and len(loaded) == 1
+    assert reports[0]["tokenizer"] != reports[1]["tokenizer"]  # EMA and raw weights differ
+    for name, alone in (("ema", "alone_ema"), ("raw", "alone_raw")):
+        assert (tmp_path / name / "eval.json").read_text() == (
+            tmp_path / alone / "eval.json"
+        ).read_text()
