@@ -50,7 +50,7 @@ PY
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
           --unroll 12 --timeout 150 --deterministic --label deterministic
     done ;;
-  levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch: half)
+  levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch|flags: a part)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}.md" --rows "${ROWS:-all}" \
         --json "$RESULTS" ;;

@@ -1,14 +1,14 @@
 """Each speed lever of ``ModelConfig`` on and off, in one run, as one Markdown table.
 
-    python benchmarks/levers.py --out levers.md [--rows all|jax|torch] [--steps 5]
+    python benchmarks/levers.py --out levers.md [--rows all|jax|torch|flags] [--steps 5]
 
 Every row is one ``train_step.py`` subprocess (its own peak memory), preset ``base``, bf16
 compute, fused attention, in-memory synthetic batches:
 
 - JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``);
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
-- the unrolled step of each preset with XLA's Triton matmul emitter for every matmul it
-  supports (``--xla-flags``);
+- the unrolled step with each of XLA's fusion switches in ``XLA_FLAG_ROWS`` (``--xla-flags``;
+  ``--rows flags`` runs only these);
 - JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
   once, ``model.compile_scope=block``, with its compile time) at both stages, Stage 1 also
   with ``compile_scope=parts`` (the targets and losses compiled once each, the optimiser
@@ -37,7 +37,15 @@ from benchmarks.train_step import _run_backend
 
 BASE = ["--preset", "base", "--dtype", "bfloat16", "--attention", "fused"]
 BIG = ["--remat", "dots"]  # batch 256 needs the dense outputs-only residuals to fit
-TRITON_ANY = "--xla-flags=--xla_gpu_triton_gemm_any=true"
+# XLA's own switches for fusing the memory-bound work around the matmuls, one row each (``base``
+# unrolled, batch 256): Triton's matmul emitter for every matmul it supports (LayerNorm, GELU
+# and casts may fuse into it), cuDNN's LayerNorm, cuBLASLt (bias epilogues), cuDNN matmul fusions
+XLA_FLAG_ROWS = {
+    "triton_gemm_any": "--xla_gpu_triton_gemm_any=true",
+    "cudnn_layer_norm": "--xla_gpu_enable_cudnn_layer_norm=true",
+    "cublaslt": "--xla_gpu_enable_cublaslt=true",
+    "cudnn_gemm_fusion_level 2": "--xla_gpu_cudnn_gemm_fusion_level=2",
+}
 DIT = ["--preset", "small", "--tokens", "64", "--token-dim", "16", "--steps", "50"]
 
 # (label, backend, batch, extra train_step.py arguments); "lever off" rows name the switch.
@@ -53,18 +61,13 @@ ROWS = [
     ("JAX S1, remat full", "jax", 512, ["--remat", "full"]),
     ("JAX S1, remat dots_attn", "jax", 256, ["--remat", "dots_attn"]),
     ("JAX S1, unroll 12", "jax", 256, [*BIG, "--unroll", "12"]),
-    # XLA's Triton matmul emitter for every matmul it supports: elementwise producers and
-    # consumers (LayerNorm, GELU, casts) may fuse into the matmul kernels
-    ("JAX S1, unroll 12, triton_gemm_any", "jax", 256, [*BIG, "--unroll", "12", TRITON_ANY]),
     ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
-    (
-        "JAX S1 seed preset, unroll 12, triton_gemm_any",
-        "jax",
-        128,
-        ["--preset", "seed", "--unroll", "12", TRITON_ANY],
+    *(
+        (f"JAX S1, unroll 12, {name}", "jax", 256, [*BIG, "--unroll", "12", f"--xla-flags={flag}"])
+        for name, flag in XLA_FLAG_ROWS.items()
     ),
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
@@ -84,6 +87,13 @@ ROWS = [
         for kind in ("plain", "fused")
     ),
 ]
+
+
+def row_group(backend: str, extra: list[str]) -> str:
+    """``flags`` for a row with XLA flags, else its backend's family (``jax``, ``torch``)."""
+    if any(a.startswith("--xla-flags") for a in extra):
+        return "flags"
+    return "torch" if backend.startswith("torch") else "jax"
 
 
 def run_diffusion(argv: list[str], timeout: float) -> dict:
@@ -137,7 +147,12 @@ def table(results: list[tuple[str, dict]], ceiling: float, reference: float) -> 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the Markdown file to write")
-    p.add_argument("--rows", default="all", choices=("all", "jax", "torch"))
+    p.add_argument(
+        "--rows",
+        default="all",
+        choices=("all", "jax", "torch", "flags"),
+        help="jax, torch: that backend's rows without XLA flags; flags: the XLA-flag rows",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--ceiling", type=float, default=790.0)
@@ -155,7 +170,7 @@ def main(argv=None) -> int:
 
     results = []
     for label, backend, batch, extra in ROWS:
-        if args.rows != "all" and not backend.startswith(args.rows):
+        if args.rows != "all" and row_group(backend, extra) != args.rows:
             continue
         result = measure(label, backend, batch, extra)
         results.append((label, result))

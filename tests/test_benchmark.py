@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,18 @@ def test_an_xla_flag_reaches_the_timed_subprocess():
     argv = ["--preset", "tiny", "--warmup", "1", "--steps", "1"]
     row = _run_backend("jax", 2, [*argv, "--xla-flags=--xla_no_such_flag=true"], timeout=120)
     assert "error" in row
+
+
+def test_levers_xla_flag_rows_are_flags_this_xla_knows():
+    """Each XLA-flag row is its own group, and XLA starts with every flag of them (an unknown
+    flag would stop it: a typo shows here, not on the GPU)."""
+    from benchmarks.levers import ROWS, XLA_FLAG_ROWS, row_group
+
+    groups = {label: row_group(backend, extra) for label, backend, _, extra in ROWS}
+    assert sum(g == "flags" for g in groups.values()) == len(XLA_FLAG_ROWS)
+    assert groups["torch.compile S1 (parts)"] == "torch"
+    assert groups["DiT small (latent diffusion), fused attention"] == "jax"
+    env = {**os.environ, "XLA_FLAGS": " ".join(XLA_FLAG_ROWS.values())}
+    code = "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-500:]
