@@ -186,10 +186,18 @@ def pending_evals(out: Path, evals: list[str] | None = None) -> list[tuple[Path,
 def evaluate_run(out: Path, val: Path, evals: list[str] | None = None) -> int:
     """``maetok eval`` of every pending report of ``out``, in this one process (the images,
     the thumbnail's scores and the compiled model are shared). Returns how many it wrote."""
+    from maetok.errors import MAETokError
     from maetok.evaluate import evaluate_checkpoints
 
+    if not any(out.glob("stage*/checkpoint.safetensors")):
+        error(f"{out} holds no trained stage (no stage*/checkpoint.safetensors)")
     jobs = pending_evals(out, evals)
-    evaluate_checkpoints(jobs, val, batch_size=EVAL_BATCH)
+    if jobs and not val.is_dir():
+        error(f"no report folder {val} (pass --data or --val)")
+    try:
+        evaluate_checkpoints(jobs, val, batch_size=EVAL_BATCH)
+    except MAETokError as e:
+        error(str(e))
     return len(jobs)
 
 

@@ -363,3 +363,30 @@ def test_recipe_run_passes_its_report_list_on(tmp_path, monkeypatch):
     assert recipe.main([*base, "--evals", "stage2/eval,stage2/eval_raw"]) == 0
     assert recipe.main(base) == 0
     assert [c["evals"] for c in calls] == [["stage2/eval", "stage2/eval_raw"], None]
+
+
+def test_recipe_evals_lists_what_is_missing_and_stops_with_one_line(tmp_path, capsys):
+    from examples import recipe
+
+    run = tmp_path / "maetok_s0"
+    for stage in ("stage1", "stage2"):
+        (run / stage).mkdir(parents=True)
+        (run / stage / "checkpoint.safetensors").touch()
+    (run / "stage1/eval").mkdir()
+    (run / "stage1/eval/eval.json").write_text("{}")  # written already: not again
+    pending = [(c.parent.name, ema, r.name) for c, ema, r in recipe.pending_evals(run)]
+    assert pending == [
+        ("stage1", False, "eval_raw"), ("stage2", True, "eval"), ("stage2", False, "eval_raw"),
+    ]  # fmt: skip
+    only = recipe.pending_evals(run, ["stage2/eval", "stage1/eval"])
+    assert [(c.parent.name, r.name) for c, _, r in only] == [("stage2", "eval")]
+    for argv, says in (
+        (["evals", str(tmp_path / "nothing")], "holds no trained stage"),
+        (["evals", str(run), "--val", str(tmp_path / "no_val")], "no report folder"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            recipe.main(argv)
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and err.startswith("recipe: error: ") and says in err
+        assert len(err.splitlines()) == 1
+    assert not (run / "stage2/eval").exists()
