@@ -146,8 +146,10 @@ class EvalSet:
         thumb = thumbnail_baseline(images, side)
         return cls(str(folder), images, names, side, psnr(images, thumb), ssim(images, thumb))
 
-    def fits(self, m) -> bool:
-        return self.images.shape[1] == m.image_size and self.side == thumbnail_side(m)
+    def fits(self, folder, m) -> bool:
+        """Whether this is ``folder``'s set for a tokenizer of model config ``m``."""
+        same = self.images.shape[1] == m.image_size and self.side == thumbnail_side(m)
+        return same and self.folder == str(folder)
 
 
 def evaluate(
@@ -164,7 +166,7 @@ def evaluate(
     """Evaluate ``params`` on centre crops of ``folder``; print and write a report.
     ``reference``: the folder's crops and thumbnail scores, loaded once for several reports."""
     m = cfg.model
-    if reference is None or not reference.fits(m):
+    if reference is None or not reference.fits(folder, m):
         reference = EvalSet.load(folder, m, skip_broken)
     images, names, side = reference.images, reference.names, reference.side
     recon = reconstruct_all(backend, params, images, batch_size)
@@ -250,7 +252,7 @@ def evaluate_checkpoints(
         cfg, params = load_params(checkpoint, use_ema=use_ema)
         if backend is None or backend.cfg.model != cfg.model:
             backend = get_backend(backend_name)(cfg, device)
-        if reference is None or not reference.fits(cfg.model):
+        if reference is None or not reference.fits(folder, cfg.model):
             reference = EvalSet.load(folder, cfg.model)
         print(f"maetok: evaluating {checkpoint}{' (EMA weights)' if use_ema else ''}", flush=True)
         params = backend.to_device_tree(params)
