@@ -169,12 +169,22 @@ def _eval(ckpt: Path, out: Path, val: Path, log, ema: bool = True) -> None:
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _finished(ckpt: Path) -> bool:
+    """Whether the stage of ``ckpt`` trained all the steps its ``config.json`` asks for."""
+    config = ckpt.parent / "config.json"
+    if not config.is_file():
+        return False
+    return _done_steps(ckpt) >= json.loads(config.read_text())["train"]["steps"]
+
+
 def pending_evals(out: Path, evals: list[str] | None = None) -> list[tuple[Path, bool, Path]]:
     """``(checkpoint, use_ema, report folder)`` of every report of a run not yet written: the
-    EMA (``STAGE/eval``) and raw (``STAGE/eval_raw``) weights of each trained stage, only
-    those ``evals`` names if given."""
+    EMA (``STAGE/eval``) and raw (``STAGE/eval_raw``) weights of each finished stage (a stage
+    cut off is reported once it is done), only those ``evals`` names if given."""
     jobs = []
     for ckpt in sorted(out.glob("stage*/checkpoint.safetensors")):
+        if not _finished(ckpt):
+            continue
         for folder, ema in (("eval", True), ("eval_raw", False)):
             report = ckpt.parent / folder
             wanted = evals is None or f"{ckpt.parent.name}/{folder}" in evals
@@ -189,8 +199,8 @@ def evaluate_run(out: Path, val: Path, evals: list[str] | None = None) -> int:
     from maetok.errors import MAETokError
     from maetok.evaluate import evaluate_checkpoints
 
-    if not any(out.glob("stage*/checkpoint.safetensors")):
-        error(f"{out} holds no trained stage (no stage*/checkpoint.safetensors)")
+    if not any(_finished(c) for c in out.glob("stage*/checkpoint.safetensors")):
+        error(f"{out} holds no finished stage (stage*/checkpoint.safetensors at its last step)")
     jobs = pending_evals(out, evals)
     if jobs and not val.is_dir():
         error(f"no report folder {val} (pass --data or --val)")

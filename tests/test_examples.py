@@ -366,12 +366,22 @@ def test_recipe_run_passes_its_report_list_on(tmp_path, monkeypatch):
 
 
 def test_recipe_evals_lists_what_is_missing_and_stops_with_one_line(tmp_path, capsys):
+    import numpy as np
+
     from examples import recipe
+    from maetok.checkpoint import save_checkpoint
+    from maetok.config import preset
+
+    def stage(folder, done, steps):  # a checkpoint saved at step ``done`` of ``steps``
+        folder.mkdir(parents=True)
+        save_checkpoint(folder / "checkpoint.safetensors", {"w": np.ones(2)}, preset("tiny"),
+                        {"step": done})  # fmt: skip
+        (folder / "config.json").write_text(json.dumps({"train": {"steps": steps}}))
 
     run = tmp_path / "maetok_s0"
-    for stage in ("stage1", "stage2"):
-        (run / stage).mkdir(parents=True)
-        (run / stage / "checkpoint.safetensors").touch()
+    stage(run / "stage1", 6, 6)
+    stage(run / "stage2", 4, 4)
+    stage(run / "stage3", 2, 4)  # cut off: reported once it is done
     (run / "stage1/eval").mkdir()
     (run / "stage1/eval/eval.json").write_text("{}")  # written already: not again
     pending = [(c.parent.name, ema, r.name) for c, ema, r in recipe.pending_evals(run)]
@@ -380,8 +390,10 @@ def test_recipe_evals_lists_what_is_missing_and_stops_with_one_line(tmp_path, ca
     ]  # fmt: skip
     only = recipe.pending_evals(run, ["stage2/eval", "stage1/eval"])
     assert [(c.parent.name, r.name) for c, _, r in only] == [("stage2", "eval")]
+    stage(tmp_path / "cut/stage1", 3, 6)
     for argv, says in (
-        (["evals", str(tmp_path / "nothing")], "holds no trained stage"),
+        (["evals", str(tmp_path / "nothing")], "holds no finished stage"),
+        (["evals", str(tmp_path / "cut")], "holds no finished stage"),
         (["evals", str(run), "--val", str(tmp_path / "no_val")], "no report folder"),
     ):
         with pytest.raises(SystemExit) as stop:
