@@ -7,7 +7,9 @@ decoders forward+backward, the targets (HOG, conv, pixels), the perceptual loss
 forward+backward, the optimiser (clip + AdamW + EMA over every parameter), and the whole
 Stage-1 and Stage-2 steps. Each row: median ms over the timed runs and, for the transformer
 parts, TFLOP/s by the formula of ``train_step.py``. The rows of a step do not add up
-exactly to the step (XLA fuses across them), but they show what dominates.
+exactly to the step (XLA fuses across them), but they show what dominates. Under each whole
+step, its floors: the bytes XLA's cost model says its kernels read and write, over the memory
+bandwidth (``--hbm``, TB/s), and its model FLOPs over the matmul ceiling (``--ceiling``).
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ def timed(fn, *args, runs: int = 10) -> float:
     return statistics.median(times)
 
 
+def floors(compiled, model_flop: float, seconds: float, args) -> str:
+    """What the step's own kernels must at least take: XLA's cost model of the compiled
+    program (bytes each fusion reads and writes, summed) over the memory bandwidth, and the
+    model FLOPs over the matmul ceiling; kernels run one after another, so the step takes
+    about the sum of each kernel's larger floor, at least the larger of the two totals."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost  # (a list in older JAX)
+    moved = float(cost.get("bytes accessed", 0.0))
+    memory_ms = moved / (args.hbm * 1e12) * 1e3
+    matmul_ms = model_flop / (args.ceiling * 1e12) * 1e3
+    return (
+        f"  cost model: {moved / 1e9:.1f} GB moved a step ({moved / seconds / 1e12:.2f} TB/s "
+        f"at the measured time); floors: memory {memory_ms:.1f} ms at {args.hbm:g} TB/s, "
+        f"matmuls {matmul_ms:.1f} ms at {args.ceiling:g} TFLOP/s, sum {memory_ms + matmul_ms:.1f}"
+        f" ms, measured {seconds * 1e3:.1f} ms"
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
@@ -60,6 +80,10 @@ def main(argv=None) -> int:
     p.add_argument("--unroll", type=int, default=1)
     add_remat_argument(p)
     p.add_argument("--runs", type=int, default=10)
+    p.add_argument(
+        "--ceiling", type=float, default=790.0, help="matmul TFLOP/s (the H200's, measured)"
+    )
+    p.add_argument("--hbm", type=float, default=4.8, help="memory TB/s (the H200's data sheet)")
     p.add_argument(
         "--trace",
         help="also write a profiler trace of 3 Stage-1 steps to this folder "
@@ -169,13 +193,11 @@ def main(argv=None) -> int:
             st, met = step(st, *inputs)
             jax.block_until_ready(met)
             times.append(time.perf_counter() - t)
-        mem = step.lower(st, *inputs).compile().memory_analysis()
-        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30
-        row(
-            f"whole Stage-{stage} step (temp {temp:.1f} GiB)",
-            statistics.median(times),
-            transformer_flops(m, stage)["train_step"] / 1e9,
-        )
+        compiled = step.lower(st, *inputs).compile()
+        temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) / 2**30
+        gflop = transformer_flops(m, stage)["train_step"] / 1e9
+        row(f"whole Stage-{stage} step (temp {temp:.1f} GiB)", statistics.median(times), gflop)
+        print(floors(compiled, b * gflop * 1e9, statistics.median(times), args), flush=True)
         if args.trace and stage == 1:
             # A kernel replayed from a CUDA graph names the graph, not its HLO instruction:
             # the traced step is compiled without them, so that every kernel maps to a part.
