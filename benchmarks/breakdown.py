@@ -54,7 +54,7 @@ def timed(fn, *args, runs: int = 10) -> float:
     return statistics.median(times)
 
 
-def floors(compiled, model_flop: float, seconds: float, args) -> str:
+def cost_model(compiled, model_flop: float, seconds: float, args) -> str:
     """The step's time by XLA's cost model, next to the measured time: the bytes its kernels
     read and write (summed over the compiled program's fusions) over the memory bandwidth,
     and its model FLOPs over the matmul ceiling. Kernels run one after another, each bound by
@@ -198,7 +198,7 @@ def main(argv=None) -> int:
         temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) / 2**30
         gflop = transformer_flops(m, stage)["train_step"] / 1e9
         row(f"whole Stage-{stage} step (temp {temp:.1f} GiB)", statistics.median(times), gflop)
-        print(floors(compiled, b * gflop * 1e9, statistics.median(times), args), flush=True)
+        print(cost_model(compiled, b * gflop * 1e9, statistics.median(times), args), flush=True)
         if args.trace and stage == 1:
             # A kernel replayed from a CUDA graph names the graph, not its HLO instruction:
             # the traced step is compiled without them, so that every kernel maps to a part.
