@@ -56,34 +56,48 @@ def global_norm(grads):
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
 
 
+def clip_scale(norm, max_norm: float):
+    """``min(1, max_norm / (‖g‖ + CLIP_EPS))``, the factor ``clip_by_global_norm`` applies."""
+    return jnp.minimum(1.0, max_norm / (norm + CLIP_EPS))
+
+
 def clip_by_global_norm(grads, max_norm: float):
     """Scale ``grads`` by ``min(1, max_norm / (‖g‖ + CLIP_EPS))``; returns (grads, ‖g‖ before)."""
     norm = global_norm(grads)
     if max_norm <= 0:
         return grads, norm
-    scale = jnp.minimum(1.0, max_norm / (norm + CLIP_EPS))
+    scale = clip_scale(norm, max_norm)
     return tree_map(lambda g: g * scale, grads), norm
+
+
+def adam_corrections(count, t_cfg):
+    """The bias corrections ``(1 − b1^t, 1 − b2^t)`` after ``count`` updates (0-d arrays)."""
+    t = count.astype(jnp.float32)
+    return 1 - t_cfg.b1**t, 1 - t_cfg.b2**t
+
+
+def adam_leaf(p, g, m, v, lr, c1, c2, t_cfg):
+    """One leaf's Adam/AdamW update → (p, m, v), in the module docstring's order."""
+    b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
+    decoupled = t_cfg.optimizer == "adamw"
+    if not decoupled and wd:
+        g = g + wd * p
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    upd = (m / c1) / (jnp.sqrt(v / c2) + eps)
+    if decoupled and wd:
+        upd = upd + wd * p
+    return p - lr * upd, m, v
 
 
 def _adam_update(grads, state: OptState, params, lr, t_cfg):
     count = state.count + 1
-    t = count.astype(jnp.float32)
-    b1, b2, eps, wd = t_cfg.b1, t_cfg.b2, t_cfg.eps, t_cfg.weight_decay
-    decoupled = t_cfg.optimizer == "adamw"
-    if not decoupled and wd:
-        grads = tree_map(lambda g, p: g + wd * p, grads, params)
-    mu = tree_map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-    c1 = 1 - b1**t
-    c2 = 1 - b2**t
-
-    def step(p, m, v):
-        upd = (m / c1) / (jnp.sqrt(v / c2) + eps)
-        if decoupled and wd:
-            upd = upd + wd * p
-        return p - lr * upd
-
-    return tree_map(step, params, mu, nu), OptState(count, mu, nu)
+    c1, c2 = adam_corrections(count, t_cfg)
+    flat, tree = jax.tree_util.tree_flatten(params)
+    rest = (jax.tree_util.tree_leaves(x) for x in (grads, state.mu, state.nu))
+    out = [adam_leaf(p, g, m, v, lr, c1, c2, t_cfg) for p, g, m, v in zip(flat, *rest)]
+    new_params, mu, nu = (tree.unflatten([o[i] for o in out]) for i in range(3))
+    return new_params, OptState(count, mu, nu)
 
 
 def _sgd_update(grads, state: OptState, params, lr, t_cfg, nesterov: bool = False):
@@ -106,6 +120,11 @@ def ema_decay_at(step, t_cfg):
     return jnp.minimum(jnp.float32(t_cfg.ema_decay), (1.0 + s) / (EMA_WARMUP + s))
 
 
+def ema_leaf(e, p, decay):
+    """One leaf of ``ema_update``."""
+    return decay * e + (1 - decay) * p
+
+
 def ema_update(ema, params, decay: float):
     """``ema ← decay·ema + (1 − decay)·params``."""
-    return tree_map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    return tree_map(lambda e, p: ema_leaf(e, p, decay), ema, params)

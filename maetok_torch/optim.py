@@ -15,7 +15,9 @@ round alike:
 ``t`` counts updates from 1. ``lr`` may be a float or a 0-d float32 tensor on the device,
 so a host-side schedule changes it without a recompile under ``torch.compile``. Updates
 are pure: new tensors are returned and the inputs are left as they were. Call them under
-``torch.no_grad()`` (the train step does).
+``torch.no_grad()`` (the train step does). ``fused_adam_update`` is torch's alone: clipping,
+the update and the EMA leaf by leaf through one function, for ``torch.compile``'s "parts"
+scope; under ``jax.jit`` XLA fuses the JAX update by itself.
 """
 
 import functools
