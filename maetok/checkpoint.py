@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safetensors.numpy import save_file
 from maetok.config import Config, ModelConfig, compute_only
 from maetok.diffusion_config import DiffusionConfig
 from maetok.errors import CheckpointError, ConfigError
-from maetok.tree import flatten, unflatten
+from maetok.tree import flatten, map_tree, unflatten
 
 FORMAT = "maetok-checkpoint/1"
 DIFFUSION_FORMAT = "maetok-diffusion/1"  # a latent diffusion model (maetok diffusion train)
@@ -148,14 +149,12 @@ class BackgroundSaver:
     """
 
     def __init__(self):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maetok-save")
         self._pending = None
 
     def save(self, path, tree: dict, cfg: Config, meta: dict | None = None) -> None:
         self.wait()
-        snapshot = unflatten({k: np.array(v) for k, v in flatten(tree).items()})  # copies
+        snapshot = map_tree(np.array, tree)  # copies
         self._pending = self._pool.submit(save_checkpoint, path, snapshot, cfg, meta)
 
     def wait(self) -> None:

@@ -283,9 +283,11 @@ def _train(cfg, dataset, out: Path, backend, init_from, resume, stop_at, progres
                     # for the device), so compilation and checkpoints stay out of later ones
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     for s, ratio, host in pulled:
-                        if not all(math.isfinite(v) for v in host.values()):
-                            saver.wait()  # the advice names the last checkpoint written
-                        check_finite(host, f"step {s}", _resume_advice(out, last_saved, t.lr))
+                        try:
+                            check_finite(host, f"step {s}", _resume_advice(out, last_saved, t.lr))
+                        except NonFiniteLossError:
+                            saver.wait()  # the checkpoint the advice names is on disk
+                            raise
                         host.update(
                             step=s, mask_ratio=ratio, lr=learning_rate(s, t), images_per_s=rate
                         )
