@@ -20,6 +20,11 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
     # the tables (Markdown) of a study folder
     python examples/recipe.py table runs/recipe
 
+    # runs as records (tens of kB each, what the tables read) for a folder that outlives
+    # the run folders; the tables of records and run folders together
+    python examples/recipe.py record runs/recipe/maetok_s0 --into docs/recipe_runs --commit REV
+    python examples/recipe.py table docs/recipe_runs runs/recipe
+
     # a run's missing reports (e.g. after deleting one), all in one process
     python examples/recipe.py evals runs/recipe/maetok_s0
 
@@ -324,7 +329,14 @@ def main(argv=None) -> int:
         type=_names,
         help="run only these jobs (comma-separated names, e.g. lever_recipe,lever_0)",
     )
-    sub.add_parser("table").add_argument("out", type=Path)
+    sub.add_parser("table").add_argument(
+        "out", type=Path, nargs="+", help="folders of runs and records (the first takes tables.md)"
+    )
+    record_p = sub.add_parser("record", help="runs → records the tables read (a few tens of kB)")
+    record_p.add_argument("runs", type=Path, nargs="+", help="run folders (of `recipe.py run`)")
+    record_p.add_argument("--into", type=Path, required=True, help="the records' folder")
+    record_p.add_argument("--commit", required=True, help="the commit the runs trained at")
+    record_p.add_argument("--force", action="store_true", help="replace existing records")
     evals_p = sub.add_parser("evals", help="write a run's missing reports, in one process")
     evals_p.add_argument("out", type=Path, help="the run folder (of `recipe.py run`)")
     evals_p.add_argument("--data", type=Path, default=ROOT.parent / "shared/data")
@@ -347,7 +359,13 @@ def main(argv=None) -> int:
     if args.command == "table":
         from examples.recipe_study import table
 
-        print(table(args.out))
+        print(table(*args.out))
+        return 0
+    if args.command == "record":
+        from examples.recipe_study import write_record
+
+        for run in args.runs:
+            print(f"recipe: wrote {write_record(run, args.into, args.commit, args.force)}")
         return 0
     if args.command == "evals":
         wrote = evaluate_run(args.out, args.val or args.data / "bsds500/val", args.evals)

@@ -7,6 +7,7 @@ tensor digests of a run and its repeat).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -164,14 +165,6 @@ def _images_per_s(metrics: Path, last: int | None = None) -> float | None:
     return statistics.median(rates)
 
 
-def _run_steps(run: Path) -> int | None:
-    """The steps a run trained, summed over its stages (from each ``metrics.jsonl``)."""
-    done = [
-        recipe.logged_steps(m) for m in sorted(run.glob("stage*/metrics.jsonl")) if m.stat().st_size
-    ]
-    return sum(done) or None
-
-
 def _mean_spread(values: list[float], digits: int) -> str:
     if not values:
         return "–"
@@ -189,56 +182,185 @@ def _digests(run: Path) -> dict[str, str]:
     return dict(re.findall(pattern, text))
 
 
+def _logged(metrics: Path) -> list[dict]:
+    """A stage's logged steps, every value but the rate (which differs from run to run)."""
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    return [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in lines]
+
+
 def _logged_agreement(first: Path, again: Path) -> str:
     """How many logged steps of two runs of one stage agree in every logged value but the
     rate (losses, gradient norm, mask ratio, learning rate), and the first that does not."""
-    files = [s / "metrics.jsonl" for s in (first, again)]
-    runs = [f.read_text().splitlines() if f.is_file() else [] for f in files]
-    if not all(runs):
+    a, b = _logged(first / "metrics.jsonl"), _logged(again / "metrics.jsonl")
+    if not (a and b):
         return ""
-    a, b = (
-        [{k: v for k, v in json.loads(x).items() if k != "images_per_s"} for x in r] for r in runs
-    )
     equal = sum(x == y for x, y in zip(a, b))
     text = f"; {equal:,} of {max(len(a), len(b)):,} logged steps equal"
     differ = next((x["step"] for x, y in zip(a, b) if x != y), None)
     return text + (f" (the first difference at step {differ})" if differ is not None else "")
 
 
-def _run_table(folder: Path) -> list[str]:
+# ----------------------------------------------------------------------------- the records
+
+CURVE_EVERY = 50  # logged steps between two points of a record's loss curve
+REPORTS = ("eval", "eval_raw")  # a stage's reports: EMA and raw weights
+
+
+def _report_summary(path: Path) -> dict | None:
+    """What the tables read of an ``eval.json``: the scores, the thumbnail's, the latents'
+    statistics, and on how many images the tokenizer beats the thumbnail (not the
+    per-image lists)."""
+    r = _report(path)
+    if r is None:
+        return None
+    out = {k: r[k] for k in ("images", "tokenizer", "thumbnail", "latents") if k in r}
+    out["beats_thumbnail"] = sum(i["psnr"] > i["thumb_psnr"] for i in r.get("per_image", []))
+    return out
+
+
+def _curve(logged: list[dict]) -> dict[str, list]:
+    """The loss and reconstruction loss averaged over each ``CURVE_EVERY`` logged steps,
+    at the window's last step."""
+    out = {"step": [], "loss": [], "rec": []}
+    for i in range(0, len(logged), CURVE_EVERY):
+        window = logged[i : i + CURVE_EVERY]
+        out["step"].append(window[-1]["step"])
+        for key in ("loss", "rec"):
+            values = [x[key] for x in window if isinstance(x.get(key), (int, float))]
+            out[key].append(statistics.fmean(values) if values else None)
+    return out
+
+
+def record(run: Path, commit: str | None = None) -> dict:
+    """A run folder as a record: per stage its steps, settings, median images/s, tensor
+    digest, the sha256 of its logged values (all but the rate: two runs that log the same
+    values have the same one), its loss curves (``_curve``), and its
+    reports' scores. A few tens of kB where the folder holds checkpoints and megabytes of
+    logs: what the tables read, kept where the folder cannot be (``recipe.py record``)."""
+    digests = _digests(run)
+    stages = {}
+    for folder in sorted(p for p in run.glob("stage*") if p.is_dir()):
+        metrics = folder / "metrics.jsonl"
+        logged = _logged(metrics)
+        text = json.dumps(logged, sort_keys=True).encode()
+        stage = {
+            "steps": logged[-1]["step"] + 1 if logged else 0,
+            "images_per_s": _images_per_s(metrics),
+            "digest": digests.get(folder.name),
+            "logged": {"lines": len(logged), "sha256": hashlib.sha256(text).hexdigest()},
+            "curve": _curve(logged),
+            "reports": {
+                kind: summary
+                for kind in REPORTS
+                if (summary := _report_summary(folder / kind / "eval.json"))
+            },
+        }
+        config = folder / "config.json"
+        if config.is_file():
+            stage["config"] = json.loads(config.read_text())
+        stages[folder.name] = stage
+    for name, digest in digests.items():  # a stage whose folder is gone but whose log stayed
+        stages.setdefault(name, {"digest": digest, "reports": {}})
+    log = run / "recipe.log"
+    started = log.read_text().splitlines()[0] if log.is_file() and log.stat().st_size else ""
+    return {"name": run.name, "commit": commit, "started": started, "stages": stages}
+
+
+def write_record(run: Path, into: Path, commit: str, force: bool = False) -> Path:
+    """``into/NAME.json``: the record of the run folder ``run`` (`recipe.py record`); an
+    existing record of that name is kept unless ``force``."""
+    data = record(run, commit) if run.is_dir() else {"stages": {}}
+    if not data["stages"]:
+        error(f"{run} holds no stage (stage1/, stage2/ of `recipe.py run`)")
+    path = into / f"{run.name}.json"
+    if path.exists() and not force:
+        error(f"{path} exists (--force replaces it)")
+    into.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def runs(folders: list[Path]) -> dict[str, dict]:
+    """Name → record of every run in ``folders``: run folders (read as records, their path
+    kept as ``"folder"``) and ``NAME.json`` records; the first of a name wins."""
+    out = {}
+    for folder in folders:
+        if not folder.is_dir():
+            error(f"no folder {folder}")
+        for path in sorted(folder.iterdir()):
+            if path.name in out or path.stem in out:
+                continue
+            if path.is_dir() and ((path / "recipe.log").is_file() or any(path.glob("stage*"))):
+                out[path.name] = {**record(path), "folder": path}
+            elif path.suffix == ".json":
+                data = json.loads(path.read_text())
+                if isinstance(data, dict) and "stages" in data:  # not probe.json
+                    out[path.stem] = data
+    return out
+
+
+def _stage(run: dict | None, stage: str) -> dict:
+    return (run or {}).get("stages", {}).get(stage, {})
+
+
+def _steps(run: dict | None) -> int | None:
+    """The steps a run trained, summed over its stages."""
+    return sum(s.get("steps", 0) for s in (run or {}).get("stages", {}).values()) or None
+
+
+def _agreement(first: dict, again: dict, stage: str) -> str:
+    """``_logged_agreement`` of two runs' stage: from their folders where both are here,
+    else from their records' sha256 of the logged values."""
+    if "folder" in first and "folder" in again:
+        return _logged_agreement(first["folder"] / stage, again["folder"] / stage)
+    a, b = _stage(first, stage).get("logged"), _stage(again, stage).get("logged")
+    if not (a and b):
+        return ""
+    if a == b:
+        return f"; {a['lines']:,} of {a['lines']:,} logged steps equal"
+    return "; the logged values differ"
+
+
+# ------------------------------------------------------------------------------ the tables
+
+
+def _run_table(every: dict[str, dict]) -> list[str]:
     """Per full run (``maetok_s*``, ``plain_s*``, their repeats): each stage's median
     images/s, the tensor digests ``maetok train`` printed, and the last stage's EMA report."""
-    runs = sorted(p for p in folder.glob("*_s[0-9]*") if p.is_dir())
-    if not runs:
+    names = sorted(n for n in every if re.search(r"_s\d", n))
+    if not names:
         return []
     lines = [
         "| run | images/s, Stage 1 | images/s, Stage 2 | tensors sha256 (per stage) "
         "| last stage, EMA weights |",
         "|---|---|---|---|---|",
     ]
-    for run in runs:
-        rates = [_images_per_s(run / f"stage{s}/metrics.jsonl") for s in (1, 2)]
-        digests = _digests(run)
-        last = sorted(run.glob("stage*/eval/eval.json"))
-        report = _report(last[-1]) if last else None
+    for name in names:
+        stages = every[name]["stages"]
+        rates = [_stage(every[name], f"stage{s}").get("images_per_s") for s in (1, 2)]
+        digests = [stages[s]["digest"] for s in sorted(stages) if stages[s].get("digest")]
+        reports = [r["eval"] for s in sorted(stages) if "eval" in (r := stages[s]["reports"])]
         ema = (
-            f"{report['tokenizer']['psnr']:.2f} dB / {report['tokenizer']['ssim']:.3f}"
-            if report
+            f"{reports[-1]['tokenizer']['psnr']:.2f} dB / {reports[-1]['tokenizer']['ssim']:.3f}"
+            if reports
             else "–"
         )
         lines.append(
-            f"| {run.name} | {' | '.join(f'{r:,.0f}' if r else '–' for r in rates)} "
-            f"| {' / '.join(digests[s] for s in sorted(digests)) or '–'} | {ema} |"
+            f"| {name} | {' | '.join(f'{r:,.0f}' if r else '–' for r in rates)} "
+            f"| {' / '.join(digests) or '–'} | {ema} |"
         )
     return [*lines, ""]
 
 
-def table(folder: Path) -> str:
+def table(*folders: Path) -> str:
     """The seed table, the runs' rates and digests, the lever table and the determinism
-    check of a study folder."""
-    full = sorted(folder.glob("maetok_s[0-9]*"))
-    steps = _run_steps(full[0]) if full else None
-    lines = [f"Study in {folder}: {steps or '?'} steps per full run.\n"]
+    check of study folders (run folders and ``recipe.py record`` files), written to the
+    first folder's ``tables.md`` too."""
+    every = runs(list(folders))
+    full = sorted(n for n in every if re.fullmatch(r"(maetok|plain)_s\d+", n))
+    steps = _steps(every[full[0]]) if full else None
+    where = ", ".join(str(f) for f in folders)
+    lines = [f"Study in {where}: {steps or '?'} steps per full run.\n"]
     rows = [
         ("MAETok Stage 1", "maetok_s{}", "stage1"),
         ("MAETok Stage 1 + Stage 2", "maetok_s{}", "stage2"),
@@ -251,9 +373,9 @@ def table(folder: Path) -> str:
     lines.append("|---|---|---|---|---|---|---|")
     thumb = None
     for label, pattern, stage in rows:
-        runs = [folder / pattern.format(seed) / stage for seed in (0, 1, 2)]
-        raw = [r for run in runs if (r := _report(run / "eval_raw/eval.json"))]
-        ema = [r for run in runs if (r := _report(run / "eval/eval.json"))]
+        found = [_stage(every.get(pattern.format(seed)), stage) for seed in (0, 1, 2)]
+        raw = [r for s in found if (r := s.get("reports", {}).get("eval_raw"))]
+        ema = [r for s in found if (r := s.get("reports", {}).get("eval"))]
         if not raw and not ema:
             continue
         thumb = (raw or ema)[0]["thumbnail"]
@@ -261,9 +383,7 @@ def table(folder: Path) -> str:
         for reports in (raw, ema):
             cells.append(_mean_spread([r["tokenizer"]["psnr"] for r in reports], 2))
             cells.append(_mean_spread([r["tokenizer"]["ssim"] for r in reports], 3))
-        wins = [
-            f"{sum(i['psnr'] > i['thumb_psnr'] for i in r['per_image'])}/{r['images']}" for r in raw
-        ]
+        wins = [f"{r['beats_thumbnail']}/{r['images']}" for r in raw]
         lines.append(
             f"| {label} | {len(raw or ema)} | {' | '.join(cells)} | {', '.join(wins) or '–'} |"
         )
@@ -273,21 +393,21 @@ def table(folder: Path) -> str:
             f"| {thumb['ssim']:.3f} | – | – | – |"
         )
     lines.append("\n(± is the standard deviation over the seeds.)\n")
-    lines += _run_table(folder)
+    lines += _run_table(every)
 
-    ref = _report(folder / "lever_recipe/stage2/eval/eval.json")
+    base = every.get("lever_recipe")
+    ref = _stage(base, "stage2").get("reports", {}).get("eval")
     if ref:
         ref_psnr = ref["tokenizer"]["psnr"]
-        part = _run_steps(folder / "lever_recipe")
-        lines.append(f"Levers at {part} steps, seed 0, one change each:\n")
+        lines.append(f"Levers at {_steps(base)} steps, seed 0, one change each:\n")
         lines.append("| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | images/s (Stage 1) |")
         lines.append("|---|---|---|---|---|")
-        rate = _images_per_s(folder / "lever_recipe/stage1/metrics.jsonl")
+        rate = _stage(base, "stage1").get("images_per_s")
         lines.append(
             f"| none (the recipe) | {ref_psnr:.2f} | – | {ref['tokenizer']['ssim']:.3f} "
             f"| {rate or 0:.0f} |"
         )
-        raw = _report(folder / "lever_recipe/stage2/eval_raw/eval.json")
+        raw = _stage(base, "stage2")["reports"].get("eval_raw")
         if raw:
             p = raw["tokenizer"]["psnr"]
             lines.append(
@@ -295,31 +415,66 @@ def table(folder: Path) -> str:
                 f"| {raw['tokenizer']['ssim']:.3f} | – |"
             )
         for i, lever in enumerate(LEVERS):
-            if not (folder / f"lever_{i}").is_dir():
+            run = every.get(f"lever_{i}")
+            if run is None:
                 continue  # not in this study
-            r = _report(folder / f"lever_{i}/stage2/eval/eval.json")
+            r = _stage(run, "stage2").get("reports", {}).get("eval")
             if r is None:
                 lines.append(f"| {lever} | (did not finish) | | | |")
                 continue
             p = r["tokenizer"]["psnr"]
-            rate = _images_per_s(folder / f"lever_{i}/stage1/metrics.jsonl")
+            rate = _stage(run, "stage1").get("images_per_s")
             lines.append(
                 f"| {lever} | {p:.2f} | {p - ref_psnr:+.2f} | {r['tokenizer']['ssim']:.3f} "
                 f"| {rate or 0:.0f} |"
             )
     lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
-    repeats = sorted(folder.glob("*_repeat"))
+    repeats = sorted(n for n in every if n.endswith("_repeat"))
     if not repeats:
         lines.append("- no repeat in this folder (a run NAME_repeat of NAME's command)")
-    for repeat in repeats:
-        source = folder / repeat.name.removesuffix("_repeat")
-        first, again = _digests(source), _digests(repeat)
-        for stage in sorted(first.keys() & again.keys()):
-            same = "identical" if first[stage] == again[stage] else "DIFFERENT"
-            logged = _logged_agreement(source / stage, repeat / stage)
-            lines.append(
-                f"- {repeat.name}, {stage}: {first[stage]} and {again[stage]}: {same}{logged}"
-            )
+    for name in repeats:
+        source, again = every.get(name.removesuffix("_repeat"), {}), every[name]
+        for stage in sorted(_stage_digests(source).keys() & _stage_digests(again).keys()):
+            a, b = _stage_digests(source)[stage], _stage_digests(again)[stage]
+            same = "identical" if a == b else "DIFFERENT"
+            logged = _agreement(source, again, stage)
+            lines.append(f"- {name}, {stage}: {a} and {b}: {same}{logged}")
     text = "\n".join(lines)
-    (folder / "tables.md").write_text(text + "\n")
+    (folders[0] / "tables.md").write_text(text + "\n")
+    curves(every, folders[0] / "curves.png")
     return text
+
+
+def _joined(run: dict, key: str = "rec") -> tuple[list[int], list]:
+    """A run's curve over its stages one after the other (Stage 2's steps after Stage 1's)."""
+    steps, values, offset = [], [], 0
+    for name in sorted(run.get("stages", {})):
+        stage = run["stages"][name]
+        curve = stage.get("curve", {})
+        steps += [offset + s for s in curve.get("step", [])]
+        values += curve.get(key, [])
+        offset += stage.get("steps", 0)
+    return steps, values
+
+
+def curves(every: dict[str, dict], path: Path) -> Path | None:
+    """``path``: the reconstruction loss of the full runs and of the lever runs (each
+    averaged over ``CURVE_EVERY`` logged steps, Stage 2 after Stage 1), if any run has one."""
+    from maetok.viz import plot_overlay
+
+    full = {n: _joined(every[n]) for n in sorted(every) if re.search(r"_s\d", n)}
+    names = {"lever_recipe": "the recipe"}
+    names.update({f"lever_{i}": lever for i, lever in enumerate(LEVERS)})
+    levers = {names[n]: _joined(every[n]) for n in names if n in every}
+    panels = [
+        (title, lines)
+        for title, lines in (("full runs", full), ("levers, seed 0", levers))
+        if any(v is not None for _, values in lines.values() for v in values)
+    ]
+    if not panels:
+        return None
+    return plot_overlay(panels, path, ylabel="reconstruction loss (mean of 50 steps)")
+
+
+def _stage_digests(run: dict) -> dict[str, str]:
+    return {s: v["digest"] for s, v in run.get("stages", {}).items() if v.get("digest")}

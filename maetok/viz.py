@@ -179,3 +179,36 @@ def plot_curves(metrics_jsonl, out_png) -> list[str]:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     return keys
+
+
+def plot_overlay(panels: list[tuple[str, dict]], out_png, ylabel: str = "") -> Path:
+    """Several runs' curves side by side: ``panels`` is a list of ``(title, {label: (steps,
+    values)})``, one subplot each with a line per label (a log scale where every value is
+    positive). Values of None are left out."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not panels:
+        raise MAETokError("nothing to plot: no curves given")
+    fig = Figure(figsize=(6.5 * len(panels), 4.2))
+    FigureCanvasAgg(fig)
+    for i, (title, lines) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        positive = True
+        for label, (steps, values) in lines.items():
+            kept = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
+            if kept:
+                ax.plot(*zip(*kept), linewidth=1.2, label=label)
+                positive = positive and min(v for _, v in kept) > 0
+        if positive:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return out

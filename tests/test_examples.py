@@ -49,10 +49,9 @@ def test_cpu_proxy_reports_curve_mask_ratios_and_thumbnail(tmp_path, rng):
     assert np.isfinite(r2["val_psnr_curve"]).all()
 
 
-def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp_path):
+def _recipe_study_folder(tmp_path):
+    """A study folder: three seeds, the lever recipe, one lever, two repeats (one differs)."""
     import json
-
-    from examples import recipe, recipe_study
 
     def report(folder, psnr, beats=0):
         folder.mkdir(parents=True)
@@ -71,8 +70,8 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
         for stage, n in enumerate(steps, 1):
             (run / f"stage{stage}").mkdir(parents=True, exist_ok=True)
             logged = [
-                {"step": n - 2, "images_per_s": 700.0 * stage},
-                {"step": n - 1, "images_per_s": 900.0 * stage},
+                {"step": n - 2, "images_per_s": 700.0 * stage, "rec": 0.4 / stage},
+                {"step": n - 1, "images_per_s": 900.0 * stage, "rec": 0.2 / stage},
             ]
             (run / f"stage{stage}/metrics.jsonl").write_text(
                 "".join(json.dumps(r) + "\n" for r in logged)
@@ -102,6 +101,12 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     (tmp_path / "maetok_s1/recipe.log").write_text(done.format("stage1", "dd"))
     (tmp_path / "maetok_s1_repeat").mkdir()  # a repeat of any seed is checked
     (tmp_path / "maetok_s1_repeat/recipe.log").write_text(done.format("stage1", "dd"))
+
+
+def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp_path):
+    from examples import recipe, recipe_study
+
+    _recipe_study_folder(tmp_path)
     text = recipe_study.table(tmp_path)
     assert text.startswith(f"Study in {tmp_path}: 1600 steps per full run.")
     assert "Levers at 800 steps" in text
@@ -123,6 +128,63 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     assert rows["maetok_s0"] == "| maetok_s0 | 800 | 1,600 | aa / bb | 18.00 dB / 0.180 |"
     assert rows["maetok_s1_repeat"] == "| maetok_s1_repeat | – | – | dd | – |"
     assert (tmp_path / "tables.md").read_text().strip() == text.strip()
+
+
+def test_recipe_records_give_the_same_tables_as_the_run_folders(tmp_path, capsys):
+    import json
+
+    from examples import recipe, recipe_study
+
+    study = tmp_path / "study"
+    _recipe_study_folder(study)
+    runs = sorted(p for p in study.iterdir() if p.is_dir())
+    records = tmp_path / "records"
+    assert recipe.main(["record", *map(str, runs), "--into", str(records), "--commit", "abc"]) == 0
+    saved = json.loads((records / "maetok_s0.json").read_text())
+    assert saved["commit"] == "abc" and saved["stages"]["stage2"]["digest"] == "bb"
+    assert saved["stages"]["stage1"]["steps"] == 960 and "per_image" not in str(saved)
+    from_folders = recipe_study.table(study).splitlines()
+    from_records = recipe_study.table(records).splitlines()
+    assert from_records[0] == f"Study in {records}: 1600 steps per full run."
+    differ = [(a, b) for a, b in zip(from_folders[1:], from_records[1:]) if a != b]
+    # a record keeps the sha256 of the logged values, not every value: where they differ,
+    # it says so without the first step that differs
+    assert differ == [
+        (
+            "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT; 1 of 2 logged steps equal "
+            "(the first difference at step 639)",
+            "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT; the logged values differ",
+        )
+    ]
+    assert len(from_folders) == len(from_records)
+    # the loss curves: each window's mean, Stage 2 drawn after Stage 1
+    curve = saved["stages"]["stage2"]["curve"]
+    assert curve == {"step": [639], "loss": [None], "rec": [pytest.approx(0.15)]}
+    assert recipe_study._joined(saved) == ([959, 960 + 639], pytest.approx([0.3, 0.15]))
+    assert (records / "curves.png").stat().st_size > 10_000
+    # records and run folders together: the folder's run wins over a record of its name
+    mixed = recipe_study.table(study, records).splitlines()
+    assert mixed[1:] == from_folders[1:]
+    # a record is not overwritten unless asked; a folder with no stage is refused
+    with pytest.raises(SystemExit) as stop:
+        recipe.main(["record", str(runs[0]), "--into", str(records), "--commit", "abc"])
+    assert stop.value.code == 2 and "exists (--force replaces it)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        recipe.main(["record", str(tmp_path / "empty"), "--into", str(records), "--commit", "x"])
+    assert "holds no stage" in capsys.readouterr().err
+
+
+def test_recipe_record_curve_is_the_mean_of_each_window_of_logged_steps():
+    from examples import recipe_study
+
+    logged = [{"step": i, "loss": float(i), "rec": 2.0 * i} for i in range(120)]
+    curve = recipe_study._curve(logged)
+    assert curve == {
+        "step": [49, 99, 119],
+        "loss": [24.5, 74.5, 109.5],
+        "rec": [49.0, 149.0, 219.0],
+    }
 
 
 def test_recipe_jobs_cover_seeds_the_repeat_and_every_lever_at_half_budget():
