@@ -293,7 +293,10 @@ def runs(folders: list[Path]) -> dict[str, dict]:
             if path.is_dir() and ((path / "recipe.log").is_file() or any(path.glob("stage*"))):
                 out[path.name] = {**record(path), "folder": path}
             elif path.suffix == ".json":
-                data = json.loads(path.read_text())
+                try:
+                    data = json.loads(path.read_text())
+                except json.JSONDecodeError as e:
+                    error(f"{path} is not JSON ({e}); a record is written by `recipe.py record`")
                 if isinstance(data, dict) and "stages" in data:  # not probe.json
                     out[path.stem] = data
     return out
@@ -301,6 +304,11 @@ def runs(folders: list[Path]) -> dict[str, dict]:
 
 def _stage(run: dict | None, stage: str) -> dict:
     return (run or {}).get("stages", {}).get(stage, {})
+
+
+def _stage_digests(run: dict) -> dict[str, str]:
+    """Stage → tensor digest of a record's finished stages."""
+    return {s: v["digest"] for s, v in run.get("stages", {}).items() if v.get("digest")}
 
 
 def _steps(run: dict | None) -> int | None:
@@ -434,8 +442,9 @@ def table(*folders: Path) -> str:
         lines.append("- no repeat in this folder (a run NAME_repeat of NAME's command)")
     for name in repeats:
         source, again = every.get(name.removesuffix("_repeat"), {}), every[name]
-        for stage in sorted(_stage_digests(source).keys() & _stage_digests(again).keys()):
-            a, b = _stage_digests(source)[stage], _stage_digests(again)[stage]
+        first, second = _stage_digests(source), _stage_digests(again)
+        for stage in sorted(first.keys() & second.keys()):
+            a, b = first[stage], second[stage]
             same = "identical" if a == b else "DIFFERENT"
             logged = _agreement(source, again, stage)
             lines.append(f"- {name}, {stage}: {a} and {b}: {same}{logged}")
@@ -474,7 +483,3 @@ def curves(every: dict[str, dict], path: Path) -> Path | None:
     if not panels:
         return None
     return plot_overlay(panels, path, ylabel="reconstruction loss (mean of 50 steps)")
-
-
-def _stage_digests(run: dict) -> dict[str, str]:
-    return {s: v["digest"] for s, v in run.get("stages", {}).items() if v.get("digest")}

@@ -173,6 +173,10 @@ def test_recipe_records_give_the_same_tables_as_the_run_folders(tmp_path, capsys
     with pytest.raises(SystemExit):
         recipe.main(["record", str(tmp_path / "empty"), "--into", str(records), "--commit", "x"])
     assert "holds no stage" in capsys.readouterr().err
+    (records / "broken.json").write_text("{")  # a cut-off file: one line naming it
+    with pytest.raises(SystemExit):
+        recipe.main(["table", str(records)])
+    assert f"{records / 'broken.json'} is not JSON" in capsys.readouterr().err
 
 
 def test_recipe_record_curve_is_the_mean_of_each_window_of_logged_steps():
