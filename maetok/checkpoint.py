@@ -152,10 +152,12 @@ class BackgroundSaver:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maetok-save")
         self._pending = None
 
-    def save(self, path, tree: dict, cfg: Config, meta: dict | None = None) -> None:
+    def save(self, path, tree: dict, cfg, meta: dict | None = None, write=None) -> None:
+        """Start writing ``tree`` to ``path`` with ``write(path, tree, cfg, meta)``:
+        ``save_checkpoint`` (a tokenizer's state) unless given (``save_diffusion``)."""
         self.wait()
         snapshot = map_tree(np.array, tree)  # copies
-        self._pending = self._pool.submit(save_checkpoint, path, snapshot, cfg, meta)
+        self._pending = self._pool.submit(write or save_checkpoint, path, snapshot, cfg, meta)
 
     def wait(self) -> None:
         pending, self._pending = self._pending, None

@@ -194,3 +194,23 @@ def test_resume_is_bit_exact(tmp_path, rng):
         return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
 
     assert losses("straight") == losses("split") and len(losses("straight")) == 6
+
+
+def test_checkpoints_are_written_on_the_saver_thread(tmp_path, rng, monkeypatch):
+    import threading
+
+    cfg = preset("tiny", **TOY, steps=4, log_every=1, ckpt_every=2)
+    latents, labels, _ = _toy_data(rng)
+    threads, write = [], ckpt.save_diffusion
+
+    def recorded(*args):
+        threads.append(threading.current_thread().name)
+        return write(*args)
+
+    monkeypatch.setattr(ckpt, "save_diffusion", recorded)
+    meta = {"tokenizer": "tok.safetensors", "tokenizer_sha256": "0" * 64, "tokenizer_ema": False}
+    norm = dtrain.latent_norm(latents)
+    dtrain.fit(cfg, latents, labels, norm, tmp_path, meta, progress=False)
+    assert len(threads) == 2 and all(t.startswith("maetok-save") for t in threads)
+    _, _, saved = ckpt.load_diffusion(tmp_path / dtrain.CHECKPOINT_NAME)
+    assert saved["step"] == 4  # the last write is on disk when fit returns
