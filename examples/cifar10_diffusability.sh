@@ -10,7 +10,8 @@
 #
 # Rows, all at an equal tokenizer budget of S1+S2 steps:
 #   plain_ae   mask ratio 0, no auxiliary decoders, S1+S2 steps of Stage 1
-#   maetok_s1  Stage 1 (r ~ U[MASK_MIN, MASK_MAX], HOG + Gabor + pixel targets), S1+S2 steps
+#   maetok_s1  Stage 1 (r ~ U[MASK_MIN, MASK_MAX], HOG + Gabor + pixel targets weighted
+#              GAMMA each), S1+S2 steps
 #   maetok_s2  Stage 1 for S1 steps, then Stage 2 (encoder frozen, r annealed to 0) for S2
 # Each tokenizer gets the same latent diffusion model (preset DIT), trained DIT_STEPS steps
 # for each seed in SEEDS, sampled with the same sampler at guidance 1 and GUIDANCE.
@@ -22,6 +23,7 @@ S1=${S1_STEPS:-3000}
 S2=${S2_STEPS:-2000}
 MASK_MIN=${MASK_MIN:-0.4}
 MASK_MAX=${MASK_MAX:-0.6}
+GAMMA=${GAMMA:-}   # each auxiliary target's weight γ (default: the preset's, 1); the recipe's 0.1
 TOK_PRESET=${TOK_PRESET:-cifar}
 TOK_BATCH=${TOK_BATCH:-256}
 CLASSIFIER_ARGS=${CLASSIFIER_ARGS:-}   # e.g. "--epochs 2 --widths 8,8,8,8" for a smoke run
@@ -65,6 +67,7 @@ phase_classifier() {
 
 phase_tokenizers() {
   local masked=(--set train.mask_min="$MASK_MIN" --set train.mask_max="$MASK_MAX")
+  [ -n "$GAMMA" ] && masked+=(--set "loss.gamma={\"hog\": $GAMMA, \"conv\": $GAMMA, \"pixel\": $GAMMA}")
   train_tok "$OUT/tokenizers/plain_ae" $((S1 + S2)) \
       --set train.mask_min=0 --set train.mask_max=0 --set 'model.aux_targets=[]' \
       > "$OUT/plain_ae.log" 2>&1 &
