@@ -17,6 +17,10 @@ Train on ``photos/`` (2,400 mixed photographs) plus ``bsds500/train``, report on
     python examples/recipe.py study runs/recipe --steps 14000 --lever-share 0.25 \
         --only lever_recipe,lever_0,lever_1,lever_2
 
+    # the same, writing each run's record (below) into docs/recipe_runs as it ends
+    python examples/recipe.py study runs/recipe --steps 14000 --only plain_s1,plain_s2 \
+        --records docs/recipe_runs --commit REV
+
     # the tables (Markdown) of a study folder
     python examples/recipe.py table runs/recipe
 
@@ -325,6 +329,10 @@ def main(argv=None) -> int:
         "--lever-share", type=float, default=LEVER_SHARE, help="each lever run's share of --steps"
     )
     study_p.add_argument(
+        "--records", type=Path, help="write each run's record here as it ends (`recipe.py record`)"
+    )
+    study_p.add_argument("--commit", help="with --records: the commit the runs train at")
+    study_p.add_argument(
         "--only",
         type=_names,
         help="run only these jobs (comma-separated names, e.g. lever_recipe,lever_0)",
@@ -385,6 +393,8 @@ def main(argv=None) -> int:
         from examples.recipe_study import selected, study
 
         selected(args.steps, args)  # a bad --only stops here, before anything is written
+        if args.records and not args.commit:
+            error("--records needs --commit (the commit the runs train at)")
         args.train = args.train or train_folder(args.data, args.out)
         study(args.out, args)
         return 0

@@ -89,8 +89,11 @@ def _launch(job: dict, folder: Path, args, steps_only: int | None = None):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log
 
 
-def _pool(todo: list[dict], folder: Path, args, what: str, steps_only: int | None = None):
-    """Run ``todo`` with at most ``args.jobs`` side by side (they share the GPU's memory)."""
+def _pool(
+    todo: list[dict], folder: Path, args, what: str, steps_only: int | None = None, finished=None
+):
+    """Run ``todo`` with at most ``args.jobs`` side by side (they share the GPU's memory);
+    ``finished(name)`` is called as each job ends well."""
     from tqdm import tqdm
 
     queue, running = list(todo), []
@@ -107,6 +110,8 @@ def _pool(todo: list[dict], folder: Path, args, what: str, steps_only: int | Non
                     bar.update(1)
                     if proc.returncode:
                         print(f"recipe: {name} failed (exit {proc.returncode}); see its .out")
+                    elif finished is not None:
+                        finished(name)
             time.sleep(2)
 
 
@@ -143,7 +148,13 @@ def study(folder: Path, args) -> None:
     steps = args.steps
     if args.budget_min:
         steps = probe(folder, args, args.probe_steps, args.budget_min * 60)
-    _pool(selected(steps, args), folder, args, "study")
+    finished = None
+    if args.records:  # each run's record as soon as it ends (what outlives the run folders)
+
+        def finished(name: str) -> None:
+            write_record(folder / name, args.records, args.commit, force=True)
+
+    _pool(selected(steps, args), folder, args, "study", finished=finished)
     print(table(folder))
 
 

@@ -419,6 +419,42 @@ def test_recipe_study_runs_only_the_named_jobs_and_refuses_unknown_ones(tmp_path
     assert len(err.splitlines()) == 1 and not (tmp_path / "study").exists()
 
 
+def test_recipe_study_writes_each_finished_runs_record(tmp_path, monkeypatch, capsys):
+    from examples import recipe, recipe_study
+
+    class Done:  # a run that has ended: well (0) or not
+        def __init__(self, code):
+            self.returncode = code
+
+        def poll(self):
+            return self.returncode
+
+    def launch(job, folder, args, steps_only=None):  # leaves a run folder as `recipe.py run`
+        made = tmp_path / f"made_{job['name']}"
+        _recipe_study_folder(made)
+        folder.mkdir(parents=True, exist_ok=True)
+        (made / "lever_recipe").rename(folder / job["name"])
+        log = open(tmp_path / f"{job['name']}.out", "w")  # noqa: SIM115 - closed by _pool
+        return Done(1 if job["name"] == "lever_1" else 0), log
+
+    monkeypatch.setattr(recipe_study, "_launch", launch)
+    monkeypatch.setattr(recipe_study.time, "sleep", lambda s: None)
+    study, records, data = tmp_path / "study", tmp_path / "records", tmp_path / "data"
+    (data / "photos").mkdir(parents=True)
+    (data / "bsds500/train").mkdir(parents=True)
+    argv = ["study", str(study), "--steps", "1600", "--data", str(data)]
+    argv += ["--only", "lever_recipe,lever_0,lever_1"]
+    with pytest.raises(SystemExit):
+        recipe.main([*argv, "--records", str(records)])
+    assert "--records needs --commit" in capsys.readouterr().err and not study.exists()
+    assert recipe.main([*argv, "--records", str(records), "--commit", "abc", "--jobs", "1"]) == 0
+    # the runs that ended well have their records; the failed one has none
+    assert sorted(p.name for p in records.iterdir()) == ["lever_0.json", "lever_recipe.json"]
+    saved = json.loads((records / "lever_0.json").read_text())
+    assert saved["commit"] == "abc" and saved["stages"]["stage2"]["reports"]["eval"]
+    assert "lever_1 failed (exit 1)" in capsys.readouterr().out
+
+
 def test_recipe_run_passes_its_report_list_on(tmp_path, monkeypatch):
     from examples import recipe
 
