@@ -417,36 +417,34 @@ def table(*folders: Path) -> str:
     base = every.get("lever_recipe")
     ref = _stage(base, "stage2").get("reports", {}).get("eval")
     if ref:
-        ref_psnr = ref["tokenizer"]["psnr"]
         lines.append(f"Levers at {_steps(base)} steps, seed 0, one change each:\n")
-        lines.append("| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | images/s (Stage 1) |")
-        lines.append("|---|---|---|---|---|")
-        rate = _stage(base, "stage1").get("images_per_s")
         lines.append(
-            f"| none (the recipe) | {ref_psnr:.2f} | – | {ref['tokenizer']['ssim']:.3f} "
-            f"| {rate or 0:.0f} |"
+            "| change from the recipe | PSNR (dB) | Δ PSNR | SSIM | beats the thumbnail on "
+            "| images/s (Stage 1) |"
         )
+        lines.append("|---|---|---|---|---|---|")
+
+        def row(label: str, r: dict, rate: float | None) -> str:
+            p = r["tokenizer"]["psnr"]
+            delta = "–" if r is ref else f"{p - ref['tokenizer']['psnr']:+.2f}"
+            return (
+                f"| {label} | {p:.2f} | {delta} | {r['tokenizer']['ssim']:.3f} "
+                f"| {r['beats_thumbnail']}/{r['images']} | {f'{rate:,.0f}' if rate else '–'} |"
+            )
+
+        lines.append(row("none (the recipe)", ref, _stage(base, "stage1").get("images_per_s")))
         raw = _stage(base, "stage2")["reports"].get("eval_raw")
         if raw:
-            p = raw["tokenizer"]["psnr"]
-            lines.append(
-                f"| raw weights instead of EMA (same run) | {p:.2f} | {p - ref_psnr:+.2f} "
-                f"| {raw['tokenizer']['ssim']:.3f} | – |"
-            )
+            lines.append(row("raw weights instead of EMA (same run)", raw, None))
         for i, lever in enumerate(LEVERS):
             run = every.get(f"lever_{i}")
             if run is None:
                 continue  # not in this study
             r = _stage(run, "stage2").get("reports", {}).get("eval")
             if r is None:
-                lines.append(f"| {lever} | (did not finish) | | | |")
+                lines.append(f"| {lever} | (did not finish) | | | | |")
                 continue
-            p = r["tokenizer"]["psnr"]
-            rate = _stage(run, "stage1").get("images_per_s")
-            lines.append(
-                f"| {lever} | {p:.2f} | {p - ref_psnr:+.2f} | {r['tokenizer']['ssim']:.3f} "
-                f"| {rate or 0:.0f} |"
-            )
+            lines.append(row(lever, r, _stage(run, "stage1").get("images_per_s")))
     lines.append("\nDeterminism (tensor sha256 of the same command run twice):\n")
     repeats = sorted(n for n in every if n.endswith("_repeat"))
     if not repeats:

@@ -118,6 +118,7 @@ def test_recipe_table_gives_mean_and_spread_levers_and_the_determinism_check(tmp
     first, second = list(recipe.LEVERS)[:2]
     assert "| 18.25 | +0.25 |" in rows[second] and first not in rows
     assert "| 18.50 | +0.50 |" in rows["raw weights instead of EMA (same run)"]
+    assert rows["none (the recipe)"] == "| none (the recipe) | 18.00 | – | 0.180 | 0/4 | 800 |"
     assert "- maetok_s0_repeat, stage1: aa and aa: identical; 2 of 2 logged steps equal\n" in text
     assert (
         "- maetok_s0_repeat, stage2: bb and bc: DIFFERENT; 1 of 2 logged steps equal "
