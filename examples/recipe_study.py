@@ -1,8 +1,10 @@
-"""``recipe.py study`` and ``recipe.py table``: the recipe's runs side by side on one GPU (the
+"""``recipe.py study``, ``record`` and ``table``: the recipe's runs side by side on one GPU (the
 three seeds, a repeat for the determinism check, each lever of ``recipe.LEVERS`` at a share of
-the budget), and the Markdown tables of a folder of runs: the seed table (mean ± spread), the
-lever table (Δ PSNR against the recipe at the same budget) and the determinism check (the
-tensor digests of a run and its repeat).
+the budget); a run's record (the few tens of kB the tables read, kept where its folder of
+checkpoints and logs cannot be); and the Markdown tables of folders of runs and records: the
+seed table (mean ± spread), the runs' rates and digests, the lever table (Δ PSNR against the
+recipe at the same budget), the determinism check (the tensor digests of a run and its
+repeat), and a figure of their loss curves.
 """
 
 from __future__ import annotations
