@@ -152,7 +152,9 @@ class BackgroundSaver:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maetok-save")
         self._pending = None
 
-    def save(self, path, tree: dict, cfg, meta: dict | None = None, write=None) -> None:
+    def save(
+        self, path, tree: dict, cfg: Config | DiffusionConfig, meta: dict | None = None, write=None
+    ) -> None:
         """Start writing ``tree`` to ``path`` with ``write(path, tree, cfg, meta)``:
         ``save_checkpoint`` (a tokenizer's state) unless given (``save_diffusion``)."""
         self.wait()

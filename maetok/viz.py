@@ -1,6 +1,6 @@
 """Pictures of a run: reconstruction grids (PIL) and loss curves (matplotlib, Agg).
 
-matplotlib is imported inside ``plot_curves`` and drawn through its Agg canvas directly, so
+matplotlib is imported inside the plotting functions and drawn through its Agg canvas, so
 importing maetok neither needs a display nor changes the backend a user has chosen.
 """
 
