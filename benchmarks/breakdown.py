@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--attention", default="plain", choices=("plain", "fused"))
+    p.add_argument("--attention", default="plain", choices=("plain", "fused", "flash"))
     p.add_argument("--unroll", type=int, default=1)
     add_remat_argument(p)
     p.add_argument("--runs", type=int, default=10)

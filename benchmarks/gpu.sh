@@ -49,6 +49,12 @@ PY
       python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
           --unroll 12 --timeout 150 --deterministic --label deterministic
+      # JAX's Pallas flash kernel, which repeats bit for bit: with and without the flag
+      for det in "" --deterministic; do
+        python benchmarks/train_step.py --dtype bfloat16 --attention flash --warmup 3 --steps 10 \
+            --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax \
+            --unroll 12 --timeout 150 $det --label "flash${det:+ deterministic}"
+      done
     done ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch|flags: a part)
     mkdir -p "${OUT:-.}"

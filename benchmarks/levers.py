@@ -65,6 +65,19 @@ ROWS = [
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
+    # the Pallas flash kernel (repeats bit for bit) instead of cuDNN's (the later --attention wins)
+    (
+        "JAX S1, unroll 12, flash attention",
+        "jax",
+        256,
+        [*BIG, "--unroll", "12", "--attention", "flash"],
+    ),
+    (
+        "JAX S1 seed preset, unroll 12, flash attention",
+        "jax",
+        128,
+        ["--preset", "seed", "--unroll", "12", "--attention", "flash"],
+    ),
     *(
         (f"JAX S1, unroll 12, {name}", "jax", 256, [*BIG, "--unroll", "12", f"--xla-flags={flag}"])
         for name, flag in XLA_FLAG_ROWS.items()

@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch", default="8", help="batch size, or a comma list to sweep")
     p.add_argument("--backends", default="jax,torch")
-    p.add_argument("--attention", default="plain", choices=("plain", "fused"))
+    p.add_argument("--attention", default="plain", choices=("plain", "fused", "flash"))
     p.add_argument("--gan", action="store_true", help="discriminator and L_adv on")
     p.add_argument("--data", help="time real images through the data pipeline (a folder)")
     p.add_argument("--warmup", type=int, default=3)

@@ -59,7 +59,8 @@ class ModelConfig:
     # measure it.
     # "float32" or "bfloat16"; parameters stay float32
     compute_dtype: str = field(default="float32", metadata=COMPUTE_ONLY)
-    # "plain" (explicit softmax) or "fused" (framework kernel)
+    # "plain" (explicit softmax), "fused" (framework kernel: cuDNN in JAX, SDPA in torch) or
+    # "flash" (JAX: the Pallas flash kernel, which repeats bit for bit; torch: SDPA)
     attention: str = field(default="plain", metadata=COMPUTE_ONLY)
     # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)
@@ -348,7 +349,7 @@ def validate(cfg: Config) -> Config:
     _require(m.ln_eps > 0, f"model.ln_eps must be positive, got {m.ln_eps}")
     _choice(m.aux_kind, ("vit", "mlp"), "model.aux_kind")
     _choice(m.compute_dtype, ("float32", "bfloat16"), "model.compute_dtype")
-    _choice(m.attention, ("plain", "fused"), "model.attention")
+    _choice(m.attention, ("plain", "fused", "flash"), "model.attention")
     _require(m.unroll >= 1, f"model.unroll must be ≥ 1, got {m.unroll}")
     _choice(m.remat, REMAT_MODES, "model.remat")
     _choice(m.compile_scope, ("block", "parts", "step"), "model.compile_scope")

@@ -1,10 +1,16 @@
 """Multi-head self-attention with 2D RoPE on q/k (docs/design.md §3.3).
 
-Two implementations give the same function:
+Three implementations give the same function:
 - ``plain``: explicit ``softmax(q kᵀ / √K) v`` with the softmax in float32 — the
   reference path that parity tests pin against torch;
 - ``fused``: ``jax.nn.dot_product_attention``, which uses cuDNN's flash attention on GPU
-  for bfloat16 inputs and XLA's attention elsewhere.
+  for bfloat16 inputs and XLA's attention elsewhere;
+- ``flash``: the Pallas (Triton) flash-attention kernel of ``jax.experimental.pallas``.
+  Its backward pass computes dq and dk/dv in separate kernels, each output block written by
+  one program, with no atomic additions, so it repeats bit for bit and compiles under
+  XLA's deterministic flag, where cuDNN's cannot. Off the GPU it runs in the Pallas
+  interpreter (slow; for tests). T is padded to a multiple of 16 (the kernel's smallest
+  block), the padding kept out of the softmax by segment ids.
 
 Both take q, k, v as (B, T, heads, K), the layout ``jax.nn.dot_product_attention`` reads.
 ``split_qkv`` (``model.split_qkv``) builds them straight in that layout: q and k from one
@@ -17,6 +23,7 @@ batch around the kernel.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from maetok.reproducible import xla_deterministic
@@ -62,6 +69,44 @@ def _fused(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
 
 
+FLASH_BLOCK = 16  # the Pallas kernel's smallest block: T is padded to a multiple of it
+
+
+def _flash(q, k, v):
+    from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+    b, t, _, head_dim = q.shape
+    pad = -t % FLASH_BLOCK
+    segments = None
+    if pad:  # padded keys are another segment, so no real query attends to them
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        segments = jnp.broadcast_to((jnp.arange(t + pad) < t).astype(jnp.int32), (b, t + pad))
+    forward = next(n for n in (128, 64, 32, 16) if (t + pad) % n == 0)
+    backward = min(forward, 32)
+    blocks = pallas_attention.BlockSizes(
+        block_q=forward,
+        block_k=forward,
+        block_q_dkv=backward,
+        block_kv_dkv=backward,
+        block_q_dq=backward,
+        block_kv_dq=backward,
+    )
+    scale = float(np.float32(1.0) / np.sqrt(np.float32(head_dim)))  # as _plain rounds it
+    out = pallas_attention.mha(
+        q,
+        k,
+        v,
+        segments,
+        sm_scale=scale,
+        block_sizes=blocks,
+        interpret=jax.default_backend() != "gpu",
+    )
+    return out[:, :t]
+
+
+KERNELS = {"plain": _plain, "fused": _fused, "flash": _flash}
+
+
 def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: bool = False):
     """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D).
 
@@ -77,6 +122,6 @@ def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: b
         q, k, v = split_heads(qkv.reshape(-1, *qkv.shape[-2:]), heads)
         if cos is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
+    out = KERNELS[impl](q, k, v)
     out = checkpoint_name(out, "attention")  # remat "dots_attn" keeps it
     return dense(params["proj"], out.reshape(x.shape))

@@ -147,20 +147,21 @@ def attention(case: Case):
 
 
 def attention_kernels(case: Case):
-    """Within each backend: the framework kernel ("fused") computes the pinned plain one."""
+    """Within each backend: each kernel ("fused", "flash") computes the pinned plain one."""
     m = case.cfg.model
     attn, x, (cj, sj), (ct, st) = _attention_inputs(case)
     f = jax.jit(ja.attention, static_argnums=(4, 5))
-    plain_j = f(case.jax(attn), case.jax(x), cj, sj, m.enc_heads, "plain")
-    fused_j = f(case.jax(attn), case.jax(x), cj, sj, m.enc_heads, "fused")
     pt, xt = case.torch(attn), case.torch(x)
+    plain_j = f(case.jax(attn), case.jax(x), cj, sj, m.enc_heads, "plain")
     plain_t = ta.attention(pt, xt, ct, st, m.enc_heads, "plain")
-    fused_t = ta.attention(pt, xt, ct, st, m.enc_heads, "fused")
     tol = TOL["forward_fp32"]
-    return [
-        row("jax: attention fused vs plain", fused_j, plain_j, tol),
-        row("torch: attention fused vs plain", fused_t, plain_t, tol),
-    ]
+    rows = []
+    for kernel in ("fused", "flash"):
+        out_j = f(case.jax(attn), case.jax(x), cj, sj, m.enc_heads, kernel)
+        out_t = ta.attention(pt, xt, ct, st, m.enc_heads, kernel)
+        rows.append(row(f"jax: attention {kernel} vs plain", out_j, plain_j, tol))
+        rows.append(row(f"torch: attention {kernel} vs plain", out_t, plain_t, tol))
+    return rows
 
 
 def transformer(case: Case):

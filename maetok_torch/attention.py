@@ -7,7 +7,8 @@ Two implementations give the same function:
   applied to the logits after the matmul, as the JAX reference path does — the path the
   parity tests pin;
 - ``fused``: ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU),
-  on (B, heads, T, K) views.
+  on (B, heads, T, K) views. ``flash`` (JAX's Pallas kernel) is this one here too: SDPA is
+  torch's flash attention.
 
 ``split_qkv`` (``model.split_qkv``): q and k from one ``(D, 2D)`` matmul, rotated together,
 and v from its own ``(D, D)`` matmul. SDPA takes (B, heads, T, K); the views passed are
@@ -67,5 +68,5 @@ def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: b
         qkv = dense(params["qkv"], x)  # (S?, B, T, 3D)
         q, k, v = split_heads(qkv.reshape(-1, *qkv.shape[-2:]), heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = _fused(q, k, v) if impl == "fused" else _plain(q, k, v)
+    out = _plain(q, k, v) if impl == "plain" else _fused(q, k, v)
     return dense(params["proj"], out.reshape(x.shape))

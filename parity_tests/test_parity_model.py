@@ -26,6 +26,7 @@ CASES = cases(
     (c.rope, "bf16", BF16),
     (c.attention, "plain", TINY),
     (c.attention, "fused", TINY.replace(model={"attention": "fused"})),
+    (c.attention, "flash", TINY.replace(model={"attention": "flash"})),
     (c.attention, "bf16", BF16),
     (c.attention_kernels, "", TINY),
     (c.transformer, "", TINY),

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from maetok.params import init_params
 from maetok.rope import rope_tables
@@ -132,6 +133,32 @@ def test_bfloat16_compute_keeps_float32_outputs(tiny, rng):
 
 def test_fused_attention_matches_plain(tiny, rng):
     cfg = tiny.replace(model={"attention": "fused"})
+    params, images, mask = _setup(cfg, rng)
+    a = model.forward(params, images, mask, cfg.model)[0]
+    b = model.forward(params, images, mask, tiny.model)[0]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [80, 20])  # tiny's 16 patches + 64 latents; one padded
+def test_flash_attention_matches_plain_values_and_gradients(tokens):
+    from maetok_jax import attention as ja
+
+    keys = jax.random.split(jax.random.PRNGKey(tokens), 4)
+    q, k, v, w = (jax.random.normal(key, (2, tokens, 2, 16), jnp.float32) for key in keys)
+
+    def loss(kernel, q, k, v):
+        return jnp.sum(kernel(q, k, v) * w)
+
+    for kernel in (ja._flash, ja._plain):
+        assert kernel(q, k, v).shape == q.shape
+    np.testing.assert_allclose(ja._flash(q, k, v), ja._plain(q, k, v), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v) for f in (ja._flash, ja._plain)]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_flash_attention_model_matches_plain(tiny, rng):
+    cfg = tiny.replace(model={"attention": "flash"})
     params, images, mask = _setup(cfg, rng)
     a = model.forward(params, images, mask, cfg.model)[0]
     b = model.forward(params, images, mask, tiny.model)[0]
