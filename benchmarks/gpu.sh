@@ -49,7 +49,7 @@ PY
       python benchmarks/train_step.py --dtype bfloat16 --attention plain --warmup 3 --steps 10 \
           --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax,torch \
           --unroll 12 --timeout 150 --deterministic --label deterministic
-      # JAX's Pallas flash kernel, which repeats bit for bit: with and without the flag
+      # JAX's Pallas flash kernel (no atomics in its backward): with and without the flag
       for det in "" --deterministic; do
         python benchmarks/train_step.py --dtype bfloat16 --attention flash --warmup 3 --steps 10 \
             --json "$RESULTS" --preset seed --stage $stage --batch 64 --backends jax \

@@ -65,7 +65,7 @@ ROWS = [
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
-    # the Pallas flash kernel (repeats bit for bit) instead of cuDNN's (the later --attention wins)
+    # the Pallas flash kernel (no atomics in its backward), not cuDNN's: the later --attention wins
     (
         "JAX S1, unroll 12, flash attention",
         "jax",

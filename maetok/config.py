@@ -60,7 +60,7 @@ class ModelConfig:
     # "float32" or "bfloat16"; parameters stay float32
     compute_dtype: str = field(default="float32", metadata=COMPUTE_ONLY)
     # "plain" (explicit softmax), "fused" (framework kernel: cuDNN in JAX, SDPA in torch) or
-    # "flash" (JAX: the Pallas flash kernel, which repeats bit for bit; torch: SDPA)
+    # "flash" (JAX: the Pallas flash kernel, no atomic additions in its backward; torch: SDPA)
     attention: str = field(default="plain", metadata=COMPUTE_ONLY)
     # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)

@@ -6,9 +6,9 @@ Three implementations give the same function:
 - ``fused``: ``jax.nn.dot_product_attention``, which uses cuDNN's flash attention on GPU
   for bfloat16 inputs and XLA's attention elsewhere;
 - ``flash``: the Pallas (Triton) flash-attention kernel of ``jax.experimental.pallas``.
-  Its backward pass computes dq and dk/dv in separate kernels, each output block written by
-  one program, with no atomic additions, so it repeats bit for bit and compiles under
-  XLA's deterministic flag, where cuDNN's cannot. Off the GPU it runs in the Pallas
+  Its backward pass computes dk/dv and dq in two passes, each output block written by one
+  program, with no atomic additions: a kernel meant to repeat bit for bit and to compile
+  under XLA's deterministic flag, where cuDNN's cannot. Off the GPU it runs in the Pallas
   interpreter (slow; for tests). T is padded to a multiple of 16 (the kernel's smallest
   block), the padding kept out of the softmax by segment ids.
 
