@@ -99,9 +99,9 @@ PLAIN = {"train.mask_min": 0.0, "train.mask_max": 0.0, "model.aux_targets": []}
 DEFAULT_STEPS = 14000  # Stage 1 + Stage 2: 23.7 dB on BSDS500 val (README, Quality)
 LEVER_SHARE = 0.5  # of the steps, for each lever run and the recipe it is measured against
 
-# One change each from RECIPE, measured at LEVER_SHARE of the budget against the recipe at
-# the same budget. ``stage2_share`` is not a config field: it moves steps from Stage 1 to
-# Stage 2.
+# One change each from RECIPE (the last, two), measured at LEVER_SHARE of the budget against
+# the recipe at the same budget. ``stage2_share`` is not a config field: it moves steps from
+# Stage 1 to Stage 2.
 LEVERS = {
     "lr 1e-3": {"train.lr": 1e-3},
     "lr 4e-3": {"train.lr": 4e-3},
@@ -116,6 +116,9 @@ LEVERS = {
     "no perceptual loss (λ1 = 0)": {"loss.lambda_percep": 0.0},
     "perceptual warm-up: λ1 from 0 over 500 steps": {"loss.percep_warmup": 500},
     "longer Stage 2 (60 % of steps)": {"stage2_share": 0.6},
+    # after levers 0–2 (README, "Levers on the GPU"): the start, further
+    "warm-up 1,000 steps": {"train.warmup_steps": 1000},
+    "lr 1e-3 and warm-up 500 steps (two changes)": {"train.lr": 1e-3, "train.warmup_steps": 500},
 }
 
 
