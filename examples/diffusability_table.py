@@ -1,6 +1,10 @@
 """The diffusability table of a finished `examples/cifar10_diffusability.sh` run.
 
     python examples/diffusability_table.py runs/c10 [--guidance 1.5] [--figure docs/x.png]
+    python examples/diffusability_table.py runs/c10 runs/c10_recipe   # two studies, one table
+
+With several study folders (e.g. the same study at another masking), each row names its
+folder.
 
 One row per tokenizer: its reconstruction PSNR on the CIFAR-10 test set, the linear probe
 on its latents, the held-out GMM negative log-likelihood of its normalised latents at a few
@@ -48,7 +52,7 @@ def _sample_values(runs: list[Path], guidance: str, key: str) -> list[float]:
     return values
 
 
-def table(out: Path, guidance: str) -> str:
+def table(out: Path | list[Path], guidance: str) -> str:
     head = (
         ["tokenizer", "rPSNR (dB)", "linear probe"]
         + [f"GMM NLL K={k}" for k in GMM_COMPONENTS]
@@ -62,13 +66,15 @@ def table(out: Path, guidance: str) -> str:
         ]
     )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, title in TOKENIZERS:
-        path = out / "tokenizers" / name / "metrics.json"
+    folders = out if isinstance(out, list) else [out]
+    for folder, (name, title) in ((f, t) for f in folders for t in TOKENIZERS):
+        path = folder / "tokenizers" / name / "metrics.json"
         if not path.exists():
             continue
         (tok,) = json.loads(path.read_text())["tokenizers"].values()
-        runs = _runs(out, name)
-        cells = [title, f"{tok['psnr']:.2f}", f"{100 * tok['linear_probe']:.1f} %"]
+        runs = _runs(folder, name)
+        label = f"{folder.name}: {title}" if len(folders) > 1 else title
+        cells = [label, f"{tok['psnr']:.2f}", f"{100 * tok['linear_probe']:.1f} %"]
         cells += [
             f"{tok['gmm_nll'][k]:.3f}" if k in tok["gmm_nll"] else "–" for k in GMM_COMPONENTS
         ]
@@ -115,19 +121,20 @@ def figure(out: Path, guidance: str, dest: Path) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", type=Path, help="the study's OUT folder")
+    ap.add_argument("out", type=Path, nargs="+", help="the study's OUT folder (or several)")
     ap.add_argument("--guidance", default="1.5", help="the guided scale the study sampled at")
     ap.add_argument("--figure", type=Path, help="write the side-by-side sample grids here")
     args = ap.parse_args(argv)
-    if not (args.out / "tokenizers").is_dir():
-        print(
-            f"diffusability_table: error: {args.out} holds no study (no tokenizers/ folder)",
-            file=sys.stderr,
-        )
-        return 2
+    for out in args.out:
+        if not (out / "tokenizers").is_dir():
+            print(
+                f"diffusability_table: error: {out} holds no study (no tokenizers/ folder)",
+                file=sys.stderr,
+            )
+            return 2
     print(table(args.out, args.guidance))
-    if args.figure:
-        print(f"\nsample grids: {figure(args.out, args.guidance, args.figure)}")
+    if args.figure:  # the first study's sample grids
+        print(f"\nsample grids: {figure(args.out[0], args.guidance, args.figure)}")
     return 0
 
 

@@ -378,6 +378,17 @@ def test_diffusability_table_gives_mean_and_half_range_over_seeds(tmp_path, rng)
             assert f"{(a + b) / 2:.2f} ± {abs(a - b) / 2:.2f}" in rows[title]
     assert Image.open(figure).size == (3 * 60 + 2 * 12, 40 + 18)  # three panels side by side
     assert table_main([str(tmp_path / "nothing")]) == 2
+    # two studies in one table: each row names its folder, in the folders' order
+    from examples.diffusability_table import table
+
+    _study(tmp_path / "c10_recipe", rng)
+    both = table([tmp_path / "c10", tmp_path / "c10_recipe"], "1.5").splitlines()[2:]
+    assert [line.split(" | ")[0] for line in both] == [
+        f"| {folder}: {title}"
+        for folder in ("c10", "c10_recipe")
+        for title in ("plain AE", "MAETok Stage 1", "MAETok Stage 1 + 2")
+    ]
+    assert table_main([str(tmp_path / "c10"), str(tmp_path / "nothing")]) == 2
 
 
 def test_study_script_is_valid_bash_and_names_every_phase(tmp_path):
