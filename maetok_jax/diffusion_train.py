@@ -139,44 +139,46 @@ def fit(
         saver.save(path, tree, cfg, {**meta, "step": step_done}, write=ckpt.save_diffusion)
 
     last_saved, host, pending = None, {}, []
-    log = open(out / "metrics.jsonl", "a")  # noqa: SIM115 - closed in the finally below
-    bar = tqdm(
-        total=end - start, desc="diffusion", unit="step", disable=not progress, dynamic_ncols=True
-    )
     t0, done = time.perf_counter(), 0
-    try:
-        with ckpt.BackgroundSaver() as saver:
-            for step in range(start, end):
-                lr = learning_rate(step, cfg)
-                state, metrics = train_step(state, *data, np.float32(lr))
-                pending.append((step, lr, metrics))
-                done += 1
-                last = step + 1 == end
-                checkpoint_now = due(step + 1, cfg.ckpt_every) or last
-                if due(step + 1, cfg.log_every) or checkpoint_now:
-                    pulled = jax.device_get([m for _, _, m in pending])  # the one host sync
-                    rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
-                    for (s, lr_s, _), values in zip(pending, pulled):
-                        host = {k: float(v) for k, v in values.items()}
-                        where = (
-                            f"the last good checkpoint (step {last_saved}) is {path}"
-                            if last_saved is not None
-                            else "no checkpoint had been written yet"
-                        )
-                        check_finite(host, f"step {s}", f"{where}; try a lower lr or more warm-up")
-                        host.update(step=s, lr=lr_s, samples_per_s=rate)
-                        log.write(json.dumps(host) + "\n")
-                    log.flush()
-                    pending.clear()
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", samples_s=f"{rate:.0f}")
-                    if checkpoint_now:
-                        save(step + 1)
-                        last_saved = step + 1
-                    t0, done = time.perf_counter(), 0
-                bar.update(1)
-    finally:
-        bar.close()
-        log.close()
+    with (
+        open(out / "metrics.jsonl", "a") as log,
+        tqdm(
+            total=end - start,
+            desc="diffusion",
+            unit="step",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+        ckpt.BackgroundSaver() as saver,  # exits first: the last write is on disk after it
+    ):
+        for step in range(start, end):
+            lr = learning_rate(step, cfg)
+            state, metrics = train_step(state, *data, np.float32(lr))
+            pending.append((step, lr, metrics))
+            done += 1
+            last = step + 1 == end
+            checkpoint_now = due(step + 1, cfg.ckpt_every) or last
+            if due(step + 1, cfg.log_every) or checkpoint_now:
+                pulled = jax.device_get([m for _, _, m in pending])  # the one host sync
+                rate = done * cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+                for (s, lr_s, _), values in zip(pending, pulled):
+                    host = {k: float(v) for k, v in values.items()}
+                    where = (
+                        f"the last good checkpoint (step {last_saved}) is {path}"
+                        if last_saved is not None
+                        else "no checkpoint had been written yet"
+                    )
+                    check_finite(host, f"step {s}", f"{where}; try a lower lr or more warm-up")
+                    host.update(step=s, lr=lr_s, samples_per_s=rate)
+                    log.write(json.dumps(host) + "\n")
+                log.flush()
+                pending.clear()
+                bar.set_postfix(loss=f"{host['loss']:.4f}", samples_s=f"{rate:.0f}")
+                if checkpoint_now:
+                    save(step + 1)
+                    last_saved = step + 1
+                t0, done = time.perf_counter(), 0
+            bar.update(1)
     if (out / "metrics.jsonl").stat().st_size:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
     if start >= end and not path.exists():

@@ -131,8 +131,9 @@ def test_bfloat16_compute_keeps_float32_outputs(tiny, rng):
     assert 0 < err < 0.1  # bf16 differs, but only by rounding
 
 
-def test_fused_attention_matches_plain(tiny, rng):
-    cfg = tiny.replace(model={"attention": "fused"})
+@pytest.mark.parametrize("kernel", ["fused", "flash"])
+def test_attention_kernel_model_matches_plain(tiny, rng, kernel):
+    cfg = tiny.replace(model={"attention": kernel})
     params, images, mask = _setup(cfg, rng)
     a = model.forward(params, images, mask, cfg.model)[0]
     b = model.forward(params, images, mask, tiny.model)[0]
@@ -155,14 +156,6 @@ def test_flash_attention_matches_plain_values_and_gradients(tokens):
     grads = [jax.grad(loss, argnums=(1, 2, 3))(f, q, k, v) for f in (ja._flash, ja._plain)]
     for a, b in zip(*grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_flash_attention_model_matches_plain(tiny, rng):
-    cfg = tiny.replace(model={"attention": "flash"})
-    params, images, mask = _setup(cfg, rng)
-    a = model.forward(params, images, mask, cfg.model)[0]
-    b = model.forward(params, images, mask, tiny.model)[0]
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_remat_and_unroll_change_memory_not_numbers(tiny, rng):
