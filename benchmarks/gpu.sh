@@ -5,6 +5,7 @@
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
 #   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
 #   OUT=dir bash benchmarks/gpu.sh levers    each speed lever on and off: $OUT/levers.md
+#                                            (ROWS=jax|torch|flags, MATCH=regex: some rows)
 #   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
@@ -56,10 +57,10 @@ PY
             --unroll 12 --timeout 150 $det --label "flash${det:+ deterministic}"
       done
     done ;;
-  levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS=jax|torch|flags: a part)
+  levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS, MATCH: a part)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}.md" --rows "${ROWS:-all}" \
-        --json "$RESULTS" ;;
+        --json "$RESULTS" ${MATCH:+--match "$MATCH"} ;;
   scaling)  # data parallelism: per-GPU and total img/s, scaling efficiency against one GPU
     N=${N:-$(nvidia-smi -L | wc -l)}
     $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends jax --devices "plain,1,$N" --timeout 300

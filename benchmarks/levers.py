@@ -1,6 +1,7 @@
 """Each speed lever of ``ModelConfig`` on and off, in one run, as one Markdown table.
 
     python benchmarks/levers.py --out levers.md [--rows all|jax|torch|flags] [--steps 5]
+    python benchmarks/levers.py --out some.md --match "flash|parts"  # rows whose label matches
 
 Every row is one ``train_step.py`` subprocess (its own peak memory), preset ``base``, bf16
 compute, fused attention, in-memory synthetic batches:
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,6 +111,16 @@ def row_group(backend: str, extra: list[str]) -> str:
     return "torch" if backend.startswith("torch") else "jax"
 
 
+def selected(rows: list, group: str = "all", match: str | None = None) -> list:
+    """The rows of ``group`` (``all``, or a ``row_group``) whose label ``match`` searches."""
+    return [
+        row
+        for row in rows
+        if (group == "all" or row_group(row[1], row[3]) == group)
+        and (match is None or re.search(match, row[0]))
+    ]
+
+
 def run_diffusion(argv: list[str], timeout: float) -> dict:
     """One ``diffusion_step.py`` setting in a fresh subprocess (its own peak memory), as a row
     of the table: samples/s as img/s, no ratio to the official tokenizer step."""
@@ -166,6 +178,7 @@ def main(argv=None) -> int:
         choices=("all", "jax", "torch", "flags"),
         help="jax, torch: that backend's rows without XLA flags; flags: the XLA-flag rows",
     )
+    p.add_argument("--match", help="only the rows whose label this regular expression matches")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--ceiling", type=float, default=790.0)
@@ -173,6 +186,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also append every row to this JSON-lines file")
     p.add_argument("--timeout", type=float, default=240, help="seconds per row")
     args = p.parse_args(argv)
+    try:
+        rows = selected(ROWS, args.rows, args.match)
+    except re.error as e:
+        p.error(f"--match: {e}")
+    if not rows:
+        p.error(f"no row matches --rows {args.rows} --match {args.match!r}")
     common = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
 
     def measure(label: str, backend: str, batch: int, extra: list[str]) -> dict:
@@ -182,9 +201,7 @@ def main(argv=None) -> int:
         return _run_backend(backend, batch, argv_row, args.timeout)
 
     results = []
-    for label, backend, batch, extra in ROWS:
-        if args.rows != "all" and row_group(backend, extra) != args.rows:
-            continue
+    for label, backend, batch, extra in rows:
         result = measure(label, backend, batch, extra)
         results.append((label, result))
         if args.json:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.train_step import transformer_flops
 from maetok.config import preset
 
@@ -267,3 +269,24 @@ def test_levers_xla_flag_rows_are_flags_this_xla_knows():
     code = "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-500:]
+
+
+def test_levers_match_selects_rows_by_label_within_a_group(capsys):
+    """``--match`` keeps the rows whose label the expression finds, inside ``--rows``; a
+    selection of nothing or a bad expression stops with one line before any row runs."""
+    from benchmarks.levers import ROWS, main, selected
+
+    flash = selected(ROWS, "all", "flash|parts")
+    assert [r[0] for r in flash] == [
+        "JAX S1, unroll 12, flash attention",
+        "JAX S1 seed preset, unroll 12, flash attention",
+        "torch.compile S1 (parts)",
+    ]
+    assert [r[0] for r in selected(ROWS, "torch", "flash|parts")] == ["torch.compile S1 (parts)"]
+    assert selected(ROWS, "all") == ROWS
+    bad = (["--match", "no such row"], ["--rows", "flags", "--match", "parts"], ["--match", "("])
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            main(["--out", "unused.md", *argv])
+        assert e.value.code == 2
+        assert "--match" in capsys.readouterr().err
