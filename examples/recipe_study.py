@@ -346,15 +346,16 @@ def _agreement(first: dict, again: dict, stage: str) -> str:
 
 
 def _run_table(every: dict[str, dict]) -> list[str]:
-    """Per full run (``maetok_s*``, ``plain_s*``, their repeats): each stage's median
-    images/s, the tensor digests ``maetok train`` printed, and the last stage's EMA report."""
+    """Per full run (``maetok_s*``, ``plain_s*``, their repeats): the commit its record names
+    (a run folder names none), each stage's median images/s, the tensor digests ``maetok
+    train`` printed, and the last stage's EMA report."""
     names = sorted(n for n in every if re.search(r"_s\d", n))
     if not names:
         return []
     lines = [
-        "| run | images/s, Stage 1 | images/s, Stage 2 | tensors sha256 (per stage) "
+        "| run | commit | images/s, Stage 1 | images/s, Stage 2 | tensors sha256 (per stage) "
         "| last stage, EMA weights |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|",
     ]
     for name in names:
         stages = every[name]["stages"]
@@ -367,7 +368,8 @@ def _run_table(every: dict[str, dict]) -> list[str]:
             else "–"
         )
         lines.append(
-            f"| {name} | {' | '.join(f'{r:,.0f}' if r else '–' for r in rates)} "
+            f"| {name} | {every[name].get('commit') or '–'} "
+            f"| {' | '.join(f'{r:,.0f}' if r else '–' for r in rates)} "
             f"| {' / '.join(digests) or '–'} | {ema} |"
         )
     return [*lines, ""]
