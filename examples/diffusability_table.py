@@ -52,7 +52,7 @@ def _sample_values(runs: list[Path], guidance: str, key: str) -> list[float]:
     return values
 
 
-def table(out: Path | list[Path], guidance: str) -> str:
+def table(folders: list[Path], guidance: str) -> str:
     head = (
         ["tokenizer", "rPSNR (dB)", "linear probe"]
         + [f"GMM NLL K={k}" for k in GMM_COMPONENTS]
@@ -66,7 +66,6 @@ def table(out: Path | list[Path], guidance: str) -> str:
         ]
     )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    folders = out if isinstance(out, list) else [out]
     for folder, (name, title) in ((f, t) for f in folders for t in TOKENIZERS):
         path = folder / "tokenizers" / name / "metrics.json"
         if not path.exists():

@@ -319,6 +319,11 @@ def _stage(run: dict | None, stage: str) -> dict:
     return (run or {}).get("stages", {}).get(stage, {})
 
 
+def _stage_report(run: dict | None, stage: str, kind: str = "eval") -> dict | None:
+    """A stage's report summary (``kind``: ``eval`` EMA weights, ``eval_raw`` raw), if any."""
+    return _stage(run, stage).get("reports", {}).get(kind)
+
+
 def _stage_digests(run: dict) -> dict[str, str]:
     """Stage → tensor digest of a record's finished stages."""
     return {s: v["digest"] for s, v in run.get("stages", {}).items() if v.get("digest")}
@@ -396,9 +401,9 @@ def table(*folders: Path) -> str:
     lines.append("|---|---|---|---|---|---|---|")
     thumb = None
     for label, pattern, stage in rows:
-        found = [_stage(every.get(pattern.format(seed)), stage) for seed in (0, 1, 2)]
-        raw = [r for s in found if (r := s.get("reports", {}).get("eval_raw"))]
-        ema = [r for s in found if (r := s.get("reports", {}).get("eval"))]
+        found = [every.get(pattern.format(seed)) for seed in (0, 1, 2)]
+        raw = [r for run in found if (r := _stage_report(run, stage, "eval_raw"))]
+        ema = [r for run in found if (r := _stage_report(run, stage))]
         if not raw and not ema:
             continue
         thumb = (raw or ema)[0]["thumbnail"]
@@ -419,7 +424,7 @@ def table(*folders: Path) -> str:
     lines += _run_table(every)
 
     base = every.get("lever_recipe")
-    ref = _stage(base, "stage2").get("reports", {}).get("eval")
+    ref = _stage_report(base, "stage2")
     if ref:
         lines.append(f"Levers at {_steps(base)} steps, seed 0, one change each:\n")
         lines.append(
@@ -437,14 +442,14 @@ def table(*folders: Path) -> str:
             )
 
         lines.append(row("none (the recipe)", ref, _stage(base, "stage1").get("images_per_s")))
-        raw = _stage(base, "stage2")["reports"].get("eval_raw")
+        raw = _stage_report(base, "stage2", "eval_raw")
         if raw:
             lines.append(row("raw weights instead of EMA (same run)", raw, None))
         for i, lever in enumerate(LEVERS):
             run = every.get(f"lever_{i}")
             if run is None:
                 continue  # not in this study
-            r = _stage(run, "stage2").get("reports", {}).get("eval")
+            r = _stage_report(run, "stage2")
             if r is None:
                 lines.append(f"| {lever} | (did not finish) | | | | |")
                 continue

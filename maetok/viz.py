@@ -174,11 +174,17 @@ def plot_curves(metrics_jsonl, out_png) -> list[str]:
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(True, which="both", alpha=0.3)
+    _save(fig, out_png)
+    return keys
+
+
+def _save(fig, out_png) -> Path:
+    """Lay out ``fig`` and write it to ``out_png`` (its folder made), at 100 dpi."""
     fig.tight_layout()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
-    return keys
+    return out
 
 
 def plot_overlay(panels: list[tuple[str, dict]], out_png, ylabel: str = "") -> Path:
@@ -207,8 +213,4 @@ def plot_overlay(panels: list[tuple[str, dict]], out_png, ylabel: str = "") -> P
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    return out
+    return _save(fig, out_png)

@@ -12,7 +12,7 @@ Three implementations give the same function:
   interpreter (slow; for tests). T is padded to a multiple of 16 (the kernel's smallest
   block), the padding kept out of the softmax by segment ids.
 
-Both take q, k, v as (B, T, heads, K), the layout ``jax.nn.dot_product_attention`` reads.
+Each takes q, k, v as (B, T, heads, K), the layout ``jax.nn.dot_product_attention`` reads.
 ``split_qkv`` (``model.split_qkv``) builds them straight in that layout: q and k from one
 ``(D, 2D)`` matmul (RoPE rotates them in place, the rotation writing each out
 contiguous), v from its own ``(D, D)`` matmul, so no array is sliced out of a wider one

@@ -58,6 +58,9 @@ def _fused(q, k, v):
     return out.transpose(1, 2)  # (B, T, heads, K)
 
 
+KERNELS = {"plain": _plain, "fused": _fused, "flash": _fused}  # the names of JAX's KERNELS
+
+
 def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: bool = False):
     """x (B, T, D) → (B, T, D); ``params`` holds ``qkv`` (D, 3D) and ``proj`` (D, D)."""
     if split_qkv:  # q and k rotated together; SDPA reads the (B, T, heads, K) buffers
@@ -68,5 +71,5 @@ def attention(params, x, cos, sin, heads: int, impl: str = "plain", split_qkv: b
         qkv = dense(params["qkv"], x)  # (S?, B, T, 3D)
         q, k, v = split_heads(qkv.reshape(-1, *qkv.shape[-2:]), heads)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = _plain(q, k, v) if impl == "plain" else _fused(q, k, v)
+    out = KERNELS[impl](q, k, v)
     return dense(params["proj"], out.reshape(x.shape))
