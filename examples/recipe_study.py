@@ -491,7 +491,8 @@ def curves(every: dict[str, dict], path: Path) -> Path | None:
 
     full = {n: _joined(every[n]) for n in sorted(every) if re.search(r"_s\d", n)}
     names = {"lever_recipe": "the recipe"}
-    names.update({f"lever_{i}": lever for i, lever in enumerate(LEVERS)})
+    for i, (lever, change) in enumerate(LEVERS.items()):  # an L1 run logs an L1 loss
+        names[f"lever_{i}"] = lever + (" (its L1 loss)" if change.get("loss.rec") == "l1" else "")
     levers = {names[n]: _joined(every[n]) for n in names if n in every}
     panels = [
         (title, lines)

@@ -187,10 +187,16 @@ def _save(fig, out_png) -> Path:
     return out
 
 
+def line_style(j: int) -> dict:
+    """The ``j``-th line's colour and dash: ten colours, then the same ten dashed, then
+    dotted, so that no two of a panel's first thirty lines look alike."""
+    return {"color": f"C{j % 10}", "linestyle": ("-", "--", ":")[j // 10 % 3]}
+
+
 def plot_overlay(panels: list[tuple[str, dict]], out_png, ylabel: str = "") -> Path:
     """Several runs' curves side by side: ``panels`` is a list of ``(title, {label: (steps,
     values)})``, one subplot each with a line per label (a log scale where every value is
-    positive). Values of None are left out."""
+    positive; past ten lines the colours repeat dashed). Values of None are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -201,10 +207,10 @@ def plot_overlay(panels: list[tuple[str, dict]], out_png, ylabel: str = "") -> P
     for i, (title, lines) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         positive = True
-        for label, (steps, values) in lines.items():
+        for j, (label, (steps, values)) in enumerate(lines.items()):
             kept = [(s, v) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
             if kept:
-                ax.plot(*zip(*kept), linewidth=1.2, label=label)
+                ax.plot(*zip(*kept), linewidth=1.2, label=label, **line_style(j))
                 positive = positive and min(v for _, v in kept) > 0
         if positive:
             ax.set_yscale("log")
