@@ -491,8 +491,9 @@ def curves(every: dict[str, dict], path: Path) -> Path | None:
 
     full = {n: _joined(every[n]) for n in sorted(every) if re.search(r"_s\d", n)}
     names = {"lever_recipe": "the recipe"}
-    for i, (lever, change) in enumerate(LEVERS.items()):  # an L1 run logs an L1 loss
-        names[f"lever_{i}"] = lever + (" (its L1 loss)" if change.get("loss.rec") == "l1" else "")
+    for i, (lever, change) in enumerate(LEVERS.items()):  # another loss.rec logs its own loss
+        rec = change.get("loss.rec")
+        names[f"lever_{i}"] = lever + (f" (its {rec.upper()} loss)" if rec else "")
     levers = {names[n]: _joined(every[n]) for n in names if n in every}
     panels = [
         (title, lines)
