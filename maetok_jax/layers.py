@@ -108,12 +108,17 @@ def gelu(x, lowp: bool = False):
     return _gelu_erf(x)
 
 
+def _normal_cdf(x):
+    """Φ(x) = ½(1 + erf(x/√2)). XLA computes a float32 erf as one rational polynomial;
+    ``jax.nn.gelu``'s erfc evaluates both pieces of a piecewise expansion, with an exponential
+    and a division, for every element, and made the MLP's GELU fusions the costliest
+    elementwise kernels of the ``base`` step on the GPU."""
+    return 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
 def _gelu_erf(x):
-    """``x · Φ(x)`` through erf, the formula torch uses. XLA computes a float32 erf as one
-    rational polynomial; ``jax.nn.gelu``'s erfc evaluates both pieces of a piecewise
-    expansion, with an exponential and a division, for every element, and made the MLP's
-    GELU fusions the costliest elementwise kernels of the ``base`` step on the GPU."""
-    return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+    """``x · Φ(x)``, the formula torch uses."""
+    return x * _normal_cdf(x)
 
 
 @jax.custom_vjp
@@ -127,7 +132,7 @@ def _gelu_lowp_fwd(x):
 
 def _gelu_lowp_bwd(x, dy):
     xf = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + jax.lax.erf(xf * (1.0 / math.sqrt(2.0))))
+    cdf = _normal_cdf(xf)
     pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
     return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
 
