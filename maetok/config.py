@@ -26,7 +26,7 @@ BUILTIN_TARGETS = ("hog", "conv", "pixel")
 # Field metadata of the settings that change neither the parameter tree nor the numbers a
 # trained model computes (beyond rounding): see ``compute_only``.
 COMPUTE_ONLY = {"compute_only": True}
-REMAT_MODES = ("none", "full", "dots", "dots_attn")
+REMAT_MODES = ("none", "full", "dots", "dots_attn", "dots_gelu")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,8 @@ class ModelConfig:
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)
     # Recompute in the backward pass: "none"; "full" (every block internal); "dots" (keep the
     # dense matmul outputs, recompute LayerNorm, GELU, RoPE, attention); "dots_attn" (also keep
-    # the attention output). Old configs' true/false read as "full"/"none".
+    # the attention output); "dots_gelu" (also keep the MLP's GELU output). Old configs'
+    # true/false read as "full"/"none".
     remat: str = field(default="none", metadata=COMPUTE_ONLY)
     # bf16 compute: LayerNorm and GELU keep bf16 activations with float32 statistics and save
     # only their bf16 input for the backward pass (float32 compute: no effect).

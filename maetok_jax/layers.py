@@ -53,7 +53,11 @@ def layer_norm(params, x, eps: float, lowp: bool = False):
     ``params`` None: no affine (adaLN modulates the normalised values instead).
     """
     if lowp and params is not None and x.dtype != jnp.float32:
-        return _ln_lowp(x, _affine(params["scale"], x), _affine(params["bias"], x), eps)
+        # as rows (N, D), or (S, N, D) stacked: the saved input then has one layout, row-major
+        scale, bias = params["scale"], params["bias"]
+        rows = x.reshape(*scale.shape[:-1], -1, x.shape[-1])
+        y = _ln_lowp(rows, _affine(scale, rows), _affine(bias, rows), eps)
+        return y.reshape(x.shape)
     xf = x.astype(jnp.float32)
     mean, rstd = _stats(xf, eps)
     y = (xf - mean) * rstd
@@ -142,7 +146,8 @@ _gelu_lowp.defvjp(_gelu_lowp_fwd, _gelu_lowp_bwd)
 
 def mlp(params, x, lowp: bool = False):
     """Transformer MLP: (B, T, D) → (B, T, D) through ``fc1 → GELU → fc2``."""
-    return dense(params["fc2"], gelu(dense(params["fc1"], x), lowp))
+    h = checkpoint_name(gelu(dense(params["fc1"], x), lowp), "gelu")  # remat "dots_gelu" keeps it
+    return dense(params["fc2"], h)
 
 
 def cast_tree(tree, dtype):

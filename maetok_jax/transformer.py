@@ -4,8 +4,9 @@
 compiled program holds one block, not ``depth`` copies; ``unroll`` trades compile time for
 scheduling freedom. ``remat`` (``model.remat``) chooses what the backward pass recomputes:
 "full" everything inside a block, "dots" all but the outputs of the dense matmuls (named
-``dense``), "dots_attn" all but those and the attention output. The numbers are the same
-in every mode; only memory and time change.
+``dense``), "dots_attn" all but those and the attention output, "dots_gelu" all but the
+dense outputs and the MLP's GELU output. The numbers are the same in every mode; only memory
+and time change.
 
 A stack of S same-shaped transformers (``stack_aux``) runs as one: leaves (depth, S, ...)
 and x (S, B, T, D); each dense is then one batched matmul.
@@ -16,7 +17,7 @@ import jax
 from maetok_jax.attention import attention
 from maetok_jax.layers import layer_norm, mlp
 
-_SAVED = {"dots": ("dense",), "dots_attn": ("dense", "attention")}
+_SAVED = {"dots": ("dense",), "dots_attn": ("dense", "attention"), "dots_gelu": ("dense", "gelu")}
 
 
 def block(

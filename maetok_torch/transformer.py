@@ -4,9 +4,10 @@
 JAX scans over the stacked tree, this loops over the depth index and slices every leaf.
 
 ``remat`` (``model.remat``) recomputes in the backward pass (``torch.utils.checkpoint``):
-"full" the whole block; "dots" all but the matmul outputs and "dots_attn" all but those and
-the attention output (selective checkpointing, the counterpart of the JAX policies). The
-numbers are the same in every mode.
+"full" the whole block; "dots" all but the matmul outputs, "dots_attn" all but those and
+the attention output, "dots_gelu" all but the matmul outputs and the MLP's GELU output
+(selective checkpointing, the counterpart of the JAX policies). The numbers are the same in
+every mode.
 
 Inside ``maetok_torch.compiled.compiling()`` (``model.compile_scope`` "block" or "parts")
 every block runs through one ``torch.compile``d function, built once and reused across depth
@@ -39,7 +40,8 @@ _ATTENTION = {
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
-_SAVED = {"dots": _MATMULS, "dots_attn": _MATMULS | _ATTENTION}
+_GELU = {torch.ops.aten.gelu.default}
+_SAVED = {"dots": _MATMULS, "dots_attn": _MATMULS | _ATTENTION, "dots_gelu": _MATMULS | _GELU}
 
 
 def block(

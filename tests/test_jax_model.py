@@ -168,7 +168,13 @@ def test_remat_and_unroll_change_memory_not_numbers(tiny, rng):
 
     value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)  # one program each
     ref_val, ref_grad = value_and_grad(params, tiny.model)
-    for change in ({"remat": "full"}, {"remat": "dots"}, {"remat": "dots_attn"}, {"unroll": 2}):
+    for change in (
+        {"remat": "full"},
+        {"remat": "dots"},
+        {"remat": "dots_attn"},
+        {"remat": "dots_gelu"},
+        {"unroll": 2},
+    ):
         m = tiny.replace(model=change).model
         val, grad = value_and_grad(params, m)
         np.testing.assert_allclose(val, ref_val, rtol=1e-6)

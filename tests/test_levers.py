@@ -141,6 +141,20 @@ def test_lowp_layer_norm_and_gelu_match_float32_within_bf16_tolerance():
             assert rel_err(a, b) < TOL["grad_bf16"]
 
 
+def test_lowp_layer_norm_runs_on_rows():
+    """The bf16 LayerNorm flattens (B, T, D) to rows (B·T, D), stacked (S, B·T, D), before its
+    custom backward: the input it saves then has one layout on the GPU, not XLA's batch-minor
+    choice for the weight gradients, whose backward built float32 (T, D, B) arrays
+    (benchmarks/NOTES.md)."""
+    x = jnp.ones((2, 3, 5, 8), jnp.bfloat16)
+    for shape, rows in (((8,), "bf16[30,8]"), ((2, 8), "bf16[2,15,8]")):
+        p = {"scale": jnp.ones(shape, jnp.bfloat16), "bias": jnp.zeros(shape, jnp.bfloat16)}
+        jaxpr = str(jax.make_jaxpr(lambda v, p=p: jl.layer_norm(p, v, 1e-6, True))(x))
+        call = next(line for line in jaxpr.splitlines() if "custom_vjp_call" in line)
+        assert rows in call, (shape, call)
+        assert jl.layer_norm(p, x, 1e-6, True).shape == x.shape
+
+
 def test_gelu_is_torchs_erf_formula_and_has_no_erfc():
     """JAX's exact GELU is torch's ½x(1 + erf(x/√2)): float32 values and gradients agree to
     rounding, tails included, and no path traces ``erfc``, whose piecewise expansion made the
@@ -179,7 +193,7 @@ def test_fast_filters_are_bf16_only_and_close():
         assert rel_err(fast_t[k], fast_j[k]) <= max(high, TOL["forward_fp32"]), k
 
 
-@pytest.mark.parametrize("mode", ["dots", "dots_attn"])
+@pytest.mark.parametrize("mode", ["dots", "dots_attn", "dots_gelu"])
 def test_torch_remat_modes_give_the_same_gradients(mode):
     cfg = TINY.replace(model={"attention": "fused"})
     m = cfg.model
