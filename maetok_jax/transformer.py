@@ -31,12 +31,21 @@ def block(
     lowp: bool = False,
     split_qkv: bool = False,
 ):
-    """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree."""
+    """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree.
+
+    Everything but attention runs on rows, (B·T, D) or stacked (S, B·T, D): a saved
+    activation then has one layout on the GPU, not the batch-minor one XLA chose for 3-D
+    arrays whose weight gradients contract over batch and tokens, which took a transpose
+    before and after each LayerNorm backward (benchmarks/NOTES.md).
+    """
+    shape = x.shape
+    rows = x.reshape(*shape[:-3], -1, shape[-1])
     attn_params = {"qkv": params["qkv"], "proj": params["proj"]}
-    h = layer_norm(params["ln1"], x, eps, lowp)
-    x = x + attention(attn_params, h, cos, sin, heads, impl, split_qkv)
+    h = layer_norm(params["ln1"], rows, eps, lowp).reshape(shape)
+    rows = rows + attention(attn_params, h, cos, sin, heads, impl, split_qkv).reshape(rows.shape)
     mlp_params = {"fc1": params["fc1"], "fc2": params["fc2"]}
-    return x + mlp(mlp_params, layer_norm(params["ln2"], x, eps, lowp), lowp)
+    rows = rows + mlp(mlp_params, layer_norm(params["ln2"], rows, eps, lowp), lowp)
+    return rows.reshape(shape)
 
 
 def remat_policy(mode: str):
