@@ -145,7 +145,7 @@ _gelu_lowp.defvjp(_gelu_lowp_fwd, _gelu_lowp_bwd)
 
 
 def mlp(params, x, lowp: bool = False):
-    """Transformer MLP: (B, T, D) → (B, T, D) through ``fc1 → GELU → fc2``."""
+    """Transformer MLP: (..., D) → (..., D) through ``fc1 → GELU → fc2``."""
     h = checkpoint_name(gelu(dense(params["fc1"], x), lowp), "gelu")  # remat "dots_gelu" keeps it
     return dense(params["fc2"], h)
 

@@ -55,7 +55,10 @@ def block(
     lowp: bool = False,
     split_qkv: bool = False,
 ):
-    """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree."""
+    """One block on x (B, T, D); ``params`` is one depth slice of the stacked tree.
+
+    JAX's block runs on (B·T, D) rows for XLA's layouts on the GPU; torch's kernels take
+    (B, T, D) as it is, and the numbers are the same."""
     attn_params = {"qkv": params["qkv"], "proj": params["proj"]}
     h = layer_norm(params["ln1"], x, eps, lowp)
     x = x + attention(attn_params, h, cos, sin, heads, impl, split_qkv)

@@ -155,6 +155,35 @@ def test_lowp_layer_norm_runs_on_rows():
         assert jl.layer_norm(p, x, 1e-6, True).shape == x.shape
 
 
+def test_jax_block_adds_its_residuals_on_rows():
+    """Everything of a JAX block but attention runs on (B·T, D) rows: the residual adds, the
+    LayerNorm affines and the MLP's bias add produce rows; the only (B, T, D) add left is the
+    attention projection's bias (the layout lever of benchmarks/NOTES.md). The output is the
+    3-D formula's."""
+    import maetok_jax.transformer as jt
+
+    m = TINY.model
+    p = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a[0]), init_params(TINY, 0)["encoder"]["blocks"]
+    )
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((2, 5, m.enc_width)), jnp.float32)
+    jaxpr = str(jax.make_jaxpr(lambda v: jt.block(p, v, None, None, m.enc_heads, 1e-6))(x))
+    adds = [line for line in jaxpr.splitlines() if "= add " in line]
+    assert sum(f"f32[10,{m.enc_width}] = add" in line for line in adds) >= 5, adds
+    assert sum(f"f32[2,5,{m.enc_width}] = add" in line for line in adds) == 1, adds
+    h = x + ja.attention(
+        {"qkv": p["qkv"], "proj": p["proj"]},
+        jl.layer_norm(p["ln1"], x, 1e-6),
+        None,
+        None,
+        m.enc_heads,
+    )
+    ref = h + jl.mlp({"fc1": p["fc1"], "fc2": p["fc2"]}, jl.layer_norm(p["ln2"], h, 1e-6))
+    np.testing.assert_allclose(
+        jt.block(p, x, None, None, m.enc_heads, 1e-6), ref, rtol=1e-6, atol=1e-6
+    )
+
+
 def test_gelu_is_torchs_erf_formula_and_has_no_erfc():
     """JAX's exact GELU is torch's ½x(1 + erf(x/√2)): float32 values and gradients agree to
     rounding, tails included, and no path traces ``erfc``, whose piecewise expansion made the
