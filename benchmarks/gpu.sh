@@ -5,7 +5,9 @@
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
 #   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
 #   OUT=dir bash benchmarks/gpu.sh levers    each speed lever on and off: $OUT/levers.md
-#                                            (ROWS=jax|torch|flags, MATCH=regex: some rows)
+#                                            (ROWS=jax|torch|flags, MATCH=regex: some rows;
+#                                            PART=K/N: every N-th row from the K-th, one call each,
+#                                            then levers.py --from-json $RESULTS: the whole table)
 #   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
@@ -59,8 +61,8 @@ PY
     done ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS, MATCH: a part)
     mkdir -p "${OUT:-.}"
-    python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}.md" --rows "${ROWS:-all}" \
-        --json "$RESULTS" ${MATCH:+--match "$MATCH"} ;;
+    python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}${PART:+_${PART/\//of}}.md" \
+        --rows "${ROWS:-all}" --json "$RESULTS" ${MATCH:+--match "$MATCH"} ${PART:+--part "$PART"} ;;
   scaling)  # data parallelism: per-GPU and total img/s, scaling efficiency against one GPU
     N=${N:-$(nvidia-smi -L | wc -l)}
     $B --preset base --stage 1 --batch "${PER_GPU_BATCH:-128}" --backends jax --devices "plain,1,$N" --timeout 300

@@ -2,6 +2,8 @@
 
     python benchmarks/levers.py --out levers.md [--rows all|jax|torch|flags] [--steps 5]
     python benchmarks/levers.py --out some.md --match "flash|parts"  # rows whose label matches
+    python benchmarks/levers.py --out t.md --json rows.jsonl --part 2/3  # rows 2, 5, 8, …
+    python benchmarks/levers.py --out t.md --from-json rows.jsonl   # one table of rows run before
 
 Every row is one ``train_step.py`` subprocess (its own peak memory), preset ``base``, bf16
 compute, fused attention, in-memory synthetic batches:
@@ -123,6 +125,31 @@ def selected(rows: list, group: str = "all", match: str | None = None) -> list:
     ]
 
 
+def part(rows: list, spec: str) -> list:
+    """Part ``K/N`` of ``rows``: every N-th row from the K-th (1-based), so that N runs, one
+    per part, share the slow rows (torch.compile, the unrolled steps) between them."""
+    m = re.fullmatch(r"(\d+)/(\d+)", spec)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ValueError(f"{spec!r} is not K/N with 1 ≤ K ≤ N")
+    k, n = int(m.group(1)), int(m.group(2))
+    return rows[k - 1 :: n]
+
+
+def from_json(paths: list[str]) -> list[tuple[str, dict]]:
+    """The (label, result) rows that ``--json`` appended to ``paths``, in the order of
+    ``ROWS`` (labels it does not have last, as read); a label run twice keeps its last row."""
+    found = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                found.pop(row["label"], None)
+                found[row["label"]] = row
+    order = {label: i for i, (label, *_) in enumerate(ROWS)}
+    labels = sorted(found, key=lambda label: order.get(label, len(order)))
+    return [(label, found[label]) for label in labels]
+
+
 def run_diffusion(argv: list[str], timeout: float) -> dict:
     """One ``diffusion_step.py`` setting in a fresh subprocess (its own peak memory), as a row
     of the table: samples/s as img/s, no ratio to the official tokenizer step."""
@@ -187,13 +214,33 @@ def main(argv=None) -> int:
     p.add_argument("--reference", type=float, default=270.0)
     p.add_argument("--json", help="also append every row to this JSON-lines file")
     p.add_argument("--timeout", type=float, default=240, help="seconds per row")
+    p.add_argument("--part", help="K/N: only every N-th selected row, from the K-th")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="FILE",
+        help="run nothing: the table of the rows --json appended to these files",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        try:
+            results = from_json(args.from_json)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--from-json: {e}")
+        Path(args.out).write_text(table(results, args.ceiling, args.reference))
+        print(Path(args.out).read_text())
+        return 0
     try:
         rows = selected(ROWS, args.rows, args.match)
     except re.error as e:
         p.error(f"--match: {e}")
+    if args.part:
+        try:
+            rows = part(rows, args.part)
+        except ValueError as e:
+            p.error(f"--part: {e}")
     if not rows:
-        p.error(f"no row matches --rows {args.rows} --match {args.match!r}")
+        p.error(f"no row matches --rows {args.rows} --match {args.match!r} --part {args.part}")
     common = ["--warmup", str(args.warmup), "--steps", str(args.steps)]
 
     def measure(label: str, backend: str, batch: int, extra: list[str]) -> dict:

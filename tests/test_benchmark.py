@@ -290,3 +290,42 @@ def test_levers_match_selects_rows_by_label_within_a_group(capsys):
             main(["--out", "unused.md", *argv])
         assert e.value.code == 2
         assert "--match" in capsys.readouterr().err
+
+
+def test_levers_parts_cover_the_rows_once_and_merge_into_one_table(tmp_path, capsys):
+    """``--part K/N`` splits the selected rows into N disjoint runs that cover them all;
+    ``--from-json`` renders the rows those runs appended as one table, in ``ROWS`` order,
+    a label run twice keeping its last row; a bad part stops with one line."""
+    from benchmarks.levers import ROWS, main, part
+
+    parts = [part(ROWS, f"{k}/3") for k in (1, 2, 3)]
+    assert sorted(r[0] + str(r[2]) for p in parts for r in p) == sorted(
+        r[0] + str(r[2]) for r in ROWS
+    )
+    assert all(abs(len(p) - len(ROWS) / 3) < 1 for p in parts)
+    assert sum("torch.compile" in r[0] for r in parts[0]) < sum(
+        "torch.compile" in r[0] for r in ROWS
+    )
+
+    def row(label, ips):
+        res = {"batch": 256, "images_per_s": ips, "model_tflops": 300.0, "peak_memory_gib": 40.0}
+        return json.dumps({"label": label, **res, "compile_s": 20.0})
+
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text(row("torch eager S1", 300.0) + "\n" + row("JAX S1, unroll 12", 600.0) + "\n")
+    second.write_text(row("JAX S1, unroll 12", 690.0) + "\n" + row("not a row of ROWS", 1.0) + "\n")
+    out = tmp_path / "t.md"
+    assert main(["--out", str(out), "--from-json", str(first), str(second)]) == 0
+    lines = out.read_text().splitlines()[2:5]
+    assert [line.split(" | ")[0][2:] for line in lines] == [
+        "JAX S1, unroll 12",
+        "torch eager S1",
+        "not a row of ROWS",
+    ]
+    assert lines[0].split(" | ")[2] == "690.0"
+    capsys.readouterr()
+    for bad in (["--part", "4/3"], ["--part", "half"], ["--from-json", str(tmp_path / "none")]):
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out), *bad])
+        assert e.value.code == 2
+        assert bad[0] in capsys.readouterr().err
