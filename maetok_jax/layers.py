@@ -57,7 +57,7 @@ def layer_norm(params, x, eps: float, lowp: bool = False):
         scale, bias = params["scale"], params["bias"]
         rows = x.reshape(*scale.shape[:-1], -1, x.shape[-1])
         y = _ln_lowp(rows, _affine(scale, rows), _affine(bias, rows), eps)
-        return y.reshape(x.shape)
+        return checkpoint_name(y.reshape(x.shape), "norm")  # remat "dots_norm" keeps it
     xf = x.astype(jnp.float32)
     mean, rstd = _stats(xf, eps)
     y = (xf - mean) * rstd
@@ -84,7 +84,9 @@ def _ln_lowp(x, scale, bias, eps):
 
 def _ln_lowp_fwd(x, scale, bias, eps):
     xf = x.astype(jnp.float32)
-    mean, rstd = _stats(xf, eps)
+    # named for the remat policies (maetok_jax.transformer): kept, the backward pass reads
+    # them instead of recomputing a row reduction over x
+    mean, rstd = (checkpoint_name(s, "norm_stats") for s in _stats(xf, eps))
     y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype), (x, mean, rstd, scale, bias)
 
