@@ -4,9 +4,9 @@
 compiled program holds one block, not ``depth`` copies; ``unroll`` trades compile time for
 scheduling freedom. ``remat`` (``model.remat``) chooses what the backward pass recomputes:
 "full" everything inside a block, "dots" all but the outputs of the dense matmuls (named
-``dense``), "dots_attn" all but those and the attention output, "dots_gelu" all but the
-dense outputs and the MLP's GELU output. The numbers are the same in every mode; only memory
-and time change.
+``dense``) and the bf16 LayerNorm's statistics (``norm_stats``), "dots_attn" all but those
+and the attention output, "dots_gelu" all but those and the MLP's GELU output. The numbers
+are the same in every mode; only memory and time change.
 
 A stack of S same-shaped transformers (``stack_aux``) runs as one: leaves (depth, S, ...)
 and x (S, B, T, D); each dense is then one batched matmul.
@@ -17,7 +17,15 @@ import jax
 from maetok_jax.attention import attention
 from maetok_jax.layers import layer_norm, mlp
 
-_SAVED = {"dots": ("dense",), "dots_attn": ("dense", "attention"), "dots_gelu": ("dense", "gelu")}
+# every "dots" mode also keeps the bf16 LayerNorm's mean and 1/σ (one float32 pair a row):
+# recomputed, they made each LayerNorm backward a row reduction that wrote its scale
+# gradient's product to memory and read it back (benchmarks/NOTES.md, +3.7 % at ``base``)
+_STATS = ("norm_stats",)
+_SAVED = {
+    "dots": ("dense", *_STATS),
+    "dots_attn": ("dense", "attention", *_STATS),
+    "dots_gelu": ("dense", "gelu", *_STATS),
+}
 
 
 def block(

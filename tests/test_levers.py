@@ -184,6 +184,43 @@ def test_jax_block_adds_its_residuals_on_rows():
     )
 
 
+@pytest.mark.parametrize("mode", ["dots", "dots_attn", "dots_gelu"])
+def test_jax_dots_remat_keeps_the_layer_norm_statistics(mode):
+    """Every "dots" policy keeps the bf16 LayerNorms' float32 mean and 1/σ (two (B·T, 1) arrays
+    each), so their backward does not recompute a row reduction (benchmarks/NOTES.md); "full"
+    keeps nothing. The gradients are those of the block without remat."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    import maetok_jax.transformer as jt
+
+    m = TINY.model
+    p = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a[0], jnp.bfloat16), init_params(TINY, 0)["encoder"]["blocks"]
+    )
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 5, m.enc_width)), jnp.bfloat16)
+
+    def loss(mode):  # None: no remat
+        block = lambda v, q: jt.block(q, v, None, None, m.enc_heads, 1e-6, lowp=True)
+        f = jax.checkpoint(block, policy=jt.remat_policy(mode)) if mode else block
+        return lambda v, q: jnp.sum(f(v, q).astype(jnp.float32) ** 2)
+
+    def kept(mode):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            print_saved_residuals(loss(mode), x, p)
+        return [line for line in out.getvalue().splitlines() if "'norm_stats'" in line]
+
+    assert len(kept(mode)) == 4 and all("f32[10,1]" in line for line in kept(mode)), kept(mode)
+    assert kept("full") == []
+    got = jax.grad(loss(mode), argnums=(0, 1))(x, p)
+    ref = jax.grad(loss(None), argnums=(0, 1))(x, p)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
 def test_gelu_is_torchs_erf_formula_and_has_no_erfc():
     """JAX's exact GELU is torch's ½x(1 + erf(x/√2)): float32 values and gradients agree to
     rounding, tails included, and no path traces ``erfc``, whose piecewise expansion made the
