@@ -5,7 +5,8 @@
 #   RESULTS=bench.jsonl DATA=path/to/bsds500/train bash benchmarks/gpu.sh train|jax|torch|extra
 #   N=2 DATA=path/to/photos bash benchmarks/gpu.sh scaling|scaling_run    (a machine of N GPUs)
 #   OUT=dir bash benchmarks/gpu.sh levers    each speed lever on and off: $OUT/levers.md
-#                                            (ROWS=jax|torch|flags, MATCH=regex: some rows;
+#                                            (ROWS=main: the README's table; ROWS=jax|torch|flags,
+#                                            MATCH=regex: some rows;
 #                                            PART=K/N: every N-th row from the K-th, one call each,
 #                                            then levers.py --from-json $RESULTS: the whole table)
 #   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels

@@ -1,6 +1,6 @@
 """Each speed lever of ``ModelConfig`` on and off, in one run, as one Markdown table.
 
-    python benchmarks/levers.py --out levers.md [--rows all|jax|torch|flags] [--steps 5]
+    python benchmarks/levers.py --out levers.md [--rows all|main|jax|torch|flags] [--steps 5]
     python benchmarks/levers.py --out some.md --match "flash|parts"  # rows whose label matches
     python benchmarks/levers.py --out t.md --json rows.jsonl --part 2/3  # rows 2, 5, 8, …
     python benchmarks/levers.py --out t.md --from-json rows.jsonl   # one table of rows run before
@@ -8,18 +8,20 @@
 Every row is one ``train_step.py`` subprocess (its own peak memory), preset ``base``, bf16
 compute, fused attention, in-memory synthetic batches:
 
-- JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``);
+- JAX Stage 1 with every lever at its default (batch 128, and 256 with ``remat=dots``), and
+  unrolled at batch 256 with ``remat`` none and dots;
 - the same at batch 256 with one lever off at a time (``--set model.X=...``);
 - the unrolled step with each of XLA's fusion switches in ``XLA_FLAG_ROWS`` (``--xla-flags``;
   ``--rows flags`` runs only these);
 - JAX Stage 2 and the ``seed`` preset; torch eager and torch.compile (the block compiled
-  once, ``model.compile_scope=block``, with its compile time) at both stages, Stage 1 also
-  with ``compile_scope=parts`` (the targets and losses compiled once each, the optimiser
-  leaf by leaf through one compiled kernel), and torch eager on the ``seed`` preset;
+  once, ``model.compile_scope=block``, with its compile time) at both stages, and with
+  ``compile_scope=parts`` (the targets and losses compiled once each, the optimiser leaf by
+  leaf through one compiled kernel) at batch 256, and torch eager on the ``seed`` preset;
 - the latent diffusion model's train step (``benchmarks/diffusion_step.py``, DiT ``small``
   on latents of 64 tokens × 16, batch 256, JAX only) with each attention kernel.
 
-Columns: images/s, model TFLOP/s (``train_step.transformer_flops``), the share of the
+``--rows main`` runs the README's table (``MAIN``). Columns: images/s (the timed steps run
+back to back, as in training), model TFLOP/s (``train_step.transformer_flops``), the share of the
 matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed against
 the official MAETok step (``--reference``, 270 img/s), peak memory and compile time. A row
 that fails (out of memory, a timeout) says so in the table instead of stopping the run.
@@ -67,7 +69,10 @@ ROWS = [
     # the GELU output kept too: the backward no longer recomputes it for fc2's weight gradient
     ("JAX S1, unroll 12, remat dots_gelu", "jax", 256, ["--remat", "dots_gelu", "--unroll", "12"]),
     ("JAX S1, unroll 12", "jax", 256, [*BIG, "--unroll", "12"]),
+    # nothing recomputed: batch 256 holds every activation in about 66 GiB on the H200
+    ("JAX S1, unroll 12, remat none", "jax", 256, ["--unroll", "12"]),
     ("JAX S2, all levers", "jax", 256, [*BIG, "--stage", "2"]),
+    ("JAX S2, unroll 12, remat none", "jax", 256, ["--stage", "2", "--unroll", "12"]),
     ("JAX S1 seed preset", "jax", 128, ["--preset", "seed"]),
     # the block scans unrolled: each block's parameters as static slices, not dynamic ones
     ("JAX S1 seed preset, unroll 12", "jax", 128, ["--preset", "seed", "--unroll", "12"]),
@@ -91,9 +96,15 @@ ROWS = [
     ("torch eager S1", "torch", 128, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
     # the block, the targets and losses compiled once each, the optimiser per leaf
-    ("torch.compile S1 (parts)", "torch-compile", 128, ["--set", "model.compile_scope=parts"]),
+    ("torch.compile S1 (parts)", "torch-compile", 256, ["--set", "model.compile_scope=parts"]),
     ("torch eager S2", "torch", 128, ["--stage", "2"]),
     ("torch.compile S2 (block)", "torch-compile", 128, ["--stage", "2"]),
+    (
+        "torch.compile S2 (parts)",
+        "torch-compile",
+        256,
+        ["--stage", "2", "--set", "model.compile_scope=parts"],
+    ),
     ("torch eager S1 seed preset", "torch", 128, ["--preset", "seed"]),
     # the latent diffusion step (JAX only): DiT ``small`` on latents of 64 tokens × 16
     *(
@@ -108,6 +119,24 @@ ROWS = [
 ]
 
 
+# the README's Performance table: each backend's fastest step per stage and preset, the
+# memory-saving JAX row beside it, and the latent diffusion step (``--rows main``; the table
+# keeps ROWS' order)
+MAIN = (
+    "JAX S1, unroll 12, remat none",
+    "JAX S1, unroll 12",
+    "JAX S2, unroll 12, remat none",
+    "JAX S1 seed preset, unroll 12",
+    "torch.compile S1 (parts)",
+    "torch.compile S2 (parts)",
+    "torch eager S1",
+    "torch eager S2",
+    "torch eager S1 seed preset",
+    "DiT small (latent diffusion), plain attention",
+    "DiT small (latent diffusion), fused attention",
+)
+
+
 def row_group(backend: str, extra: list[str]) -> str:
     """``flags`` for a row with XLA flags, else its backend's family (``jax``, ``torch``)."""
     if any(a.startswith("--xla-flags") for a in extra):
@@ -116,11 +145,16 @@ def row_group(backend: str, extra: list[str]) -> str:
 
 
 def selected(rows: list, group: str = "all", match: str | None = None) -> list:
-    """The rows of ``group`` (``all``, or a ``row_group``) whose label ``match`` searches."""
+    """The rows of ``group`` (``all``, ``main``, or a ``row_group``) whose label ``match``
+    searches."""
     return [
         row
         for row in rows
-        if (group == "all" or row_group(row[1], row[3]) == group)
+        if (
+            group == "all"
+            or (group == "main" and row[0] in MAIN)
+            or row_group(row[1], row[3]) == group
+        )
         and (match is None or re.search(match, row[0]))
     ]
 
@@ -204,8 +238,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--rows",
         default="all",
-        choices=("all", "jax", "torch", "flags"),
-        help="jax, torch: that backend's rows without XLA flags; flags: the XLA-flag rows",
+        choices=("all", "main", "jax", "torch", "flags"),
+        help="main: the README's table; jax, torch: that backend's rows without XLA flags; "
+        "flags: the XLA-flag rows",
     )
     p.add_argument("--match", help="only the rows whose label this regular expression matches")
     p.add_argument("--warmup", type=int, default=2)

@@ -62,6 +62,9 @@ def test_train_step_benchmark_runs_on_cpu_for_both_backends(tmp_path):
     assert rows[0]["xla_flags"] == "--xla_gpu_triton_gemm_any=true"
     for r in rows:
         assert r["images_per_s"] > 0 and r["step_ms_median"] > 0
+        # img/s is the pipelined window's, the synced median kept beside it
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_ms"] * 1e3)
+        assert r["images_per_s_synced"] == pytest.approx(r["batch"] / r["step_ms_median"] * 1e3)
         assert math.isfinite(r["final_loss"])
         assert r["batch"] == 4 and r["preset"] == "tiny" and r["deterministic"] is True
     # Same initial parameters, batches and masks: the two backends end on the same loss.
@@ -274,16 +277,21 @@ def test_levers_xla_flag_rows_are_flags_this_xla_knows():
 def test_levers_match_selects_rows_by_label_within_a_group(capsys):
     """``--match`` keeps the rows whose label the expression finds, inside ``--rows``; a
     selection of nothing or a bad expression stops with one line before any row runs."""
-    from benchmarks.levers import ROWS, main, selected
+    from benchmarks.levers import MAIN, ROWS, main, selected
 
     flash = selected(ROWS, "all", "flash|parts")
     assert [r[0] for r in flash] == [
         "JAX S1, unroll 12, flash attention",
         "JAX S1 seed preset, unroll 12, flash attention",
         "torch.compile S1 (parts)",
+        "torch.compile S2 (parts)",
     ]
-    assert [r[0] for r in selected(ROWS, "torch", "flash|parts")] == ["torch.compile S1 (parts)"]
+    assert [r[0] for r in selected(ROWS, "torch", "S1.*(flash|parts)")] == [
+        "torch.compile S1 (parts)"
+    ]
     assert selected(ROWS, "all") == ROWS
+    # the README's table: each of its labels is exactly one row
+    assert sorted(r[0] for r in selected(ROWS, "main")) == sorted(MAIN)
     bad = (["--match", "no such row"], ["--rows", "flags", "--match", "parts"], ["--match", "("])
     for argv in bad:
         with pytest.raises(SystemExit) as e:
