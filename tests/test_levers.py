@@ -339,3 +339,22 @@ def test_torch_compile_builds_its_graphs_once_whatever_the_depth(scope, fresh_dy
         step(state, *tt.step_inputs(batch, cfg, warm, "cpu"))
         assert step.graphs == graphs[depth], "a later step built another graph"
     assert graphs[1] == graphs[3] >= 1, graphs
+
+
+def test_torch_step_inputs_copy_the_batch_as_float32():
+    """``step_inputs`` hands the step float32 copies: a batch changed after the call (the
+    prefetcher reuses nothing, but a caller may) does not reach the step, and the scalars are
+    ``step_scalars``' values."""
+    from maetok.schedules import step_scalars
+
+    cfg = TINY
+    batch = _batch(cfg, 4)
+    batch["images"] = batch["images"].astype(np.float64)
+    images, mask, *scalars = tt.step_inputs(batch, cfg, 7, "cpu")
+    assert images.dtype == mask.dtype == torch.float32
+    np.testing.assert_array_equal(images.numpy(), batch["images"].astype(np.float32))
+    before = images.clone()
+    batch["images"][...] = 0.0
+    assert torch.equal(images, before)
+    expected = np.asarray(step_scalars(7, cfg), np.float32)
+    assert [float(s) for s in scalars] == expected.tolist()
