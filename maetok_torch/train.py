@@ -349,22 +349,10 @@ def step_inputs(batch, cfg, step: int, device):
     (one host→device copy for the four)."""
     from maetok.schedules import step_scalars
 
-    scalars = _put(np.asarray(step_scalars(step, cfg), np.float32), device)
-    images = _put(batch["images"], device)
-    mask = _put(batch["mask"], device)
+    scalars = torch.tensor(step_scalars(step, cfg), dtype=torch.float32).to(device)
+    images = torch.tensor(np.asarray(batch["images"], np.float32), device=device)
+    mask = torch.tensor(np.asarray(batch["mask"], np.float32), device=device)
     return images, mask, *scalars.unbind()
-
-
-def _put(x, device) -> torch.Tensor:
-    """A host array as a float32 tensor on ``device`` (a copy). To a GPU through pinned memory
-    without blocking, as JAX's transfers are: a copy from pageable memory made the host wait
-    until the previous step had finished on the device, so the next step's kernels were
-    queued only then."""
-    if torch.device(device).type != "cuda":
-        return torch.tensor(np.asarray(x, np.float32), device=device)
-    host = torch.empty(np.shape(x), dtype=torch.float32, pin_memory=True)
-    host.numpy()[...] = x  # one host copy, into a block torch's pinned-memory cache reuses
-    return host.to(device, non_blocking=True)
 
 
 def state_to_numpy(state) -> dict:

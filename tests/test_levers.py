@@ -342,9 +342,8 @@ def test_torch_compile_builds_its_graphs_once_whatever_the_depth(scope, fresh_dy
 
 
 def test_torch_step_inputs_copy_the_batch_as_float32():
-    """``step_inputs`` hands the step float32 copies: a batch changed after the call (the
-    prefetcher reuses nothing, but a caller may) does not reach the step, and the scalars are
-    ``step_scalars``' values."""
+    """``step_inputs`` hands the step float32 copies: a batch changed after the call does not
+    reach the step, and the scalars are ``step_scalars``' values."""
     from maetok.schedules import step_scalars
 
     cfg = TINY
