@@ -65,7 +65,8 @@ class ModelConfig:
     # JAX: blocks per lax.scan iteration (compile time vs scheduling freedom)
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)
     # Recompute in the backward pass: "none"; "full" (every block internal); "dots" (keep the
-    # dense matmul outputs, recompute LayerNorm, GELU, RoPE, attention); "dots_attn" (also keep
+    # dense matmul outputs (JAX: and the bf16 LayerNorm statistics), recompute LayerNorm,
+    # GELU, RoPE, attention); "dots_attn" (also keep
     # the attention output); "dots_gelu" (also keep the MLP's GELU output). Old configs'
     # true/false read as "full"/"none".
     remat: str = field(default="none", metadata=COMPUTE_ONLY)

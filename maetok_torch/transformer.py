@@ -6,8 +6,10 @@ JAX scans over the stacked tree, this loops over the depth index and slices ever
 ``remat`` (``model.remat``) recomputes in the backward pass (``torch.utils.checkpoint``):
 "full" the whole block; "dots" all but the matmul outputs, "dots_attn" all but those and
 the attention output, "dots_gelu" all but the matmul outputs and the MLP's GELU output
-(selective checkpointing, the counterpart of the JAX policies). The numbers are the same in
-every mode.
+(selective checkpointing, the counterpart of the JAX policies). JAX's "dots" modes also keep
+the LayerNorm statistics; torch's LayerNorm is one operator whose output and statistics are
+kept or recomputed together, so here they are recomputed. The numbers are the same in every
+mode.
 
 Inside ``maetok_torch.compiled.compiling()`` (``model.compile_scope`` "block" or "parts")
 every block runs through one ``torch.compile``d function, built once and reused across depth
