@@ -126,7 +126,9 @@ def ema_decay_at(step, t_cfg):
     if not t_cfg.ema_warmup:
         return t_cfg.ema_decay
     s = torch.as_tensor(step).to(torch.float32)
-    decay = torch.tensor(t_cfg.ema_decay, dtype=torch.float32, device=s.device)
+    # made on the device: a tensor from host data would be a host→device copy, which waits
+    # for the device to finish everything queued (the step's forward and backward)
+    decay = torch.full((), t_cfg.ema_decay, dtype=torch.float32, device=s.device)
     return torch.minimum(decay, (1.0 + s) / (EMA_WARMUP + s))
 
 

@@ -349,10 +349,22 @@ def step_inputs(batch, cfg, step: int, device):
     (one host→device copy for the four)."""
     from maetok.schedules import step_scalars
 
-    scalars = torch.tensor(step_scalars(step, cfg), dtype=torch.float32).to(device)
-    images = torch.tensor(np.asarray(batch["images"], np.float32), device=device)
-    mask = torch.tensor(np.asarray(batch["mask"], np.float32), device=device)
+    scalars = _put(np.asarray(step_scalars(step, cfg), np.float32), device)
+    images = _put(batch["images"], device)
+    mask = _put(batch["mask"], device)
     return images, mask, *scalars.unbind()
+
+
+def _put(x, device) -> torch.Tensor:
+    """A host array as a float32 tensor on ``device`` (a copy). To a GPU through pinned memory
+    and a non-blocking copy, as JAX's transfers are: a copy from pageable memory waits for
+    every kernel queued before it, so the host could not queue the next step while the
+    device ran this one."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(np.asarray(x, np.float32), device=device)
+    host = torch.empty(np.shape(x), dtype=torch.float32, pin_memory=True)
+    host.numpy()[...] = x  # one host copy, into a block torch's pinned-memory cache reuses
+    return host.to(device, non_blocking=True)
 
 
 def state_to_numpy(state) -> dict:

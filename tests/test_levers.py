@@ -357,3 +357,33 @@ def test_torch_step_inputs_copy_the_batch_as_float32():
     assert torch.equal(images, before)
     expected = np.asarray(step_scalars(7, cfg), np.float32)
     assert [float(s) for s in scalars] == expected.tolist()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_torch_step_reads_nothing_from_the_host(stage):
+    """After its first call (which builds the cached constants), the torch step neither makes a
+    tensor from host data nor reads a value back: on a GPU either would wait for every kernel
+    queued before it, so the host could not queue the next step while the device runs this
+    one (the EMA warm-up's decay was such a tensor)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    cfg = TINY.replace(train={"batch_size": 2, "stage": stage})
+    assert cfg.train.ema_decay > 0 and cfg.train.ema_warmup
+    state = tt.init_state(cfg, 0, device="cpu")
+    step = tt.make_train_step(cfg)
+    state, _ = step(state, *tt.step_inputs(_batch(cfg, 0), cfg, 0, "cpu"))
+    inputs = tt.step_inputs(_batch(cfg, 1), cfg, 1, "cpu")
+    with Ops() as ops:
+        step(state, *inputs)
+    assert len(ops.seen) > 100  # the mode saw the step
+    host = [op for op in ops.seen if "lift_fresh" in op or "_local_scalar_dense" in op]
+    assert host == [], host
