@@ -21,10 +21,10 @@ compute, fused attention, in-memory synthetic batches:
   on latents of 64 tokens × 16, batch 256, JAX only) with each attention kernel.
 
 ``--rows main`` runs the README's table (``MAIN``). Columns: images/s (the timed steps run
-back to back, as in training), model TFLOP/s (``train_step.transformer_flops``), the share of the
-matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed against
-the official MAETok step (``--reference``, 270 img/s), peak memory and compile time. A row
-that fails (out of memory, a timeout) says so in the table instead of stopping the run.
+back to back, as in training), model TFLOP/s (``train_step.transformer_flops``), the share
+of the matmul ceiling (``--ceiling``, 790 TFLOP/s: a bf16 matmul on the H200), the speed
+against the official MAETok step (``--reference``, 270 img/s), peak memory and compile time.
+A row that fails (out of memory, a timeout) says so in the table instead of stopping the run.
 """
 
 from __future__ import annotations

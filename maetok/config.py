@@ -66,9 +66,8 @@ class ModelConfig:
     unroll: int = field(default=1, metadata=COMPUTE_ONLY)
     # Recompute in the backward pass: "none"; "full" (every block internal); "dots" (keep the
     # dense matmul outputs (JAX: and the bf16 LayerNorm statistics), recompute LayerNorm,
-    # GELU, RoPE, attention); "dots_attn" (also keep
-    # the attention output); "dots_gelu" (also keep the MLP's GELU output). Old configs'
-    # true/false read as "full"/"none".
+    # GELU, RoPE, attention); "dots_attn" (also keep the attention output); "dots_gelu" (also
+    # keep the MLP's GELU output). Old configs' true/false read as "full"/"none".
     remat: str = field(default="none", metadata=COMPUTE_ONLY)
     # bf16 compute: LayerNorm and GELU keep bf16 activations with float32 statistics and save
     # only their bf16 input for the backward pass (float32 compute: no effect).
