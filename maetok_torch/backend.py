@@ -136,7 +136,7 @@ class Backend:
 
     # ------------------------------------------------------------------ inference
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.tensor(np.asarray(x, np.float32), device=self.device)
+        return train._put(x, self.device)
 
     @torch.no_grad()
     def reconstruct(self, params, images: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
