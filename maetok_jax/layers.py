@@ -93,6 +93,10 @@ def _ln_lowp_fwd(x, scale, bias, eps):
 
 def _ln_lowp_bwd(eps, res, dy):
     x, mean, rstd, scale, bias = res
+    # the statistics as stored values: XLA would otherwise recompute the mean inside the
+    # backward's row-reduction kernel, which then cannot also feed the scale gradient's
+    # column sum and writes dy·x̂ to memory in float32 for a second kernel to sum
+    mean, rstd = jax.lax.optimization_barrier((mean, rstd))
     xhat = (x.astype(jnp.float32) - mean) * rstd
     dyf = dy.astype(jnp.float32)
     g = dyf * scale.astype(jnp.float32)

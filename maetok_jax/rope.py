@@ -2,7 +2,7 @@
 
 import jax.numpy as jnp
 
-from maetok.rope import rope_tables
+from maetok.rope import rope_tables, rotation_signs
 
 
 def rope_for(m, width: int, heads: int, num_latent_tokens: int):
@@ -11,20 +11,20 @@ def rope_for(m, width: int, heads: int, num_latent_tokens: int):
     return jnp.asarray(cos), jnp.asarray(sin)
 
 
-def rotate_half(x):
-    """Within each axis half (rows, columns) of the head dim: [a, b] → [−b, a]."""
+def swap_quarters(x):
+    """Within each axis half (rows, columns) of the head dim: [a, b] → [b, a], a reversal
+    of a size-2 axis (its gradient is the same reversal, one pass with no slices or pads)."""
     k = x.shape[-1]
-    q = k // 4
-    a_r, b_r, a_c, b_c = x[..., :q], x[..., q : 2 * q], x[..., 2 * q : 3 * q], x[..., 3 * q :]
-    return jnp.concatenate([-b_r, a_r, -b_c, a_c], axis=-1)
+    return jnp.flip(x.reshape(*x.shape[:-1], 2, 2, k // 4), axis=-2).reshape(x.shape)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype.
+    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype,
+    computed as ``x·cos + swap_quarters(x)·(signs·sin)`` (``maetok.rope``: the same bits).
 
     ``x`` is (B, T, heads, K), or (B, T, 2, heads, K) for q and k rotated together.
     """
     shape = (1, cos.shape[0], *(1,) * (x.ndim - 3), cos.shape[-1])
     c = cos.reshape(shape).astype(x.dtype)
-    s = sin.reshape(shape).astype(x.dtype)
-    return x * c + rotate_half(x) * s
+    s = (sin * rotation_signs(sin.shape[-1])).reshape(shape).astype(x.dtype)
+    return x * c + swap_quarters(x) * s

@@ -1,12 +1,12 @@
 """Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (docs/design.md §3.3).
 
-Mirrors ``maetok_jax/rope.py``: the tables come from the same numpy function, and
-``rotate_half`` uses the same layout ([rows | columns], each half split in two).
+Mirrors ``maetok_jax/rope.py``: the tables and signs come from the same numpy functions,
+and ``swap_quarters`` uses the same layout ([rows | columns], each half split in two).
 """
 
 import torch
 
-from maetok.rope import rope_tables
+from maetok.rope import rope_tables, rotation_signs
 from maetok_torch.constants import on_device
 
 
@@ -21,20 +21,21 @@ def rope_for(m, width: int, heads: int, num_latent_tokens: int, device=None):
     )
 
 
-def rotate_half(x):
-    """Within each axis half (rows, columns) of the head dim: [a, b] → [−b, a]."""
+def swap_quarters(x):
+    """Within each axis half (rows, columns) of the head dim: [a, b] → [b, a]."""
     k = x.shape[-1]
-    q = k // 4
-    a_r, b_r, a_c, b_c = x[..., :q], x[..., q : 2 * q], x[..., 2 * q : 3 * q], x[..., 3 * q :]
-    return torch.cat([-b_r, a_r, -b_c, a_c], dim=-1)
+    return torch.flip(x.reshape(*x.shape[:-1], 2, 2, k // 4), dims=(-2,)).reshape(x.shape)
 
 
 def apply_rope(x, cos, sin):
-    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype.
+    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype,
+    computed as ``x·cos + swap_quarters(x)·(signs·sin)`` (``maetok.rope``: the same bits).
 
     ``x`` is (B, T, heads, K), or (B, T, 2, heads, K) for q and k rotated together.
     """
-    shape = (1, cos.shape[0], *(1,) * (x.dim() - 3), cos.shape[-1])
+    k = cos.shape[-1]
+    shape = (1, cos.shape[0], *(1,) * (x.dim() - 3), k)
+    signs = on_device(("rope_signs", k), lambda: rotation_signs(k), sin.device)
     c = cos.reshape(shape).to(x.dtype)
-    s = sin.reshape(shape).to(x.dtype)
-    return x * c + rotate_half(x) * s
+    s = (sin * signs).reshape(shape).to(x.dtype)
+    return x * c + swap_quarters(x) * s

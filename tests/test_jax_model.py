@@ -99,6 +99,61 @@ def test_latent_tokens_never_receive_rope(tiny, rng):
     )
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_as_a_swap_is_rotate_half_bit_for_bit(tiny, rng, dtype):
+    """Both backends' ``x·cos + swap(x)·(signs·sin)`` is ``x·cos + rotate_half(x)·sin``,
+    value and gradient, bit for bit (every sign change and product by ±1 is exact)."""
+    import torch
+
+    from maetok_torch.rope import apply_rope as torch_rope
+
+    m = tiny.model
+    k = m.enc_width // m.enc_heads
+    cos, sin = rope_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
+    x = rng.normal(size=(2, m.num_patches + m.num_latent_tokens, 2, m.enc_heads, k))
+    g = rng.normal(size=x.shape)
+    jdt = jnp.dtype(dtype)
+
+    def rotate_half(a):  # the textbook form: [a, b] → [−b, a] within each half (either backend)
+        q = k // 4
+        a_r, b_r, a_c, b_c = a[..., :q], a[..., q : 2 * q], a[..., 2 * q : 3 * q], a[..., 3 * q :]
+        cat = torch.cat if isinstance(a, torch.Tensor) else jnp.concatenate
+        return cat([-b_r, a_r, -b_c, a_c], -1)
+
+    def reference(a):
+        shape = (1, cos.shape[0], 1, 1, k)
+        c = jnp.asarray(cos).reshape(shape).astype(jdt)
+        s = jnp.asarray(sin).reshape(shape).astype(jdt)
+        return a * c + rotate_half(a) * s
+
+    def ours(a):
+        return apply_rope(a, jnp.asarray(cos), jnp.asarray(sin))
+
+    xj, gj = jnp.asarray(x, jdt), jnp.asarray(g, jdt)
+    want, want_vjp = jax.vjp(reference, xj)
+    got, got_vjp = jax.vjp(ours, xj)
+    assert np.abs(np.asarray(want - xj, np.float32)).max() > 1e-2  # it rotates
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(got_vjp(gj)[0], np.float32), np.asarray(want_vjp(gj)[0], np.float32)
+    )
+    # torch against the same textbook form in torch (each framework rounds bf16 its own way)
+    tdt = getattr(torch, dtype)
+    ct = torch.from_numpy(cos).reshape(1, -1, 1, 1, k).to(tdt)
+    st = torch.from_numpy(sin).reshape(1, -1, 1, 1, k).to(tdt)
+    results = []
+    for fn in (
+        lambda a: a * ct + rotate_half(a) * st,
+        lambda a: torch_rope(a, torch.from_numpy(cos), torch.from_numpy(sin)),
+    ):
+        xt = torch.tensor(x).to(tdt).requires_grad_(True)
+        yt = fn(xt)
+        (gt,) = torch.autograd.grad(yt, xt, torch.tensor(g).to(tdt))
+        results.append((yt.detach().float().numpy(), gt.float().numpy()))
+    np.testing.assert_array_equal(results[1][0], results[0][0])
+    np.testing.assert_array_equal(results[1][1], results[0][1])
+
+
 def test_rope_scores_depend_on_relative_position(tiny, rng):
     """q·k after RoPE is unchanged when both tokens shift by the same (row, column) offset."""
     m = tiny.model
