@@ -66,7 +66,7 @@ def cost_model(compiled, model_flop: float, seconds: float, args) -> str:
     memory_ms = moved / (args.hbm * 1e12) * 1e3
     matmul_ms = model_flop / (args.ceiling * 1e12) * 1e3
     return (
-        f"  cost model: {moved / 1e9:.1f} GB moved a step, {memory_ms:.1f} ms at "
+        f"  cost model: {moved / 1e9:.4g} GB moved a step, {memory_ms:.1f} ms at "
         f"{args.hbm:g} TB/s; model FLOPs {matmul_ms:.1f} ms at {args.ceiling:g} TFLOP/s; "
         f"measured {seconds * 1e3:.1f} ms"
     )

@@ -7,7 +7,7 @@ differentiated, and mirrored function for function in ``maetok_torch/targets.py`
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
-``F.conv2d``), after reflect padding, computed as one matmul over overlapping windows
+``F.conv2d``), after reflect padding, computed as one convolution on pixel blocks
 (``fixed_conv``): in float32 at HIGHEST precision — or, with bf16 compute and
 ``model.fast_filters``, in bf16 at default precision (``filter_dtype``): targets are
 regression goals that bf16's 3 significant digits serve as well.
@@ -26,7 +26,7 @@ import numpy as np
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import filter_banks, window_matrix, window_tile
+from maetok.filters import CONV_BLOCK, block_kernel, block_taps, filter_banks
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_jax.patches import patchify
 
@@ -40,24 +40,30 @@ def filter_dtype(m: ModelConfig):
 
 def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
     """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``,
-    as one matmul over overlapping windows (``maetok.filters.window_matrix``): float32 at
-    HIGHEST precision, or in ``dtype`` bf16 at default precision; → (B, H−k+1, W−k+1, F),
-    float32."""
+    as one convolution on ``CONV_BLOCK``-pixel blocks (``maetok.filters.block_kernel``):
+    float32 at HIGHEST precision, or in ``dtype`` bf16 at default precision;
+    → (B, H−k+1, W−k+1, F), float32.
+
+    The planes are zero-padded at the bottom and right to whole blocks: the extra outputs
+    are cut off, and no kept output reads a padded pixel.
+    """
     n, hp, wp = x.shape
-    k, nf = kernel.shape[0], kernel.shape[-1]
+    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
     h, w = hp - k + 1, wp - k + 1
-    tile = window_tile(w)
-    x = x.astype(dtype)
-    rows = jnp.stack([x[:, dy : dy + h] for dy in range(k)], axis=2)  # (B, H, k, Wp)
-    span = tile + k - 1
-    win = jnp.stack([rows[..., t * tile : t * tile + span] for t in range(w // tile)], axis=2)
-    y = jnp.einsum(  # (B, H, W/tile, k, span) · (k, span, tile, F)
-        "bhtdc,dcjf->bhtjf",
-        win,
-        jnp.asarray(window_matrix(kernel, tile), dtype),
+    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k)
+    rows, cols = hb + taps - 1, wb + taps - 1  # input blocks
+    x = jnp.pad(x.astype(dtype), ((0, 0), (0, s * rows - hp), (0, s * cols - wp)))
+    x = x.reshape(n, rows, s, cols, s).transpose(0, 1, 3, 2, 4).reshape(n, rows, cols, s * s)
+    y = jax.lax.conv_general_dilated(
+        x,
+        jnp.asarray(block_kernel(kernel), dtype),
+        window_strides=(1, 1),
+        padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=jax.lax.Precision.DEFAULT if dtype != jnp.float32 else jax.lax.Precision.HIGHEST,
-    )
-    return y.reshape(n, h, w, nf).astype(jnp.float32)
+    )  # (B, hb, wb, (u, v, F)): output block (hb, wb), its pixel (u, v)
+    y = y.reshape(n, hb, wb, s, s, nf).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb * s, wb * s, nf)
+    return y[:, :h, :w].astype(jnp.float32)
 
 
 def per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:

@@ -7,7 +7,7 @@ differentiated, and mirrored function for function in ``maetok_jax/targets.py``.
 Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are applied to
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
-``lax.conv``), after reflect padding, computed as one matmul over overlapping windows
+``lax.conv``), after reflect padding, computed as one convolution on pixel blocks
 (``fixed_conv``, as in JAX): in float32 — or, with bf16 compute and ``model.fast_filters``,
 in bf16 (``filter_dtype``). Everything after the convolutions stays float32.
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import filter_banks, window_matrix, window_tile
+from maetok.filters import CONV_BLOCK, block_kernel, block_taps, filter_banks
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_torch.compiled import compiled_part
 from maetok_torch.constants import Bank, bank, on_device
@@ -41,21 +41,28 @@ def filter_dtype(m: ModelConfig):
 
 def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
     """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``
-    (an array or a ``Bank``), as one matmul over overlapping windows
-    (``maetok.filters.window_matrix``) in ``dtype``; → (B, H−k+1, W−k+1, F), float32."""
+    (an array or a ``Bank``), as one convolution on ``CONV_BLOCK``-pixel blocks
+    (``maetok.filters.block_kernel``) in ``dtype``; → (B, H−k+1, W−k+1, F), float32.
+
+    The planes are zero-padded at the bottom and right to whole blocks: the extra outputs
+    are cut off, and no kept output reads a padded pixel.
+    """
     n, hp, wp = x.shape
-    k, nf = kernel.shape[0], kernel.shape[-1]
+    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
     h, w = hp - k + 1, wp - k + 1
-    tile = window_tile(w)
-    x = x.to(dtype)
-    win = x.unfold(1, k, 1).unfold(2, tile + k - 1, tile)  # (B, H, W/tile, k, span), a view
+    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k)
+    rows, cols = hb + taps - 1, wb + taps - 1  # input blocks
+    x = F.pad(x.to(dtype), (0, s * cols - wp, 0, s * rows - hp))
+    x = x.reshape(n, rows, s, cols, s).permute(0, 2, 4, 1, 3).reshape(n, s * s, rows, cols)
     if isinstance(kernel, Bank):
-        key, array = ("window", kernel, tile), kernel.array
+        key, array = ("block", kernel), kernel.array
     else:
-        key, array = ("window", kernel.tobytes(), kernel.shape, tile), lambda: kernel
-    mat = on_device(key, lambda: window_matrix(array(), tile), x.device, dtype)
-    y = torch.einsum("bhtdc,dcjf->bhtjf", win, mat)  # (k, span, tile, F)
-    return y.reshape(n, h, w, nf).to(torch.float32)
+        key, array = ("block", kernel.tobytes(), kernel.shape), lambda: kernel
+    # HWIO → OIHW, F.conv2d's layout
+    weight = on_device(key, lambda: block_kernel(array()).transpose(3, 2, 0, 1), x.device, dtype)
+    y = F.conv2d(x, weight)  # (B, (u, v, F), hb, wb): output block (hb, wb), its pixel (u, v)
+    y = y.reshape(n, s, s, nf, hb, wb).permute(0, 4, 1, 5, 2, 3).reshape(n, hb * s, wb * s, nf)
+    return y[:, :h, :w].to(torch.float32)
 
 
 def per_channel_conv(

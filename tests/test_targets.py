@@ -296,17 +296,14 @@ def test_registry_custom_target(backend, rng):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bank,hw", [("sobel", (7, 9)), ("percep", (12, 40)), ("gabor", (14, 76))])
 def test_fixed_conv_and_its_gradient_match_loop_reference(backend, bank, hw, rng):
-    """The windowed matmul is a 'VALID' correlation, whatever the tile its output width
-    gives (widths 7, 36 and 64: tiles 1, 4 and 32), and so is its gradient (a full
-    convolution with the flipped kernel)."""
-    from maetok.filters import window_tile
-
+    """The convolution on pixel blocks is a 'VALID' correlation, whether or not the output
+    fills whole blocks (outputs 5×7, 8×36 and 2×64 against blocks of 4), and so is its
+    gradient (a full convolution with the flipped kernel)."""
     kernel = filter_banks(16)[bank]  # (k, k, 1, F)
     k, nf = kernel.shape[0], kernel.shape[-1]
     x = rng.standard_normal((2, *hw)).astype(np.float32)
     h, w = hw[0] - k + 1, hw[1] - k + 1
     g = rng.standard_normal((2, h, w, nf)).astype(np.float32)
-    assert window_tile(w) in (1, 4, 32)
     ref = np.zeros((2, h, w, nf))
     dref = np.zeros(x.shape)
     for n in range(2):
@@ -396,9 +393,9 @@ def test_gan_losses_match_numpy(backend, rng):
 
 
 def test_torch_constants_are_copied_to_their_device_once():
-    """The window matrices, the HOG window and the RoPE tables: one tensor per key, device and
+    """The block kernels, the HOG window and the RoPE tables: one tensor per key, device and
     dtype, built from the same numpy as JAX's."""
-    from maetok.filters import window_matrix
+    from maetok.filters import block_kernel
     from maetok_jax.rope import rope_for as jax_rope
     from maetok_torch.constants import on_device
     from maetok_torch.rope import rope_for
@@ -408,14 +405,14 @@ def test_torch_constants_are_copied_to_their_device_once():
 
     def build():
         calls.append(1)
-        return window_matrix(kernel, 4)
+        return block_kernel(kernel)
 
-    key = ("test-window", kernel.tobytes(), kernel.shape, 4)
+    key = ("test-block", kernel.tobytes(), kernel.shape)
     a = on_device(key, build, "cpu", torch.bfloat16)
     assert on_device(key, build, "cpu", torch.bfloat16) is a and len(calls) == 1
     b = on_device(key, build, "cpu", torch.float32)
     assert b is not a and b.dtype == torch.float32 and len(calls) == 2
-    np.testing.assert_array_equal(b.numpy(), window_matrix(kernel, 4))
+    np.testing.assert_array_equal(b.numpy(), block_kernel(kernel))
     m = preset("tiny").model
     cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
     assert rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)[0] is cos
