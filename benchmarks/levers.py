@@ -94,6 +94,8 @@ ROWS = [
         for name, flag in XLA_FLAG_ROWS.items()
     ),
     ("torch eager S1", "torch", 128, []),
+    # JAX's batch: about 125 GiB on the H200 (no remat in eager torch's fastest step)
+    ("torch eager S1, batch 256", "torch", 256, []),
     ("torch.compile S1 (block)", "torch-compile", 128, ["--set", "model.compile_scope=block"]),
     # the block, the targets and losses compiled once each, the optimiser per leaf
     ("torch.compile S1 (parts)", "torch-compile", 256, ["--set", "model.compile_scope=parts"]),
@@ -130,6 +132,7 @@ MAIN = (
     "torch.compile S1 (parts)",
     "torch.compile S2 (parts)",
     "torch eager S1",
+    "torch eager S1, batch 256",
     "torch eager S2",
     "torch eager S1 seed preset",
     "DiT small (latent diffusion), plain attention",
