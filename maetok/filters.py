@@ -99,10 +99,10 @@ def block_kernel(kernel: np.ndarray, block: int = CONV_BLOCK) -> np.ndarray:
     """A fixed ``kernel (k, k, 1, F)`` as a convolution on pixel blocks, HWIO
     ``(n, n, block², block²·F)`` with ``n = block_taps(k, block)``.
 
-    Planes cut into ``block × block`` blocks, each block's pixels its channels ``(p, q)``
-    (row-major), the correlation with ``kernel`` is the 'VALID' correlation of the block
-    grid with this kernel, whose output channels ``(u, v, f)`` are the pixels of an output
-    block: ``W[a, b, (p, q), (u, v, f)] = kernel[block·a + p − u, block·b + q − v, 0, f]``
+    Cut the planes into ``block × block`` blocks and make each block's pixels its channels
+    ``(p, q)``, row-major: the correlation with ``kernel`` is then the 'VALID' correlation of
+    the block grid with this kernel, whose output channels ``(u, v, f)`` are the pixels of an
+    output block: ``W[a, b, (p, q), (u, v, f)] = kernel[block·a + p − u, block·b + q − v, 0, f]``
     where both indices fall in ``[0, k)``, else 0. It costs ``(n·block / k)²`` × the direct
     FLOPs (1.5× for the 13×13 Gabor bank at block 4) on tensor cores, reading each input
     pixel once, where cuDNN's one-channel convolutions use no tensor cores.

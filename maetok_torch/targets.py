@@ -45,7 +45,9 @@ def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) 
     (``maetok.filters.block_kernel``) in ``dtype``; → (B, H−k+1, W−k+1, F), float32.
 
     The planes are zero-padded at the bottom and right to whole blocks: the extra outputs
-    are cut off, and no kept output reads a padded pixel.
+    are cut off, and no kept output reads a padded pixel. In float32 on a GPU, cuDNN may
+    use TF32 (torch's default for convolutions, as in the discriminator); the parity runs
+    switch it off.
     """
     n, hp, wp = x.shape
     k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
