@@ -9,6 +9,11 @@ perceptual, mask_loss, optimiser): each kernel event names the HLO instruction i
 trace) gives that instruction's op name, whose outermost scope is its part; the backward
 pass of a part counts as the part. Without a GPU (a trace made on the CPU) the XLA ops on
 the host stand in for kernels.
+
+Each of the top kernels also gets the bytes its HLO instructions read and write, from the
+shapes in the HLO (every operand read once, the result written once; scratch workspaces
+left out), and the bandwidth that gives: a memory-bound fusion far below the device's
+bandwidth is one to look at.
 """
 
 from __future__ import annotations
@@ -38,6 +43,50 @@ HLO_NAME = "step.hlo.txt"  # the compiled step's HLO text, beside the trace
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*op_name="([^"]*)"')
 CONTROL = re.compile(r"(while|conditional|call)\b")  # host events that contain other ops
 _PART = re.compile(r"\b(" + "|".join(PARTS) + r")\b")
+
+
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?) ([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8e\w+)\[([\d,]*)\]")
+_OPERAND = re.compile(r"%([\w.\-]+)(?:#(\d+))?")
+_BITS = {"pred": 8, "bf16": 16}
+
+
+def _arrays(shape: str) -> list[int]:
+    """The byte sizes of the arrays in an HLO shape, a tuple's in order."""
+    sizes = []
+    for dtype, dims in _ARRAY.findall(shape):
+        bits = _BITS.get(dtype) or (8 if dtype.startswith("f8") else int(dtype[1:]))
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        sizes.append(n * bits // 8)
+    return sizes
+
+
+def instruction_bytes(hlo_text: str) -> dict[str, int]:
+    """HLO instruction name → bytes it reads and writes: each operand (a tuple operand's
+    element where one is named, ``%t#1``) once, plus its result; the 8-bit elements of a
+    tuple result (cuBLAS and cuDNN scratch workspaces) are not counted."""
+    shapes, out = {}, {}
+    for line in hlo_text.splitlines():
+        m = _DEFINITION.match(line)
+        if not m:
+            continue
+        name, shape, _, rest = m.groups()
+        sizes = _arrays(shape)
+        tuple_kinds = _ARRAY.findall(shape) if shape.startswith("(") else []
+        shapes[name] = sizes
+        written = sum(
+            size
+            for size, (dtype, _) in zip(sizes, tuple_kinds or [("", "")] * len(sizes))
+            if dtype not in ("s8", "u8")
+        )
+        read = 0
+        for operand, index in _OPERAND.findall(rest.split(")", 1)[0]):
+            parts = shapes.get(operand, [])
+            read += parts[int(index)] if index and int(index) < len(parts) else sum(parts)
+        out[name] = read + written
+    return out
 
 
 def parts_of(hlo_text: str) -> dict[str, str]:
@@ -85,12 +134,15 @@ def main(argv=None) -> int:
         return e.get("ph") == "X" and "dur" in e and op is not None and not CONTROL.match(op)
 
     hlo = next(iter(sorted(Path(args.trace_dir).rglob(HLO_NAME))), None)
-    part_of = parts_of(hlo.read_text()) if hlo else {}
+    hlo_text = hlo.read_text() if hlo else ""
+    part_of, bytes_of = parts_of(hlo_text), instruction_bytes(hlo_text)
     kernels, count, parts = collections.Counter(), collections.Counter(), collections.Counter()
+    moved = collections.Counter()
     for e in filter(is_kernel, events):
         kernels[e["name"]] += e["dur"]
         count[e["name"]] += 1
         op = e.get("args", {}).get("hlo_op", "")
+        moved[e["name"]] += bytes_of.get(op, 0)
         part = "(in a CUDA graph)" if op.startswith("command_buffer") else part_of.get(op, "other")
         parts[part] += e["dur"]
     total = sum(kernels.values())
@@ -112,9 +164,17 @@ def main(argv=None) -> int:
     print("by kernel family:")
     for fam, us in fams.most_common():
         print(f"{fam:34s}{us / 1e3:9.1f} ms {100 * us / total:6.1f}%")
-    print(f"\ntop {args.top} kernels:")
+    print(f"\ntop {args.top} kernels (a call: ms, GB its instructions read and write, TB/s):")
     for name, us in kernels.most_common(args.top):
-        print(f"{us / 1e3:9.2f} ms {100 * us / total:5.1f}% ×{count[name]:<5d} {name[:90]}")
+        per_call = f"{us / 1e3 / count[name]:8.3f} ms"
+        if moved[name]:
+            gb = moved[name] / count[name] / 1e9
+            per_call += f" {gb:9.3g} GB {moved[name] / us / 1e6:6.3g} TB/s"
+        else:
+            per_call += " " * 23
+        print(
+            f"{us / 1e3:9.2f} ms {100 * us / total:5.1f}% ×{count[name]:<5d}{per_call}  {name[:80]}"
+        )
     return 0
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,34 @@ def test_breakdown_times_every_part_on_cpu(tmp_path, capsys):
     hlo = (tmp_path / "trace" / trace_summary.HLO_NAME).read_text()
     named = list(trace_summary.parts_of(hlo).values())
     assert sum(part != "other" for part in named) > 0.75 * len(named)
+    # the top kernels with the bytes their instructions move and the bandwidth: ms a call
+    # × TB/s is the GB a call (to the printed digits)
+    call = re.compile(r"×\d+\s+([\d.]+) ms\s+([\d.e+-]+) GB\s+([\d.e+-]+) TB/s")
+    top = [m.groups() for m in map(call.search, out.split("top 25 kernels")[1].splitlines()) if m]
+    assert len(top) >= 10
+    for ms_call, gb, tbps in (map(float, t) for t in top):
+        assert gb > 0 and abs(ms_call * tbps - gb) <= 0.01 * gb + 5e-4 * ms_call * tbps
+
+
+def test_trace_summary_counts_the_bytes_an_instruction_moves():
+    """Operands read once (a tuple operand's named element), the result written once, and
+    the 8-bit scratch of a cuBLAS call left out."""
+    from benchmarks.trace_summary import instruction_bytes
+
+    hlo = """
+ENTRY %main (p0: bf16[4,8], p1: f32[8]) -> f32[4,8] {
+  %p0 = bf16[4,8]{1,0} parameter(0), metadata={op_name="x"}
+  %p1 = f32[8]{0} parameter(1)
+  %mm = (bf16[4,8]{1,0}, s8[1024]{0}) custom-call(%p0, %p0), custom_call_target="__cublas$lt$matmul"
+  %fusion.1 = (f32[4]{0}, f32[4,8]{1,0}) fusion(%mm#0, %p1), kind=kInput, calls=%fused
+  ROOT %add = f32[4,8]{1,0} add(%fusion.1#1, %fusion.1#1)
+}
+"""
+    moved = instruction_bytes(hlo)
+    assert moved["p0"] == 64 and moved["p1"] == 32  # written only
+    assert moved["mm"] == 2 * 64 + 64  # two bf16 (4, 8) reads, one write; not the s8 scratch
+    assert moved["fusion.1"] == (64 + 32) + (16 + 128)  # mm's first element and p1; two results
+    assert moved["add"] == 2 * 128 + 128
 
 
 def test_trace_summary_names_the_kernel_family_of_h200_kernels():
