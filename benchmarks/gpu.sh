@@ -10,6 +10,8 @@
 #                                            PART=K/N: every N-th row from the K-th, one call each,
 #                                            then levers.py --from-json $RESULTS: the whole table)
 #   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels
+#   bash benchmarks/gpu.sh mlp               fc1 + bias + erf GELU: XLA's two kernels against one
+#                                            fused Pallas kernel (benchmarks/mlp_epilogue.py)
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -60,6 +62,8 @@ PY
             --unroll 12 --timeout 150 $det --label "flash${det:+ deterministic}"
       done
     done ;;
+  mlp)  # the MLP's fc1 with its bias + GELU epilogue fused, at `base`'s shape (B=256)
+    python benchmarks/mlp_epilogue.py --rows 98304 --width 768 --hidden 3072 --runs 20 ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS, MATCH: a part)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}${PART:+_${PART/\//of}}.md" \

@@ -366,3 +366,34 @@ def test_levers_parts_cover_the_rows_once_and_merge_into_one_table(tmp_path, cap
             main(["--out", str(out), *bad])
         assert e.value.code == 2
         assert bad[0] in capsys.readouterr().err
+
+
+def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
+    """The fused fc1 + bias + erf GELU kernel (in Pallas' interpreter here) gives the model's
+    pre-activation and GELU to bf16 rounding, and the benchmark prints a row per variant."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import mlp_epilogue
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((128, 64)) / 11.3, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(64), jnp.bfloat16)
+    h, a = mlp_epilogue.pallas_fc1_gelu(x, w, b, bm=32, bn=32, bk=64, warps=4, stages=3)
+    raw, want = jax.jit(mlp_epilogue.xla_fc1_gelu)(x, w, b)
+    exact = np.asarray(x, np.float32) @ np.asarray(w, np.float32) + np.asarray(b, np.float32)
+    f32 = lambda t: np.asarray(t, np.float32)
+    assert np.abs(exact).max() > 1 and np.abs(f32(a) - f32(h)).max() > 0.1  # the GELU acts
+    np.testing.assert_allclose(f32(h), exact, rtol=2**-7, atol=2**-7)  # one rounding
+    np.testing.assert_allclose(f32(a), f32(want), rtol=2**-6, atol=2**-6)
+    np.testing.assert_allclose(f32(raw), exact - f32(b), rtol=2**-7, atol=2**-7)
+    with pytest.raises(ValueError, match="do not divide"):
+        mlp_epilogue.pallas_fc1_gelu(x, w, b, bm=48, bn=32, bk=64, warps=4, stages=3)
+    assert (
+        mlp_epilogue.main(["--rows", "128", "--width", "64", "--hidden", "128", "--runs", "1"]) == 0
+    )
+    out = capsys.readouterr().out
+    names = [line.split("  ")[0] for line in out.splitlines()[2:]]
+    assert names[:2] == ["xla", "xla matmul only"] and names[2].startswith("pallas 128×128×64")
