@@ -14,7 +14,10 @@ per variant: ms, TFLOP/s of the matmul, and the largest difference from XLA's ou
   backward pass reads) and the GELU's output both written;
 - ``xla matmul only``: the matmul alone, the floor any fused kernel works against;
 - ``pallas bm×bn×bk wW sS``: a Pallas (Triton) kernel writing the biased pre-activation and
-  the GELU's output from one accumulator, for each block size, warp and stage count.
+  the GELU's output from one accumulator, for each block size, warp and stage count;
+- ``bwd …``: the same for the backward pass, ``dy @ w2ᵀ`` times the GELU's derivative at the
+  stored pre-activation, with ``fc1``'s bias gradient: XLA's matmul and fusion against one
+  kernel that also writes each row block's bias sums.
 
 Off the GPU the Pallas kernel runs in Pallas' interpreter, on a small shape: a check of its
 values, not of its speed.
@@ -39,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from maetok_jax.layers import dense, gelu
+from maetok_jax.layers import _gelu_erf, _normal_cdf, dense, gelu
 
 # (bm, bn, bk, warps, stages) tried on the GPU; the interpreter takes the first that fits
 CONFIGS = tuple(itertools.product((128,), (128, 256), (64,), (4, 8), (3, 4)))
@@ -49,10 +52,6 @@ def xla_fc1_gelu(x, w, b):
     """The model's ``fc1`` and GELU: (raw matmul output, GELU of it plus the bias)."""
     raw = x @ w
     return raw, gelu(dense({"w": w, "b": b}, x), lowp=True)
-
-
-def _erf_gelu(h):
-    return h * (0.5 * (1.0 + jax.lax.erf(h * (1.0 / math.sqrt(2.0)))))
 
 
 def _kernel(x_ref, w_ref, b_ref, h_ref, a_ref, *, bk: int):
@@ -68,7 +67,7 @@ def _kernel(x_ref, w_ref, b_ref, h_ref, a_ref, *, bk: int):
     acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(h_ref.shape, jnp.float32))
     h = (acc + b_ref[...].astype(jnp.float32)[None, :]).astype(h_ref.dtype)
     h_ref[...] = h
-    a_ref[...] = _erf_gelu(h.astype(jnp.float32)).astype(a_ref.dtype)
+    a_ref[...] = _gelu_erf(h.astype(jnp.float32)).astype(a_ref.dtype)
 
 
 def pallas_fc1_gelu(x, w, b, *, bm: int, bn: int, bk: int, warps: int, stages: int):
@@ -99,6 +98,70 @@ def pallas_fc1_gelu(x, w, b, *, bm: int, bn: int, bk: int, warps: int, stages: i
     )(x, w, b)
 
 
+def xla_fc2_grad_gelu(dy, w2, raw, b1):
+    """The model's backward from ``fc2``'s input gradient to the GELU's input: ``da = dy @
+    w2ᵀ`` (a matmul), then the GELU's derivative at ``raw + b1`` and ``fc1``'s bias gradient
+    (one fusion). → (dh, db1)."""
+    da = dy @ w2.T
+    h = raw + b1
+    (dh,) = jax.vjp(lambda t: gelu(t, lowp=True), h)[1](da)
+    return dh, jnp.sum(dh.astype(jnp.float32), axis=0)
+
+
+def _bwd_kernel(dy_ref, w_ref, h_ref, dh_ref, db_ref, *, bk: int):
+    """One (bm, bn) tile of ``dh = (dy @ w2ᵀ) · GELU'(h)``, and its column sums (this row
+    block's share of ``fc1``'s bias gradient)."""
+    steps = dy_ref.shape[1] // bk
+
+    def body(i, acc):
+        ds = dy_ref[:, pl.ds(i * bk, bk)]
+        ws = w_ref[pl.ds(i * bk, bk), :]
+        return acc + jnp.dot(ds, ws, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(dh_ref.shape, jnp.float32))
+    h = h_ref[...].astype(jnp.float32)
+    pdf = jnp.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
+    # da rounded to bf16 first, as the model's matmul writes it
+    dh = (acc.astype(dh_ref.dtype).astype(jnp.float32) * (_normal_cdf(h) + h * pdf)).astype(
+        dh_ref.dtype
+    )
+    dh_ref[...] = dh
+    db_ref[...] = jnp.sum(dh.astype(jnp.float32), axis=0)[None, :]
+
+
+def pallas_fc2_grad_gelu(dy, w2, h, *, bm: int, bn: int, bk: int, warps: int, stages: int):
+    """(dh, db1) from one kernel: ``dy @ w2ᵀ`` with the GELU's derivative at the stored
+    pre-activation ``h`` applied to the accumulator, and per-row-block bias sums that XLA
+    adds up (a (rows/bm, hidden) float32 array, 1/bm of dh's size)."""
+    from jax.experimental.pallas import triton as plt
+
+    m, k = dy.shape
+    n = w2.shape[0]
+    if m % bm or n % bn or k % bk:
+        raise ValueError(f"blocks {bm}×{bn}×{bk} do not divide ({m}, {k}) @ ({k}, {n})")
+    on_gpu = jax.default_backend() == "gpu"
+    dh, partial = pl.pallas_call(
+        functools.partial(_bwd_kernel, bk=bk),
+        out_shape=(
+            jax.ShapeDtypeStruct((m, n), dy.dtype),
+            jax.ShapeDtypeStruct((m // bm, n), jnp.float32),
+        ),
+        grid=(m // bm, n // bn),
+        in_specs=[
+            pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((k, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        ],
+        out_specs=(
+            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+            pl.BlockSpec((1, bn), lambda i, j: (i, j)),
+        ),
+        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages) if on_gpu else None,
+        interpret=not on_gpu,
+    )(dy, w2.T, h)
+    return dh, jnp.sum(partial, axis=0)
+
+
 def timed(fn, *args, runs: int) -> float:
     """Median ms of ``fn(*args)`` after one compiling call."""
     jax.block_until_ready(fn(*args))
@@ -125,30 +188,40 @@ def main(argv=None) -> int:
     flop = 2 * args.rows * args.width * args.hidden
     device = jax.devices()[0].device_kind
     print(f"({args.rows}, {args.width}) @ ({args.width}, {args.hidden}), bf16, on {device}")
-    print(f"{'variant':34s}{'ms':>9s}{'TFLOP/s':>9s}{'max |Δa|':>10s}")
+    print(f"{'variant':34s}{'ms':>9s}{'TFLOP/s':>9s}{'max |Δ|':>10s}")
 
     def row(name, ms, diff=""):
         print(f"{name:34s}{ms:9.3f}{flop / ms / 1e9:9.1f}{diff:>10s}", flush=True)
 
-    xla = jax.jit(xla_fc1_gelu)
-    _, want = xla(x, w, b)
-    row("xla", timed(xla, x, w, b, runs=args.runs))
-    row("xla matmul only", timed(jax.jit(lambda x, w: x @ w), x, w, runs=args.runs))
-    for bm, bn, bk, warps, stages in CONFIGS:
-        name = f"pallas {bm}×{bn}×{bk} w{warps} s{stages}"
-        fn = jax.jit(
-            functools.partial(pallas_fc1_gelu, bm=bm, bn=bn, bk=bk, warps=warps, stages=stages)
-        )
-        try:
-            _, got = fn(x, w, b)
-            ms = timed(fn, x, w, b, runs=args.runs)
-        except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
-            print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-            continue
-        diff = float(jnp.max(jnp.abs(got.astype(jnp.float32) - want.astype(jnp.float32))))
-        row(name, ms, f"{diff:.3g}")
-        if jax.default_backend() != "gpu":
-            break  # the interpreter: one config checks the values
+    # forward: x @ w1 + b1 and its GELU; backward: dy @ w2ᵀ times the GELU's derivative
+    w2 = jnp.asarray(rng.standard_normal((args.hidden, args.width)) / args.hidden**0.5, x.dtype)
+    dy = jnp.asarray(rng.standard_normal((args.rows, args.width)), x.dtype)
+    raw, want = jax.jit(xla_fc1_gelu)(x, w, b)
+    h = (raw + b).astype(x.dtype)
+    want_dh, _ = jax.jit(xla_fc2_grad_gelu)(dy, w2, raw, b)
+    passes = (
+        ("", xla_fc1_gelu, pallas_fc1_gelu, (x, w, b), (x, w), want),
+        ("bwd ", xla_fc2_grad_gelu, pallas_fc2_grad_gelu, (dy, w2, h), (dy, w2.T), want_dh),
+    )
+    for tag, xla, fused, args_fused, args_mm, ref in passes:
+        xla_args = (x, w, b) if not tag else (dy, w2, raw, b)
+        row(f"{tag}xla", timed(jax.jit(xla), *xla_args, runs=args.runs))
+        row(f"{tag}xla matmul only", timed(jax.jit(jnp.matmul), *args_mm, runs=args.runs))
+        for bm, bn, bk, warps, stages in CONFIGS:
+            name = f"{tag}pallas {bm}×{bn}×{bk} w{warps} s{stages}"
+            cfg = {"bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": stages}
+            fn = jax.jit(functools.partial(fused, **cfg))
+            try:
+                got = fn(*args_fused)
+                ms = timed(fn, *args_fused, runs=args.runs)
+            except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
+                print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                continue
+            got = got[1] if not tag else got[0]  # the GELU's output; dh
+            diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
+            row(name, ms, f"{float(diff):.3g}")
+            if jax.default_backend() != "gpu":
+                break  # the interpreter: one config checks the values
     return 0
 
 

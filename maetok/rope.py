@@ -35,9 +35,10 @@ def rope_tables(
     return cos.astype(np.float32), sin.astype(np.float32)
 
 
-@functools.cache
 def rotation_signs(head_dim: int) -> np.ndarray:
     """float32 (K,): −1 on the first quarter of each half, +1 on the second, the signs of
-    ``rotate_half`` that ``x·cos + swap(x)·(signs·sin)`` carries in the sine table."""
+    ``rotate_half`` that ``x·cos + swap(x)·(signs·sin)`` carries in the sine table. (Not
+    cached here: torch keeps its device copy, and a cache wrapper inside a compiled block
+    is one torch.compile warns about.)"""
     quarter = np.ones(head_dim // 4, np.float32)
     return np.concatenate([-quarter, quarter, -quarter, quarter])

@@ -391,9 +391,17 @@ def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
     np.testing.assert_allclose(f32(raw), exact - f32(b), rtol=2**-7, atol=2**-7)
     with pytest.raises(ValueError, match="do not divide"):
         mlp_epilogue.pallas_fc1_gelu(x, w, b, bm=48, bn=32, bk=64, warps=4, stages=3)
-    assert (
-        mlp_epilogue.main(["--rows", "128", "--width", "64", "--hidden", "128", "--runs", "1"]) == 0
-    )
+    # backward: dy @ w2ᵀ times GELU'(h), and fc1's bias gradient from the row blocks' sums
+    w2 = jnp.asarray(rng.standard_normal((64, 128)) / 8, jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((64, 128)), jnp.bfloat16)
+    dh, db = mlp_epilogue.pallas_fc2_grad_gelu(dy, w2, h, bm=32, bn=32, bk=64, warps=4, stages=3)
+    want_dh, want_db = jax.jit(mlp_epilogue.xla_fc2_grad_gelu)(dy, w2, raw, b)
+    assert dh.shape == (64, 64) and db.shape == (64,) and np.abs(f32(want_db)).max() > 1
+    np.testing.assert_allclose(f32(dh), f32(want_dh), rtol=2**-6, atol=2**-6)
+    np.testing.assert_allclose(f32(db), f32(want_db), rtol=2**-5, atol=2**-5)
+    argv = ["--rows", "128", "--width", "64", "--hidden", "128", "--runs", "1"]
+    assert mlp_epilogue.main(argv) == 0
     out = capsys.readouterr().out
     names = [line.split("  ")[0] for line in out.splitlines()[2:]]
     assert names[:2] == ["xla", "xla matmul only"] and names[2].startswith("pallas 128×128×64")
+    assert names[3:5] == ["bwd xla", "bwd xla matmul only"] and names[5].startswith("bwd pallas")
