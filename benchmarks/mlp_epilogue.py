@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import math
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from maetok_jax.layers import _gelu_erf, _normal_cdf, dense, gelu
+from benchmarks.breakdown import timed
+from maetok_jax.layers import dense, gelu, gelu_derivative
 
 # (bm, bn, bk, warps, stages) tried on the GPU; the interpreter takes the first that fits
 CONFIGS = tuple(itertools.product((128,), (128, 256), (64,), (4, 8), (3, 4)))
@@ -54,20 +52,24 @@ def xla_fc1_gelu(x, w, b):
     return raw, gelu(dense({"w": w, "b": b}, x), lowp=True)
 
 
+def _accumulate(a_ref, b_ref, bk: int, shape) -> jnp.ndarray:
+    """The float32 product of a (bm, K) row block and a (K, bn) column block, K in steps of bk."""
+
+    def body(i, acc):
+        a = a_ref[:, pl.ds(i * bk, bk)]
+        b = b_ref[pl.ds(i * bk, bk), :]
+        return acc + jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, a_ref.shape[1] // bk, body, jnp.zeros(shape, jnp.float32))
+
+
 def _kernel(x_ref, w_ref, b_ref, h_ref, a_ref, *, bk: int):
     """One (bm, bn) tile: the float32 accumulator over K in steps of bk, then the bias (the
     pre-activation, rounded to bf16 as the model rounds it) and the GELU."""
-    steps = x_ref.shape[1] // bk
-
-    def body(i, acc):
-        xs = x_ref[:, pl.ds(i * bk, bk)]
-        ws = w_ref[pl.ds(i * bk, bk), :]
-        return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(h_ref.shape, jnp.float32))
+    acc = _accumulate(x_ref, w_ref, bk, h_ref.shape)
     h = (acc + b_ref[...].astype(jnp.float32)[None, :]).astype(h_ref.dtype)
     h_ref[...] = h
-    a_ref[...] = _gelu_erf(h.astype(jnp.float32)).astype(a_ref.dtype)
+    a_ref[...] = gelu(h.astype(jnp.float32)).astype(a_ref.dtype)  # float32: the erf form
 
 
 def pallas_fc1_gelu(x, w, b, *, bm: int, bn: int, bk: int, warps: int, stages: int):
@@ -111,20 +113,11 @@ def xla_fc2_grad_gelu(dy, w2, raw, b1):
 def _bwd_kernel(dy_ref, w_ref, h_ref, dh_ref, db_ref, *, bk: int):
     """One (bm, bn) tile of ``dh = (dy @ w2ᵀ) · GELU'(h)``, and its column sums (this row
     block's share of ``fc1``'s bias gradient)."""
-    steps = dy_ref.shape[1] // bk
-
-    def body(i, acc):
-        ds = dy_ref[:, pl.ds(i * bk, bk)]
-        ws = w_ref[pl.ds(i * bk, bk), :]
-        return acc + jnp.dot(ds, ws, preferred_element_type=jnp.float32)
-
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(dh_ref.shape, jnp.float32))
+    acc = _accumulate(dy_ref, w_ref, bk, dh_ref.shape)
     h = h_ref[...].astype(jnp.float32)
-    pdf = jnp.exp(-0.5 * h * h) * (1.0 / math.sqrt(2.0 * math.pi))
     # da rounded to bf16 first, as the model's matmul writes it
-    dh = (acc.astype(dh_ref.dtype).astype(jnp.float32) * (_normal_cdf(h) + h * pdf)).astype(
-        dh_ref.dtype
-    )
+    da = acc.astype(dh_ref.dtype).astype(jnp.float32)
+    dh = (da * gelu_derivative(h)).astype(dh_ref.dtype)
     dh_ref[...] = dh
     db_ref[...] = jnp.sum(dh.astype(jnp.float32), axis=0)[None, :]
 
@@ -162,17 +155,6 @@ def pallas_fc2_grad_gelu(dy, w2, h, *, bm: int, bn: int, bk: int, warps: int, st
     return dh, jnp.sum(partial, axis=0)
 
 
-def timed(fn, *args, runs: int) -> float:
-    """Median ms of ``fn(*args)`` after one compiling call."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=98304, help="tokens: batch × sequence")
@@ -205,15 +187,15 @@ def main(argv=None) -> int:
     )
     for tag, xla, fused, args_fused, args_mm, ref in passes:
         xla_args = (x, w, b) if not tag else (dy, w2, raw, b)
-        row(f"{tag}xla", timed(jax.jit(xla), *xla_args, runs=args.runs))
-        row(f"{tag}xla matmul only", timed(jax.jit(jnp.matmul), *args_mm, runs=args.runs))
+        row(f"{tag}xla", 1e3 * timed(jax.jit(xla), *xla_args, runs=args.runs))
+        row(f"{tag}xla matmul only", 1e3 * timed(jax.jit(jnp.matmul), *args_mm, runs=args.runs))
         for bm, bn, bk, warps, stages in CONFIGS:
             name = f"{tag}pallas {bm}×{bn}×{bk} w{warps} s{stages}"
             cfg = {"bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": stages}
             fn = jax.jit(functools.partial(fused, **cfg))
             try:
                 got = fn(*args_fused)
-                ms = timed(fn, *args_fused, runs=args.runs)
+                ms = 1e3 * timed(fn, *args_fused, runs=args.runs)
             except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
                 print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
                 continue

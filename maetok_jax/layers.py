@@ -140,11 +140,14 @@ def _gelu_lowp_fwd(x):
     return _gelu_lowp(x), x
 
 
+def gelu_derivative(x):
+    """GELU'(x) = Φ(x) + x·φ(x) of a float32 x."""
+    pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return _normal_cdf(x) + x * pdf
+
+
 def _gelu_lowp_bwd(x, dy):
-    xf = x.astype(jnp.float32)
-    cdf = _normal_cdf(xf)
-    pdf = jnp.exp(-0.5 * xf * xf) * (1.0 / math.sqrt(2.0 * math.pi))
-    return ((dy.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
+    return ((dy.astype(jnp.float32) * gelu_derivative(x.astype(jnp.float32))).astype(x.dtype),)
 
 
 _gelu_lowp.defvjp(_gelu_lowp_fwd, _gelu_lowp_bwd)
