@@ -72,32 +72,45 @@ def _kernel(x_ref, w_ref, b_ref, h_ref, a_ref, *, bk: int):
     a_ref[...] = gelu(h.astype(jnp.float32)).astype(a_ref.dtype)  # float32: the erf form
 
 
-def pallas_fc1_gelu(x, w, b, *, bm: int, bn: int, bk: int, warps: int, stages: int):
-    """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one kernel."""
+def _launch(kernel, out_shape, operands, more_blocks, out_blocks, cfg: dict):
+    """``kernel`` over the (m/bm, n/bn) grid of the product of ``operands``' first two, (m, k)
+    and (k, n), each program reading its (bm, k) rows and (k, bn) columns and the
+    ``more_blocks`` of the others: on the GPU with Triton's warps and stages, elsewhere in
+    Pallas' interpreter. Blocks are (shape, index map) pairs."""
     from jax.experimental.pallas import triton as plt
 
-    m, k = x.shape
-    n = w.shape[1]
+    (m, k), n = operands[0].shape, operands[1].shape[1]
+    bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
     if m % bm or n % bn or k % bk:
         raise ValueError(f"blocks {bm}×{bn}×{bk} do not divide ({m}, {k}) @ ({k}, {n})")
     on_gpu = jax.default_backend() == "gpu"
-    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+    params = plt.CompilerParams(num_warps=cfg["warps"], num_stages=cfg["stages"])
     return pl.pallas_call(
-        functools.partial(_kernel, bk=bk),
-        out_shape=(out, out),
+        functools.partial(kernel, bk=bk),
+        out_shape=out_shape,
         grid=(m // bm, n // bn),
         in_specs=[
             pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
             pl.BlockSpec((k, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((bn,), lambda i, j: (j,)),
+            *(pl.BlockSpec(*b) for b in more_blocks),
         ],
-        out_specs=(
-            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        ),
-        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages) if on_gpu else None,
+        out_specs=tuple(pl.BlockSpec(*b) for b in out_blocks),
+        compiler_params=params if on_gpu else None,
         interpret=not on_gpu,
-    )(x, w, b)
+    )(*operands)
+
+
+def _tile(bm, bn):
+    return (bm, bn), lambda i, j: (i, j)
+
+
+def pallas_fc1_gelu(x, w, b, **cfg):
+    """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one kernel; ``cfg``:
+    bm, bn, bk, warps, stages."""
+    bm, bn = cfg["bm"], cfg["bn"]
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    bias = ((bn,), lambda i, j: (j,))
+    return _launch(_kernel, (out, out), (x, w, b), [bias], [_tile(bm, bn)] * 2, cfg)
 
 
 def xla_fc2_grad_gelu(dy, w2, raw, b1):
@@ -122,36 +135,14 @@ def _bwd_kernel(dy_ref, w_ref, h_ref, dh_ref, db_ref, *, bk: int):
     db_ref[...] = jnp.sum(dh.astype(jnp.float32), axis=0)[None, :]
 
 
-def pallas_fc2_grad_gelu(dy, w2, h, *, bm: int, bn: int, bk: int, warps: int, stages: int):
+def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
     """(dh, db1) from one kernel: ``dy @ w2ᵀ`` with the GELU's derivative at the stored
     pre-activation ``h`` applied to the accumulator, and per-row-block bias sums that XLA
     adds up (a (rows/bm, hidden) float32 array, 1/bm of dh's size)."""
-    from jax.experimental.pallas import triton as plt
-
-    m, k = dy.shape
-    n = w2.shape[0]
-    if m % bm or n % bn or k % bk:
-        raise ValueError(f"blocks {bm}×{bn}×{bk} do not divide ({m}, {k}) @ ({k}, {n})")
-    on_gpu = jax.default_backend() == "gpu"
-    dh, partial = pl.pallas_call(
-        functools.partial(_bwd_kernel, bk=bk),
-        out_shape=(
-            jax.ShapeDtypeStruct((m, n), dy.dtype),
-            jax.ShapeDtypeStruct((m // bm, n), jnp.float32),
-        ),
-        grid=(m // bm, n // bn),
-        in_specs=[
-            pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-            pl.BlockSpec((k, bn), lambda i, j: (0, j)),
-            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-        ],
-        out_specs=(
-            pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-            pl.BlockSpec((1, bn), lambda i, j: (i, j)),
-        ),
-        compiler_params=plt.CompilerParams(num_warps=warps, num_stages=stages) if on_gpu else None,
-        interpret=not on_gpu,
-    )(dy, w2.T, h)
+    (m, n), bm, bn = h.shape, cfg["bm"], cfg["bn"]
+    out = (jax.ShapeDtypeStruct((m, n), dy.dtype), jax.ShapeDtypeStruct((m // bm, n), jnp.float32))
+    tiles = [_tile(bm, bn), _tile(1, bn)]
+    dh, partial = _launch(_bwd_kernel, out, (dy, w2.T, h), [_tile(bm, bn)], tiles, cfg)
     return dh, jnp.sum(partial, axis=0)
 
 
@@ -181,25 +172,33 @@ def main(argv=None) -> int:
     raw, want = jax.jit(xla_fc1_gelu)(x, w, b)
     h = (raw + b).astype(x.dtype)
     want_dh, _ = jax.jit(xla_fc2_grad_gelu)(dy, w2, raw, b)
-    passes = (
-        ("", xla_fc1_gelu, pallas_fc1_gelu, (x, w, b), (x, w), want),
-        ("bwd ", xla_fc2_grad_gelu, pallas_fc2_grad_gelu, (dy, w2, h), (dy, w2.T), want_dh),
+    passes = (  # (tag, XLA's way and its inputs, the fused kernel and its inputs, which
+        # of its outputs XLA's reference is, the matmul alone, the reference)
+        ("", xla_fc1_gelu, (x, w, b), pallas_fc1_gelu, (x, w, b), 1, (x, w), want),
+        (
+            "bwd ",
+            xla_fc2_grad_gelu,
+            (dy, w2, raw, b),
+            pallas_fc2_grad_gelu,
+            (dy, w2, h),
+            0,
+            (dy, w2.T),
+            want_dh,
+        ),
     )
-    for tag, xla, fused, args_fused, args_mm, ref in passes:
-        xla_args = (x, w, b) if not tag else (dy, w2, raw, b)
+    for tag, xla, xla_args, fused, fused_args, which, mm_args, ref in passes:
         row(f"{tag}xla", 1e3 * timed(jax.jit(xla), *xla_args, runs=args.runs))
-        row(f"{tag}xla matmul only", 1e3 * timed(jax.jit(jnp.matmul), *args_mm, runs=args.runs))
+        row(f"{tag}xla matmul only", 1e3 * timed(jax.jit(jnp.matmul), *mm_args, runs=args.runs))
         for bm, bn, bk, warps, stages in CONFIGS:
             name = f"{tag}pallas {bm}×{bn}×{bk} w{warps} s{stages}"
             cfg = {"bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": stages}
             fn = jax.jit(functools.partial(fused, **cfg))
             try:
-                got = fn(*args_fused)
-                ms = 1e3 * timed(fn, *args_fused, runs=args.runs)
+                got = fn(*fused_args)[which]
+                ms = 1e3 * timed(fn, *fused_args, runs=args.runs)
             except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
                 print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
                 continue
-            got = got[1] if not tag else got[0]  # the GELU's output; dh
             diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
             row(name, ms, f"{float(diff):.3g}")
             if jax.default_backend() != "gpu":

@@ -22,6 +22,7 @@ import argparse
 import collections
 import gzip
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -51,39 +52,32 @@ _OPERAND = re.compile(r"%([\w.\-]+)(?:#(\d+))?")
 _BITS = {"pred": 8, "bf16": 16}
 
 
-def _arrays(shape: str) -> list[int]:
-    """The byte sizes of the arrays in an HLO shape, a tuple's in order."""
-    sizes = []
+def _arrays(shape: str) -> list[tuple[str, int]]:
+    """(dtype, bytes) of each array in an HLO shape, a tuple's in order."""
+    out = []
     for dtype, dims in _ARRAY.findall(shape):
         bits = _BITS.get(dtype) or (8 if dtype.startswith("f8") else int(dtype[1:]))
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        sizes.append(n * bits // 8)
-    return sizes
+        out.append((dtype, bits // 8 * math.prod(int(d) for d in dims.split(",") if d)))
+    return out
 
 
 def instruction_bytes(hlo_text: str) -> dict[str, int]:
     """HLO instruction name → bytes it reads and writes: each operand (a tuple operand's
     element where one is named, ``%t#1``) once, plus its result; the 8-bit elements of a
     tuple result (cuBLAS and cuDNN scratch workspaces) are not counted."""
-    shapes, out = {}, {}
+    sizes, out = {}, {}
     for line in hlo_text.splitlines():
         m = _DEFINITION.match(line)
         if not m:
             continue
         name, shape, _, rest = m.groups()
-        sizes = _arrays(shape)
-        tuple_kinds = _ARRAY.findall(shape) if shape.startswith("(") else []
-        shapes[name] = sizes
-        written = sum(
-            size
-            for size, (dtype, _) in zip(sizes, tuple_kinds or [("", "")] * len(sizes))
-            if dtype not in ("s8", "u8")
-        )
+        arrays = _arrays(shape)
+        sizes[name] = [size for _, size in arrays]
+        scratch = ("s8", "u8") if shape.startswith("(") else ()
+        written = sum(size for dtype, size in arrays if dtype not in scratch)
         read = 0
         for operand, index in _OPERAND.findall(rest.split(")", 1)[0]):
-            parts = shapes.get(operand, [])
+            parts = sizes.get(operand, [])
             read += parts[int(index)] if index and int(index) < len(parts) else sum(parts)
         out[name] = read + written
     return out
