@@ -13,7 +13,8 @@ the host stand in for kernels.
 Each of the top kernels also gets the bytes its HLO instructions read and write, from the
 shapes in the HLO (every operand read once, the result written once; scratch workspaces
 left out), and the bandwidth that gives: a memory-bound fusion far below the device's
-bandwidth is one to look at.
+bandwidth is one to look at. The line under it is where in the model it runs: the op name
+of the instruction that takes most of its time.
 """
 
 from __future__ import annotations
@@ -83,14 +84,21 @@ def instruction_bytes(hlo_text: str) -> dict[str, int]:
     return out
 
 
+def op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name → its op name, the jitted function's name left off."""
+    return {
+        m.group(1): m.group(2).split(")/", 1)[-1] if m.group(2).startswith("jit(") else m.group(2)
+        for m in map(_INSTRUCTION.match, hlo_text.splitlines())
+        if m
+    }
+
+
 def parts_of(hlo_text: str) -> dict[str, str]:
     """HLO instruction name → the outermost named scope in its op name (``other`` if none)."""
-    out = {}
-    for line in hlo_text.splitlines():
-        if m := _INSTRUCTION.match(line):
-            scope = _PART.search(m.group(2))
-            out[m.group(1)] = scope.group(1) if scope else "other"
-    return out
+    return {
+        name: scope.group(1) if (scope := _PART.search(op)) else "other"
+        for name, op in op_names(hlo_text).items()
+    }
 
 
 def family(name: str) -> str:
@@ -129,14 +137,16 @@ def main(argv=None) -> int:
 
     hlo = next(iter(sorted(Path(args.trace_dir).rglob(HLO_NAME))), None)
     hlo_text = hlo.read_text() if hlo else ""
-    part_of, bytes_of = parts_of(hlo_text), instruction_bytes(hlo_text)
+    part_of, bytes_of, op_of = parts_of(hlo_text), instruction_bytes(hlo_text), op_names(hlo_text)
     kernels, count, parts = collections.Counter(), collections.Counter(), collections.Counter()
-    moved = collections.Counter()
+    moved, where_of = collections.Counter(), collections.defaultdict(collections.Counter)
     for e in filter(is_kernel, events):
         kernels[e["name"]] += e["dur"]
         count[e["name"]] += 1
         op = e.get("args", {}).get("hlo_op", "")
         moved[e["name"]] += bytes_of.get(op, 0)
+        if op in op_of:
+            where_of[e["name"]][op_of[op]] += e["dur"]
         part = "(in a CUDA graph)" if op.startswith("command_buffer") else part_of.get(op, "other")
         parts[part] += e["dur"]
     total = sum(kernels.values())
@@ -169,6 +179,8 @@ def main(argv=None) -> int:
         print(
             f"{us / 1e3:9.2f} ms {100 * us / total:5.1f}% ×{count[name]:<5d}{per_call}  {name[:80]}"
         )
+        if where_of[name]:
+            print(f"{'':11s}in {where_of[name].most_common(1)[0][0][-110:]}")
     return 0
 
 

@@ -37,8 +37,17 @@ def rope_tables(
 
 def rotation_signs(head_dim: int) -> np.ndarray:
     """float32 (K,): −1 on the first quarter of each half, +1 on the second, the signs of
-    ``rotate_half`` that ``x·cos + swap(x)·(signs·sin)`` carries in the sine table. (Not
-    cached here: torch keeps its device copy, and a cache wrapper inside a compiled block
-    is one torch.compile warns about.)"""
+    ``rotate_half`` that ``x·cos + swap(x)·(signs·sin)`` carries in the sine table."""
     quarter = np.ones(head_dim // 4, np.float32)
     return np.concatenate([-quarter, quarter, -quarter, quarter])
+
+
+@functools.cache
+def rotation_tables(
+    grid: int, num_latent: int, head_dim: int, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(cos, signs·sin)``, each float32 (N + L, K): the tables both backends'
+    ``apply_rope`` take, the signs already in the sine so that no compiled block reads
+    them from elsewhere."""
+    cos, sin = rope_tables(grid, num_latent, head_dim, theta)
+    return cos, sin * rotation_signs(head_dim)

@@ -6,18 +6,19 @@ and ``swap_quarters`` uses the same layout ([rows | columns], each half split in
 
 import torch
 
-from maetok.rope import rope_tables, rotation_signs
+from maetok.rope import rotation_tables
 from maetok_torch.constants import on_device
 
 
 def rope_for(m, width: int, heads: int, num_latent_tokens: int, device=None):
-    """The (cos, sin) constants, float32 (N + L, K), for a stack of width ``width``.
+    """The (cos, signs·sin) constants, float32 (N + L, K), for a stack of width ``width``
+    (``maetok.rope.rotation_tables``).
 
     ``device`` is the one argument JAX does not need (it places constants itself).
     """
     args = (m.grid, num_latent_tokens, width // heads, m.rope_theta)
     return tuple(
-        on_device(("rope", i, *args), lambda i=i: rope_tables(*args)[i], device) for i in (0, 1)
+        on_device(("rope", i, *args), lambda i=i: rotation_tables(*args)[i], device) for i in (0, 1)
     )
 
 
@@ -27,15 +28,14 @@ def swap_quarters(x):
     return torch.flip(x.reshape(*x.shape[:-1], 2, 2, k // 4), dims=(-2,)).reshape(x.shape)
 
 
-def apply_rope(x, cos, sin):
-    """x (B, T, ..., K) with cos/sin (T, K): ``x·cos + rotate_half(x)·sin`` in x's dtype,
-    computed as ``x·cos + swap_quarters(x)·(signs·sin)`` (``maetok.rope``: the same bits).
+def apply_rope(x, cos, signed_sin):
+    """x (B, T, ..., K) with the (T, K) tables of :func:`rope_for`: ``x·cos +
+    rotate_half(x)·sin`` in x's dtype, computed as ``x·cos + swap_quarters(x)·(signs·sin)``
+    (``maetok.rope``: the same bits).
 
     ``x`` is (B, T, heads, K), or (B, T, 2, heads, K) for q and k rotated together.
     """
-    k = cos.shape[-1]
-    shape = (1, cos.shape[0], *(1,) * (x.dim() - 3), k)
-    signs = on_device(("rope_signs", k), lambda: rotation_signs(k), sin.device)
+    shape = (1, cos.shape[0], *(1,) * (x.dim() - 3), cos.shape[-1])
     c = cos.reshape(shape).to(x.dtype)
-    s = (sin * signs).reshape(shape).to(x.dtype)
+    s = signed_sin.reshape(shape).to(x.dtype)
     return x * c + swap_quarters(x) * s

@@ -201,6 +201,13 @@ def test_trace_summary_splits_gpu_kernels_by_part_and_counts_cuda_graphs_apart(t
     }
     assert shares["encoder"] == "30.0%" and shares["perceptual"] == "10.0%"
     assert shares["(in a CUDA graph)"] == "60.0%"
+    # each top kernel's line is followed by where it runs: its instruction's op name
+    lines = out.split("top 25 kernels")[1].splitlines()
+    at = {l.split()[-1]: lines[i + 1].strip() for i, l in enumerate(lines) if "% ×" in l}
+    assert at == {
+        "nvjet_gemm": "in encoder/dot_general",
+        "loop_fusion": "in transpose(perceptual)/mul",
+    }
 
 
 def test_train_step_benchmark_reports_scaling_over_torch_processes(tmp_path):
@@ -404,5 +411,5 @@ def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
     assert mlp_epilogue.main(argv) == 0
     out = capsys.readouterr().out
     names = [line.split("  ")[0] for line in out.splitlines()[2:]]
-    assert names[:2] == ["xla", "xla matmul only"] and names[2].startswith("pallas 128×128×64")
+    assert names[:2] == ["xla", "xla matmul only"] and names[2].startswith("pallas 64×128×64")
     assert names[3:5] == ["bwd xla", "bwd xla matmul only"] and names[5].startswith("bwd pallas")

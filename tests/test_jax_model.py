@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from maetok.params import init_params
-from maetok.rope import rope_tables
+from maetok.rope import rope_tables, rotation_tables
 from maetok.targets import target_dim
 from maetok_jax import model
 from maetok_jax.patches import patchify, unpatchify
@@ -86,7 +86,7 @@ def test_latents_ignore_pixels_under_the_mask(tiny, rng):
 def test_latent_tokens_never_receive_rope(tiny, rng):
     m = tiny.model
     k = m.enc_width // m.enc_heads
-    cos, sin = rope_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
+    cos, sin = rotation_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
     x = jnp.asarray(
         rng.normal(size=(2, m.num_patches + m.num_latent_tokens, m.enc_heads, k)), jnp.float32
     )
@@ -110,6 +110,7 @@ def test_rope_as_a_swap_is_rotate_half_bit_for_bit(tiny, rng, dtype):
     m = tiny.model
     k = m.enc_width // m.enc_heads
     cos, sin = rope_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)
+    signed_sin = rotation_tables(m.grid, m.num_latent_tokens, k, m.rope_theta)[1]
     x = rng.normal(size=(2, m.num_patches + m.num_latent_tokens, 2, m.enc_heads, k))
     g = rng.normal(size=x.shape)
     jdt = jnp.dtype(dtype)
@@ -127,7 +128,7 @@ def test_rope_as_a_swap_is_rotate_half_bit_for_bit(tiny, rng, dtype):
         return a * c + rotate_half(a) * s
 
     def ours(a):
-        return apply_rope(a, jnp.asarray(cos), jnp.asarray(sin))
+        return apply_rope(a, jnp.asarray(cos), jnp.asarray(signed_sin))
 
     xj, gj = jnp.asarray(x, jdt), jnp.asarray(g, jdt)
     want, want_vjp = jax.vjp(reference, xj)
@@ -144,7 +145,7 @@ def test_rope_as_a_swap_is_rotate_half_bit_for_bit(tiny, rng, dtype):
     results = []
     for fn in (
         lambda a: a * ct + rotate_half(a) * st,
-        lambda a: torch_rope(a, torch.from_numpy(cos), torch.from_numpy(sin)),
+        lambda a: torch_rope(a, torch.from_numpy(cos), torch.from_numpy(signed_sin)),
     ):
         xt = torch.tensor(x).to(tdt).requires_grad_(True)
         yt = fn(xt)
@@ -158,7 +159,7 @@ def test_rope_scores_depend_on_relative_position(tiny, rng):
     """q·k after RoPE is unchanged when both tokens shift by the same (row, column) offset."""
     m = tiny.model
     k = 16
-    cos, sin = rope_tables(m.grid, 0, k, m.rope_theta)
+    cos, sin = rotation_tables(m.grid, 0, k, m.rope_theta)
     q = rng.normal(size=k).astype(np.float32)
     kk = rng.normal(size=k).astype(np.float32)
     g = m.grid
@@ -252,3 +253,14 @@ def test_query_pos_is_an_additive_per_position_query(tiny, rng):
     np.testing.assert_allclose(out_zero, out_plain, rtol=1e-6, atol=1e-6)
     out_pos, _ = model.decode(params["decoder"], h, cfg.model)
     assert float(jnp.abs(out_pos - out_plain).max()) > 1e-3
+
+
+def test_erf_rational_is_lax_erf_to_float32_precision():
+    """The kernels' erf (multiplies, adds, a division) against XLA's, tails included."""
+    from maetok_jax.layers import erf_rational, gelu_derivative
+
+    x = jnp.linspace(-7.0, 7.0, 100_001, dtype=jnp.float32)
+    assert float(jnp.max(jnp.abs(erf_rational(x) - jax.lax.erf(x)))) < 1e-6
+    got, want = gelu_derivative(x, erf_rational), gelu_derivative(x)
+    assert float(jnp.max(jnp.abs(got - want))) < 2e-6
+    assert float(erf_rational(jnp.float32(-9.0))) == -1.0  # saturates, no overflow

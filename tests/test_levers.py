@@ -292,15 +292,21 @@ def _batch(cfg, seed: int) -> dict:
 
 
 @pytest.mark.parametrize("scope", ["block", "parts"])
-def test_torch_compile_scopes_run_the_same_steps(scope, fresh_dynamo):
+def test_torch_compile_scopes_run_the_same_steps(scope, fresh_dynamo, monkeypatch):
     """``compile_scope`` block / parts: the blocks (and the optimiser's per-leaf update, and
     from the second step on the targets and the two losses) go through torch.compile (the
     ``eager`` compiler here, to keep CPU tests fast), and two steps compute what the eager
-    steps do, new parameters and EMA included."""
+    steps do, new parameters and EMA included. The compiled run starts with no cached
+    constants, as a fresh process does: a constant cached in the first step must not make
+    a compiled block's guards fail in the second."""
+    from maetok_torch import constants
+
     cfg = TINY.replace(train={"batch_size": 2}, model={"compile_scope": scope})
     batch = _batch(cfg, 9)
     runs = {}
     for name, step in (("eager", tt.make_train_step(cfg)), ("compiled", None)):
+        if step is None:
+            monkeypatch.setattr(constants, "_ON_DEVICE", {})
         step = step or tt.compile_train_step(cfg, backend="eager")
         state, graphs = tt.init_state(cfg, 0, device="cpu"), []
         for i in range(2):
