@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu.sh determinism       the recipe's step with and without deterministic kernels
 #   bash benchmarks/gpu.sh mlp               fc1 + bias + erf GELU: XLA's two kernels against one
 #                                            fused Pallas kernel (benchmarks/mlp_epilogue.py)
+#   OUT=dir bash benchmarks/gpu.sh trace     where the step's time goes (PRESET=base, BATCH=256): breakdown.txt,
+#                                            trace_summary.txt, the profile and its HLO (xz)
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -64,6 +66,13 @@ PY
     done ;;
   mlp)  # the MLP's fc1 with its bias + GELU epilogue fused, at `base`'s shape (B=256)
     python benchmarks/mlp_epilogue.py --rows 98304 --width 768 --hidden 3072 --runs 20 ;;
+  trace)  # the README's "where the time goes": each part timed, then the Stage-1 step traced
+    T=${OUT:-runs/trace}
+    mkdir -p "$T"
+    python benchmarks/breakdown.py --preset "${PRESET:-base}" --batch "${BATCH:-256}" --dtype bfloat16 --attention fused \
+        --remat none --unroll 12 --runs 3 --trace "$T/profile" | tee "$T/breakdown.txt"
+    python benchmarks/trace_summary.py "$T/profile" --top 60 | tee "$T/trace_summary.txt"
+    xz -f "$T/profile/step.hlo.txt" ;;  # the kernels' instructions, small enough to copy off
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS, MATCH: a part)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}${PART:+_${PART/\//of}}.md" \
