@@ -93,12 +93,14 @@ def op_names(hlo_text: str) -> dict[str, str]:
     }
 
 
+def part(op_name: str) -> str:
+    """The outermost named scope in an op name (``other`` if none)."""
+    return scope.group(1) if (scope := _PART.search(op_name)) else "other"
+
+
 def parts_of(hlo_text: str) -> dict[str, str]:
     """HLO instruction name → the outermost named scope in its op name (``other`` if none)."""
-    return {
-        name: scope.group(1) if (scope := _PART.search(op)) else "other"
-        for name, op in op_names(hlo_text).items()
-    }
+    return {name: part(op) for name, op in op_names(hlo_text).items()}
 
 
 def family(name: str) -> str:
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
 
     hlo = next(iter(sorted(Path(args.trace_dir).rglob(HLO_NAME))), None)
     hlo_text = hlo.read_text() if hlo else ""
-    part_of, bytes_of, op_of = parts_of(hlo_text), instruction_bytes(hlo_text), op_names(hlo_text)
+    op_of, bytes_of = op_names(hlo_text), instruction_bytes(hlo_text)
     kernels, count, parts = collections.Counter(), collections.Counter(), collections.Counter()
     moved, where_of = collections.Counter(), collections.defaultdict(collections.Counter)
     for e in filter(is_kernel, events):
@@ -147,18 +149,18 @@ def main(argv=None) -> int:
         moved[e["name"]] += bytes_of.get(op, 0)
         if op in op_of:
             where_of[e["name"]][op_of[op]] += e["dur"]
-        part = "(in a CUDA graph)" if op.startswith("command_buffer") else part_of.get(op, "other")
-        parts[part] += e["dur"]
+        scope = "(in a CUDA graph)" if op.startswith("command_buffer") else part(op_of.get(op, ""))
+        parts[scope] += e["dur"]
     total = sum(kernels.values())
     if not total:
         print("no kernel events in the trace; processes: " + ", ".join(pids.values()))
         return 1
     where = "GPU kernel" if gpu else "XLA op (host)"
     print(f"{where} time in the trace: {total / 1e3:.1f} ms (3 steps)\n")
-    if part_of:
+    if op_of:
         print("by part of the step (its named scope, forward and backward):")
-        for part, us in parts.most_common():
-            print(f"{part:34s}{us / 1e3:9.1f} ms {100 * us / total:6.1f}%")
+        for name, us in parts.most_common():
+            print(f"{name:34s}{us / 1e3:9.1f} ms {100 * us / total:6.1f}%")
         print()
     else:
         print(f"(no {HLO_NAME} beside the trace: no split by part)\n")

@@ -1,7 +1,8 @@
 """Apply the axial 2D RoPE of ``maetok.rope`` to queries and keys (docs/design.md §3.3).
 
-Mirrors ``maetok_jax/rope.py``: the tables and signs come from the same numpy functions,
-and ``swap_quarters`` uses the same layout ([rows | columns], each half split in two).
+Mirrors ``maetok_jax/rope.py``: the tables come from the same numpy function
+(``maetok.rope.rotation_tables``), and ``swap_quarters`` uses the same layout ([rows |
+columns], each half split in two).
 """
 
 import torch
