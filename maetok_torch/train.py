@@ -359,7 +359,9 @@ def _put(x, device) -> torch.Tensor:
     """A host array as a float32 tensor on ``device`` (a copy). To a GPU through pinned memory
     and a non-blocking copy, as JAX's transfers are: a copy from pageable memory waits for
     every kernel queued before it, so the host could not queue the next step while the
-    device ran this one."""
+    device ran this one. A tensor already on ``device`` is used as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, torch.float32)
     if torch.device(device).type != "cuda":
         return torch.tensor(np.asarray(x, np.float32), device=device)
     host = torch.empty(np.shape(x), dtype=torch.float32, pin_memory=True)
