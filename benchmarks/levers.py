@@ -214,23 +214,25 @@ def table(results: list[tuple[str, dict]], ceiling: float, reference: float) -> 
     """The Markdown table of (label, train_step result row or error) pairs."""
     head = (
         "| run | batch | img/s | model TFLOP/s | % of matmul ceiling | × official | "
-        "peak GiB | compile s |\n|---|---|---|---|---|---|---|---|\n"
+        "peak GiB | compile s | SM MHz |\n|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for label, r in results:
         if "error" in r:
-            lines.append(f"| {label} | {r.get('batch')} | {r['error']} | | | | | |")
+            lines.append(f"| {label} | {r.get('batch')} | {r['error']} | | | | | | |")
             continue
         official = f"{r['images_per_s'] / reference:.2f}" if r.get("reference", True) else "–"
+        clock = f"{r['sm_clock_mhz']:.0f}" if r.get("sm_clock_mhz") else "–"
         lines.append(
             f"| {label} | {r['batch']} | {r['images_per_s']:.1f} | {r['model_tflops']:.1f} | "
             f"{100 * r['model_tflops'] / ceiling:.1f} % | {official} | "
-            f"{r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} |"
+            f"{r['peak_memory_gib']:.1f} | {r['compile_s']:.1f} | {clock} |"
         )
     note = (
         f"\nMatmul ceiling {ceiling:.0f} TFLOP/s; × official: images/s over {reference:.0f} "
         "(the official MAETok step; the DiT rows count latent samples). Compile s: first "
-        "step less a timed one.\n"
+        "step less a timed one. SM MHz: the median SM clock over the timed steps "
+        "(`benchmarks/clocks.py`).\n"
     )
     return head + "\n".join(lines) + "\n" + note
 

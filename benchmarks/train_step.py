@@ -123,8 +123,13 @@ def conv_flops(cfg, stage: int) -> float:
     return total
 
 
-def measure_matmul_ceiling(backend: str) -> float:
-    """TFLOP/s of an 8192³ bf16 matmul on this device (median of 10)."""
+def measure_matmul_ceiling(backend: str, seconds: float = 3.0) -> dict:
+    """TFLOP/s of an 8192³ bf16 matmul on this device: the median of 10 synchronised ones
+    (short enough to run at the full clock), and ``seconds`` of them back to back on random
+    operands, the SM clock and power sampled meanwhile (``clocks.ClockMonitor``): the
+    ceiling at the clock a sustained load holds."""
+    from benchmarks.clocks import ClockMonitor
+
     n = 8192
     if backend == "jax":
         import jax
@@ -138,25 +143,46 @@ def measure_matmul_ceiling(backend: str) -> float:
             t = time.perf_counter()
             f(a, a).block_until_ready()
             times.append(time.perf_counter() - t)
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+        f(a, a).block_until_ready()
+        sync = jax.block_until_ready
     else:
         import torch
 
         a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-        a @ a
+        f = torch.matmul
+        f(a, a)
         torch.cuda.synchronize()
         times = []
         for _ in range(10):
             t = time.perf_counter()
-            a @ a
+            f(a, a)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-    return 2 * n**3 / statistics.median(times) / 1e12
+
+        def sync(x):
+            torch.cuda.synchronize()
+
+    count = max(1, int(seconds / statistics.median(times)))
+    with ClockMonitor() as clocks:
+        t = time.perf_counter()
+        for _ in range(count):
+            y = f(a, a)
+        sync(y)
+        sustained = (time.perf_counter() - t) / count
+    flop = 2 * n**3
+    return {
+        "matmul_ceiling_tflops": flop / statistics.median(times) / 1e12,
+        "matmul_sustained_tflops": flop / sustained / 1e12,
+        **{f"matmul_{k}": v for k, v in clocks.summary().items()},
+    }
 
 
 def run_single(args) -> dict:
     """Time one backend in this process."""
     import numpy as np
 
+    from benchmarks.clocks import ClockMonitor
     from maetok.data import BatchSource, ImageFolder, Prefetcher
     from maetok.masks import mask_for_step
     from maetok.synthetic import SyntheticImages
@@ -238,11 +264,12 @@ def run_single(args) -> dict:
             print(f"   {name}: first step (compile) {dt:.1f} s", file=sys.stderr, flush=True)
         (times if step >= args.warmup else warm).append(dt)
     # the same number of steps again, back to back with one sync at the end, as in training
-    t = time.perf_counter()
-    for step, batch in zip(range(total, total + args.steps), batches):
-        state, metrics = backend.train_step(state, batch, step)
-    sync(metrics)
-    pipelined = (time.perf_counter() - t) / args.steps
+    with ClockMonitor() as clocks:
+        t = time.perf_counter()
+        for step, batch in zip(range(total, total + args.steps), batches):
+            state, metrics = backend.train_step(state, batch, step)
+        sync(metrics)
+        pipelined = (time.perf_counter() - t) / args.steps
     loss = float(backend.metrics_to_host(metrics)["loss"])
     if not backend.is_writer:  # torchrun: rank 0 reports
         return None
@@ -283,12 +310,11 @@ def run_single(args) -> dict:
         "compile_s": sum(max(w - med, 0.0) for w in warm),
         "final_loss": loss,
         "peak_memory_gib": (backend.peak_memory_bytes() or 0) / 2**30,
+        **clocks.summary(),  # the SM clock and power over the back-to-back steps (NVIDIA)
         "device": backend.describe(),
     }
     if args.ceiling:
-        result["matmul_ceiling_tflops"] = measure_matmul_ceiling(
-            "jax" if name == "jax" else "torch"
-        )
+        result.update(measure_matmul_ceiling("jax" if name == "jax" else "torch"))
     return result
 
 
@@ -444,6 +470,7 @@ def print_table(results) -> None:
         f"{'backend':15s}{'dev':>6s}{'img/s':>9s}{'img/s/dev':>10s}{'eff':>6s}"
         f"{'step ms':>9s}{'TFLOP/s':>9s}{'% 989':>7s}"
         f"{'% mm':>7s}{'peak GiB':>10s}{'1st step s':>11s}{'compile s':>10s}{'loss':>9s}"
+        f"{'SM MHz':>8s}{'W':>6s}"
     )
     print(head + "\n" + "-" * len(head))
     ceiling = max((r.get("matmul_ceiling_tflops", 0) for r in ok), default=0)
@@ -459,9 +486,27 @@ def print_table(results) -> None:
             f"{r['model_tflops']:9.1f}{100 * r['model_tflops'] / n / H100_BF16_DENSE:6.1f}%"
             f"{mm}{r['peak_memory_gib']:10.2f}{r['first_step_s']:11.1f}"
             f"{r['compile_s']:10.1f}{r['final_loss']:9.4f}"
+            + (
+                f"{r['sm_clock_mhz']:8.0f}{r['power_w']:6.0f}"
+                if "sm_clock_mhz" in r
+                else "       -     -"
+            )
         )
-    if ceiling:
-        print(f"measured 8192³ bf16 matmul: {ceiling:.0f} TFLOP/s")
+    for r in ok:
+        if "matmul_sustained_tflops" in r:
+            print(
+                f"measured 8192³ bf16 matmul ({r['backend']}): "
+                f"{r['matmul_ceiling_tflops']:.0f} TFLOP/s, "
+                f"{r['matmul_sustained_tflops']:.0f} sustained at "
+                f"{r.get('matmul_sm_clock_mhz', float('nan')):.0f} MHz, "
+                f"{r.get('matmul_power_w', float('nan')):.0f} W"
+            )
+    if any(r.get("sm_clock_mhz") for r in ok):
+        r = next(r for r in ok if r.get("sm_clock_mhz"))
+        print(
+            f"SM MHz, W: medians over the back-to-back steps (maximum clock "
+            f"{r['sm_clock_max_mhz']:.0f} MHz, power limit {r['power_limit_w']:.0f} W)"
+        )
 
 
 if __name__ == "__main__":

@@ -257,21 +257,44 @@ def test_levers_table_gives_ratios_to_the_ceiling_and_the_official_step():
     row = {"batch": 256, "images_per_s": 540.0, "model_tflops": 395.0, "peak_memory_gib": 40.0}
     text = table(
         [
-            ("JAX S1, all levers", {**row, "compile_s": 41.0}),
+            ("JAX S1, all levers", {**row, "compile_s": 41.0, "sm_clock_mhz": 1612.5}),
             ("torch", {"batch": 128, "error": "OOM"}),
+            ("no clock", {**row, "compile_s": 5.0}),
         ],
         ceiling=790.0,
         reference=270.0,
     )
     lines = text.splitlines()
-    assert lines[2] == "| JAX S1, all levers | 256 | 540.0 | 395.0 | 50.0 % | 2.00 | 40.0 | 41.0 |"
+    assert lines[2] == (
+        "| JAX S1, all levers | 256 | 540.0 | 395.0 | 50.0 % | 2.00 | 40.0 | 41.0 | 1612 |"
+    )
     assert lines[3].startswith("| torch | 128 | OOM |")
+    assert lines[4].endswith("| 5.0 | – |")  # a CPU row: no clock sampled
     # both stages of both backends and the seed preset are rows of the one command
     labels = [label for label, *_ in ROWS]
     assert {"JAX S2, all levers", "torch eager S2", "torch.compile S2 (block)"} <= set(labels)
     seed = [(label, backend, extra) for label, backend, _, extra in ROWS if "seed" in label]
     assert {backend for _, backend, _ in seed} == {"jax", "torch"}
     assert any("--unroll" in extra for *_, extra in seed)  # the recipe's model, scans unrolled
+
+
+def test_clock_summary_takes_medians_and_skips_what_nvidia_smi_cannot_read():
+    from benchmarks.clocks import ClockMonitor, parse
+
+    lines = [
+        "1980, 350.5, 1980, 700.00",
+        "1500, 699.0, 1980, 700.00",
+        "1620, 690.0, 1980, 700.00",
+        "[N/A], [N/A], 1980, 700.00",  # a field the driver could not read
+        "",
+    ]
+    s = parse(lines)
+    assert s["sm_clock_mhz"] == 1620 and s["power_w"] == 690.0
+    assert (s["sm_clock_max_mhz"], s["power_limit_w"], s["clock_samples"]) == (1980, 700, 3)
+    assert parse(["[N/A], [N/A], [N/A], [N/A]"]) == {}
+    with ClockMonitor() as clocks:  # no GPU here: nothing sampled, nothing reported
+        pass
+    assert clocks.summary() == {} or clocks.summary()["clock_samples"] >= 1
 
 
 def test_levers_times_the_latent_diffusion_step_as_a_row_of_its_table():
