@@ -16,47 +16,53 @@ import jax.numpy as jnp
 from maetok.config import ModelConfig
 from maetok.filters import PERCEP_LEVELS, filter_banks
 from maetok.numerics import PERCEP_EPS
-from maetok_jax.targets import filter_dtype, per_channel_conv
+from maetok_jax.targets import filter_dtype, plane_conv, planes
 
 
 def _avg_pool2(x: jnp.ndarray) -> jnp.ndarray:
-    """(B, H, W, C) → (B, H/2, W/2, C)."""
-    b, h, w, c = x.shape
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+    """Planes (N, h, w) → (N, h/2, w/2)."""
+    n, h, w = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
 
 
-def _level_features(x: jnp.ndarray, kernel, dtype=jnp.float32) -> jnp.ndarray:
-    """φ of one level: (B, h, w, C) → (B, h, w, C·F), feature index c·F + f.
+def _plane_features(x: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:
+    """φ of every level of planes x (N, H, W): PERCEP_LEVELS maps (N, H/2^l, W/2^l, F).
 
-    The convolution runs in ``dtype`` (``targets.filter_dtype``), the energy in float32.
+    The pyramid stays in planes from level 0 on: each level is pooled from the one before
+    and convolved where it lies, not gathered again from the (B, H, W, C) images. The
+    convolution runs in ``targets.filter_dtype``, the energy in float32.
     """
-    b, h, w, c = x.shape
-    y = per_channel_conv(x, kernel, dtype)  # (B, C, h, w, F)
-    y = jnp.sqrt(y * y + PERCEP_EPS)
-    return y.transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * kernel.shape[-1])
-
-
-def perceptual_features(images: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:
-    """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5)."""
     kernel = filter_banks(m.patch_size)["percep"]  # (5, 5, 1, 5)
-    feats, x = [], images
+    feats = []
     for level in range(PERCEP_LEVELS):
         if level:
             x = _avg_pool2(x)
-        feats.append(_level_features(x, kernel, filter_dtype(m)))
+        y = plane_conv(x, kernel, filter_dtype(m))
+        feats.append(jnp.sqrt(y * y + PERCEP_EPS))
+    return feats
+
+
+def perceptual_features(images: jnp.ndarray, m: ModelConfig) -> list[jnp.ndarray]:
+    """PERCEP_LEVELS feature maps; level l is (B, H/2^l, W/2^l, C·5), feature index c·5 + f."""
+    b, _, _, c = images.shape
+    feats = []
+    for f in _plane_features(planes(images), m):
+        _, h, w, nf = f.shape
+        feats.append(f.reshape(b, c, h, w, nf).transpose(0, 2, 3, 1, 4).reshape(b, h, w, c * nf))
     return feats
 
 
 def perceptual_loss(images: jnp.ndarray, recon: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     """Σ_l mean((φ_l(images) − φ_l(recon))²), a scalar; gradients flow to ``recon`` only.
 
-    images, recon: (B, H, W, C). Both go through the pyramid as one batch of 2B.
+    images, recon: (B, H, W, C). Both go through the pyramid as one batch of 2B, as planes:
+    a mean over every feature needs no (B, h, w, C·5) layout.
     """
     with jax.named_scope("perceptual"):
-        b = images.shape[0]
         both = jnp.concatenate([jax.lax.stop_gradient(images), recon], axis=0)  # (2B, H, W, C)
+        half = images.shape[0] * images.shape[-1]  # the planes of images, then of recon
         loss = None
-        for f in perceptual_features(both, m):
-            term = jnp.mean((f[:b] - f[b:]) ** 2)
+        for f in _plane_features(planes(both), m):
+            term = jnp.mean((f[:half] - f[half:]) ** 2)
             loss = term if loss is None else loss + term
         return loss

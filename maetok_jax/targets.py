@@ -66,16 +66,26 @@ def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.nda
     return y[:, :h, :w].astype(jnp.float32)
 
 
+def planes(images: jnp.ndarray) -> jnp.ndarray:
+    """Each colour channel as a plane: (B, H, W, C) → (B·C, H, W), plane b·C + c."""
+    b, h, w, c = images.shape
+    return images.transpose(0, 3, 1, 2).reshape(b * c, h, w)
+
+
+def plane_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+    """Reflect-padded, stride-1 correlation of planes x (N, H, W) with ``kernel (k, k, 1, F)``
+    → (N, H, W, F), float32."""
+    r = kernel.shape[0] // 2
+    return fixed_conv(jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect"), kernel, dtype)
+
+
 def per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
     """Reflect-padded, stride-1 correlation of each channel with ``kernel (k, k, 1, F)``.
 
     (B, H, W, C) → (B, C, H, W, F), float32.
     """
     b, h, w, c = images.shape
-    r = kernel.shape[0] // 2
-    x = images.transpose(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, H, W)
-    x = jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect")
-    return fixed_conv(x, kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
+    return plane_conv(planes(images), kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
 
 
 def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:

@@ -67,6 +67,19 @@ def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) 
     return y[:, :h, :w].to(torch.float32)
 
 
+def planes(images: torch.Tensor) -> torch.Tensor:
+    """Each colour channel as a plane: (B, H, W, C) → (B·C, H, W), plane b·C + c."""
+    b, h, w, c = images.shape
+    return images.permute(0, 3, 1, 2).reshape(b * c, h, w)
+
+
+def plane_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
+    """Reflect-padded, stride-1 correlation of planes x (N, H, W) with ``kernel (k, k, 1, F)``
+    → (N, H, W, F), float32."""
+    r = kernel.shape[0] // 2
+    return fixed_conv(F.pad(x, (r, r, r, r), mode="reflect"), kernel, dtype)
+
+
 def per_channel_conv(
     images: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32
 ) -> torch.Tensor:
@@ -75,10 +88,7 @@ def per_channel_conv(
     (B, H, W, C) → (B, C, H, W, F), float32.
     """
     b, h, w, c = images.shape
-    r = kernel.shape[0] // 2
-    x = images.permute(0, 3, 1, 2).reshape(b * c, h, w)  # (B·C, H, W)
-    x = F.pad(x, (r, r, r, r), mode="reflect")
-    return fixed_conv(x, kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
+    return plane_conv(planes(images), kernel, dtype).reshape(b, c, h, w, kernel.shape[-1])
 
 
 def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
