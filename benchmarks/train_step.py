@@ -9,11 +9,16 @@ device sync at the end, so the next batch's transfer and dispatch overlap the de
 the median of the same steps each synchronised is kept as ``step_ms_median``),
 model TFLOP/s from the formula below, utilisation against the H100 SXM bf16 dense peak
 (989 TFLOP/s) and against a measured 8192³ bf16 matmul on the same device, peak device
-memory, the time of the first step and the compile time (what the warm-up steps took
+memory, the SM clock and power draw over the back-to-back steps (``benchmarks/clocks.py``;
+an H200 runs this step at its power limit, below its maximum clock), the time of the first
+step and the compile time (what the warm-up steps took
 beyond timed ones; for ``torch-compile``, ``model.compile_scope`` says what is compiled:
 "block", the default, "parts" (the block and the step's other parts, once each) or
 "step"). Kernels are the frameworks' fastest unless ``--deterministic`` asks for the
 run-to-run identical ones ``maetok train`` uses by default (``train.deterministic``).
+
+The images come from the host each step, as in training; ``--resident`` keeps the
+in-memory batches on the device instead, which shows what that copy costs.
 
 ``--set SECTION.FIELD=VALUE`` overrides any config field, e.g. the compute-only switches of
 ``ModelConfig`` (``--set model.stack_aux=false``); ``benchmarks/levers.py`` times each of
