@@ -297,6 +297,30 @@ def test_clock_summary_takes_medians_and_skips_what_nvidia_smi_cannot_read():
     assert clocks.summary() == {} or clocks.summary()["clock_samples"] >= 1
 
 
+def test_train_step_table_shows_the_clock_and_the_sustained_ceiling(capsys):
+    from benchmarks.train_step import print_table
+
+    row = dict(
+        backend="jax", preset="base", stage=1, dtype="bfloat16", batch=256, gan=False,
+        attention="fused", data="in-memory synthetic", model_gflop_per_image=438.3,
+        conv_gflop_per_image=1.46, images_per_s=873.2, step_ms=293.2, model_tflops=382.8,
+        peak_memory_gib=67.2, first_step_s=38.0, compile_s=37.7, final_loss=3.2862,
+        matmul_ceiling_tflops=662.0,
+    )  # fmt: skip
+    clocked = dict(
+        sm_clock_mhz=1665.0, power_w=694.0, sm_clock_max_mhz=1980.0, power_limit_w=700.0,
+        matmul_sustained_tflops=685.0, matmul_sm_clock_mhz=1500.0, matmul_power_w=692.0,
+    )  # fmt: skip
+    print_table([{**row, **clocked}])
+    out = capsys.readouterr().out
+    assert out.splitlines()[5].split()[-2:] == ["1665", "694"]
+    assert "662 TFLOP/s, 685 for 3 s back to back at 1500 MHz, 692 W" in out
+    assert "maximum clock 1980 MHz, power limit 700 W" in out
+    print_table([row])  # a row without nvidia-smi: dashes, no clock line
+    out = capsys.readouterr().out
+    assert out.splitlines()[5].split()[-2:] == ["-", "-"] and "power limit" not in out
+
+
 def test_levers_times_the_latent_diffusion_step_as_a_row_of_its_table():
     from benchmarks.levers import ROWS, run_diffusion, table
 
