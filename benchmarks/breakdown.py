@@ -10,7 +10,8 @@ parts, TFLOP/s by the formula of ``train_step.py``. The rows of a step do not ad
 exactly to the step (XLA fuses across them), but they show what dominates. Under each whole
 step, XLA's cost model of it: the bytes its kernels read and write, and the time that takes
 at the memory bandwidth (``--hbm``, TB/s), next to its model FLOPs at the matmul ceiling
-(``--ceiling``).
+(``--ceiling``), and on NVIDIA GPUs the SM clock and power ``nvidia-smi`` sampled over its
+timed runs (``benchmarks/clocks.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import trace_summary
+from benchmarks.clocks import ClockMonitor
 from benchmarks.train_step import add_remat_argument, transformer_flops
 from maetok.config import preset
 from maetok.data import BatchSource
@@ -189,16 +191,20 @@ def main(argv=None) -> int:
         st, _ = step(st, *inputs)
         jax.block_until_ready(st)
         times = []
-        for _ in range(args.runs):
-            t = time.perf_counter()
-            st, met = step(st, *inputs)
-            jax.block_until_ready(met)
-            times.append(time.perf_counter() - t)
+        with ClockMonitor() as clocks:
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                st, met = step(st, *inputs)
+                jax.block_until_ready(met)
+                times.append(time.perf_counter() - t)
         compiled = step.lower(st, *inputs).compile()
         temp = getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) / 2**30
         gflop = transformer_flops(m, stage)["train_step"] / 1e9
         row(f"whole Stage-{stage} step (temp {temp:.1f} GiB)", statistics.median(times), gflop)
         print(cost_model(compiled, b * gflop * 1e9, statistics.median(times), args), flush=True)
+        if clock := clocks.summary():  # short runs, each synchronised: a higher clock than
+            # train_step.py's back-to-back steps hold at the power limit
+            print(f"  SM clock {clock['sm_clock_mhz']:.0f} MHz, {clock['power_w']:.0f} W (median)")
         if args.trace and stage == 1:
             # A kernel replayed from a CUDA graph names the graph, not its HLO instruction:
             # the traced step is compiled without them, so that every kernel maps to a part.
