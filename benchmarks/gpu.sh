@@ -13,7 +13,8 @@
 #   bash benchmarks/gpu.sh mlp               fc1 + bias + erf GELU: XLA's two kernels against one
 #                                            fused Pallas kernel (benchmarks/mlp_epilogue.py)
 #   OUT=dir bash benchmarks/gpu.sh trace     where the step's time goes (PRESET=base, BATCH=256): breakdown.txt,
-#                                            trace_summary.txt, the profile and its HLO (xz)
+#                                            trace_summary.txt, the profile and its HLO (xz);
+#                                            trace.tgz holds all but the profile
 set -uo pipefail
 RESULTS=${RESULTS:-benchmarks/results.jsonl}
 DATA=${DATA:-datasets/bsds500/train}
@@ -72,7 +73,9 @@ PY
     python benchmarks/breakdown.py --preset "${PRESET:-base}" --batch "${BATCH:-256}" --dtype bfloat16 --attention fused \
         --remat none --unroll 12 --runs 3 --trace "$T/profile" | tee "$T/breakdown.txt"
     python benchmarks/trace_summary.py "$T/profile" --top 60 | tee "$T/trace_summary.txt"
-    xz -f "$T/profile/step.hlo.txt" ;;  # the kernels' instructions, small enough to copy off
+    xz -f "$T/profile/step.hlo.txt"  # the kernels' instructions, small enough to copy off
+    # the summaries and the HLO as one file to copy off the machine (the profile stays)
+    tar czf "$T/trace.tgz" -C "$T" breakdown.txt trace_summary.txt profile/step.hlo.txt.xz ;;
   levers)  # every ModelConfig speed switch on and off, one Markdown table (ROWS, MATCH: a part)
     mkdir -p "${OUT:-.}"
     python benchmarks/levers.py --out "${OUT:-.}/levers${ROWS:+_$ROWS}${PART:+_${PART/\//of}}.md" \
