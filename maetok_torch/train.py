@@ -359,7 +359,8 @@ def _put(x, device) -> torch.Tensor:
     """A host array as a float32 tensor on ``device`` (a copy). To a GPU through pinned memory
     and a non-blocking copy, as JAX's transfers are: a copy from pageable memory waits for
     every kernel queued before it, so the host could not queue the next step while the
-    device ran this one. A tensor already on ``device`` is used as it is."""
+    device ran this one. A tensor (``train_step.py --resident``) is only moved to ``device``
+    as float32, a no-op where it already is."""
     if isinstance(x, torch.Tensor):
         return x.to(device, torch.float32)
     if torch.device(device).type != "cuda":
