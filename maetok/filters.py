@@ -89,6 +89,16 @@ def filter_banks(patch_size: int) -> dict[str, np.ndarray]:
     }
 
 
+@functools.cache
+def hog_window_cells(patch_size: int, cell: int, h: int, w: int) -> np.ndarray:
+    """The HOG window, one per patch over an h × w image, laid out by cell:
+    ``(h/cell, w/cell, cell²)``, cell (i, j)'s pixel (u, v) at index u·cell + v (the layout
+    of ``block_conv`` on cell-sized blocks)."""
+    win = np.tile(filter_banks(patch_size)["hog_window"], (h // patch_size, w // patch_size))
+    win = win.reshape(h // cell, cell, w // cell, cell).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(win.reshape(h // cell, w // cell, cell * cell))
+
+
 def block_taps(k: int, block: int = CONV_BLOCK) -> int:
     """Taps per axis of a ``k × k`` kernel on the grid of ``block × block`` pixel blocks:
     the blocks one output block's receptive field touches, ``⌈(block + k − 1) / block⌉``."""

@@ -8,7 +8,8 @@ Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are ap
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``lax.conv`` and
 ``F.conv2d``), after reflect padding, computed as one convolution on pixel blocks
-(``fixed_conv``): in float32 at HIGHEST precision — or, with bf16 compute and
+(``block_conv``; the HOG gradients on cell-sized blocks, the others on 4-pixel blocks
+through ``fixed_conv``): in float32 at HIGHEST precision — or, with bf16 compute and
 ``model.fast_filters``, in bf16 at default precision (``filter_dtype``): targets are
 regression goals that bf16's 3 significant digits serve as well.
 Everything after the convolutions stays float32.
@@ -26,7 +27,13 @@ import numpy as np
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import CONV_BLOCK, block_kernel, block_taps, filter_banks
+from maetok.filters import (
+    CONV_BLOCK,
+    block_kernel,
+    block_taps,
+    filter_banks,
+    hog_window_cells,
+)
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_jax.patches import patchify
 
@@ -38,32 +45,49 @@ def filter_dtype(m: ModelConfig):
     return jnp.bfloat16 if fast else jnp.float32
 
 
-def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+def block_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32, block: int = CONV_BLOCK):
     """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``,
-    as one convolution on ``CONV_BLOCK``-pixel blocks (``maetok.filters.block_kernel``):
-    float32 at HIGHEST precision, or in ``dtype`` bf16 at default precision;
-    → (B, H−k+1, W−k+1, F), float32.
+    as one convolution on ``block × block`` pixel blocks (``maetok.filters.block_kernel``):
+    float32 at HIGHEST precision, or in ``dtype`` bf16 at default precision.
 
-    The planes are zero-padded at the bottom and right to whole blocks: the extra outputs
-    are cut off, and no kept output reads a padded pixel.
+    → (B, ⌈h/block⌉, ⌈w/block⌉, block², F) in ``dtype``, h × w the valid output: output
+    block (i, j) holds pixel (i·block + u, j·block + v) at index u·block + v. The planes are
+    zero-padded at the bottom and right to whole blocks; no output inside h × w reads a
+    padded pixel.
     """
     n, hp, wp = x.shape
-    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
+    k, nf, s = kernel.shape[0], kernel.shape[-1], block
     h, w = hp - k + 1, wp - k + 1
-    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k)
+    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k, s)
     rows, cols = hb + taps - 1, wb + taps - 1  # input blocks
     x = jnp.pad(x.astype(dtype), ((0, 0), (0, s * rows - hp), (0, s * cols - wp)))
     x = x.reshape(n, rows, s, cols, s).transpose(0, 1, 3, 2, 4).reshape(n, rows, cols, s * s)
     y = jax.lax.conv_general_dilated(
         x,
-        jnp.asarray(block_kernel(kernel), dtype),
+        jnp.asarray(block_kernel(kernel, s), dtype),
         window_strides=(1, 1),
         padding="VALID",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         precision=jax.lax.Precision.DEFAULT if dtype != jnp.float32 else jax.lax.Precision.HIGHEST,
-    )  # (B, hb, wb, (u, v, F)): output block (hb, wb), its pixel (u, v)
+    )  # (B, hb, wb, (u, v, F))
+    return y.reshape(n, hb, wb, s * s, nf)
+
+
+def fixed_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``
+    (``block_conv`` on ``CONV_BLOCK``-pixel blocks) → (B, H−k+1, W−k+1, F), float32."""
+    n, hp, wp = x.shape
+    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
+    y = block_conv(x, kernel, dtype)
+    hb, wb = y.shape[1:3]
     y = y.reshape(n, hb, wb, s, s, nf).transpose(0, 1, 3, 2, 4, 5).reshape(n, hb * s, wb * s, nf)
-    return y[:, :h, :w].astype(jnp.float32)
+    return y[:, : hp - k + 1, : wp - k + 1].astype(jnp.float32)
+
+
+def reflect_pad(x: jnp.ndarray, kernel: np.ndarray) -> jnp.ndarray:
+    """Planes (N, H, W) reflect-padded by half of ``kernel``'s side, for a same-size output."""
+    r = kernel.shape[0] // 2
+    return jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect")
 
 
 def planes(images: jnp.ndarray) -> jnp.ndarray:
@@ -75,8 +99,7 @@ def planes(images: jnp.ndarray) -> jnp.ndarray:
 def plane_conv(x: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
     """Reflect-padded, stride-1 correlation of planes x (N, H, W) with ``kernel (k, k, 1, F)``
     → (N, H, W, F), float32."""
-    r = kernel.shape[0] // 2
-    return fixed_conv(jnp.pad(x, ((0, 0), (r, r), (r, r)), mode="reflect"), kernel, dtype)
+    return fixed_conv(reflect_pad(x, kernel), kernel, dtype)
 
 
 def per_channel_conv(images: jnp.ndarray, kernel: np.ndarray, dtype=jnp.float32) -> jnp.ndarray:
@@ -98,22 +121,23 @@ def hog(images: jnp.ndarray, m: ModelConfig) -> jnp.ndarray:
     """
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
-    f = filter_banks(p)
-    g = per_channel_conv(images, f["sobel"], filter_dtype(m))  # (B, C, H, W, 2)
-    gx, gy = g[..., 0], g[..., 1]
-    mag = jnp.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
+    sobel = filter_banks(p)["sobel"]
+    # The gradients on cell-sized pixel blocks: each output block is one cell, (B·C, hc, wc,
+    # cell²), and its histogram a sum over the minor axis.
+    g = block_conv(reflect_pad(planes(images), sobel), sobel, filter_dtype(m), cell)
+    gx, gy = g[..., 0].astype(jnp.float32), g[..., 1].astype(jnp.float32)
+    mag = jnp.sqrt(gx * gx + gy * gy)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
     t = jnp.arctan2(gx, gy) * (nb / np.pi) - 0.5
-    d = jnp.mod(t[..., None] - jnp.arange(nb, dtype=t.dtype), float(nb))  # (B, C, H, W, 9)
+    bins = jnp.arange(nb, dtype=t.dtype)[:, None, None, None]  # the bins as planes
+    d = jnp.mod(t[:, None] - bins, float(nb))  # (B·C, 9, hc, wc, cell²)
     vote = jax.nn.relu(1.0 - jnp.minimum(d, nb - d))  # two neighbours, weights sum to 1
-    window = jnp.asarray(np.tile(f["hog_window"], (h // p, w // p)))  # (H, W), one per patch
-    v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
-    hc, wc = h // cell, w // cell
-    v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(axis=(3, 5))  # (B, C, H/cell, W/cell, 9)
-    v = v / jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True) + HOG_EPS)
+    window = jnp.asarray(hog_window_cells(p, cell, h, w))  # (hc, wc, cell²)
+    v = jnp.sum(vote * (mag * window)[:, None], axis=-1)  # (B·C, 9, hc, wc)
+    v = v / jnp.sqrt(jnp.sum(v * v, axis=1, keepdims=True) + HOG_EPS)
     # Group the cells of each patch: (B, gh, gw, cells_h, cells_w, C, 9).
     u, gh, gw = p // cell, h // p, w // p
-    v = v.reshape(b, c, gh, u, gw, u, nb).transpose(0, 2, 4, 3, 5, 1, 6)
+    v = v.reshape(b, c, nb, gh, u, gw, u).transpose(0, 3, 5, 4, 6, 1, 2)
     return v.reshape(b, gh * gw, u * u * c * nb)
 
 

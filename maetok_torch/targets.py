@@ -8,7 +8,8 @@ Filters come from ``maetok.filters.filter_banks`` (numpy, lru-cached) and are ap
 each colour channel separately by folding C into the batch: ``(B, H, W, C) → (B·C, H, W)``.
 All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
 ``lax.conv``), after reflect padding, computed as one convolution on pixel blocks
-(``fixed_conv``, as in JAX): in float32 — or, with bf16 compute and ``model.fast_filters``,
+(``block_conv``, as in JAX; the HOG gradients on cell-sized blocks, the others on
+4-pixel blocks through ``fixed_conv``): in float32 — or, with bf16 compute and ``model.fast_filters``,
 in bf16 (``filter_dtype``). Everything after the convolutions stays float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
@@ -25,7 +26,12 @@ import torch.nn.functional as F
 
 import maetok.targets as core
 from maetok.config import ModelConfig
-from maetok.filters import CONV_BLOCK, block_kernel, block_taps, filter_banks
+from maetok.filters import (
+    CONV_BLOCK,
+    block_kernel,
+    block_taps,
+    hog_window_cells,
+)
 from maetok.numerics import GABOR_EPS, HOG_EPS, PIXEL_EPS
 from maetok_torch.compiled import compiled_part
 from maetok_torch.constants import Bank, bank, on_device
@@ -39,32 +45,52 @@ def filter_dtype(m: ModelConfig):
     return torch.bfloat16 if fast else torch.float32
 
 
-def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
+def block_conv(
+    x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32, block: int = CONV_BLOCK
+) -> torch.Tensor:
     """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``
-    (an array or a ``Bank``), as one convolution on ``CONV_BLOCK``-pixel blocks
-    (``maetok.filters.block_kernel``) in ``dtype``; → (B, H−k+1, W−k+1, F), float32.
+    (an array or a ``Bank``), as one convolution on ``block × block`` pixel blocks
+    (``maetok.filters.block_kernel``) in ``dtype``.
 
-    The planes are zero-padded at the bottom and right to whole blocks: the extra outputs
-    are cut off, and no kept output reads a padded pixel. In float32 on a GPU, cuDNN may
-    use TF32 (torch's default for convolutions, as in the discriminator); the parity runs
-    switch it off.
+    → (B, ⌈h/block⌉, ⌈w/block⌉, block², F) in ``dtype`` (a view of F.conv2d's output),
+    h × w the valid output: output block (i, j) holds pixel (i·block + u, j·block + v) at
+    index u·block + v. The planes are zero-padded at the bottom and right to whole blocks;
+    no output inside h × w reads a padded pixel. In float32 on a GPU, cuDNN may use TF32
+    (torch's default for convolutions, as in the discriminator); the parity runs switch it
+    off.
     """
     n, hp, wp = x.shape
-    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
+    k, nf, s = kernel.shape[0], kernel.shape[-1], block
     h, w = hp - k + 1, wp - k + 1
-    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k)
+    hb, wb, taps = -(-h // s), -(-w // s), block_taps(k, s)
     rows, cols = hb + taps - 1, wb + taps - 1  # input blocks
     x = F.pad(x.to(dtype), (0, s * cols - wp, 0, s * rows - hp))
     x = x.reshape(n, rows, s, cols, s).permute(0, 2, 4, 1, 3).reshape(n, s * s, rows, cols)
     if isinstance(kernel, Bank):
-        key, array = ("block", kernel), kernel.array
+        key, array = ("block", s, kernel), kernel.array
     else:
-        key, array = ("block", kernel.tobytes(), kernel.shape), lambda: kernel
+        key, array = ("block", s, kernel.tobytes(), kernel.shape), lambda: kernel
     # HWIO → OIHW, F.conv2d's layout
-    weight = on_device(key, lambda: block_kernel(array()).transpose(3, 2, 0, 1), x.device, dtype)
-    y = F.conv2d(x, weight)  # (B, (u, v, F), hb, wb): output block (hb, wb), its pixel (u, v)
-    y = y.reshape(n, s, s, nf, hb, wb).permute(0, 4, 1, 5, 2, 3).reshape(n, hb * s, wb * s, nf)
-    return y[:, :h, :w].to(torch.float32)
+    weight = on_device(key, lambda: block_kernel(array(), s).transpose(3, 2, 0, 1), x.device, dtype)
+    y = F.conv2d(x, weight)  # (B, (u, v, F), hb, wb)
+    return y.reshape(n, s * s, nf, hb, wb).permute(0, 3, 4, 1, 2)
+
+
+def fixed_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
+    """Stride-1 'VALID' correlation of planes x (B, H, W) with a fixed ``kernel (k, k, 1, F)``
+    (``block_conv`` on ``CONV_BLOCK``-pixel blocks) → (B, H−k+1, W−k+1, F), float32."""
+    n, hp, wp = x.shape
+    k, nf, s = kernel.shape[0], kernel.shape[-1], CONV_BLOCK
+    y = block_conv(x, kernel, dtype)
+    hb, wb = y.shape[1:3]
+    y = y.reshape(n, hb, wb, s, s, nf).permute(0, 1, 3, 2, 4, 5).reshape(n, hb * s, wb * s, nf)
+    return y[:, : hp - k + 1, : wp - k + 1].to(torch.float32)
+
+
+def reflect_pad(x: torch.Tensor, kernel: np.ndarray | Bank) -> torch.Tensor:
+    """Planes (N, H, W) reflect-padded by half of ``kernel``'s side, for a same-size output."""
+    r = kernel.shape[0] // 2
+    return F.pad(x, (r, r, r, r), mode="reflect")
 
 
 def planes(images: torch.Tensor) -> torch.Tensor:
@@ -76,8 +102,7 @@ def planes(images: torch.Tensor) -> torch.Tensor:
 def plane_conv(x: torch.Tensor, kernel: np.ndarray | Bank, dtype=torch.float32) -> torch.Tensor:
     """Reflect-padded, stride-1 correlation of planes x (N, H, W) with ``kernel (k, k, 1, F)``
     → (N, H, W, F), float32."""
-    r = kernel.shape[0] // 2
-    return fixed_conv(F.pad(x, (r, r, r, r), mode="reflect"), kernel, dtype)
+    return fixed_conv(reflect_pad(x, kernel), kernel, dtype)
 
 
 def per_channel_conv(
@@ -101,28 +126,28 @@ def hog(images: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """
     b, h, w, c = images.shape
     p, cell, nb = m.patch_size, core.hog_cell(m.patch_size), core.HOG_BINS
-    g = per_channel_conv(images, bank(p, "sobel"), filter_dtype(m))  # (B, C, H, W, 2)
-    gx, gy = g[..., 0], g[..., 1]
-    mag = torch.sqrt(gx * gx + gy * gy)  # (B, C, H, W)
+    sobel = bank(p, "sobel")
+    # The gradients on cell-sized pixel blocks: each output block is one cell, (B·C, hc, wc,
+    # cell²), and its histogram a sum over the minor axis.
+    g = block_conv(reflect_pad(planes(images), sobel), sobel, filter_dtype(m), cell)
+    gx, gy = g[..., 0].to(torch.float32), g[..., 1].to(torch.float32)
+    mag = torch.sqrt(gx * gx + gy * gy)
     # Continuous position on the bin axis; bin k's centre sits at t = k.
     t = torch.atan2(gx, gy) * (nb / math.pi) - 0.5
-    bins = torch.arange(nb, dtype=t.dtype, device=t.device)
-    d = torch.remainder(t[..., None] - bins, float(nb))  # (B, C, H, W, 9)
+    bins = torch.arange(nb, dtype=t.dtype, device=t.device)[:, None, None, None]  # as planes
+    d = torch.remainder(t[:, None] - bins, float(nb))  # (B·C, 9, hc, wc, cell²)
     vote = torch.relu(1.0 - torch.minimum(d, nb - d))  # two neighbours, weights sum to 1
-    tiles = (h // p, w // p)
-    window = on_device(  # (H, W), one per patch
-        ("hog_window", p, tiles),
-        lambda: np.tile(filter_banks(p)["hog_window"], tiles),
+    window = on_device(  # (hc, wc, cell²)
+        ("hog_window_cells", p, cell, h, w),
+        lambda: hog_window_cells(p, cell, h, w),
         images.device,
         images.dtype,
     )
-    v = vote * (mag * window)[..., None]  # (B, C, H, W, 9)
-    hc, wc = h // cell, w // cell
-    v = v.reshape(b, c, hc, cell, wc, cell, nb).sum(dim=(3, 5))  # (B, C, H/cell, W/cell, 9)
-    v = v / torch.sqrt(torch.sum(v * v, dim=-1, keepdim=True) + HOG_EPS)
+    v = torch.sum(vote * (mag * window)[:, None], dim=-1)  # (B·C, 9, hc, wc)
+    v = v / torch.sqrt(torch.sum(v * v, dim=1, keepdim=True) + HOG_EPS)
     # Group the cells of each patch: (B, gh, gw, cells_h, cells_w, C, 9).
     u, gh, gw = p // cell, h // p, w // p
-    v = v.reshape(b, c, gh, u, gw, u, nb).permute(0, 2, 4, 3, 5, 1, 6)
+    v = v.reshape(b, c, nb, gh, u, gw, u).permute(0, 3, 5, 4, 6, 1, 2)
     return v.reshape(b, gh * gw, u * u * c * nb)
 
 

@@ -28,7 +28,7 @@ import torch
 import maetok.targets as core
 from maetok.config import preset
 from maetok.errors import ConfigError
-from maetok.filters import PERCEP_LEVELS, filter_banks
+from maetok.filters import PERCEP_LEVELS, filter_banks, hog_window_cells
 from maetok.params import init_disc
 from maetok.tree import map_tree
 
@@ -321,6 +321,34 @@ def test_fixed_conv_and_its_gradient_match_loop_reference(backend, bank, hw, rng
         (dx,) = torch.autograd.grad(y, xt, torch.as_tensor(g))
     np.testing.assert_allclose(_np(y), ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(_np(dx), dref, rtol=RTOL, atol=10 * ATOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block,hw", [(2, (11, 12)), (8, (18, 27))])
+def test_block_conv_lays_out_the_loop_reference_by_block(backend, block, hw, rng):
+    """``block_conv`` on blocks of any side puts output pixel (i·block + u, j·block + v) at
+    [i, j, u·block + v] (outputs 9×10 on blocks of 2, 16×25 on blocks of 8, the last block
+    column part-filled); ``hog_window_cells`` uses the same layout for the HOG window."""
+    kernel = filter_banks(16)["sobel"]  # (3, 3, 1, 2)
+    x = rng.standard_normal((2, *hw)).astype(np.float32)
+    h, w = hw[0] - 2, hw[1] - 2
+    ref = np.zeros((2, h, w, 2))
+    for n in range(2):
+        for i in range(h):
+            for j in range(w):
+                ref[n, i, j] = np.tensordot(x[n, i : i + 3, j : j + 3], kernel[:, :, 0], 2)
+    y = _np(_mod(backend, "targets").block_conv(_arr(backend, x), kernel, block=block))
+    assert y.shape == (2, -(-h // block), -(-w // block), block * block, 2)
+    for i in range(h):
+        for j in range(w):
+            got = y[:, i // block, j // block, (i % block) * block + j % block]
+            np.testing.assert_allclose(got, ref[:, i, j], rtol=RTOL, atol=ATOL)
+    win = np.tile(filter_banks(8)["hog_window"], (2, 3))  # a 16 × 24 image of 8-pixel patches
+    cells = hog_window_cells(8, 4, 16, 24)
+    assert cells.shape == (4, 6, 16)
+    for i in range(16):
+        for j in range(24):
+            assert cells[i // 4, j // 4, (i % 4) * 4 + j % 4] == win[i, j]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
