@@ -9,8 +9,9 @@ each colour channel separately by folding C into the batch: ``(B, H, W, C) → (
 All convolutions are cross-correlations (the convention of both ``F.conv2d`` and
 ``lax.conv``), after reflect padding, computed as one convolution on pixel blocks
 (``block_conv``, as in JAX; the HOG gradients on cell-sized blocks, the others on
-4-pixel blocks through ``fixed_conv``): in float32 — or, with bf16 compute and ``model.fast_filters``,
-in bf16 (``filter_dtype``). Everything after the convolutions stays float32.
+4-pixel blocks through ``fixed_conv``): in float32 — or, with bf16 compute and
+``model.fast_filters``, in bf16 (``filter_dtype``). Everything after the convolutions stays
+float32.
 
 Pinned numerics (padding, HOG voting, normalisation, epsilons): ``maetok.numerics``.
 """
