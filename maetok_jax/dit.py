@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from maetok_jax.attention import attention
-from maetok_jax.layers import cast_tree, dense, layer_norm, mlp
+from maetok_jax.layers import add_bias, cast_tree, dense, layer_norm, mlp
 
 # t ∈ [0, 1] is spread over the sinusoid's periods like a diffusion step index in [0, 1000].
 TIME_SCALE = 1000.0
@@ -72,7 +72,7 @@ def dit(params, x, t, y, cfg):
     """Velocity v (B, L, h) float32 of latents x (B, L, h) at times t (B,), classes y (B,)."""
     p = cast_tree(params, compute_dtype(cfg))
     c = condition(p, t, y, cfg)  # (B, D)
-    z = dense(p["x_embed"], x.astype(c.dtype)) + p["pos"]  # (B, L, D)
+    z = add_bias(dense(p["x_embed"], x.astype(c.dtype)), p["pos"])  # (B, L, D)
 
     def body(h, block_params):
         return dit_block(block_params, h, c, cfg), None

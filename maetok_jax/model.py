@@ -18,7 +18,7 @@ parameters are stacked at call time, so the parameter tree stays one subtree per
 import jax
 import jax.numpy as jnp
 
-from maetok_jax.layers import cast_tree, dense, gelu, layer_norm
+from maetok_jax.layers import add_bias, broadcast, cast_tree, dense, gelu, layer_norm
 from maetok_jax.patches import patchify, unpatchify
 from maetok_jax.rope import rope_for
 from maetok_jax.transformer import transformer
@@ -48,8 +48,11 @@ def patch_unembed(params, tokens, m):
 
 def apply_mask(tokens, mask, mask_token):
     """Replace masked tokens (mask (B, N), 1 = masked) by the learnable ``mask_token`` (D,)."""
-    keep = (1.0 - mask)[..., None].astype(tokens.dtype)
-    return tokens * keep + mask_token.astype(tokens.dtype) * (1.0 - keep)
+    # in float32 (the same values): the mask token's gradient, summed over every masked
+    # token, is then summed in float32 (``maetok_jax.layers.add_bias``)
+    keep = (1.0 - mask)[..., None].astype(jnp.float32)
+    x = tokens.astype(jnp.float32) * keep + mask_token.astype(jnp.float32) * (1.0 - keep)
+    return x.astype(tokens.dtype)
 
 
 def encode(params, images, mask, m):
@@ -64,7 +67,7 @@ def _encode(params, images, mask, m):
     x = patch_embed(p["patch_embed"], images.astype(dt), m)  # (B, N, D)
     x = apply_mask(x, mask, p["mask_token"])
     b = x.shape[0]
-    z = jnp.broadcast_to(p["latent_tokens"] + p["latent_pos"], (b, *p["latent_tokens"].shape))
+    z = broadcast(p["latent_tokens"] + p["latent_pos"], (b, *p["latent_tokens"].shape))
     t = jnp.concatenate([x, z], axis=1)  # (B, N + L, D)
     cos, sin = rope_for(m, m.enc_width, m.enc_heads, m.num_latent_tokens)
     t = transformer(p["blocks"], t, cos, sin, m.enc_heads, m.ln_eps, **stack_options(m))
@@ -98,9 +101,9 @@ def _latent_trunk(p, h, m, heads: int):
     q = p["query"][..., None, :]  # (S?, 1, D)
     if m.query_pos:
         q = q + p["query_pos"]  # (S?, N, D)
-    e = jnp.broadcast_to(q[..., None, :, :], (*stack, b, n, width))
+    e = broadcast(q[..., None, :, :], (*stack, b, n, width))
     lat = dense(p["latent_proj"], jnp.broadcast_to(h, (*stack, *h.shape)))  # (S?, B, L, D)
-    lat = lat + p["latent_pos"][..., None, :, :]
+    lat = add_bias(lat, p["latent_pos"][..., None, :, :])
     t = jnp.concatenate([e, lat], axis=-2)  # (S?, B, N + L, D)
     cos, sin = rope_for(m, width, heads, m.num_latent_tokens)
     t = transformer(p["blocks"], t, cos, sin, heads, m.ln_eps, **stack_options(m))

@@ -264,3 +264,60 @@ def test_erf_rational_is_lax_erf_to_float32_precision():
     got, want = gelu_derivative(x, erf_rational), gelu_derivative(x)
     assert float(jnp.max(jnp.abs(got - want))) < 2e-6
     assert float(erf_rational(jnp.float32(-9.0))) == -1.0  # saturates, no overflow
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_bf16_dense_sums_its_bias_gradient_in_float32(stacked, rng):
+    """The bias gradient of a bf16 dense is the cotangent summed over every row: over 65,536
+    rows (a quarter of a ``base`` batch's tokens) it must be that sum to bf16's rounding of
+    the result, not the ~1 % that a sum in bf16 loses, in both backends. The forward value
+    is the bf16 add's."""
+    import torch
+
+    from maetok_jax.layers import dense
+    from maetok_torch.layers import dense as torch_dense
+
+    s, n, d = (2, 32768, 64) if stacked else (1, 65536, 64)
+    x = jnp.asarray(rng.standard_normal((s, n, 4)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((s, 4, d)), jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal((s, d)), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((s, n, d)) * 0.01 + 0.003, jnp.bfloat16)
+    if not stacked:
+        x, w, b, g = x[0], w[0], b[0], g[0]
+    y, vjp = jax.vjp(lambda b_: dense({"w": w, "b": b_}, x), b)
+    (db,) = jax.jit(vjp)(g)
+    want = np.asarray(g, np.float64).sum(axis=-2)
+    assert db.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(db, np.float64), want, rtol=2.0**-8)
+    plain = jnp.matmul(x, w) + (b[:, None] if stacked else b)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(plain, np.float32))
+    tx, tw, tg = (torch.from_numpy(np.asarray(a, np.float32)).bfloat16() for a in (x, w, g))
+    tb = torch.from_numpy(np.asarray(b, np.float32)).bfloat16().requires_grad_(True)
+    (tdb,) = torch.autograd.grad(torch_dense({"w": tw, "b": tb}, tx), tb, tg)
+    np.testing.assert_allclose(tdb.double().numpy(), want, rtol=2.0**-8)
+
+
+def test_bf16_token_parameters_sum_their_gradients_in_float32(rng):
+    """Parameters broadcast over many tokens (the mask token, the decoders' query, the latent
+    tokens) get the cotangent summed over those tokens, in float32: to bf16's rounding of
+    the sum over 65,536 tokens. Their forward values are unchanged."""
+    from maetok_jax.layers import broadcast
+
+    n, d = 65536, 64
+    a = jnp.asarray(rng.standard_normal(d), jnp.bfloat16)
+    g = jnp.asarray(rng.standard_normal((n, d)) * 0.01 + 0.003, jnp.bfloat16)
+    y, vjp = jax.vjp(lambda a_: broadcast(a_, (n, d)), a)
+    (da,) = jax.jit(vjp)(g)
+    want = np.asarray(g, np.float64).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(da, np.float64), want, rtol=2.0**-8)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.broadcast_to(a, (n, d))))
+
+    tokens = jnp.asarray(rng.standard_normal((1, n, d)), jnp.bfloat16)
+    mask = jnp.asarray(rng.random((1, n)) < 0.75, jnp.float32)
+    x, vjp = jax.vjp(lambda t_: model.apply_mask(tokens, mask, t_), a)
+    (da,) = jax.jit(vjp)(g[None])
+    want = (np.asarray(g, np.float64) * np.asarray(mask)[0, :, None]).sum(axis=0)
+    np.testing.assert_allclose(np.asarray(da, np.float64), want, rtol=2.0**-8)
+    np.testing.assert_array_equal(
+        np.asarray(x)[0], np.where(np.asarray(mask)[0, :, None], a, tokens[0])
+    )
