@@ -98,11 +98,6 @@ def part(op_name: str) -> str:
     return scope.group(1) if (scope := _PART.search(op_name)) else "other"
 
 
-def parts_of(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name → the outermost named scope in its op name (``other`` if none)."""
-    return {name: part(op) for name, op in op_names(hlo_text).items()}
-
-
 def family(name: str) -> str:
     low = name.lower()
     for fam, pattern in FAMILIES:

@@ -58,6 +58,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.clocks import ClockMonitor
 from maetok import reproducible
 from maetok.cli import _overrides
 from maetok.config import REMAT_MODES, preset
@@ -133,7 +134,6 @@ def measure_matmul_ceiling(backend: str, seconds: float = 3.0) -> dict:
     (short enough to run at the full clock), and ``seconds`` of them back to back on random
     operands, the SM clock and power sampled meanwhile (``clocks.ClockMonitor``): the
     ceiling at the clock a sustained load holds."""
-    from benchmarks.clocks import ClockMonitor
 
     n = 8192
     if backend == "jax":
@@ -187,7 +187,6 @@ def run_single(args) -> dict:
     """Time one backend in this process."""
     import numpy as np
 
-    from benchmarks.clocks import ClockMonitor
     from maetok.data import BatchSource, ImageFolder, Prefetcher
     from maetok.masks import mask_for_step
     from maetok.synthetic import SyntheticImages
