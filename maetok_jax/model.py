@@ -48,11 +48,9 @@ def patch_unembed(params, tokens, m):
 
 def apply_mask(tokens, mask, mask_token):
     """Replace masked tokens (mask (B, N), 1 = masked) by the learnable ``mask_token`` (D,)."""
-    # in float32 (the same values): the mask token's gradient, summed over every masked
-    # token, is then summed in float32 (``maetok_jax.layers.add_bias``)
-    keep = (1.0 - mask)[..., None].astype(jnp.float32)
-    x = tokens.astype(jnp.float32) * keep + mask_token.astype(jnp.float32) * (1.0 - keep)
-    return x.astype(tokens.dtype)
+    # the mask token's gradient, summed over every masked token, is summed in float32
+    keep = (1.0 - mask)[..., None].astype(tokens.dtype)
+    return tokens * keep + broadcast(mask_token, tokens.shape) * (1.0 - keep)
 
 
 def encode(params, images, mask, m):

@@ -297,6 +297,21 @@ def test_bf16_dense_sums_its_bias_gradient_in_float32(stacked, rng):
     np.testing.assert_allclose(tdb.double().numpy(), want, rtol=2.0**-8)
 
 
+def test_widen_is_the_float32_value_of_every_bf16():
+    """``layers._widen`` builds float32 from a bf16's bits: every one of the 65,536 patterns
+    (signed zeros, subnormals, infinities) must be the float32 that a convert gives."""
+    from maetok_jax.layers import _widen
+
+    x = jax.lax.bitcast_convert_type(
+        jnp.arange(2**16, dtype=jnp.uint32).astype(jnp.uint16), jnp.bfloat16
+    )
+    got, want = (np.asarray(v).view(np.uint32) for v in (jax.jit(_widen)(x), x.astype(jnp.float32)))
+    nan = np.isnan(np.asarray(x, np.float32))
+    assert nan.sum() == 2 * 127  # the NaN patterns, compared as NaN below
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(np.asarray(_widen(x))[nan]).all()
+
+
 def test_bf16_token_parameters_sum_their_gradients_in_float32(rng):
     """Parameters broadcast over many tokens (the mask token, the decoders' query, the latent
     tokens) get the cotangent summed over those tokens, in float32: to bf16's rounding of
@@ -311,6 +326,14 @@ def test_bf16_token_parameters_sum_their_gradients_in_float32(rng):
     want = np.asarray(g, np.float64).sum(axis=0)
     np.testing.assert_allclose(np.asarray(da, np.float64), want, rtol=2.0**-8)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(jnp.broadcast_to(a, (n, d))))
+
+    # new leading axes and grown size-1 axes at once, as the stacked decoders' query has them
+    q = jnp.asarray(rng.standard_normal((2, 1, d)), jnp.bfloat16)
+    gq = jnp.asarray(rng.standard_normal((4, 2, 8192, d)) * 0.01 + 0.003, jnp.bfloat16)
+    (dq,) = jax.jit(jax.vjp(lambda q_: broadcast(q_, gq.shape), q)[1])(gq)
+    assert dq.shape == q.shape
+    want = np.asarray(gq, np.float64).sum(axis=(0, 2))[:, None]
+    np.testing.assert_allclose(np.asarray(dq, np.float64), want, rtol=2.0**-8)
 
     tokens = jnp.asarray(rng.standard_normal((1, n, d)), jnp.bfloat16)
     mask = jnp.asarray(rng.random((1, n)) < 0.75, jnp.float32)
