@@ -58,11 +58,17 @@ def _broadcast_fwd(a, shape):
 
 
 def _broadcast_bwd(shape, a, g):
-    lead = g.ndim - a.ndim
-    grown = (i for i, n in enumerate(a.shape) if n == 1 and g.shape[lead + i] != 1)
-    axes = (*range(lead), *(lead + i for i in grown))
-    total = jnp.sum(_widen(g), axis=axes)
-    return (total.reshape(a.shape).astype(a.dtype),)
+    return (_sum_to(_widen(g), a.shape).astype(a.dtype),)
+
+
+def _sum_to(g, shape):
+    """Sum g over the axes a broadcast of ``shape`` added or stretched (the gradient of a
+    broadcast), keeping float32."""
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
+    )
+    return jnp.sum(g, axis=axes).reshape(shape)
 
 
 def _widen(x):
@@ -112,16 +118,6 @@ def layer_norm(params, x, eps: float, lowp: bool = False):
         scale, bias = _affine(params["scale"], x), _affine(params["bias"], x)
         y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
     return y.astype(x.dtype)
-
-
-def _sum_to(g, shape):
-    """Sum g over the axes a broadcast of ``shape`` added or stretched (the gradient of a
-    broadcast), keeping float32."""
-    lead = g.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(
-        lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1
-    )
-    return jnp.sum(g, axis=axes).reshape(shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

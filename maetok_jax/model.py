@@ -50,7 +50,7 @@ def apply_mask(tokens, mask, mask_token):
     """Replace masked tokens (mask (B, N), 1 = masked) by the learnable ``mask_token`` (D,)."""
     # the mask token's gradient, summed over every masked token, is summed in float32
     keep = (1.0 - mask)[..., None].astype(tokens.dtype)
-    return tokens * keep + broadcast(mask_token, tokens.shape) * (1.0 - keep)
+    return tokens * keep + broadcast(mask_token.astype(tokens.dtype), tokens.shape) * (1.0 - keep)
 
 
 def encode(params, images, mask, m):
