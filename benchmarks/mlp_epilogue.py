@@ -19,8 +19,14 @@ per variant: ms, TFLOP/s of the matmul, and the largest difference from XLA's ou
   stored pre-activation, with ``fc1``'s bias gradient: XLA's matmul and fusion against one
   kernel that also writes each row block's bias sums.
 
-Off the GPU the Pallas kernel runs in Pallas' interpreter, on a small shape: a check of its
-values, not of its speed.
+- ``mosaic tm×tn×tk sS``: the same two kernels in Pallas' Mosaic GPU backend: Hopper's
+  asynchronous warpgroup matmul (wgmma) on tiles that TMA copies stage through shared memory,
+  S of them in flight, and the epilogue on the float32 accumulator in registers (the backward
+  kernel copies its pre-activation tile in while the matmul runs).
+
+Off the GPU the Pallas kernels run in Pallas' interpreters (Triton's, and Mosaic GPU's, which
+simulates the warpgroups, shared memory and barriers), on a small shape: a check of their
+values, not of their speed.
 """
 
 from __future__ import annotations
@@ -37,13 +43,19 @@ sys.path.insert(0, str(ROOT))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from benchmarks.breakdown import timed
 from maetok_jax.layers import dense, erf_rational, gelu, gelu_derivative, normal_cdf
 
 # (bm, bn, bk, warps, stages) tried on the GPU; the interpreter takes the first that fits
 CONFIGS = tuple(itertools.product((64, 128), (128, 256), (64,), (4, 8), (3, 4)))
+# (tm, tn, tk, steps in flight) of the Mosaic GPU kernels. Shared memory a block: 192 and 128 KB
+# for the first two, one block a multiprocessor; 80 and 104 KB for the last two, two blocks a
+# multiprocessor, so that one's epilogue can run beside the other's matmul
+MOSAIC_CONFIGS = ((128, 128, 64, 4), (128, 128, 64, 2), (64, 128, 64, 2), (64, 128, 64, 3))
 
 
 def xla_fc1_gelu(x, w, b):
@@ -147,6 +159,142 @@ def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
     return dh, jnp.sum(partial, axis=0)
 
 
+# ------------------------------------------------------------------------ Mosaic GPU (Hopper)
+
+
+def _mosaic_interpreter():
+    """None on the GPU; elsewhere the parameters of Mosaic GPU's interpreter."""
+    if jax.default_backend() == "gpu":
+        return None
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _load(ref, layout):
+    """``ref``'s value in registers laid out as ``layout`` (the interpreter has no layouts)."""
+    if jax.default_backend() == "gpu":
+        return plgpu.load(ref, (), layout=layout)
+    return ref[...]
+
+
+def _swizzled(dtype, minor: int) -> tuple:
+    """The shared-memory tiling and swizzle wgmma and TMA want for rows of ``minor`` elements."""
+    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(
+        swizzle
+    )
+
+
+def _mosaic_tile(a_gmem, b_gmem, i, j, tm: int, tn: int, tk: int, steps: int):
+    """The float32 (tm, tn) tile (i, j) of ``a @ b``: K in steps of tk, ``steps`` TMA copies
+    in flight, one wgmma left running while the next step's operands arrive."""
+    specs = [
+        plgpu.BlockSpec(
+            (tm, tk), lambda k: (i, k), transforms=_swizzled(a_gmem.dtype, tk), delay_release=1
+        ),
+        plgpu.BlockSpec(
+            (tk, tn), lambda k: (k, j), transforms=_swizzled(b_gmem.dtype, tn), delay_release=1
+        ),
+    ]
+
+    def run(acc):
+        def step(_, a_smem, b_smem):
+            plgpu.wgmma(acc, a_smem, b_smem)
+            plgpu.wgmma_wait(1)
+
+        grid = (a_gmem.shape[1] // tk,)
+        plgpu.emit_pipeline(step, grid=grid, in_specs=specs, max_concurrent_steps=steps)(
+            a_gmem, b_gmem
+        )
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
+
+
+def _mosaic_launch(kernel, out_type, operands, scratch: dict, m: int, n: int, cfg: dict):
+    """``kernel(*operands, *outputs, **scratch)`` on an (m/tm, n/tn) grid of warpgroups."""
+    tm, tn, tk = cfg["tm"], cfg["tn"], cfg["tk"]
+    if m % tm or n % tn or operands[0].shape[1] % tk:
+        raise ValueError(
+            f"tiles {tm}×{tn}×{tk} do not divide ({m}, {operands[0].shape[1]}) @ (·, {n})"
+        )
+    body = functools.partial(kernel, **{k: cfg[k] for k in ("tm", "tn", "tk", "steps")})
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(m // tm, n // tn),
+        grid_names=("m", "n"),
+        interpret=_mosaic_interpreter(),
+    )(*operands)
+
+
+def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, tm, tn, tk, steps):
+    """One (tm, tn) tile: the pre-activation rounded as the model rounds it (the matmul's bf16
+    output plus the bf16 bias) and its erf GELU, both written from the accumulator."""
+    i, j = lax.axis_index("m"), lax.axis_index("n")
+    plgpu.copy_gmem_to_smem(b.at[pl.ds(j * tn, tn)], b_smem, bar)
+    acc = _mosaic_tile(x, w, i, j, tm, tn, tk, steps)
+    plgpu.barrier_wait(bar)
+    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+    y = acc.astype(pre.dtype).astype(jnp.float32) + lax.broadcast_in_dim(bias, (tm, tn), [1])
+    p = y.astype(pre.dtype)
+    pf = p.astype(jnp.float32)
+    pre_smem[...] = p
+    h_smem[...] = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
+    plgpu.commit_smem()
+    tile = (pl.ds(i * tm, tm), pl.ds(j * tn, tn))
+    plgpu.copy_smem_to_gmem(pre_smem, pre.at[tile])
+    plgpu.copy_smem_to_gmem(h_smem, h.at[tile])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def mosaic_fc1_gelu(x, w, b, **cfg):
+    """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one Mosaic GPU kernel;
+    ``cfg``: tm, tn, tk, steps."""
+    (m, n), tm, tn = (x.shape[0], w.shape[1]), cfg["tm"], cfg["tn"]
+    out = jax.ShapeDtypeStruct((m, n), x.dtype)
+    tile = plgpu.SMEM((tm, tn), x.dtype, transforms=_swizzled(x.dtype, tn))
+    scratch = dict(
+        b_smem=plgpu.SMEM((tn,), b.dtype), pre_smem=tile, h_smem=tile, bar=plgpu.Barrier()
+    )
+    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), (x, w, b), scratch, m, n, cfg)
+
+
+def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, tm, tn, tk, steps):
+    """One (tm, tn) tile of ``dh = (dy @ w2ᵀ) · GELU'(pre)`` and its column sums; the
+    pre-activation tile is copied in while the matmul runs."""
+    i, j = lax.axis_index("m"), lax.axis_index("n")
+    tile = (pl.ds(i * tm, tm), pl.ds(j * tn, tn))
+    plgpu.copy_gmem_to_smem(pre.at[tile], pre_smem, bar)
+    acc = _mosaic_tile(dy, w2t, i, j, tm, tn, tk, steps)
+    plgpu.barrier_wait(bar)
+    pf = _load(pre_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
+    da = acc.astype(dh.dtype).astype(jnp.float32)  # rounded as the model's matmul writes it
+    d = (da * gelu_derivative(pf, erf_rational)).astype(dh.dtype)
+    dh_smem[...] = d
+    db_smem[...] = jnp.sum(d.astype(jnp.float32), axis=0)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(dh_smem, dh.at[tile])
+    plgpu.copy_smem_to_gmem(db_smem, db.at[i, pl.ds(j * tn, tn)])
+    plgpu.wait_smem_to_gmem(0)
+
+
+def mosaic_fc2_grad_gelu(dy, w2, pre, **cfg):
+    """(dh, db1) from one Mosaic GPU kernel, as :func:`pallas_fc2_grad_gelu` computes them
+    (``pre`` the stored pre-activation)."""
+    (m, n), tm, tn = pre.shape, cfg["tm"], cfg["tn"]
+    out = (jax.ShapeDtypeStruct((m, n), dy.dtype), jax.ShapeDtypeStruct((m // tm, n), jnp.float32))
+    tile = plgpu.SMEM((tm, tn), dy.dtype, transforms=_swizzled(dy.dtype, tn))
+    scratch = dict(
+        pre_smem=tile, dh_smem=tile, db_smem=plgpu.SMEM((tn,), jnp.float32), bar=plgpu.Barrier()
+    )
+    d, partial = _mosaic_launch(_mosaic_bwd_kernel, out, (dy, w2.T, pre), scratch, m, n, cfg)
+    return d, jnp.sum(partial, axis=0)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=98304, help="tokens: batch × sequence")
@@ -173,37 +321,55 @@ def main(argv=None) -> int:
     raw, want = jax.jit(xla_fc1_gelu)(x, w, b)
     h = (raw + b).astype(x.dtype)
     want_dh, _ = jax.jit(xla_fc2_grad_gelu)(dy, w2, raw, b)
-    passes = (  # (tag, XLA's way and its inputs, the fused kernel and its inputs, which
-        # of its outputs XLA's reference is, the matmul alone, the reference)
-        ("", xla_fc1_gelu, (x, w, b), pallas_fc1_gelu, (x, w, b), 1, (x, w), want),
+    pallas = [
+        (
+            f"pallas {c[0]}×{c[1]}×{c[2]} w{c[3]} s{c[4]}",
+            dict(zip(("bm", "bn", "bk", "warps", "stages"), c)),
+        )
+        for c in CONFIGS
+    ]
+    mosaic = [
+        (f"mosaic {c[0]}×{c[1]}×{c[2]} s{c[3]}", dict(zip(("tm", "tn", "tk", "steps"), c)))
+        for c in MOSAIC_CONFIGS
+    ]
+    passes = (  # (tag, XLA's way and its inputs, the matmul alone, the reference, and each
+        # fused kernel with its inputs and which of its outputs the reference is)
+        (
+            "",
+            xla_fc1_gelu,
+            (x, w, b),
+            (x, w),
+            want,
+            [(pallas_fc1_gelu, pallas, 1), (mosaic_fc1_gelu, mosaic, 1)],
+            (x, w, b),
+        ),
         (
             "bwd ",
             xla_fc2_grad_gelu,
             (dy, w2, raw, b),
-            pallas_fc2_grad_gelu,
-            (dy, w2, h),
-            0,
             (dy, w2.T),
             want_dh,
+            [(pallas_fc2_grad_gelu, pallas, 0), (mosaic_fc2_grad_gelu, mosaic, 0)],
+            (dy, w2, h),
         ),
     )
-    for tag, xla, xla_args, fused, fused_args, which, mm_args, ref in passes:
+    for tag, xla, xla_args, mm_args, ref, kernels, fused_args in passes:
         row(f"{tag}xla", 1e3 * timed(jax.jit(xla), *xla_args, runs=args.runs))
         row(f"{tag}xla matmul only", 1e3 * timed(jax.jit(jnp.matmul), *mm_args, runs=args.runs))
-        for bm, bn, bk, warps, stages in CONFIGS:
-            name = f"{tag}pallas {bm}×{bn}×{bk} w{warps} s{stages}"
-            cfg = {"bm": bm, "bn": bn, "bk": bk, "warps": warps, "stages": stages}
-            fn = jax.jit(functools.partial(fused, **cfg))
-            try:
-                got = fn(*fused_args)[which]
-                ms = 1e3 * timed(fn, *fused_args, runs=args.runs)
-            except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
-                print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                continue
-            diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
-            row(name, ms, f"{float(diff):.3g}")
-            if jax.default_backend() != "gpu":
-                break  # the interpreter: one config checks the values
+        for fused, configs, which in kernels:
+            for label, cfg in configs:
+                name = tag + label
+                fn = jax.jit(functools.partial(fused, **cfg))
+                try:
+                    got = fn(*fused_args)[which]
+                    ms = 1e3 * timed(fn, *fused_args, runs=args.runs)
+                except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
+                    print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    continue
+                diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
+                row(name, ms, f"{float(diff):.3g}")
+                if jax.default_backend() != "gpu":
+                    break  # the interpreter: one config checks the values
     return 0
 
 

@@ -459,4 +459,45 @@ def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
     out = capsys.readouterr().out
     names = [line.split("  ")[0] for line in out.splitlines()[2:]]
     assert names[:2] == ["xla", "xla matmul only"] and names[2].startswith("pallas 64×128×64")
-    assert names[3:5] == ["bwd xla", "bwd xla matmul only"] and names[5].startswith("bwd pallas")
+    assert names[3].startswith("mosaic 128×128×64 s4")
+    assert names[4:6] == ["bwd xla", "bwd xla matmul only"] and names[6].startswith("bwd pallas")
+    assert names[7].startswith("bwd mosaic")
+
+
+def test_mosaic_mlp_kernels_match_the_model():
+    """The Mosaic GPU (wgmma) fc1 + bias + GELU kernel and its backward, in Mosaic GPU's
+    interpreter here: the model's pre-activation and GELU, dh and fc1's bias gradient, to the
+    last bf16 bit but for the few elements where another order of the K sum or the rational
+    erf rounds the other way."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks import mlp_epilogue
+    from maetok_jax.layers import dense, gelu
+
+    rng = np.random.default_rng(1)
+    f32 = lambda t: np.asarray(t, np.float32)
+    x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((128, 128)) / 11.3, jnp.bfloat16)
+    b = jnp.asarray(rng.standard_normal(128), jnp.bfloat16)
+    cfg = dict(tm=64, tn=64, tk=64, steps=2)  # a 2 × 2 grid, two K steps each
+    pre, h = mlp_epilogue.mosaic_fc1_gelu(x, w, b, **cfg)
+    want_pre = dense({"w": w, "b": b}, x)
+    assert (f32(pre) == f32(want_pre)).mean() > 0.99  # K summed in another order: a few roundings
+    np.testing.assert_allclose(f32(pre), f32(want_pre), rtol=2**-7, atol=2**-7)
+    want_h = gelu(pre, lowp=True)  # the epilogue, on the kernel's own pre-activation
+    assert np.abs(f32(h) - f32(pre)).max() > 0.1  # the GELU acts
+    assert (f32(h) == f32(want_h)).mean() > 0.99
+    np.testing.assert_allclose(f32(h), f32(want_h), rtol=2**-7, atol=1e-5)
+    with pytest.raises(ValueError, match="do not divide"):
+        mlp_epilogue.mosaic_fc1_gelu(x, w, b, tm=48, tn=64, tk=64, steps=2)
+    w2 = jnp.asarray(rng.standard_normal((128, 128)) / 16, jnp.bfloat16)
+    dy = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
+    dh, db = mlp_epilogue.mosaic_fc2_grad_gelu(dy, w2, pre, **cfg)
+    (want_dh,) = jax.vjp(lambda t: gelu(t, lowp=True), pre)[1](dy @ w2.T)
+    want_db = jnp.sum(want_dh.astype(jnp.float32), axis=0)
+    assert dh.shape == (128, 128) and db.shape == (128,) and np.abs(f32(want_db)).max() > 1
+    assert (f32(dh) == f32(want_dh)).mean() > 0.99
+    np.testing.assert_allclose(f32(dh), f32(want_dh), rtol=2**-7, atol=1e-5)
+    np.testing.assert_allclose(f32(db), f32(want_db), rtol=1e-3, atol=1e-3)
