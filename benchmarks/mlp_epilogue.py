@@ -238,7 +238,7 @@ def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, tm, tn
     plgpu.copy_gmem_to_smem(b.at[pl.ds(j * tn, tn)], b_smem, bar)
     acc = _mosaic_tile(x, w, i, j, tm, tn, tk, steps)
     plgpu.barrier_wait(bar)
-    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0)).astype(jnp.float32)
+    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0))  # float32: the bf16 bias, exactly
     y = acc.astype(pre.dtype).astype(jnp.float32) + lax.broadcast_in_dim(bias, (tm, tn), [1])
     p = y.astype(pre.dtype)
     pf = p.astype(jnp.float32)
@@ -257,10 +257,10 @@ def mosaic_fc1_gelu(x, w, b, **cfg):
     (m, n), tm, tn = (x.shape[0], w.shape[1]), cfg["tm"], cfg["tn"]
     out = jax.ShapeDtypeStruct((m, n), x.dtype)
     tile = plgpu.SMEM((tm, tn), x.dtype, transforms=_swizzled(x.dtype, tn))
-    scratch = dict(
-        b_smem=plgpu.SMEM((tn,), b.dtype), pre_smem=tile, h_smem=tile, bar=plgpu.Barrier()
-    )
-    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), (x, w, b), scratch, m, n, cfg)
+    bias = plgpu.SMEM((tn,), jnp.float32)
+    scratch = dict(b_smem=bias, pre_smem=tile, h_smem=tile, bar=plgpu.Barrier())
+    operands = (x, w, b.astype(jnp.float32))
+    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), operands, scratch, m, n, cfg)
 
 
 def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, tm, tn, tk, steps):
