@@ -65,8 +65,10 @@ PY
             --unroll 12 --timeout 150 $det --label "flash${det:+ deterministic}"
       done
     done ;;
-  mlp)  # the MLP's fc1 with its bias + GELU epilogue fused, at `base`'s shape (B=256)
-    python benchmarks/mlp_epilogue.py --rows 98304 --width 768 --hidden 3072 --runs 20 ;;
+  mlp)  # the MLP's fc1 with its bias + GELU epilogue fused, at `base`'s shape (B=256);
+        # KERNELS="mosaic" times only the Mosaic GPU kernels beside XLA's
+    python benchmarks/mlp_epilogue.py --rows 98304 --width 768 --hidden 3072 --runs 20 \
+        --kernels ${KERNELS:-pallas mosaic} ;;
   trace)  # the README's "where the time goes": each part timed, then the Stage-1 step traced
     T=${OUT:-runs/trace}
     mkdir -p "$T"

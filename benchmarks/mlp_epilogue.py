@@ -302,6 +302,13 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=3072)
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=("pallas", "mosaic"),
+        default=["pallas", "mosaic"],
+        help="the fused kernels to time beside XLA's (pallas: Triton; mosaic: Mosaic GPU)",
+    )
     args = p.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     x = jnp.asarray(rng.standard_normal((args.rows, args.width)), jnp.bfloat16)
@@ -340,7 +347,7 @@ def main(argv=None) -> int:
             (x, w, b),
             (x, w),
             want,
-            [(pallas_fc1_gelu, pallas, 1), (mosaic_fc1_gelu, mosaic, 1)],
+            [("pallas", pallas_fc1_gelu, pallas, 1), ("mosaic", mosaic_fc1_gelu, mosaic, 1)],
             (x, w, b),
         ),
         (
@@ -349,14 +356,19 @@ def main(argv=None) -> int:
             (dy, w2, raw, b),
             (dy, w2.T),
             want_dh,
-            [(pallas_fc2_grad_gelu, pallas, 0), (mosaic_fc2_grad_gelu, mosaic, 0)],
+            [
+                ("pallas", pallas_fc2_grad_gelu, pallas, 0),
+                ("mosaic", mosaic_fc2_grad_gelu, mosaic, 0),
+            ],
             (dy, w2, h),
         ),
     )
     for tag, xla, xla_args, mm_args, ref, kernels, fused_args in passes:
         row(f"{tag}xla", 1e3 * timed(jax.jit(xla), *xla_args, runs=args.runs))
         row(f"{tag}xla matmul only", 1e3 * timed(jax.jit(jnp.matmul), *mm_args, runs=args.runs))
-        for fused, configs, which in kernels:
+        for family, fused, configs, which in kernels:
+            if family not in args.kernels:
+                continue
             for label, cfg in configs:
                 name = tag + label
                 fn = jax.jit(functools.partial(fused, **cfg))

@@ -462,6 +462,9 @@ def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
     assert names[3].startswith("mosaic 128×128×64 s4")
     assert names[4:6] == ["bwd xla", "bwd xla matmul only"] and names[6].startswith("bwd pallas")
     assert names[7].startswith("bwd mosaic")
+    assert mlp_epilogue.main([*argv, "--kernels", "mosaic"]) == 0
+    names = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [n.removeprefix("bwd ").split()[0] for n in names if "×" in n] == ["mosaic"] * 2
 
 
 def test_mosaic_mlp_kernels_match_the_model():
