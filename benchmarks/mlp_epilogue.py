@@ -19,10 +19,11 @@ per variant: ms, TFLOP/s of the matmul, and the largest difference from XLA's ou
   stored pre-activation, with ``fc1``'s bias gradient: XLA's matmul and fusion against one
   kernel that also writes each row block's bias sums.
 
-- ``mosaic tm×tn×tk sS``: the same two kernels in Pallas' Mosaic GPU backend: Hopper's
+- ``mosaic tm×tn×tk sS wgW``: the same two kernels in Pallas' Mosaic GPU backend: Hopper's
   asynchronous warpgroup matmul (wgmma) on tiles that TMA copies stage through shared memory,
   S of them in flight, and the epilogue on the float32 accumulator in registers (the backward
-  kernel copies its pre-activation tile in while the matmul runs).
+  kernel copies its pre-activation tile in while the matmul runs); W = 2 is warp-specialised,
+  one warpgroup streaming the operands and two computing a half of the tile each.
 
 Off the GPU the Pallas kernels run in Pallas' interpreters (Triton's, and Mosaic GPU's, which
 simulates the warpgroups, shared memory and barriers), on a small shape: a check of their
@@ -52,10 +53,17 @@ from maetok_jax.layers import dense, erf_rational, gelu, gelu_derivative, normal
 
 # (bm, bn, bk, warps, stages) tried on the GPU; the interpreter takes the first that fits
 CONFIGS = tuple(itertools.product((64, 128), (128, 256), (64,), (4, 8), (3, 4)))
-# (tm, tn, tk, steps in flight) of the Mosaic GPU kernels. Shared memory a block: 192 and 128 KB
-# for the first two, one block a multiprocessor; 80 and 104 KB for the last two, two blocks a
-# multiprocessor, so that one's epilogue can run beside the other's matmul
-MOSAIC_CONFIGS = ((128, 128, 64, 4), (128, 128, 64, 2), (64, 128, 64, 2), (64, 128, 64, 3))
+# (tm, tn, tk, steps in flight, compute warpgroups) of the Mosaic GPU kernels, tn each
+# warpgroup's columns. Shared memory a block: 192 KB for the first, one block a
+# multiprocessor; 80 and 104 KB for the next two, two blocks a multiprocessor, so that one's
+# epilogue can run beside the other's matmul; 192 and 184 KB for the warp-specialised two
+MOSAIC_CONFIGS = (
+    (128, 128, 64, 4, 1),
+    (64, 128, 64, 2, 1),
+    (64, 128, 64, 3, 1),
+    (128, 64, 64, 4, 2),
+    (64, 128, 64, 3, 2),
+)
 
 
 def xla_fc1_gelu(x, w, b):
@@ -160,10 +168,15 @@ def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
 
 
 # ------------------------------------------------------------------------ Mosaic GPU (Hopper)
+# Two designs, ``wgs`` in a config. wgs=1: one warpgroup a block issues the TMA copies and the
+# wgmmas of its (tm, tn) tile. wgs=2: warp-specialised, a memory warpgroup streams the
+# operands of a (tm, 2·tn) tile and two compute warpgroups each multiply and finish one half.
+# Both run the same epilogue on the float32 accumulator in registers.
 
 
 def _mosaic_interpreter():
-    """None on the GPU; elsewhere the parameters of Mosaic GPU's interpreter."""
+    """None on the GPU; elsewhere the parameters of Mosaic GPU's interpreter (a private module
+    of jax: the interpreter has no public name yet)."""
     if jax.default_backend() == "gpu":
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
@@ -181,105 +194,164 @@ def _load(ref, layout):
 def _swizzled(dtype, minor: int) -> tuple:
     """The shared-memory tiling and swizzle wgmma and TMA want for rows of ``minor`` elements."""
     swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
-    return plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(
-        swizzle
-    )
+    items = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, items)), plgpu.SwizzleTransform(swizzle)
 
 
-def _mosaic_tile(a_gmem, b_gmem, i, j, tm: int, tn: int, tk: int, steps: int):
-    """The float32 (tm, tn) tile (i, j) of ``a @ b``: K in steps of tk, ``steps`` TMA copies
-    in flight, one wgmma left running while the next step's operands arrive."""
-    specs = [
-        plgpu.BlockSpec(
-            (tm, tk), lambda k: (i, k), transforms=_swizzled(a_gmem.dtype, tk), delay_release=1
-        ),
-        plgpu.BlockSpec(
-            (tk, tn), lambda k: (k, j), transforms=_swizzled(b_gmem.dtype, tn), delay_release=1
-        ),
+def _operand_specs(a_gmem, b_gmem, i, j, tm: int, tn: int, tk: int) -> list:
+    """The pipelined (tm, tk) row block of a and (tk, tn) column block of b at step k."""
+    a_swz, b_swz = _swizzled(a_gmem.dtype, tk), _swizzled(b_gmem.dtype, tn)
+    return [
+        plgpu.BlockSpec((tm, tk), lambda k: (i, k), transforms=a_swz, delay_release=1),
+        plgpu.BlockSpec((tk, tn), lambda k: (k, j), transforms=b_swz, delay_release=1),
     ]
 
-    def run(acc):
-        def step(_, a_smem, b_smem):
-            plgpu.wgmma(acc, a_smem, b_smem)
-            plgpu.wgmma_wait(1)
 
-        grid = (a_gmem.shape[1] // tk,)
-        plgpu.emit_pipeline(step, grid=grid, in_specs=specs, max_concurrent_steps=steps)(
-            a_gmem, b_gmem
-        )
-        plgpu.wgmma_wait(0)
-        return acc[...]
+def _mosaic_matmul(a_gmem, b_gmem, start, finish, cfg: dict, i, j):
+    """The float32 tile (i, j) of ``a @ b``, K in steps of tk with ``steps`` TMA copies in
+    flight and one wgmma left running while the next operands arrive. The warpgroup that
+    computes a part calls ``start(part)`` before its matmul (to issue the copies its epilogue
+    reads) and ``finish(acc, part)`` after: part 0 with wgs=1; with wgs=2 the tile is
+    (tm, 2·tn) and part w is the w-th (tm, tn) half."""
+    tm, tn, tk, steps, wgs = (cfg[k] for k in ("tm", "tn", "tk", "steps", "wgs"))
+    grid = (a_gmem.shape[1] // tk,)
+    if wgs == 1:
 
-    return pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
+        def run(acc):
+            start(0)
+
+            def step(_, a_smem, b_smem):
+                plgpu.wgmma(acc, a_smem, b_smem)
+                plgpu.wgmma_wait(1)
+
+            specs = _operand_specs(a_gmem, b_gmem, i, j, tm, tn, tk)
+            plgpu.emit_pipeline(step, grid=grid, in_specs=specs, max_concurrent_steps=steps)(
+                a_gmem, b_gmem
+            )
+            plgpu.wgmma_wait(0)
+            finish(acc[...], 0)
+
+        pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
+        return
+    part = lax.axis_index("wg")
+
+    def compute(pipeline):
+        def run(acc):
+            start(part)
+            pipeline(acc)
+            plgpu.wgmma_wait(0)
+            finish(acc[...], part)
+
+        pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
+
+    def step(_, a_smem, b_smem, acc):
+        plgpu.wgmma(acc, a_smem, b_smem.at[:, pl.ds(part * tn, tn)])
+        plgpu.wgmma_wait(1)
+        return acc
+
+    plgpu.emit_pipeline_warp_specialized(
+        step,
+        grid=grid,
+        in_specs=_operand_specs(a_gmem, b_gmem, i, j, tm, 2 * tn, tk),
+        max_concurrent_steps=steps,
+        num_compute_wgs=2,
+        memory_registers=40,
+        wg_axis="wg",
+        compute_context=compute,
+    )(a_gmem, b_gmem)
 
 
 def _mosaic_launch(kernel, out_type, operands, scratch: dict, m: int, n: int, cfg: dict):
-    """``kernel(*operands, *outputs, **scratch)`` on an (m/tm, n/tn) grid of warpgroups."""
-    tm, tn, tk = cfg["tm"], cfg["tn"], cfg["tk"]
-    if m % tm or n % tn or operands[0].shape[1] % tk:
+    """``kernel(*operands, *outputs, **scratch, cfg=cfg)`` on the grid of (tm, wgs·tn) tiles;
+    each scratch buffer has one slot a compute warpgroup (a leading axis of wgs)."""
+    tm, tn, tk, wgs = cfg["tm"], cfg["tn"], cfg["tk"], cfg["wgs"]
+    if m % tm or n % (wgs * tn) or operands[0].shape[1] % tk:
         raise ValueError(
-            f"tiles {tm}×{tn}×{tk} do not divide ({m}, {operands[0].shape[1]}) @ (·, {n})"
+            f"tiles {tm}×{wgs * tn}×{tk} do not divide ({m}, {operands[0].shape[1]}) @ (·, {n})"
         )
-    body = functools.partial(kernel, **{k: cfg[k] for k in ("tm", "tn", "tk", "steps")})
+    scratch = {  # (shape, dtype, transforms) or None for a barrier
+        k: plgpu.Barrier(num_barriers=wgs)
+        if v is None
+        else plgpu.SMEM((wgs, *v[0]), v[1], transforms=v[2])
+        for k, v in scratch.items()
+    }
+    threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
     return plgpu.kernel(
-        body,
+        functools.partial(kernel, cfg=cfg),
         out_type=out_type,
         scratch_types=scratch,
-        grid=(m // tm, n // tn),
+        grid=(m // tm, n // (wgs * tn)),
         grid_names=("m", "n"),
         interpret=_mosaic_interpreter(),
+        **threads,
     )(*operands)
 
 
-def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, tm, tn, tk, steps):
-    """One (tm, tn) tile: the pre-activation rounded as the model rounds it (the matmul's bf16
-    output plus the bf16 bias) and its erf GELU, both written from the accumulator."""
-    i, j = lax.axis_index("m"), lax.axis_index("n")
-    plgpu.copy_gmem_to_smem(b.at[pl.ds(j * tn, tn)], b_smem, bar)
-    acc = _mosaic_tile(x, w, i, j, tm, tn, tk, steps)
-    plgpu.barrier_wait(bar)
-    bias = _load(b_smem, plgpu.Layout.WGMMA.reduce(0))  # float32: the bf16 bias, exactly
-    y = acc.astype(pre.dtype).astype(jnp.float32) + lax.broadcast_in_dim(bias, (tm, tn), [1])
-    p = y.astype(pre.dtype)
-    pf = p.astype(jnp.float32)
-    pre_smem[...] = p
-    h_smem[...] = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
-    plgpu.commit_smem()
-    tile = (pl.ds(i * tm, tm), pl.ds(j * tn, tn))
-    plgpu.copy_smem_to_gmem(pre_smem, pre.at[tile])
-    plgpu.copy_smem_to_gmem(h_smem, h.at[tile])
-    plgpu.wait_smem_to_gmem(0)
+def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, cfg):
+    """One tile: the pre-activation rounded as the model rounds it (the matmul's bf16 output
+    plus the bf16 bias) and its erf GELU, both written from the accumulator."""
+    i, j, tm, tn = lax.axis_index("m"), lax.axis_index("n"), cfg["tm"], cfg["tn"]
+
+    def cols(part):
+        return pl.ds((j * cfg["wgs"] + part) * tn, tn)
+
+    def start(part):
+        plgpu.copy_gmem_to_smem(b.at[cols(part)], b_smem.at[part], bar.at[part])
+
+    def finish(acc, part):
+        plgpu.barrier_wait(bar.at[part])
+        bias = _load(b_smem.at[part], plgpu.Layout.WGMMA.reduce(0))  # float32: the bf16 bias
+        y = acc.astype(pre.dtype).astype(jnp.float32) + lax.broadcast_in_dim(bias, (tm, tn), [1])
+        p = y.astype(pre.dtype)
+        pf = p.astype(jnp.float32)
+        pre_smem[part] = p
+        h_smem[part] = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
+        plgpu.commit_smem()
+        tile = (pl.ds(i * tm, tm), cols(part))
+        plgpu.copy_smem_to_gmem(pre_smem.at[part], pre.at[tile])
+        plgpu.copy_smem_to_gmem(h_smem.at[part], h.at[tile])
+        plgpu.wait_smem_to_gmem(0)
+
+    _mosaic_matmul(x, w, start, finish, cfg, i, j)
 
 
 def mosaic_fc1_gelu(x, w, b, **cfg):
     """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one Mosaic GPU kernel;
-    ``cfg``: tm, tn, tk, steps."""
+    ``cfg``: tm, tn, tk, steps, wgs."""
     (m, n), tm, tn = (x.shape[0], w.shape[1]), cfg["tm"], cfg["tn"]
     out = jax.ShapeDtypeStruct((m, n), x.dtype)
-    tile = plgpu.SMEM((tm, tn), x.dtype, transforms=_swizzled(x.dtype, tn))
-    bias = plgpu.SMEM((tn,), jnp.float32)
-    scratch = dict(b_smem=bias, pre_smem=tile, h_smem=tile, bar=plgpu.Barrier())
+    tile = ((tm, tn), x.dtype, _swizzled(x.dtype, tn))
+    scratch = dict(b_smem=((tn,), jnp.float32, ()), pre_smem=tile, h_smem=tile, bar=None)
     operands = (x, w, b.astype(jnp.float32))
     return _mosaic_launch(_mosaic_fwd_kernel, (out, out), operands, scratch, m, n, cfg)
 
 
-def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, tm, tn, tk, steps):
-    """One (tm, tn) tile of ``dh = (dy @ w2ᵀ) · GELU'(pre)`` and its column sums; the
-    pre-activation tile is copied in while the matmul runs."""
-    i, j = lax.axis_index("m"), lax.axis_index("n")
-    tile = (pl.ds(i * tm, tm), pl.ds(j * tn, tn))
-    plgpu.copy_gmem_to_smem(pre.at[tile], pre_smem, bar)
-    acc = _mosaic_tile(dy, w2t, i, j, tm, tn, tk, steps)
-    plgpu.barrier_wait(bar)
-    pf = _load(pre_smem, plgpu.Layout.WGMMA).astype(jnp.float32)
-    da = acc.astype(dh.dtype).astype(jnp.float32)  # rounded as the model's matmul writes it
-    d = (da * gelu_derivative(pf, erf_rational)).astype(dh.dtype)
-    dh_smem[...] = d
-    db_smem[...] = jnp.sum(d.astype(jnp.float32), axis=0)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(dh_smem, dh.at[tile])
-    plgpu.copy_smem_to_gmem(db_smem, db.at[i, pl.ds(j * tn, tn)])
-    plgpu.wait_smem_to_gmem(0)
+def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, cfg):
+    """One tile of ``dh = (dy @ w2ᵀ) · GELU'(pre)`` and its column sums."""
+    i, j, tm, tn = lax.axis_index("m"), lax.axis_index("n"), cfg["tm"], cfg["tn"]
+
+    def cols(part):
+        return pl.ds((j * cfg["wgs"] + part) * tn, tn)
+
+    def tile(part):
+        return pl.ds(i * tm, tm), cols(part)
+
+    def start(part):  # the pre-activation tile arrives while the matmul runs
+        plgpu.copy_gmem_to_smem(pre.at[tile(part)], pre_smem.at[part], bar.at[part])
+
+    def finish(acc, part):
+        plgpu.barrier_wait(bar.at[part])
+        pf = _load(pre_smem.at[part], plgpu.Layout.WGMMA).astype(jnp.float32)
+        da = acc.astype(dh.dtype).astype(jnp.float32)  # rounded as the model's matmul writes it
+        d = (da * gelu_derivative(pf, erf_rational)).astype(dh.dtype)
+        dh_smem[part] = d
+        db_smem[part] = jnp.sum(d.astype(jnp.float32), axis=0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(dh_smem.at[part], dh.at[tile(part)])
+        plgpu.copy_smem_to_gmem(db_smem.at[part], db.at[i, cols(part)])
+        plgpu.wait_smem_to_gmem(0)
+
+    _mosaic_matmul(dy, w2t, start, finish, cfg, i, j)
 
 
 def mosaic_fc2_grad_gelu(dy, w2, pre, **cfg):
@@ -287,10 +359,8 @@ def mosaic_fc2_grad_gelu(dy, w2, pre, **cfg):
     (``pre`` the stored pre-activation)."""
     (m, n), tm, tn = pre.shape, cfg["tm"], cfg["tn"]
     out = (jax.ShapeDtypeStruct((m, n), dy.dtype), jax.ShapeDtypeStruct((m // tm, n), jnp.float32))
-    tile = plgpu.SMEM((tm, tn), dy.dtype, transforms=_swizzled(dy.dtype, tn))
-    scratch = dict(
-        pre_smem=tile, dh_smem=tile, db_smem=plgpu.SMEM((tn,), jnp.float32), bar=plgpu.Barrier()
-    )
+    tile = ((tm, tn), dy.dtype, _swizzled(dy.dtype, tn))
+    scratch = dict(pre_smem=tile, dh_smem=tile, db_smem=((tn,), jnp.float32, ()), bar=None)
     d, partial = _mosaic_launch(_mosaic_bwd_kernel, out, (dy, w2.T, pre), scratch, m, n, cfg)
     return d, jnp.sum(partial, axis=0)
 
@@ -336,7 +406,10 @@ def main(argv=None) -> int:
         for c in CONFIGS
     ]
     mosaic = [
-        (f"mosaic {c[0]}×{c[1]}×{c[2]} s{c[3]}", dict(zip(("tm", "tn", "tk", "steps"), c)))
+        (
+            f"mosaic {c[0]}×{c[1] * c[4]}×{c[2]} s{c[3]} wg{c[4]}",
+            dict(zip(("tm", "tn", "tk", "steps", "wgs"), c)),
+        )
         for c in MOSAIC_CONFIGS
     ]
     passes = (  # (tag, XLA's way and its inputs, the matmul alone, the reference, and each

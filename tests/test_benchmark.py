@@ -467,11 +467,12 @@ def test_mlp_epilogue_kernel_matches_the_model_and_prints_its_rows(capsys):
     assert [n.removeprefix("bwd ").split()[0] for n in names if "×" in n] == ["mosaic"] * 2
 
 
-def test_mosaic_mlp_kernels_match_the_model():
+@pytest.mark.parametrize("wgs", [1, 2])
+def test_mosaic_mlp_kernels_match_the_model(wgs):
     """The Mosaic GPU (wgmma) fc1 + bias + GELU kernel and its backward, in Mosaic GPU's
-    interpreter here: the model's pre-activation and GELU, dh and fc1's bias gradient, to the
-    last bf16 bit but for the few elements where another order of the K sum or the rational
-    erf rounds the other way."""
+    interpreter here, with one warpgroup a block and warp-specialised with two: the model's
+    pre-activation and GELU, dh and fc1's bias gradient, to the last bf16 bit but for the few
+    elements where another order of the K sum or the rational erf rounds the other way."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -484,7 +485,8 @@ def test_mosaic_mlp_kernels_match_the_model():
     x = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((128, 128)) / 11.3, jnp.bfloat16)
     b = jnp.asarray(rng.standard_normal(128), jnp.bfloat16)
-    cfg = dict(tm=64, tn=64, tk=64, steps=2)  # a 2 × 2 grid, two K steps each
+    # a 2 × 2 grid of 64 × 64 tiles (wgs=1) or a 2 × 1 grid of two 64 × 64 halves; 2 K steps
+    cfg = dict(tm=64, tn=64, tk=64, steps=2, wgs=wgs)
     pre, h = mlp_epilogue.mosaic_fc1_gelu(x, w, b, **cfg)
     want_pre = dense({"w": w, "b": b}, x)
     assert (f32(pre) == f32(want_pre)).mean() > 0.99  # K summed in another order: a few roundings
@@ -494,7 +496,7 @@ def test_mosaic_mlp_kernels_match_the_model():
     assert (f32(h) == f32(want_h)).mean() > 0.99
     np.testing.assert_allclose(f32(h), f32(want_h), rtol=2**-7, atol=1e-5)
     with pytest.raises(ValueError, match="do not divide"):
-        mlp_epilogue.mosaic_fc1_gelu(x, w, b, tm=48, tn=64, tk=64, steps=2)
+        mlp_epilogue.mosaic_fc1_gelu(x, w, b, **{**cfg, "tm": 48})
     w2 = jnp.asarray(rng.standard_normal((128, 128)) / 16, jnp.bfloat16)
     dy = jnp.asarray(rng.standard_normal((128, 128)), jnp.bfloat16)
     dh, db = mlp_epilogue.mosaic_fc2_grad_gelu(dy, w2, pre, **cfg)
