@@ -449,7 +449,8 @@ def main(argv=None) -> int:
                     got = fn(*fused_args)[which]
                     ms = 1e3 * timed(fn, *fused_args, runs=args.runs)
                 except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
-                    print(f"{name:34s} failed: {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+                    why = (str(e).splitlines() or [""])[0][:300]  # enough to name the op
+                    print(f"{name:34s} failed: {type(e).__name__}: {why}")
                     continue
                 diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
                 row(name, ms, f"{float(diff):.3g}")
