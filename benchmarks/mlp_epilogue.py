@@ -66,6 +66,11 @@ MOSAIC_CONFIGS = (
 )
 
 
+def _on_gpu() -> bool:
+    """Whether the kernels compile for the GPU (elsewhere they run in Pallas' interpreters)."""
+    return jax.default_backend() == "gpu"
+
+
 def xla_fc1_gelu(x, w, b):
     """The model's ``fc1`` and GELU: (raw matmul output, GELU of it plus the bias)."""
     raw = x @ w
@@ -104,7 +109,7 @@ def _launch(kernel, out_shape, operands, more_blocks, out_blocks, cfg: dict):
     bm, bn, bk = cfg["bm"], cfg["bn"], cfg["bk"]
     if m % bm or n % bn or k % bk:
         raise ValueError(f"blocks {bm}×{bn}×{bk} do not divide ({m}, {k}) @ ({k}, {n})")
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = _on_gpu()
     params = plt.CompilerParams(num_warps=cfg["warps"], num_stages=cfg["stages"])
     return pl.pallas_call(
         functools.partial(kernel, bk=bk),
@@ -177,7 +182,7 @@ def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
 def _mosaic_interpreter():
     """None on the GPU; elsewhere the parameters of Mosaic GPU's interpreter (a private module
     of jax: the interpreter has no public name yet)."""
-    if jax.default_backend() == "gpu":
+    if _on_gpu():
         return None
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -186,7 +191,7 @@ def _mosaic_interpreter():
 
 def _load(ref, layout):
     """``ref``'s value in registers laid out as ``layout`` (the interpreter has no layouts)."""
-    if jax.default_backend() == "gpu":
+    if _on_gpu():
         return plgpu.load(ref, (), layout=layout)
     return ref[...]
 
@@ -261,20 +266,25 @@ def _mosaic_matmul(a_gmem, b_gmem, start, finish, cfg: dict, i, j):
     )(a_gmem, b_gmem)
 
 
-def _mosaic_launch(kernel, out_type, operands, scratch: dict, m: int, n: int, cfg: dict):
-    """``kernel(*operands, *outputs, **scratch, cfg=cfg)`` on the grid of (tm, wgs·tn) tiles;
-    each scratch buffer has one slot a compute warpgroup (a leading axis of wgs)."""
+def _slots(shape, dtype, cfg: dict, swizzled: bool = False):
+    """A shared-memory buffer of ``shape`` for each compute warpgroup: (wgs, *shape)."""
+    transforms = _swizzled(dtype, shape[-1]) if swizzled else ()
+    return plgpu.SMEM((cfg["wgs"], *shape), dtype, transforms=transforms)
+
+
+def _part_tile(i, j, part: int, cfg: dict):
+    """The (rows, columns) of the output that compute warpgroup ``part`` of block (i, j) owns."""
+    tm, tn = cfg["tm"], cfg["tn"]
+    return pl.ds(i * tm, tm), pl.ds((j * cfg["wgs"] + part) * tn, tn)
+
+
+def _mosaic_launch(kernel, out_type, operands, scratch: dict, cfg: dict):
+    """``kernel(*operands, *outputs, **scratch, cfg=cfg)`` on the grid of (tm, wgs·tn) tiles
+    of the first output."""
+    (m, n), k = out_type[0].shape, operands[0].shape[1]
     tm, tn, tk, wgs = cfg["tm"], cfg["tn"], cfg["tk"], cfg["wgs"]
-    if m % tm or n % (wgs * tn) or operands[0].shape[1] % tk:
-        raise ValueError(
-            f"tiles {tm}×{wgs * tn}×{tk} do not divide ({m}, {operands[0].shape[1]}) @ (·, {n})"
-        )
-    scratch = {  # (shape, dtype, transforms) or None for a barrier
-        k: plgpu.Barrier(num_barriers=wgs)
-        if v is None
-        else plgpu.SMEM((wgs, *v[0]), v[1], transforms=v[2])
-        for k, v in scratch.items()
-    }
+    if m % tm or n % (wgs * tn) or k % tk:
+        raise ValueError(f"tiles {tm}×{wgs * tn}×{tk} do not divide ({m}, {k}) @ ({k}, {n})")
     threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
     return plgpu.kernel(
         functools.partial(kernel, cfg=cfg),
@@ -292,11 +302,9 @@ def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, cfg):
     plus the bf16 bias) and its erf GELU, both written from the accumulator."""
     i, j, tm, tn = lax.axis_index("m"), lax.axis_index("n"), cfg["tm"], cfg["tn"]
 
-    def cols(part):
-        return pl.ds((j * cfg["wgs"] + part) * tn, tn)
-
     def start(part):
-        plgpu.copy_gmem_to_smem(b.at[cols(part)], b_smem.at[part], bar.at[part])
+        _, cols = _part_tile(i, j, part, cfg)
+        plgpu.copy_gmem_to_smem(b.at[cols], b_smem.at[part], bar.at[part])
 
     def finish(acc, part):
         plgpu.barrier_wait(bar.at[part])
@@ -307,7 +315,7 @@ def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, cfg):
         pre_smem[part] = p
         h_smem[part] = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
         plgpu.commit_smem()
-        tile = (pl.ds(i * tm, tm), cols(part))
+        tile = _part_tile(i, j, part, cfg)
         plgpu.copy_smem_to_gmem(pre_smem.at[part], pre.at[tile])
         plgpu.copy_smem_to_gmem(h_smem.at[part], h.at[tile])
         plgpu.wait_smem_to_gmem(0)
@@ -318,26 +326,22 @@ def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, cfg):
 def mosaic_fc1_gelu(x, w, b, **cfg):
     """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one Mosaic GPU kernel;
     ``cfg``: tm, tn, tk, steps, wgs."""
-    (m, n), tm, tn = (x.shape[0], w.shape[1]), cfg["tm"], cfg["tn"]
-    out = jax.ShapeDtypeStruct((m, n), x.dtype)
-    tile = ((tm, tn), x.dtype, _swizzled(x.dtype, tn))
-    scratch = dict(b_smem=((tn,), jnp.float32, ()), pre_smem=tile, h_smem=tile, bar=None)
+    out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
+    tile = _slots((cfg["tm"], cfg["tn"]), x.dtype, cfg, swizzled=True)
+    bias = _slots((cfg["tn"],), jnp.float32, cfg)
+    bar = plgpu.Barrier(num_barriers=cfg["wgs"])
+    scratch = dict(b_smem=bias, pre_smem=tile, h_smem=tile, bar=bar)
     operands = (x, w, b.astype(jnp.float32))
-    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), operands, scratch, m, n, cfg)
+    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), operands, scratch, cfg)
 
 
 def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, cfg):
     """One tile of ``dh = (dy @ w2ᵀ) · GELU'(pre)`` and its column sums."""
-    i, j, tm, tn = lax.axis_index("m"), lax.axis_index("n"), cfg["tm"], cfg["tn"]
-
-    def cols(part):
-        return pl.ds((j * cfg["wgs"] + part) * tn, tn)
-
-    def tile(part):
-        return pl.ds(i * tm, tm), cols(part)
+    i, j = lax.axis_index("m"), lax.axis_index("n")
 
     def start(part):  # the pre-activation tile arrives while the matmul runs
-        plgpu.copy_gmem_to_smem(pre.at[tile(part)], pre_smem.at[part], bar.at[part])
+        tile = _part_tile(i, j, part, cfg)
+        plgpu.copy_gmem_to_smem(pre.at[tile], pre_smem.at[part], bar.at[part])
 
     def finish(acc, part):
         plgpu.barrier_wait(bar.at[part])
@@ -347,8 +351,9 @@ def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *,
         dh_smem[part] = d
         db_smem[part] = jnp.sum(d.astype(jnp.float32), axis=0)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(dh_smem.at[part], dh.at[tile(part)])
-        plgpu.copy_smem_to_gmem(db_smem.at[part], db.at[i, cols(part)])
+        rows, cols = _part_tile(i, j, part, cfg)
+        plgpu.copy_smem_to_gmem(dh_smem.at[part], dh.at[rows, cols])
+        plgpu.copy_smem_to_gmem(db_smem.at[part], db.at[i, cols])
         plgpu.wait_smem_to_gmem(0)
 
     _mosaic_matmul(dy, w2t, start, finish, cfg, i, j)
@@ -359,9 +364,11 @@ def mosaic_fc2_grad_gelu(dy, w2, pre, **cfg):
     (``pre`` the stored pre-activation)."""
     (m, n), tm, tn = pre.shape, cfg["tm"], cfg["tn"]
     out = (jax.ShapeDtypeStruct((m, n), dy.dtype), jax.ShapeDtypeStruct((m // tm, n), jnp.float32))
-    tile = ((tm, tn), dy.dtype, _swizzled(dy.dtype, tn))
-    scratch = dict(pre_smem=tile, dh_smem=tile, db_smem=((tn,), jnp.float32, ()), bar=None)
-    d, partial = _mosaic_launch(_mosaic_bwd_kernel, out, (dy, w2.T, pre), scratch, m, n, cfg)
+    tile = _slots((tm, tn), dy.dtype, cfg, swizzled=True)
+    sums = _slots((tn,), jnp.float32, cfg)
+    bar = plgpu.Barrier(num_barriers=cfg["wgs"])
+    scratch = dict(pre_smem=tile, dh_smem=tile, db_smem=sums, bar=bar)
+    d, partial = _mosaic_launch(_mosaic_bwd_kernel, out, (dy, w2.T, pre), scratch, cfg)
     return d, jnp.sum(partial, axis=0)
 
 
@@ -454,7 +461,7 @@ def main(argv=None) -> int:
                     continue
                 diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
                 row(name, ms, f"{float(diff):.3g}")
-                if jax.default_backend() != "gpu":
+                if not _on_gpu():
                     break  # the interpreter: one config checks the values
     return 0
 
