@@ -19,11 +19,15 @@ per variant: ms, TFLOP/s of the matmul, and the largest difference from XLA's ou
   stored pre-activation, with ``fc1``'s bias gradient: XLA's matmul and fusion against one
   kernel that also writes each row block's bias sums.
 
-- ``mosaic tm×tn×tk sS wgW``: the same two kernels in Pallas' Mosaic GPU backend: Hopper's
-  asynchronous warpgroup matmul (wgmma) on tiles that TMA copies stage through shared memory,
-  S of them in flight, and the epilogue on the float32 accumulator in registers (the backward
-  kernel copies its pre-activation tile in while the matmul runs); W = 2 is warp-specialised,
-  one warpgroup streaming the operands and two computing a half of the tile each.
+- ``mosaic tm×tn×tk sS split eE [approx]``: the same two kernels in Pallas' Mosaic GPU
+  backend, persistent (a block a multiprocessor walking its tiles) and warp-specialised (a
+  memory warpgroup streams the operands by TMA through S shared-memory slots, two compute
+  warpgroups run Hopper's wgmma): each compute warpgroup finishes a (tm, tn) part on its
+  float32 accumulator in E-column chunks, while its stores and the next tile's operands are
+  in flight. ``split``: the parts stacked (m) or side by side (n) in one tile, or whole tiles
+  taken in turn (pp, ping-pong); ``approx``: the compiler's approximate math. Each forward
+  row is followed by ``… matmul only``, the same kernel storing the bare product: the floor
+  the epilogue adds to.
 
 Off the GPU the Pallas kernels run in Pallas' interpreters (Triton's, and Mosaic GPU's, which
 simulates the warpgroups, shared memory and barriers), on a small shape: a check of their
@@ -53,16 +57,18 @@ from maetok_jax.layers import dense, erf_rational, gelu, gelu_derivative, normal
 
 # (bm, bn, bk, warps, stages) tried on the GPU; the interpreter takes the first that fits
 CONFIGS = tuple(itertools.product((64, 128), (128, 256), (64,), (4, 8), (3, 4)))
-# (tm, tn, tk, steps in flight, compute warpgroups) of the Mosaic GPU kernels, tn each
-# warpgroup's columns. Shared memory a block: 192 KB for the first, one block a
-# multiprocessor; 80 and 104 KB for the next two, two blocks a multiprocessor, so that one's
-# epilogue can run beside the other's matmul; 192 and 184 KB for the warp-specialised two
+# (tm, tn, tk, steps in flight, split, epilogue chunk columns, approximate math) of the
+# Mosaic GPU kernels: each compute warpgroup's (tm, tn) part of a tile, the two parts stacked
+# ("m"), side by side ("n"), or whole tiles taken in turn ("pp", ping-pong). Shared memory
+# a block: the operand slots (48 KB a step for a 128 × 256 tile; 32 KB a step and warpgroup
+# for ping-pong) and the epilogue's chunks (64 KB). tk = 32 (a 64-byte swizzle) does not
+# lower: Mosaic GPU finds no layouts for it
 MOSAIC_CONFIGS = (
-    (128, 128, 64, 4, 1),
-    (64, 128, 64, 2, 1),
-    (64, 128, 64, 3, 1),
-    (128, 64, 64, 4, 2),
-    (64, 128, 64, 3, 2),
+    (128, 128, 64, 3, "n", 64, False),
+    (128, 128, 64, 3, "m", 64, False),
+    (128, 64, 64, 4, "n", 64, False),
+    (128, 128, 64, 2, "pp", 64, False),
+    (128, 128, 64, 3, "n", 64, True),
 )
 
 
@@ -173,10 +179,13 @@ def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
 
 
 # ------------------------------------------------------------------------ Mosaic GPU (Hopper)
-# Two designs, ``wgs`` in a config. wgs=1: one warpgroup a block issues the TMA copies and the
-# wgmmas of its (tm, tn) tile. wgs=2: warp-specialised, a memory warpgroup streams the
-# operands of a (tm, 2·tn) tile and two compute warpgroups each multiply and finish one half.
-# Both run the same epilogue on the float32 accumulator in registers.
+# One persistent, warp-specialised design: a block a multiprocessor, each walking its share of
+# the output's (2·tm, tn) or (tm, 2·tn) block tiles. In a block, one memory warpgroup streams
+# the operands through ``steps`` shared-memory slots (TMA) and two compute warpgroups multiply
+# (wgmma) and finish a (tm, tn) half each. A half's epilogue inputs are copied in before its
+# matmul starts, and its outputs leave by TMA stores that are only waited for when the next
+# tile's epilogue needs the buffers: they overlap the next tile's matmul, as does the memory
+# warpgroup's streaming of the next tile's operands.
 
 
 def _mosaic_interpreter():
@@ -187,6 +196,12 @@ def _mosaic_interpreter():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
+
+
+def _multiprocessors() -> int:
+    """The blocks of a persistent kernel: the GPU's multiprocessors (two in the interpreter, so
+    that each walks several tiles)."""
+    return jax.devices()[0].core_count if _on_gpu() else 2
 
 
 def _load(ref, layout):
@@ -203,172 +218,307 @@ def _swizzled(dtype, minor: int) -> tuple:
     return plgpu.TilingTransform((8, items)), plgpu.SwizzleTransform(swizzle)
 
 
-def _operand_specs(a_gmem, b_gmem, i, j, tm: int, tn: int, tk: int) -> list:
-    """The pipelined (tm, tk) row block of a and (tk, tn) column block of b at step k."""
-    a_swz, b_swz = _swizzled(a_gmem.dtype, tk), _swizzled(b_gmem.dtype, tn)
-    return [
-        plgpu.BlockSpec((tm, tk), lambda k: (i, k), transforms=a_swz, delay_release=1),
-        plgpu.BlockSpec((tk, tn), lambda k: (k, j), transforms=b_swz, delay_release=1),
-    ]
+def _block(cfg: dict) -> tuple:
+    """A block tile's (rows, columns): the two compute warpgroups' halves stacked ("m") or
+    side by side ("n"), or with "pp" (ping-pong) each warpgroup's own whole tile."""
+    tm, tn, split = cfg["tm"], cfg["tn"], cfg["split"]
+    return {"m": (2 * tm, tn), "n": (tm, 2 * tn), "pp": (tm, tn)}[split]
 
 
-def _mosaic_matmul(a_gmem, b_gmem, start, finish, cfg: dict, i, j):
-    """The float32 tile (i, j) of ``a @ b``, K in steps of tk with ``steps`` TMA copies in
-    flight and one wgmma left running while the next operands arrive. The warpgroup that
-    computes a part calls ``start(part)`` before its matmul (to issue the copies its epilogue
-    reads) and ``finish(acc, part)`` after: part 0 with wgs=1; with wgs=2 the tile is
-    (tm, 2·tn) and part w is the w-th (tm, tn) half."""
-    tm, tn, tk, steps, wgs = (cfg[k] for k in ("tm", "tn", "tk", "steps", "wgs"))
-    grid = (a_gmem.shape[1] // tk,)
-    if wgs == 1:
-
-        def run(acc):
-            start(0)
-
-            def step(_, a_smem, b_smem):
-                plgpu.wgmma(acc, a_smem, b_smem)
-                plgpu.wgmma_wait(1)
-
-            specs = _operand_specs(a_gmem, b_gmem, i, j, tm, tn, tk)
-            plgpu.emit_pipeline(step, grid=grid, in_specs=specs, max_concurrent_steps=steps)(
-                a_gmem, b_gmem
-            )
-            plgpu.wgmma_wait(0)
-            finish(acc[...], 0)
-
-        pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
-        return
-    part = lax.axis_index("wg")
-
-    def compute(pipeline):
-        def run(acc):
-            start(part)
-            pipeline(acc)
-            plgpu.wgmma_wait(0)
-            finish(acc[...], part)
-
-        pl.run_scoped(run, plgpu.ACC((tm, tn), jnp.float32))
-
-    def step(_, a_smem, b_smem, acc):
-        plgpu.wgmma(acc, a_smem, b_smem.at[:, pl.ds(part * tn, tn)])
-        plgpu.wgmma_wait(1)
-        return acc
-
-    plgpu.emit_pipeline_warp_specialized(
-        step,
-        grid=grid,
-        in_specs=_operand_specs(a_gmem, b_gmem, i, j, tm, 2 * tn, tk),
-        max_concurrent_steps=steps,
-        num_compute_wgs=2,
-        memory_registers=40,
-        wg_axis="wg",
-        compute_context=compute,
-    )(a_gmem, b_gmem)
-
-
-def _slots(shape, dtype, cfg: dict, swizzled: bool = False):
-    """A shared-memory buffer of ``shape`` for each compute warpgroup: (wgs, *shape)."""
+def _slots(shape, dtype, swizzled: bool = False):
+    """A shared-memory buffer of ``shape`` for each compute warpgroup: (2, *shape)."""
     transforms = _swizzled(dtype, shape[-1]) if swizzled else ()
-    return plgpu.SMEM((cfg["wgs"], *shape), dtype, transforms=transforms)
+    return plgpu.SMEM((2, *shape), dtype, transforms=transforms)
 
 
-def _part_tile(i, j, part: int, cfg: dict):
-    """The (rows, columns) of the output that compute warpgroup ``part`` of block (i, j) owns."""
-    tm, tn = cfg["tm"], cfg["tn"]
-    return pl.ds(i * tm, tm), pl.ds((j * cfg["wgs"] + part) * tn, tn)
+def _mosaic_persistent(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: dict):
+    """The body of a persistent kernel over the (M, N) = ``shape`` product ``a @ b``. For each
+    (tm, tn) half a compute warpgroup owns, ``start(part, rows, cols, **buffers)`` issues the
+    copies its epilogue reads (``part``: the warpgroup; ``rows``, ``cols``: the half's slices
+    of the output), the float32 accumulator is computed, and ``finish(acc, part, rows, cols,
+    **buffers)`` writes it out; ``buffers``: the shared-memory ``scratch``."""
+    tm, tn, tk = cfg["tm"], cfg["tn"], cfg["tk"]
+    (bm, bn), (m, n), k = _block(cfg), shape, a_gmem.shape[1]
+    along_m = cfg["split"] == "m"
+
+    def pipeline(step, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            step,
+            grid=(k // tk,),
+            in_specs=[
+                plgpu.BlockSpec((bm, tk), lambda s: (0, s), transforms=_swizzled(a_gmem.dtype, tk)),
+                plgpu.BlockSpec((tk, bn), lambda s: (s, 0), transforms=_swizzled(b_gmem.dtype, bn)),
+            ],
+            max_concurrent_steps=cfg["steps"],
+            num_compute_wgs=2,
+            memory_registers=40,
+            wg_axis="wg",
+            compute_context=context,
+        )
+
+    def scope(allocations, **buffers):
+        part = lax.axis_index("wg")
+        rows_of, cols_of = pl.ds(part * tm, tm), pl.ds(part * tn, tn)
+        half = (rows_of, slice(None)) if along_m else (slice(None), cols_of)
+
+        @plgpu.nd_loop(((m // bm) * (n // bn),), collective_axes="sm")
+        def _tile(info):
+            (t,) = info.index
+            i, j = t // (n // bn), t % (n // bn)  # along N first: neighbours share A's rows
+            rows = pl.ds(i * bm + (part * tm if along_m else 0), tm)
+            cols = pl.ds(j * bn + (0 if along_m else part * tn), tn)
+
+            def context(run):
+                def with_acc(acc):
+                    start(part, rows, cols, **buffers)
+                    run(acc)
+                    finish(acc[...], part, rows, cols, **buffers)
+
+                pl.run_scoped(with_acc, plgpu.ACC((tm, tn), jnp.float32))
+
+            def step(_, a_smem, b_smem, acc):
+                plgpu.wgmma(acc, a_smem.at[half[0]], b_smem.at[:, half[1]])
+                plgpu.wgmma_wait(0)
+                return acc
+
+            a_rows, b_cols = a_gmem.at[pl.ds(i * bm, bm), :], b_gmem.at[:, pl.ds(j * bn, bn)]
+            pipeline(step, context)(a_rows, b_cols, allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores, before the block ends
+
+    def ignore(*_, **__):
+        return None
+
+    allocations = pipeline(ignore, ignore).get_allocations(a_gmem, b_gmem)
+    pl.run_scoped(scope, allocations=allocations, **scratch, collective_axes="wg")
 
 
-def _mosaic_launch(kernel, out_type, operands, scratch: dict, cfg: dict):
-    """``kernel(*operands, *outputs, **scratch, cfg=cfg)`` on the grid of (tm, wgs·tn) tiles
-    of the first output."""
+def _mosaic_pingpong(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: dict):
+    """:func:`_mosaic_persistent`'s contract, scheduled ping-pong: the two compute warpgroups
+    take a block's tiles in turn, each a whole (tm, tn) tile with its own ``steps`` operand
+    slots, so that one's epilogue runs while the other's matmul has the tensor cores. The
+    memory warpgroup streams the tiles' operands in order, each into its warpgroup's slots."""
+    tm, tn, tk, slots = cfg["tm"], cfg["tn"], cfg["tk"], cfg["steps"]
+    (m, n), k = shape, a_gmem.shape[1]
+    ks, across = k // tk, n // tn
+    a_swz, b_swz = _swizzled(a_gmem.dtype, tk), _swizzled(b_gmem.dtype, tn)
+    operands = dict(
+        a_slots=plgpu.SMEM((2, slots, tm, tk), a_gmem.dtype, transforms=a_swz),
+        b_slots=plgpu.SMEM((2, slots, tk, tn), b_gmem.dtype, transforms=b_swz),
+        ready=plgpu.Barrier(num_arrivals=2, num_barriers=2 * slots),  # a's and b's copies
+        consumed=plgpu.Barrier(num_arrivals=1, num_barriers=2 * slots),
+    )
+
+    def scope(a_slots, b_slots, ready, consumed, **buffers):
+        block, blocks = lax.axis_index("sm"), lax.axis_size("sm")
+        mine = ((m // tm) * across - block + blocks - 1) // blocks  # tiles block, block + blocks, …
+        wg = lax.axis_index("wg")
+
+        def where(q):  # the q-th tile of this block: its (rows, cols) in the output
+            t = block + q * blocks
+            return pl.ds((t // across) * tm, tm), pl.ds((t % across) * tn, tn)
+
+        def memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            @pl.loop(0, mine)
+            def _tile(q):
+                rows, cols = where(q)
+                ring = q % 2
+
+                @pl.loop(0, ks)
+                def _step(s):
+                    use = (q // 2) * ks + s  # this ring's steps so far
+                    slot = ring * slots + use % slots
+
+                    @pl.when(use >= slots)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[slot])
+
+                    ring_slot = (ring, use % slots)
+                    plgpu.copy_gmem_to_smem(
+                        a_gmem.at[rows, pl.ds(s * tk, tk)], a_slots.at[ring_slot], ready.at[slot]
+                    )
+                    plgpu.copy_gmem_to_smem(
+                        b_gmem.at[pl.ds(s * tk, tk), cols], b_slots.at[ring_slot], ready.at[slot]
+                    )
+
+            for ring in (0, 1):  # the last uses' releases, so that no barrier is left mid-phase
+                uses = (mine - ring + 1) // 2 * ks
+
+                @pl.loop(lax.max(uses - slots, 0), uses)
+                def _drain(use, first=ring * slots):
+                    plgpu.barrier_wait(consumed.at[first + use % slots])
+
+        def compute():
+            plgpu.set_max_registers(232, action="increase")
+
+            @pl.loop(0, (mine - wg + 1) // 2)
+            def _tile(turn):
+                rows, cols = where(2 * turn + wg)
+
+                def with_acc(acc):
+                    start(wg, rows, cols, **buffers)
+
+                    @pl.loop(0, ks)
+                    def _step(s):
+                        use = turn * ks + s
+                        plgpu.barrier_wait(ready.at[wg * slots + use % slots])
+                        plgpu.wgmma(acc, a_slots.at[wg, use % slots], b_slots.at[wg, use % slots])
+                        plgpu.wgmma_wait(1)  # the step before has finished with its slot
+
+                        @pl.when(s > 0)
+                        def _():
+                            plgpu.barrier_arrive(consumed.at[wg * slots + (use - 1) % slots])
+
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[wg * slots + (turn * ks + ks - 1) % slots])
+                    finish(acc[...], wg, rows, cols, **buffers)
+
+                pl.run_scoped(with_acc, plgpu.ACC((tm, tn), jnp.float32))
+
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores, before the end
+
+        lax.cond(wg == 2, memory, compute)
+
+    pl.run_scoped(scope, **operands, **scratch, collective_axes="wg")
+
+
+def _schedule(cfg: dict):
+    """The kernel body that runs ``cfg``'s schedule: ping-pong, or the two halves together."""
+    return _mosaic_pingpong if cfg["split"] == "pp" else _mosaic_persistent
+
+
+def _mosaic_launch(body, out_type, operands, cfg: dict):
+    """``body(*operands, *outputs)`` as a persistent kernel, a block a multiprocessor, each
+    of two compute warpgroups and a memory one."""
     (m, n), k = out_type[0].shape, operands[0].shape[1]
-    tm, tn, tk, wgs = cfg["tm"], cfg["tn"], cfg["tk"], cfg["wgs"]
-    if m % tm or n % (wgs * tn) or k % tk:
-        raise ValueError(f"tiles {tm}×{wgs * tn}×{tk} do not divide ({m}, {k}) @ ({k}, {n})")
-    threads = dict(num_threads=wgs + 1, thread_name="wg") if wgs > 1 else {}
+    bm, bn = _block(cfg)
+    if m % bm or n % bn or k % cfg["tk"]:
+        raise ValueError(f"tiles {bm}×{bn}×{cfg['tk']} do not divide ({m}, {k}) @ ({k}, {n})")
     return plgpu.kernel(
-        functools.partial(kernel, cfg=cfg),
+        body,
         out_type=out_type,
-        scratch_types=scratch,
-        grid=(m // tm, n // (wgs * tn)),
-        grid_names=("m", "n"),
+        grid=(_multiprocessors(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=cfg["approx"]) if _on_gpu() else None,
         interpret=_mosaic_interpreter(),
-        **threads,
     )(*operands)
 
 
-def _mosaic_fwd_kernel(x, w, b, pre, h, b_smem, pre_smem, h_smem, bar, *, cfg):
-    """One tile: the pre-activation rounded as the model rounds it (the matmul's bf16 output
-    plus the bf16 bias) and its erf GELU, both written from the accumulator."""
-    i, j, tm, tn = lax.axis_index("m"), lax.axis_index("n"), cfg["tm"], cfg["tn"]
+def _chunks(cols, cfg: dict):
+    """The epilogue's column chunks of a (tm, tn) half whose output columns are ``cols``:
+    (index, the chunk's columns in the half, its columns in the output), ``cfg["ep"]`` wide."""
+    ep = cfg["ep"]
+    return [
+        (c, slice(c * ep, (c + 1) * ep), pl.ds(cols.start + c * ep, ep))
+        for c in range(cfg["tn"] // ep)
+    ]
 
-    def start(part):
-        _, cols = _part_tile(i, j, part, cfg)
-        plgpu.copy_gmem_to_smem(b.at[cols], b_smem.at[part], bar.at[part])
 
-    def finish(acc, part):
-        plgpu.barrier_wait(bar.at[part])
-        bias = _load(b_smem.at[part], plgpu.Layout.WGMMA.reduce(0))  # float32: the bf16 bias
-        y = acc.astype(pre.dtype).astype(jnp.float32) + lax.broadcast_in_dim(bias, (tm, tn), [1])
-        p = y.astype(pre.dtype)
-        pf = p.astype(jnp.float32)
-        pre_smem[part] = p
-        h_smem[part] = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
-        plgpu.commit_smem()
-        tile = _part_tile(i, j, part, cfg)
-        plgpu.copy_smem_to_gmem(pre_smem.at[part], pre.at[tile])
-        plgpu.copy_smem_to_gmem(h_smem.at[part], h.at[tile])
-        plgpu.wait_smem_to_gmem(0)
+def _chunk_slots(cfg: dict, dtype, per_half: int = 1):
+    """Shared memory for ``per_half`` (tm, ep) chunks of each compute warpgroup's half."""
+    shape = (cfg["tm"], cfg["ep"])
+    return plgpu.SMEM((2, per_half, *shape), dtype, transforms=_swizzled(dtype, cfg["ep"]))
 
-    _mosaic_matmul(x, w, start, finish, cfg, i, j)
+
+def mosaic_matmul(a, b, **cfg):
+    """``a @ b`` in bf16 from the Mosaic GPU kernels' schedule with no epilogue but the store:
+    the floor their fused epilogues work against."""
+    out = jax.ShapeDtypeStruct((a.shape[0], b.shape[1]), a.dtype)
+    scratch = dict(c_smem=_chunk_slots(cfg, a.dtype))
+
+    def body(a, b, c):
+        def start(*_, **__):
+            return None
+
+        def finish(acc, part, rows, cols, c_smem):
+            for _, half_cols, out_cols in _chunks(cols, cfg):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's store has read
+                c_smem[part, 0] = acc[:, half_cols].astype(c.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(c_smem.at[part, 0], c.at[rows, out_cols])
+
+        _schedule(cfg)(a, b, c.shape, scratch, start, finish, cfg)
+
+    return _mosaic_launch(body, (out,), (a, b), cfg)[0]
 
 
 def mosaic_fc1_gelu(x, w, b, **cfg):
     """(pre-activation ``x @ w + b``, its erf GELU), both bf16, from one Mosaic GPU kernel;
-    ``cfg``: tm, tn, tk, steps, wgs."""
+    ``cfg``: tm, tn, tk, steps, split, ep. Each half's bias arrives while its matmul runs; the
+    pre-activation is rounded as the model rounds it (the matmul's bf16 output plus the bf16
+    bias), the GELU applied to that; both leave a chunk at a time."""
+    tm, ep = cfg["tm"], cfg["ep"]
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), x.dtype)
-    tile = _slots((cfg["tm"], cfg["tn"]), x.dtype, cfg, swizzled=True)
-    bias = _slots((cfg["tn"],), jnp.float32, cfg)
-    bar = plgpu.Barrier(num_barriers=cfg["wgs"])
-    scratch = dict(b_smem=bias, pre_smem=tile, h_smem=tile, bar=bar)
-    operands = (x, w, b.astype(jnp.float32))
-    return _mosaic_launch(_mosaic_fwd_kernel, (out, out), operands, scratch, cfg)
+    chunk = _chunk_slots(cfg, x.dtype)
+    bias = _slots((cfg["tn"],), jnp.float32)
+    scratch = dict(b_smem=bias, pre_smem=chunk, h_smem=chunk, bar=plgpu.Barrier(num_barriers=2))
 
+    def body(x, w, b, pre, h):
+        def start(part, rows, cols, b_smem, bar, **_):
+            plgpu.copy_gmem_to_smem(b.at[cols], b_smem.at[part], bar.at[part])
 
-def _mosaic_bwd_kernel(dy, w2t, pre, dh, db, pre_smem, dh_smem, db_smem, bar, *, cfg):
-    """One tile of ``dh = (dy @ w2ᵀ) · GELU'(pre)`` and its column sums."""
-    i, j = lax.axis_index("m"), lax.axis_index("n")
+        def finish(acc, part, rows, cols, b_smem, pre_smem, h_smem, bar):
+            plgpu.barrier_wait(bar.at[part])
+            for _, half_cols, out_cols in _chunks(cols, cfg):
+                # float32: the bf16 bias
+                bias = _load(b_smem.at[part, half_cols], plgpu.Layout.WGMMA.reduce(0))
+                y = acc[:, half_cols].astype(pre.dtype).astype(jnp.float32)
+                p = (y + lax.broadcast_in_dim(bias, (tm, ep), [1])).astype(pre.dtype)
+                pf = p.astype(jnp.float32)
+                act = (pf * normal_cdf(pf, erf_rational)).astype(h.dtype)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last chunk's stores have read
+                pre_smem[part, 0] = p
+                h_smem[part, 0] = act
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(pre_smem.at[part, 0], pre.at[rows, out_cols])
+                plgpu.copy_smem_to_gmem(h_smem.at[part, 0], h.at[rows, out_cols])
 
-    def start(part):  # the pre-activation tile arrives while the matmul runs
-        tile = _part_tile(i, j, part, cfg)
-        plgpu.copy_gmem_to_smem(pre.at[tile], pre_smem.at[part], bar.at[part])
+        _schedule(cfg)(x, w, pre.shape, scratch, start, finish, cfg)
 
-    def finish(acc, part):
-        plgpu.barrier_wait(bar.at[part])
-        pf = _load(pre_smem.at[part], plgpu.Layout.WGMMA).astype(jnp.float32)
-        da = acc.astype(dh.dtype).astype(jnp.float32)  # rounded as the model's matmul writes it
-        d = (da * gelu_derivative(pf, erf_rational)).astype(dh.dtype)
-        dh_smem[part] = d
-        db_smem[part] = jnp.sum(d.astype(jnp.float32), axis=0)
-        plgpu.commit_smem()
-        rows, cols = _part_tile(i, j, part, cfg)
-        plgpu.copy_smem_to_gmem(dh_smem.at[part], dh.at[rows, cols])
-        plgpu.copy_smem_to_gmem(db_smem.at[part], db.at[i, cols])
-        plgpu.wait_smem_to_gmem(0)
-
-    _mosaic_matmul(dy, w2t, start, finish, cfg, i, j)
+    return _mosaic_launch(body, (out, out), (x, w, b.astype(jnp.float32)), cfg)
 
 
 def mosaic_fc2_grad_gelu(dy, w2, pre, **cfg):
     """(dh, db1) from one Mosaic GPU kernel, as :func:`pallas_fc2_grad_gelu` computes them
-    (``pre`` the stored pre-activation)."""
+    (``pre`` the stored pre-activation): each half's pre-activation arrives, a chunk a copy,
+    while its matmul runs, and dh overwrites it chunk by chunk before leaving; the column sums
+    are per (tm, ·) row block, added up by XLA."""
     (m, n), tm, tn = pre.shape, cfg["tm"], cfg["tn"]
     out = (jax.ShapeDtypeStruct((m, n), dy.dtype), jax.ShapeDtypeStruct((m // tm, n), jnp.float32))
-    tile = _slots((tm, tn), dy.dtype, cfg, swizzled=True)
-    sums = _slots((tn,), jnp.float32, cfg)
-    bar = plgpu.Barrier(num_barriers=cfg["wgs"])
-    scratch = dict(pre_smem=tile, dh_smem=tile, db_smem=sums, bar=bar)
-    d, partial = _mosaic_launch(_mosaic_bwd_kernel, out, (dy, w2.T, pre), scratch, cfg)
+    chunks = tn // cfg["ep"]
+    scratch = dict(
+        pre_smem=_chunk_slots(cfg, dy.dtype, chunks),
+        db_smem=_slots((tn,), jnp.float32),
+        bar=plgpu.Barrier(num_arrivals=chunks, num_barriers=2),
+    )
+
+    def body(dy, w2t, pre, dh, db):
+        def start(part, rows, cols, pre_smem, bar, **_):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's stores have read
+            for c, _, out_cols in _chunks(cols, cfg):
+                plgpu.copy_gmem_to_smem(pre.at[rows, out_cols], pre_smem.at[part, c], bar.at[part])
+
+        def finish(acc, part, rows, cols, pre_smem, db_smem, bar):
+            plgpu.barrier_wait(bar.at[part])
+            for c, half_cols, _ in _chunks(cols, cfg):
+                pf = _load(pre_smem.at[part, c], plgpu.Layout.WGMMA).astype(jnp.float32)
+                # rounded as the model's matmul writes it
+                da = acc[:, half_cols].astype(dh.dtype).astype(jnp.float32)
+                d = (da * gelu_derivative(pf, erf_rational)).astype(dh.dtype)
+                pre_smem[part, c] = d
+                db_smem[part, half_cols] = jnp.sum(d.astype(jnp.float32), axis=0)
+            plgpu.commit_smem()
+            for c, _, out_cols in _chunks(cols, cfg):
+                plgpu.copy_smem_to_gmem(pre_smem.at[part, c], dh.at[rows, out_cols])
+            plgpu.copy_smem_to_gmem(db_smem.at[part], db.at[rows.start // tm, cols])
+
+        _schedule(cfg)(dy, w2t, pre.shape, scratch, start, finish, cfg)
+
+    d, partial = _mosaic_launch(body, out, (dy, w2.T, pre), cfg)
     return d, jnp.sum(partial, axis=0)
 
 
@@ -414,8 +564,8 @@ def main(argv=None) -> int:
     ]
     mosaic = [
         (
-            f"mosaic {c[0]}×{c[1] * c[4]}×{c[2]} s{c[3]} wg{c[4]}",
-            dict(zip(("tm", "tn", "tk", "steps", "wgs"), c)),
+            f"mosaic {c[0]}×{c[1]}×{c[2]} s{c[3]} {c[4]} e{c[5]}{' approx' * c[6]}",
+            dict(zip(("tm", "tn", "tk", "steps", "split", "ep", "approx"), c)),
         )
         for c in MOSAIC_CONFIGS
     ]
@@ -461,6 +611,12 @@ def main(argv=None) -> int:
                     continue
                 diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
                 row(name, ms, f"{float(diff):.3g}")
+                if family == "mosaic" and not tag:  # the same schedule, the matmul alone
+                    floor = jax.jit(functools.partial(mosaic_matmul, **cfg))
+                    got = floor(*mm_args).astype(jnp.float32)
+                    diff = jnp.max(jnp.abs(got - jax.jit(jnp.matmul)(*mm_args).astype(jnp.float32)))
+                    ms = 1e3 * timed(floor, *mm_args, runs=args.runs)
+                    row(f"{name} matmul only", ms, f"{float(diff):.3g}")
                 if not _on_gpu():
                     break  # the interpreter: one config checks the values
     return 0
