@@ -179,13 +179,13 @@ def pallas_fc2_grad_gelu(dy, w2, h, **cfg):
 
 
 # ------------------------------------------------------------------------ Mosaic GPU (Hopper)
-# One persistent, warp-specialised design: a block a multiprocessor, each walking its share of
-# the output's (2·tm, tn) or (tm, 2·tn) block tiles. In a block, one memory warpgroup streams
-# the operands through ``steps`` shared-memory slots (TMA) and two compute warpgroups multiply
-# (wgmma) and finish a (tm, tn) half each. A half's epilogue inputs are copied in before its
-# matmul starts, and its outputs leave by TMA stores that are only waited for when the next
-# tile's epilogue needs the buffers: they overlap the next tile's matmul, as does the memory
-# warpgroup's streaming of the next tile's operands.
+# Persistent and warp-specialised: a block a multiprocessor, each walking its share of the
+# output's tiles. In a block, one memory warpgroup streams the operands through ``steps``
+# shared-memory slots (TMA) and two compute warpgroups multiply (wgmma) and finish them: a
+# (tm, tn) half each of a (2·tm, tn) or (tm, 2·tn) tile (:func:`_mosaic_persistent`), or
+# whole (tm, tn) tiles in turn (ping-pong, :func:`_mosaic_pingpong`). A part's epilogue
+# inputs are copied in before its matmul starts, and its outputs leave by TMA stores that are
+# only waited for when the buffers are next needed, so they overlap the next matmul.
 
 
 def _mosaic_interpreter():
