@@ -544,10 +544,10 @@ def main(argv=None) -> int:
     flop = 2 * args.rows * args.width * args.hidden
     device = jax.devices()[0].device_kind
     print(f"({args.rows}, {args.width}) @ ({args.width}, {args.hidden}), bf16, on {device}")
-    print(f"{'variant':34s}{'ms':>9s}{'TFLOP/s':>9s}{'max |Δ|':>10s}")
+    print(f"{'variant':48s}{'ms':>9s}{'TFLOP/s':>9s}{'max |Δ|':>10s}")
 
     def row(name, ms, diff=""):
-        print(f"{name:34s}{ms:9.3f}{flop / ms / 1e9:9.1f}{diff:>10s}", flush=True)
+        print(f"{name:48s}{ms:9.3f}{flop / ms / 1e9:9.1f}{diff:>10s}", flush=True)
 
     # forward: x @ w1 + b1 and its GELU; backward: dy @ w2ᵀ times the GELU's derivative
     w2 = jnp.asarray(rng.standard_normal((args.hidden, args.width)) / args.hidden**0.5, x.dtype)
@@ -607,7 +607,7 @@ def main(argv=None) -> int:
                     ms = 1e3 * timed(fn, *fused_args, runs=args.runs)
                 except Exception as e:  # noqa: BLE001 (a config the compiler or device cannot take)
                     why = (str(e).splitlines() or [""])[0][:300]  # enough to name the op
-                    print(f"{name:34s} failed: {type(e).__name__}: {why}")
+                    print(f"{name:48s} failed: {type(e).__name__}: {why}")
                     continue
                 diff = jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32)))
                 row(name, ms, f"{float(diff):.3g}")
