@@ -225,10 +225,9 @@ def _block(cfg: dict) -> tuple:
     return {"m": (2 * tm, tn), "n": (tm, 2 * tn), "pp": (tm, tn)}[split]
 
 
-def _slots(shape, dtype, swizzled: bool = False):
+def _slots(shape, dtype):
     """A shared-memory buffer of ``shape`` for each compute warpgroup: (2, *shape)."""
-    transforms = _swizzled(dtype, shape[-1]) if swizzled else ()
-    return plgpu.SMEM((2, *shape), dtype, transforms=transforms)
+    return plgpu.SMEM((2, *shape), dtype)
 
 
 def _mosaic_persistent(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: dict):
@@ -314,6 +313,9 @@ def _mosaic_pingpong(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: d
         mine = ((m // tm) * across - block + blocks - 1) // blocks  # tiles block, block + blocks, …
         wg = lax.axis_index("wg")
 
+        def barrier(ring, use):  # the barrier of a ring's use-th operand slot
+            return ring * slots + use % slots
+
         def where(q):  # the q-th tile of this block: its (rows, cols) in the output
             t = block + q * blocks
             return pl.ds((t // across) * tm, tm), pl.ds((t % across) * tn, tn)
@@ -329,26 +331,23 @@ def _mosaic_pingpong(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: d
                 @pl.loop(0, ks)
                 def _step(s):
                     use = (q // 2) * ks + s  # this ring's steps so far
-                    slot = ring * slots + use % slots
+                    arrived = ready.at[barrier(ring, use)]
 
                     @pl.when(use >= slots)
                     def _():
-                        plgpu.barrier_wait(consumed.at[slot])
+                        plgpu.barrier_wait(consumed.at[barrier(ring, use)])
 
-                    ring_slot = (ring, use % slots)
-                    plgpu.copy_gmem_to_smem(
-                        a_gmem.at[rows, pl.ds(s * tk, tk)], a_slots.at[ring_slot], ready.at[slot]
-                    )
-                    plgpu.copy_gmem_to_smem(
-                        b_gmem.at[pl.ds(s * tk, tk), cols], b_slots.at[ring_slot], ready.at[slot]
-                    )
+                    at = (ring, use % slots)
+                    k_range = pl.ds(s * tk, tk)
+                    plgpu.copy_gmem_to_smem(a_gmem.at[rows, k_range], a_slots.at[at], arrived)
+                    plgpu.copy_gmem_to_smem(b_gmem.at[k_range, cols], b_slots.at[at], arrived)
 
             for ring in (0, 1):  # the last uses' releases, so that no barrier is left mid-phase
                 uses = (mine - ring + 1) // 2 * ks
 
                 @pl.loop(lax.max(uses - slots, 0), uses)
-                def _drain(use, first=ring * slots):
-                    plgpu.barrier_wait(consumed.at[first + use % slots])
+                def _drain(use, ring=ring):
+                    plgpu.barrier_wait(consumed.at[barrier(ring, use)])
 
         def compute():
             plgpu.set_max_registers(232, action="increase")
@@ -363,16 +362,16 @@ def _mosaic_pingpong(a_gmem, b_gmem, shape, scratch: dict, start, finish, cfg: d
                     @pl.loop(0, ks)
                     def _step(s):
                         use = turn * ks + s
-                        plgpu.barrier_wait(ready.at[wg * slots + use % slots])
+                        plgpu.barrier_wait(ready.at[barrier(wg, use)])
                         plgpu.wgmma(acc, a_slots.at[wg, use % slots], b_slots.at[wg, use % slots])
                         plgpu.wgmma_wait(1)  # the step before has finished with its slot
 
                         @pl.when(s > 0)
                         def _():
-                            plgpu.barrier_arrive(consumed.at[wg * slots + (use - 1) % slots])
+                            plgpu.barrier_arrive(consumed.at[barrier(wg, use - 1)])
 
                     plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(consumed.at[wg * slots + (turn * ks + ks - 1) % slots])
+                    plgpu.barrier_arrive(consumed.at[barrier(wg, turn * ks + ks - 1)])
                     finish(acc[...], wg, rows, cols, **buffers)
 
                 pl.run_scoped(with_acc, plgpu.ACC((tm, tn), jnp.float32))
